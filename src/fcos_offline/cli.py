@@ -1,0 +1,100 @@
+"""The one CLI, ``fcos-offline <verb>``: each verb is a thin shell over a library function.
+
+Verb modules register their sub-parsers here; heavy libraries (torch, openvino) are imported
+inside the handlers so ``fcos-offline --help`` and the offline verbs never need torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from fcos_offline import __version__
+from fcos_offline.errors import EXIT_FAILED, EXIT_USAGE, FcosError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> argparse.Action:
+    """Add an option under its hyphenated names plus the recipe's underscore spellings."""
+    spellings: list[str] = []
+    for name in names:
+        for variant in (name, name.replace("-", "_") if name.startswith("--") else name):
+            if variant.startswith("--__"):
+                variant = "--" + variant[4:]
+            if variant not in spellings:
+                spellings.append(variant)
+    return parser.add_argument(*spellings, **kwargs)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from fcos_offline.data import cli as data_cli
+    from fcos_offline.engine import cli as engine_cli
+    from fcos_offline.evaluate import cli as evaluate_cli
+    from fcos_offline.export import cli as export_cli
+    from fcos_offline.model import cli as model_cli
+    from fcos_offline.report import cli as report_cli
+    from fcos_offline.tune import cli as tune_cli
+
+    parser = argparse.ArgumentParser(
+        prog="fcos-offline",
+        description=(
+            "FCOS from a PyTorch checkpoint to fast, verified offline inference.\n\n"
+            "The recipe, one verb per stage:\n"
+            "  inspect CKPT          what a checkpoint holds (format, depth, classes, head options)\n"
+            "  export                checkpoint -> ONNX with NMS in the graph (self-verified)\n"
+            "  preprocess            images -> 800x1333 float32 .bin tensors (the recipe's step)\n"
+            "  get-info              .info lists of .bin files or images\n"
+            "  convert               ONNX -> engine artifact (ORT optimised, OpenVINO IR)\n"
+            "  infer                 offline inference: dumps <stem>_1.bin/_2.bin + perf file\n"
+            "  postprocess           dumps -> COCO bbox mAP (class-wise) + summary.json\n"
+            "  parse                 fps from a perf file or summary.json\n"
+            "  run                   all of the above in one command (default: embedded demo)\n"
+            "  tune                  fastest configuration within an accuracy budget\n\n"
+            "Exit codes: 0 ok, 1 failed, 2 usage error, 3 completed with skips."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fcos-offline {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+    for module in (model_cli, export_cli, data_cli, engine_cli, evaluate_cli, report_cli, tune_cli):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fcos-offline`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    args.debug = debug
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except FcosError as exc:
+        if debug:
+            raise
+        print(f"fcos-offline {args.verb}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"fcos-offline {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last-resort one-line report
+        if debug:
+            raise
+        print(
+            f"fcos-offline {args.verb}: error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
