@@ -20,11 +20,10 @@ def add_flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> argparse
     """Add an option under its hyphenated names plus the recipe's underscore spellings."""
     spellings: list[str] = []
     for name in names:
-        for variant in (name, name.replace("-", "_") if name.startswith("--") else name):
-            if variant.startswith("--__"):
-                variant = "--" + variant[4:]
-            if variant not in spellings:
-                spellings.append(variant)
+        variants = [name]
+        if name.startswith("--"):
+            variants.append("--" + name[2:].replace("-", "_"))
+        spellings.extend(v for v in variants if v not in spellings)
     return parser.add_argument(*spellings, **kwargs)
 
 

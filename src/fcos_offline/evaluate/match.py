@@ -1,0 +1,77 @@
+"""Compare two sets of detections (engine vs engine, PyTorch vs ONNX): match rate and errors."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class MatchStats:
+    """How well detections B reproduce detections A (A is the reference)."""
+
+    num_ref: int
+    num_other: int
+    matched: int
+    max_box_err: float
+    max_score_err: float
+
+    @property
+    def match_rate(self) -> float:
+        """Fraction of reference detections matched (1.0 when both are empty)."""
+        return 1.0 if self.num_ref == 0 and self.num_other == 0 else self.matched / max(self.num_ref, self.num_other)
+
+    def to_dict(self) -> dict:
+        """JSON view including the rate."""
+        return {**asdict(self), "match_rate": self.match_rate}
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), (np.abs(a[:, None, :4] - b[None, :, :4]).max(-1) == 0).astype(float))
+    return iou
+
+
+def match_detections(
+    dets_a: np.ndarray, labels_a: np.ndarray, dets_b: np.ndarray, labels_b: np.ndarray,
+    iou_thr: float = 0.999, score_tol: float = 1e-4,
+) -> MatchStats:
+    """Greedy one-to-one matching by score order: same label, IoU > ``iou_thr``, |Δscore| <= tol.
+
+    Inputs are one image's ``dets [N,5]`` / ``labels [N]``; padding rows (label < 0) are ignored.
+    """
+    keep_a, keep_b = labels_a >= 0, labels_b >= 0
+    a, la, b, lb = dets_a[keep_a], labels_a[keep_a], dets_b[keep_b], labels_b[keep_b]
+    if len(a) == 0 or len(b) == 0:
+        return MatchStats(len(a), len(b), 0, 0.0, 0.0)
+    iou = _iou_matrix(a, b)
+    ok = (la[:, None] == lb[None, :]) & (iou > iou_thr) & (np.abs(a[:, None, 4] - b[None, :, 4]) <= score_tol)
+    used = np.zeros(len(b), dtype=bool)
+    matched, box_err, score_err = 0, 0.0, 0.0
+    for i in np.argsort(-a[:, 4], kind="stable"):
+        cand = np.flatnonzero(ok[i] & ~used)
+        if len(cand) == 0:
+            continue
+        j = cand[np.argmax(iou[i, cand])]
+        used[j] = True
+        matched += 1
+        box_err = max(box_err, float(np.abs(a[i, :4] - b[j, :4]).max()))
+        score_err = max(score_err, float(abs(a[i, 4] - b[j, 4])))
+    return MatchStats(len(a), len(b), matched, box_err, score_err)
+
+
+def match_batches(dets_a: np.ndarray, labels_a: np.ndarray, dets_b: np.ndarray, labels_b: np.ndarray, **kw) -> MatchStats:
+    """:func:`match_detections` summed over a batch ``[B,N,5]`` / ``[B,N]``."""
+    total = MatchStats(0, 0, 0, 0.0, 0.0)
+    for i in range(len(dets_a)):
+        s = match_detections(dets_a[i], labels_a[i], dets_b[i], labels_b[i], **kw)
+        total = MatchStats(total.num_ref + s.num_ref, total.num_other + s.num_other, total.matched + s.matched,
+                           max(total.max_box_err, s.max_box_err), max(total.max_score_err, s.max_score_err))
+    return total

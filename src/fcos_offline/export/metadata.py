@@ -1,0 +1,27 @@
+"""The ``fcos_offline.*`` metadata carried inside exported ONNX files (torch-free)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+META_PREFIX = "fcos_offline."
+
+
+def raw_output_names(num_levels: int) -> list[str]:
+    """``cls_0, reg_0, ctr_0, cls_1, …``: the raw-head outputs of a ``--no-nms`` export."""
+    return [f"{kind}_{lvl}" for lvl in range(num_levels) for kind in ("cls", "reg", "ctr")]
+
+
+def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
+    """JSON-encode values under ``fcos_offline.`` keys."""
+    return {META_PREFIX + k: json.dumps(v) for k, v in values.items()}
+
+
+def read_metadata(model_path: str | Path) -> dict[str, Any]:
+    """The ``fcos_offline.*`` metadata of an ONNX file (empty for files we did not export)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return {p.key[len(META_PREFIX) :]: json.loads(p.value) for p in model.metadata_props if p.key.startswith(META_PREFIX)}

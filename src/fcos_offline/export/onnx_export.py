@@ -1,0 +1,179 @@
+"""Checkpoint -> ONNX with NMS in the graph (standard ops only), verified against PyTorch.
+
+Contract (the recipe's): input ``input`` float32 ``[B,3,H,W]`` (BGR, caffe mean, centred zero
+pad), outputs ``dets`` float32 ``[B,100,5]`` and ``labels`` int64 ``[B,100]``. With
+``nms=False`` the raw head is exported instead (``cls_{l}``, ``reg_{l}`` distances in pixels,
+``ctr_{l}`` per level) plus a small post-processing graph ``<name>.post.onnx`` that turns those
+outputs into the same ``dets``/``labels`` with ONNX Runtime — no torch needed offline.
+
+The model's settings travel in the ONNX ``metadata_props`` (``fcos_offline.*`` keys) so later
+stages know the canvas, classes and post-processing rule.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fcos_offline.errors import FcosError
+from fcos_offline.evaluate.match import MatchStats, match_batches
+from fcos_offline.export.metadata import encode_metadata, raw_output_names
+from fcos_offline.model.postprocess import FCOSDetector, FCOSPostProcess
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and how well ONNX Runtime reproduced PyTorch."""
+
+    path: str
+    post_path: str | None
+    shape: tuple[int, int]
+    batch: str
+    opset: int
+    verify: MatchStats | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON view."""
+        return {
+            "path": self.path, "post_path": self.post_path, "shape": list(self.shape), "batch": self.batch,
+            "opset": self.opset, "verify": self.verify.to_dict() if self.verify else None,
+        }
+
+
+def sample_input(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A deterministic preprocessed-looking input: smooth blobs around the caffe-mean range."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(0.0, 60.0, (batch, 3, max(2, height // 32), max(2, width // 32))).astype(np.float32)
+    import cv2
+
+    out = np.empty((batch, 3, height, width), np.float32)
+    for b in range(batch):
+        for c in range(3):
+            out[b, c] = cv2.resize(coarse[b, c], (width, height), interpolation=cv2.INTER_CUBIC)
+    return out + rng.normal(0.0, 5.0, out.shape).astype(np.float32)
+
+
+def _attach_metadata(path: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _torch_export(module, args: tuple, path: Path, input_names, output_names, dynamic_axes, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=input_names, output_names=output_names,
+            dynamic_axes=dynamic_axes or None, opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+
+
+class RawHead(torch.nn.Module):
+    """The network with its per-level outputs flattened (cls_0, reg_0, ctr_0, cls_1, …)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cls_l, dist_l, ctr_l = self.network(images)
+        return tuple(t for level in zip(cls_l, dist_l, ctr_l) for t in level)
+
+
+class PostOnly(torch.nn.Module):
+    """Post-processing alone: flat raw outputs -> (dets, labels) on a fixed canvas."""
+
+    def __init__(self, network: torch.nn.Module, canvas_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.post = FCOSPostProcess(network.cfg.post, network.cfg.head.strides)
+        self.canvas_hw = canvas_hw
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.post(list(flat[0::3]), list(flat[1::3]), list(flat[2::3]), self.canvas_hw)
+
+
+def export_onnx(
+    network,
+    output: str | Path,
+    shape: tuple[int, int] = (800, 1333),
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+    nms: bool = True,
+    verify: bool = True,
+    class_names: list[str] | None = None,
+    source: str | None = None,
+) -> ExportResult:
+    """Export ``network`` (an eval-mode :class:`FCOS`) and check it with ONNX Runtime."""
+    if opset < 11:
+        raise FcosError(f"opset {opset} is too old: NonMaxSuppression/TopK as used need opset >= 11")
+    height, width = shape
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.from_numpy(sample_input(batch_size, height, width))
+    num_levels = len(network.cfg.head.strides)
+    extra = {
+        "input_shape": [height, width], "batch": "dynamic" if dynamic_batch else batch_size,
+        "class_names": class_names, "nms_in_graph": nms, "source": source,
+        "preprocess": {"color": "BGR", "mean": [102.9801, 115.9465, 122.7717], "std": [1.0, 1.0, 1.0], "pad": "centred zero"},
+    }
+    post_path: Path | None = None
+    network = network.eval()
+    with torch.no_grad():
+        if nms:
+            module = FCOSDetector(network).eval()
+            names = ["dets", "labels"]
+            axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else {}
+            _torch_export(module, (example,), output, ["input"], names, axes, opset)
+        else:
+            names = raw_output_names(num_levels)
+            axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else {}
+            _torch_export(RawHead(network), (example,), output, ["input"], names, axes, opset)
+            post_path = output.with_suffix(".post.onnx")
+            raw = network(example)
+            flat = tuple(t for level in zip(*raw) for t in level)
+            post_axes = {n: {0: "batch"} for n in [*names, "dets", "labels"]}
+            _torch_export(PostOnly(network, (height, width)), flat, post_path, names, ["dets", "labels"], post_axes, opset)
+            _attach_metadata(post_path, encode_metadata({"config": network.cfg.to_dict(), **extra}))
+    _attach_metadata(output, encode_metadata({"config": network.cfg.to_dict(), **extra}))
+    stats = verify_export(network, output, post_path, example.numpy()) if verify else None
+    result = ExportResult(str(output), str(post_path) if post_path else None, (height, width),
+                          "dynamic" if dynamic_batch else str(batch_size), opset, stats)
+    if stats is not None and stats.match_rate < 0.999:
+        raise FcosError(
+            f"export verification failed: ONNX Runtime matched {stats.match_rate:.2%} of PyTorch's detections "
+            f"(max box error {stats.max_box_err:.3g}px, max score error {stats.max_score_err:.3g}); file kept at {output}"
+        )
+    return result
+
+
+def run_onnx_detector(model_path: str | Path, images: np.ndarray, post_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run an exported model (and its post graph, for ``--no-nms`` exports) in ONNX Runtime."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {sess.get_inputs()[0].name: images})
+    if post_path is None:
+        return outs[0], outs[1]
+    post = ort.InferenceSession(str(post_path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: o for i, o in zip(post.get_inputs(), outs)}
+    dets, labels = post.run(None, feeds)
+    return dets, labels
+
+
+def verify_export(network, model_path: Path, post_path: Path | None, images: np.ndarray) -> MatchStats:
+    """PyTorch eager vs ONNX Runtime on ``images``: detection match statistics."""
+    with torch.no_grad():
+        ref_dets, ref_labels = FCOSDetector(network).eval()(torch.from_numpy(images))
+    dets, labels = run_onnx_detector(model_path, images, post_path)
+    return match_batches(ref_dets.numpy(), ref_labels.numpy(), dets, labels)

@@ -1,0 +1,412 @@
+"""Load mmdetection (v1/v2/v3) and torchvision FCOS checkpoints without mmcv, mmdet or torchvision.
+
+Every architecture number is read from tensor shapes. What shapes cannot tell (ResNet style,
+``norm_on_bbox``, the centerness branch, FPN extra-conv source when ambiguous, test settings)
+comes, in order of precedence, from explicit overrides, the checkpoint's ``meta`` config text,
+then these documented per-format defaults:
+
+=============  ======================================  ==========================
+setting        mmdet default                           torchvision (fixed)
+=============  ======================================  ==========================
+style          caffe (the model-zoo FCOS files)        pytorch
+norm_on_bbox   False (exp)                             True (ReLU · anchor size)
+centerness     cls branch                              reg branch
+FPN extras     on P5 output, ReLU before P7            on P5 output, ReLU before P7
+post rule      mmdet2 (spec §7.2)                      torchvision (spec §10)
+=============  ======================================  ==========================
+
+Files load with ``torch.load(weights_only=True)``. Objects of other types that old ``meta``
+dicts hold (mmengine's message hub, numpy scalars…) are replaced by inert placeholders — no
+pickled code ever runs; a pickle that names an executing callable (``os.system``, ``eval``…)
+is refused outright.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.model.config import (
+    POST_RULES,
+    BackboneConfig,
+    FCOSConfig,
+    HeadConfig,
+    NeckConfig,
+    default_post_config,
+)
+
+_DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty")
+_DANGEROUS_BUILTINS = ("eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "globals", "input")
+
+
+@dataclass
+class ModelOverrides:
+    """Settings that tensor shapes cannot tell; ``None`` keeps meta/default."""
+
+    style: str | None = None
+    norm_on_bbox: bool | None = None
+    centerness_on_reg: bool | None = None
+    extra_on: str | None = None
+    rule: str | None = None
+    score_thr: float | None = None
+    nms_pre: int | None = None
+    iou_thr: float | None = None
+    max_per_img: int | None = None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint mapped onto :class:`~fcos_offline.model.fcos.FCOS` names, with its config."""
+
+    path: str
+    format: str
+    config: FCOSConfig
+    state_dict: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    ignored_objects: list[str] = field(default_factory=list)
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters (weights and biases, BN running stats excluded)."""
+        return sum(
+            int(t.numel()) for k, t in self.state_dict.items() if not k.endswith(("running_mean", "running_var"))
+        )
+
+
+# --------------------------------------------------------------------------- file reading
+
+
+def _placeholder(name: str) -> type:
+    module, _, qual = name.rpartition(".")
+
+    def _init(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN001
+        self.args, self.kwargs = args, kwargs
+
+    def _setstate(self, state: Any) -> None:  # noqa: ANN001
+        self.state = state
+
+    return type(qual, (), {"__module__": module, "__qualname__": qual, "__init__": _init, "__setstate__": _setstate})
+
+
+def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
+    """``torch.load(weights_only=True)`` with inert placeholders for foreign meta objects."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FcosError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise BadFileError(path, "empty file (0 bytes), not a checkpoint")
+    placeholders: dict[str, type] = {}
+    for _ in range(64):
+        try:
+            with torch.serialization.safe_globals(list(placeholders.values())):
+                return torch.load(path, map_location="cpu", weights_only=True), sorted(placeholders)
+        except pickle.UnpicklingError as exc:
+            match = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(exc))
+            if not match or match.group(1) in placeholders:
+                raise BadFileError(path, f"not a loadable checkpoint ({_first_line(exc)})") from None
+            name = match.group(1)
+            module, _, attr = name.rpartition(".")
+            if module.split(".")[0] in _DANGEROUS_MODULES or (module == "builtins" and attr in _DANGEROUS_BUILTINS):
+                raise BadFileError(path, f"refused: the pickle would call {name} when loaded (never executed)") from None
+            placeholders[name] = _placeholder(name)
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+            raise BadFileError(path, f"not a readable PyTorch checkpoint (truncated or wrong file type: {_first_line(exc)})") from None
+    raise BadFileError(path, "too many unknown pickled types")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- key layouts
+
+
+def _strip_prefix(sd: dict[str, Any]) -> dict[str, Any]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _map_torchvision(sd: dict[str, Any]) -> dict[str, Any]:
+    """torchvision FCOS keys -> our (mmdet-style) module names."""
+    out: dict[str, Any] = {}
+    n_lat = len({k.split(".")[3] for k in sd if k.startswith("backbone.fpn.inner_blocks.")})
+    for key, value in sd.items():
+        new = key
+        if key.startswith("backbone.body."):
+            new = "backbone." + key[len("backbone.body.") :]
+        elif m := re.match(r"backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", key):
+            new = f"neck.lateral_convs.{m[1]}.conv.{m[2]}"
+        elif m := re.match(r"backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", key):
+            new = f"neck.fpn_convs.{m[1]}.conv.{m[2]}"
+        elif m := re.match(r"backbone\.fpn\.extra_blocks\.p(\d+)\.(weight|bias)$", key):
+            new = f"neck.fpn_convs.{n_lat + int(m[1]) - 6}.conv.{m[2]}"
+        elif m := re.match(r"head\.(classification|regression)_head\.conv\.(\d+)\.(weight|bias)$", key):
+            branch = "cls_convs" if m[1] == "classification" else "reg_convs"
+            idx = int(m[2])
+            part = "conv" if idx % 3 == 0 else "gn"
+            new = f"bbox_head.{branch}.{idx // 3}.{part}.{m[3]}"
+        elif m := re.match(r"head\.classification_head\.cls_logits\.(weight|bias)$", key):
+            new = f"bbox_head.conv_cls.{m[1]}"
+        elif m := re.match(r"head\.regression_head\.bbox_reg\.(weight|bias)$", key):
+            new = f"bbox_head.conv_reg.{m[1]}"
+        elif m := re.match(r"head\.regression_head\.bbox_ctrness\.(weight|bias)$", key):
+            new = f"bbox_head.conv_centerness.{m[1]}"
+        out[new] = value
+    return out
+
+
+def _map_mmdet(sd: dict[str, Any]) -> dict[str, Any]:
+    """mmdet v1 ``fcos_*`` head names -> v2/v3 ``conv_*``; drop BN ``num_batches_tracked``."""
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        key = re.sub(r"^bbox_head\.fcos_(cls|reg|centerness)\.", r"bbox_head.conv_\1.", key)
+        out[key] = value
+    return out
+
+
+def detect_format(sd: dict[str, Any]) -> str:
+    """``'mmdet'`` or ``'torchvision'`` from key names; a clear error otherwise."""
+    keys = list(sd)
+    if any(k.startswith("backbone.body.") for k in keys) and any(k.startswith("head.") for k in keys):
+        return "torchvision"
+    if any(k.startswith("bbox_head.") for k in keys) and any(k.startswith("backbone.") for k in keys):
+        return "mmdet"
+    sample = ", ".join(keys[:5]) or "(no tensors)"
+    raise FcosError(f"not an FCOS checkpoint: expected mmdet 'backbone./neck./bbox_head.' or torchvision 'backbone.body./head.' keys, found: {sample}")
+
+
+# --------------------------------------------------------------------------- shapes -> config
+
+
+def _shape(sd: dict[str, Any], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise FcosError(f"checkpoint lacks '{key}', which an FCOS model needs")
+    return tuple(sd[key].shape)
+
+
+def _count(sd: dict[str, Any], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def infer_architecture(sd: dict[str, Any]) -> tuple[BackboneConfig, NeckConfig, HeadConfig]:
+    """Every number the tensors' shapes tell (mapped key names)."""
+    stem = _shape(sd, "backbone.conv1.weight")[0]
+    n_stages = _count(sd, r"backbone\.layer(\d+)\.")
+    if n_stages == 0:
+        raise FcosError("checkpoint has no ResNet stages (backbone.layer1...)")
+    bottleneck = "backbone.layer1.0.conv3.weight" in sd
+    blocks, planes, outs = [], [], []
+    for s in range(1, n_stages + 1):
+        blocks.append(_count(sd, rf"backbone\.layer{s}\.(\d+)\."))
+        planes.append(_shape(sd, f"backbone.layer{s}.0.conv1.weight")[0])
+        last = "conv3" if bottleneck else "conv2"
+        outs.append(_shape(sd, f"backbone.layer{s}.0.{last}.weight")[0])
+    backbone = BackboneConfig(
+        stage_blocks=tuple(blocks), stage_planes=tuple(planes), stage_out_channels=tuple(outs),
+        stem_channels=stem, block="bottleneck" if bottleneck else "basic",
+    )
+    n_lat = _count(sd, r"neck\.lateral_convs\.(\d+)\.")
+    lat_in = tuple(_shape(sd, f"neck.lateral_convs.{i}.conv.weight")[1] for i in range(n_lat))
+    fpn_out = _shape(sd, "neck.lateral_convs.0.conv.weight")[0]
+    try:
+        start = outs.index(lat_in[0])
+    except ValueError:
+        raise FcosError(f"FPN lateral input channels {lat_in} do not match the backbone's stage outputs {tuple(outs)}") from None
+    num_outs = _count(sd, r"neck\.fpn_convs\.(\d+)\.")
+    extra_on = "output"
+    if num_outs > n_lat and _shape(sd, f"neck.fpn_convs.{n_lat}.conv.weight")[1] != fpn_out:
+        extra_on = "input"
+    neck = NeckConfig(in_channels=lat_in, out_channels=fpn_out, start_level=start, num_outs=num_outs, extra_on=extra_on)
+    stacked = _count(sd, r"bbox_head\.cls_convs\.(\d+)\.")
+    gn = "bbox_head.cls_convs.0.gn.weight" in sd
+    feat = _shape(sd, "bbox_head.conv_cls.weight")[1]
+    head_in = _shape(sd, "bbox_head.cls_convs.0.conv.weight")[1] if stacked else feat
+    n_scales = _count(sd, r"bbox_head\.scales\.(\d+)\.")
+    head = HeadConfig(
+        num_classes=_shape(sd, "bbox_head.conv_cls.weight")[0], in_channels=head_in, feat_channels=feat,
+        stacked_convs=stacked, norm="gn" if gn else "none",
+        conv_bias=(not stacked) or "bbox_head.cls_convs.0.conv.bias" in sd,
+        strides=tuple(8 * 2**i for i in range(num_outs)), use_scale=n_scales > 0,
+    )
+    if gn:
+        head.gn_groups = 32 if feat % 32 == 0 else max(g for g in range(1, feat + 1) if feat % g == 0 and g <= 32)
+    return backbone, neck, head
+
+
+# --------------------------------------------------------------------------- meta config text
+
+
+def _meta_text(meta: dict[str, Any]) -> str:
+    cfg = meta.get("config") or meta.get("cfg") or ""
+    return cfg if isinstance(cfg, str) else str(cfg)
+
+
+def _find(text: str, name: str, pattern: str) -> str | None:
+    m = re.search(rf"\b{name}\s*=\s*{pattern}", text)
+    return m.group(1) if m else None
+
+
+def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the ``meta`` config text says about settings shapes cannot tell."""
+    text = _meta_text(meta)
+    found: dict[str, Any] = {}
+    if not text:
+        return found
+    if (v := _find(text, "style", r"['\"](caffe|pytorch)['\"]")) is not None:
+        found["style"] = v
+    for name in ("norm_on_bbox", "centerness_on_reg", "relu_before_extra_convs"):
+        if (v := _find(text, name, r"(True|False)")) is not None:
+            found[name] = v == "True"
+    on_inputs = _find(text, "extra_convs_on_inputs", r"(True|False)")
+    add_extra = _find(text, "add_extra_convs", r"['\"]?(on_input|on_output|True)['\"]?")
+    if on_inputs is not None:
+        found["extra_on"] = "input" if on_inputs == "True" else "output"
+    elif add_extra is not None:
+        found["extra_on"] = "output" if add_extra == "on_output" else "input"
+    for name, pat, key in (
+        ("nms_pre", r"(\d+)", "nms_pre"),
+        ("score_thr", r"([0-9.eE-]+)", "score_thr"),
+        ("iou_thr", r"([0-9.eE-]+)", "iou_thr"),
+        ("iou_threshold", r"([0-9.eE-]+)", "iou_thr"),
+        ("max_per_img", r"(\d+)", "max_per_img"),
+    ):
+        if (v := _find(text, name, pat)) is not None:
+            found[key] = float(v) if "." in v or "e" in v.lower() else int(v)
+    return found
+
+
+def _mmdet_version(meta: dict[str, Any]) -> str | None:
+    for key in ("mmdet_version", "mmdet"):
+        if isinstance(meta.get(key), str):
+            return meta[key]
+    return None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -> LoadedCheckpoint:
+    """Read a checkpoint file, map its keys and infer the full :class:`FCOSConfig`."""
+    overrides = overrides or ModelOverrides()
+    obj, ignored = read_checkpoint_file(path)
+    if not isinstance(obj, dict):
+        raise BadFileError(path, f"holds a {type(obj).__name__}, not a state dict or {{'state_dict', 'meta'}} checkpoint")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    sd = obj.get("state_dict", obj.get("model", obj))
+    if not isinstance(sd, dict):
+        raise BadFileError(path, "its 'state_dict' is not a dict of tensors")
+    import torch
+
+    sd = {k: v for k, v in _strip_prefix(sd).items() if isinstance(v, torch.Tensor)}
+    fmt = detect_format(sd)
+    sd = _map_torchvision(sd) if fmt == "torchvision" else _map_mmdet(sd)
+    backbone, neck, head = infer_architecture(sd)
+    sources = {"architecture": "tensor shapes"}
+    if fmt == "torchvision":
+        backbone.style, backbone.bn_impl = "pytorch", "torchvision"
+        head.norm_on_bbox, head.centerness_on_reg = True, True
+        post = default_post_config("torchvision")
+        settings: dict[str, Any] = {}
+        for k in ("style", "norm_on_bbox", "centerness_on_reg", "extra_on", "rule"):
+            sources[k] = "torchvision layout"
+        adapter = "torchvision"
+    else:
+        settings = settings_from_meta(meta)
+        backbone.style = settings.get("style", "caffe")
+        head.norm_on_bbox = settings.get("norm_on_bbox", False)
+        head.centerness_on_reg = settings.get("centerness_on_reg", False)
+        neck.relu_before_extra = settings.get("relu_before_extra_convs", True)
+        if "extra_on" in settings and neck.in_channels[-1] == neck.out_channels:  # shapes can't tell
+            neck.extra_on = settings["extra_on"]
+        post = default_post_config("mmdet2")
+        for k in ("style", "norm_on_bbox", "centerness_on_reg", "extra_on"):
+            sources[k] = "meta config" if k in settings else "default (mmdet)"
+        sources["rule"] = "default (mmdet2, spec §7.2)"
+        for k in ("nms_pre", "score_thr", "iou_thr", "max_per_img"):
+            if k in settings:
+                setattr(post, k, settings[k])
+                sources[k] = "meta config"
+        adapter = "none"
+    if overrides.rule is not None:
+        if overrides.rule not in POST_RULES:
+            raise FcosError(f"unknown post-processing rule '{overrides.rule}' (choose from {', '.join(POST_RULES)})")
+        base = default_post_config(overrides.rule)  # type: ignore[arg-type]
+        post = dataclasses.replace(base, nms_pre=post.nms_pre, max_per_img=post.max_per_img) if fmt == "mmdet" else base
+        sources["rule"] = "flag"
+    for name, target in (("style", backbone), ("norm_on_bbox", head), ("centerness_on_reg", head), ("extra_on", neck),
+                         ("score_thr", post), ("nms_pre", post), ("iou_thr", post), ("max_per_img", post)):
+        value = getattr(overrides, name)
+        if value is not None:
+            setattr(target, name, value)
+            sources[name] = "flag"
+    config = FCOSConfig(backbone=backbone, neck=neck, head=head, post=post, input_adapter=adapter)
+    classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
+    names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
+    if names is not None and len(names) != head.num_classes:
+        names = None
+    if version := _mmdet_version(meta):
+        sources["mmdet_version"] = version
+    return LoadedCheckpoint(str(path), fmt, config, sd, meta, sources, names, ignored)
+
+
+def build_model(ckpt: LoadedCheckpoint):
+    """Instantiate :class:`FCOS` and load every tensor; missing/unexpected keys are an error."""
+    from fcos_offline.model.fcos import FCOS
+
+    model = FCOS(ckpt.config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ckpt.state_dict))
+    unexpected = sorted(set(ckpt.state_dict) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+        raise FcosError(f"{ckpt.path}: checkpoint does not match the inferred FCOS architecture: " + "; ".join(parts))
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in ckpt.state_dict.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise FcosError(f"{ckpt.path}: tensor shapes do not fit: {'; '.join(wrong[:5])}")
+    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()}, strict=True)
+    return model.eval()
+
+
+def load_model(path: str | Path, overrides: ModelOverrides | None = None):
+    """Checkpoint file -> (eval-mode :class:`FCOS`, :class:`LoadedCheckpoint`)."""
+    ckpt = load_checkpoint(path, overrides)
+    return build_model(ckpt), ckpt
+
+
+def mmdet_state_dict(model, head_names: str = "conv", with_num_batches_tracked: bool = True) -> dict[str, Any]:
+    """Our model's weights under mmdet key names (``head_names='fcos'`` for the v1 layout)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        if head_names == "fcos":
+            key = re.sub(r"^bbox_head\.conv_(cls|reg|centerness)\.", r"bbox_head.fcos_\1.", key)
+        out[key] = value.clone()
+        if with_num_batches_tracked and key.endswith("running_var"):
+            out[key[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    return out
+
+
+def describe_depth(cfg: FCOSConfig) -> str:
+    """'ResNet-50'-style name from the block counts."""
+    per_block = 3 if cfg.backbone.block == "bottleneck" else 2
+    return f"ResNet-{per_block * sum(cfg.backbone.stage_blocks) + 2}"

@@ -1,0 +1,218 @@
+"""Test-time FCOS post-processing in PyTorch, exportable to standard ONNX ops.
+
+One module serves the eager "online" baseline and the ONNX export: in eager mode non-maximum
+suppression runs a greedy PyTorch loop; under ``torch.onnx.export`` it becomes the standard
+``NonMaxSuppression`` op, so ONNX Runtime and OpenVINO run the graph with no custom op.
+
+Rules (``PostConfig.rule``), spec §7.2 / §7.3 / §10:
+
+* ``mmdet2``: per level keep the ``nms_pre`` points with the largest max_k(S·c) (only when a
+  level has more points), decode, clip; candidates are (point, class) pairs with raw S > thr
+  (strict), scored S·c; class-wise NMS (IoU > iou_thr suppressed); top ``max_per_img``.
+* ``mmdet3``: per level the ``nms_pre`` (point, class) pairs with the largest S > thr; score
+  S·c; boxes with w <= 0 or h <= 0 dropped; class-wise NMS; top ``max_per_img``.
+* ``torchvision``: like ``mmdet3`` with score √(S·c) > thr for both ranking and output and no
+  size filter.
+
+Outputs follow the recipe's contract: ``dets [B,K,5]`` float32 (x1,y1,x2,y2,score, canvas
+pixels, zero rows after the last detection) and ``labels [B,K]`` int64 (−1 after the last).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fcos_offline.model.config import PostConfig
+
+
+def level_points(h: int, w: int, stride: int, rule: str, canvas_hw: tuple[int, int]) -> Tensor:
+    """Point locations ``[h*w, 2]`` (x, y), row-major like the (H, W) flattening of the maps."""
+    ys = torch.arange(h, dtype=torch.float32)
+    xs = torch.arange(w, dtype=torch.float32)
+    if rule == "torchvision":
+        xs = xs * (canvas_hw[1] // w)
+        ys = ys * (canvas_hw[0] // h)
+    elif rule == "mmdet3":
+        xs = (xs + 0.5) * stride
+        ys = (ys + 0.5) * stride
+    else:  # mmdet 1.x / 2.x < 2.18
+        xs = xs * stride + stride // 2
+        ys = ys * stride + stride // 2
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((xx.reshape(-1), yy.reshape(-1)), dim=-1)
+
+
+def decode(points: Tensor, dist: Tensor, canvas_hw: tuple[int, int]) -> Tensor:
+    """Distances (l,t,r,b) ``[...,4]`` at ``points [...,2]`` -> boxes clipped to [0,W]x[0,H]."""
+    x1 = (points[..., 0] - dist[..., 0]).clamp(0, canvas_hw[1])
+    y1 = (points[..., 1] - dist[..., 1]).clamp(0, canvas_hw[0])
+    x2 = (points[..., 0] + dist[..., 2]).clamp(0, canvas_hw[1])
+    y2 = (points[..., 1] + dist[..., 3]).clamp(0, canvas_hw[0])
+    return torch.stack((x1, y1, x2, y2), dim=-1)
+
+
+def _box_iou_one(box: Tensor, boxes: Tensor) -> Tensor:
+    """IoU of one box ``[4]`` with ``[P,4]`` (no +1; mmcv offset 0 / ONNX semantics)."""
+    iw = (torch.minimum(box[2], boxes[:, 2]) - torch.maximum(box[0], boxes[:, 0])).clamp(min=0)
+    ih = (torch.minimum(box[3], boxes[:, 3]) - torch.maximum(box[1], boxes[:, 1])).clamp(min=0)
+    inter = iw * ih
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (area + areas - inter)
+
+
+def greedy_nms(boxes: Tensor, scores: Tensor, iou_thr: float, score_thr: float, max_total: int) -> Tensor:
+    """Class-wise greedy NMS over ``boxes [B,M,4]``, ``scores [B,C,M]``.
+
+    Returns ``[K,3]`` (batch, class, box) rows, at most ``max_total`` per image: the
+    highest-scoring survivors, which is all a global top-``max_total`` needs.
+    """
+    rows = []
+    for b in range(boxes.shape[0]):
+        cls_idx, box_idx = (scores[b] > score_thr).nonzero(as_tuple=True)
+        cand_scores = scores[b, cls_idx, box_idx]
+        order = cand_scores.argsort(descending=True, stable=True)
+        cls_idx, box_idx = cls_idx[order], box_idx[order]
+        cand = boxes[b, box_idx]
+        alive = torch.ones(len(order), dtype=torch.bool)
+        kept: list[int] = []
+        start = 0
+        while len(kept) < max_total and start < len(alive):
+            offset = int(alive[start:].to(torch.uint8).argmax())
+            i = start + offset
+            if not alive[i]:
+                break
+            kept.append(i)
+            rest = slice(i + 1, None)
+            same = cls_idx[rest] == cls_idx[i]
+            alive[rest] &= ~(same & (_box_iou_one(cand[i], cand[rest]) > iou_thr))
+            start = i + 1
+        keep = torch.tensor(kept, dtype=torch.long)
+        rows.append(torch.stack((torch.full_like(keep, b), cls_idx[keep], box_idx[keep]), dim=1))
+    return torch.cat(rows) if rows else torch.zeros((0, 3), dtype=torch.long)
+
+
+class _NonMaxSuppression(torch.autograd.Function):
+    """Greedy NMS in eager mode; ONNX ``NonMaxSuppression`` when exported."""
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_total: int, iou_thr: float, score_thr: float) -> Tensor:  # noqa: ANN001
+        return greedy_nms(boxes, scores, iou_thr, score_thr, max_total)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_total: int, iou_thr: float, score_thr: float):  # noqa: ANN001
+        # Per class, ONNX keeps up to max_total boxes: a superset of what a global top-max_total needs.
+        return g.op(
+            "NonMaxSuppression",
+            boxes,
+            scores,
+            g.op("Constant", value_t=torch.tensor([max_total], dtype=torch.long)),
+            g.op("Constant", value_t=torch.tensor([iou_thr], dtype=torch.float32)),
+            g.op("Constant", value_t=torch.tensor([score_thr], dtype=torch.float32)),
+        )
+
+
+def nms_topk(boxes: Tensor, scores: Tensor, iou_thr: float, max_per_img: int) -> tuple[Tensor, Tensor]:
+    """Class-wise NMS then the global top-``max_per_img`` by score.
+
+    ``boxes [B,M,4]``, ``scores [B,C,M]`` (negative = not a candidate) ->
+    ``dets [B,max_per_img,5]``, ``labels [B,max_per_img]`` (zero rows / −1 labels as padding).
+    """
+    num_classes, num_boxes = scores.shape[1], scores.shape[2]
+    selected = _NonMaxSuppression.apply(boxes, scores, max_per_img, iou_thr, 0.0)
+    b, c, m = selected[:, 0], selected[:, 1], selected[:, 2]
+    flat = torch.full_like(scores.flatten(1), -1.0)
+    flat = flat.index_put((b, c * num_boxes + m), scores[b, c, m])
+    k = min(max_per_img, num_classes * num_boxes)
+    top_scores, top_idx = flat.topk(k, dim=1)
+    valid = top_scores >= 0
+    labels = torch.where(valid, top_idx // num_boxes, torch.full_like(top_idx, -1))
+    top_boxes = torch.gather(boxes, 1, (top_idx % num_boxes).unsqueeze(-1).expand(-1, -1, 4))
+    dets = torch.cat((top_boxes, top_scores.unsqueeze(-1)), dim=-1)
+    dets = torch.where(valid.unsqueeze(-1), dets, torch.zeros_like(dets))
+    if k < max_per_img:
+        dets = nn.functional.pad(dets, (0, 0, 0, max_per_img - k))
+        labels = nn.functional.pad(labels, (0, max_per_img - k), value=-1)
+    return dets, labels
+
+
+class FCOSPostProcess(nn.Module):
+    """Raw per-level head outputs -> (dets ``[B,K,5]``, labels ``[B,K]``) in canvas pixels."""
+
+    def __init__(self, post: PostConfig, strides: tuple[int, ...]) -> None:
+        super().__init__()
+        self.post = post
+        self.strides = strides
+
+    def forward(
+        self, cls_logits: list[Tensor], dists: list[Tensor], ctr_logits: list[Tensor], canvas_hw: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        if self.post.rule == "mmdet2":
+            boxes, scores = self._point_candidates(cls_logits, dists, ctr_logits, canvas_hw)
+        else:
+            boxes, scores = self._pair_candidates(cls_logits, dists, ctr_logits, canvas_hw)
+        return nms_topk(boxes, scores, self.post.iou_thr, self.post.max_per_img)
+
+    def _level_tensors(self, cls: Tensor, dist: Tensor, ctr: Tensor, level: int, canvas_hw: tuple[int, int]):
+        h, w = cls.shape[2], cls.shape[3]
+        probs = cls.permute(0, 2, 3, 1).flatten(1, 2).sigmoid()  # [B,N,C]
+        centerness = ctr.permute(0, 2, 3, 1).flatten(1, 2).sigmoid()  # [B,N,1]
+        dist = dist.permute(0, 2, 3, 1).flatten(1, 2)  # [B,N,4]
+        points = level_points(h, w, self.strides[level], self.post.points, canvas_hw).to(dist.device)
+        return probs, centerness, dist, points
+
+    def _point_candidates(self, cls_logits, dists, ctr_logits, canvas_hw):
+        """spec §7.2: per-level top points by max_k(S·c); candidates S > thr, score S·c."""
+        all_boxes, all_scores = [], []
+        for level, (cls, dist, ctr) in enumerate(zip(cls_logits, dists, ctr_logits)):
+            probs, centerness, dist, points = self._level_tensors(cls, dist, ctr, level, canvas_hw)
+            if probs.shape[1] > self.post.nms_pre > 0:
+                _, idx = (probs * centerness).max(dim=2).values.topk(self.post.nms_pre, dim=1)
+                probs = torch.gather(probs, 1, idx.unsqueeze(-1).expand(-1, -1, probs.shape[2]))
+                centerness = torch.gather(centerness, 1, idx.unsqueeze(-1))
+                dist = torch.gather(dist, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
+                points = points[idx]
+            all_boxes.append(decode(points, dist, canvas_hw))
+            all_scores.append(torch.where(probs > self.post.score_thr, probs * centerness, torch.full_like(probs, -1.0)))
+        return torch.cat(all_boxes, dim=1), torch.cat(all_scores, dim=1).transpose(1, 2)
+
+    def _pair_candidates(self, cls_logits, dists, ctr_logits, canvas_hw):
+        """spec §7.3 / §10: per-level top (point, class) pairs above the threshold."""
+        all_boxes, all_scores, all_labels = [], [], []
+        for level, (cls, dist, ctr) in enumerate(zip(cls_logits, dists, ctr_logits)):
+            probs, centerness, dist, points = self._level_tensors(cls, dist, ctr, level, canvas_hw)
+            num_classes = probs.shape[2]
+            rank = torch.sqrt(probs * centerness) if self.post.rule == "torchvision" else probs
+            rank = rank.flatten(1)  # [B, N*C], point-major
+            masked = torch.where(rank > self.post.score_thr, rank, torch.full_like(rank, -1.0))
+            k = min(self.post.nms_pre, masked.shape[1])
+            top, idx = masked.topk(k, dim=1)
+            point_idx, labels = idx // num_classes, idx % num_classes
+            ctr_top = torch.gather(centerness.squeeze(-1), 1, point_idx)
+            score = top if self.post.rule == "torchvision" else top * ctr_top
+            boxes = decode(points[point_idx], torch.gather(dist, 1, point_idx.unsqueeze(-1).expand(-1, -1, 4)), canvas_hw)
+            valid = top >= 0
+            if self.post.rule == "mmdet3":
+                valid = valid & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+            all_boxes.append(boxes)
+            all_scores.append(torch.where(valid, score, torch.full_like(score, -1.0)))
+            all_labels.append(labels)
+        boxes, scores, labels = (torch.cat(t, dim=1) for t in (all_boxes, all_scores, all_labels))
+        num_classes = cls_logits[0].shape[1]
+        dense = torch.full((scores.shape[0], num_classes, scores.shape[1]), -1.0, dtype=scores.dtype, device=scores.device)
+        dense = dense.scatter(1, labels.unsqueeze(1), scores.unsqueeze(1))
+        return boxes, dense
+
+
+class FCOSDetector(nn.Module):
+    """Network + post-processing: ``images [B,3,H,W]`` -> ``(dets, labels)`` (the ONNX contract)."""
+
+    def __init__(self, network: nn.Module, post: PostConfig | None = None) -> None:
+        super().__init__()
+        self.network = network
+        self.postprocess = FCOSPostProcess(post or network.cfg.post, network.cfg.head.strides)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        cls_logits, dists, ctr_logits = self.network(images)
+        return self.postprocess(cls_logits, dists, ctr_logits, (int(images.shape[2]), int(images.shape[3])))
