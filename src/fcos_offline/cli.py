@@ -29,6 +29,7 @@ def add_flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> argparse
 
 def _build_parser() -> argparse.ArgumentParser:
     from fcos_offline.data import cli as data_cli
+    from fcos_offline.demo import cli as demo_cli
     from fcos_offline.engine import cli as engine_cli
     from fcos_offline.evaluate import cli as evaluate_cli
     from fcos_offline.export import cli as export_cli
@@ -58,7 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fcos-offline {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
-    for module in (model_cli, export_cli, data_cli, engine_cli, evaluate_cli, report_cli, tune_cli):
+    for module in (model_cli, export_cli, data_cli, engine_cli, evaluate_cli, report_cli, tune_cli, demo_cli):
         module.register(sub)
     return parser
 

@@ -1,0 +1,1 @@
+"""Synthetic demo data and the demo model trainer."""

@@ -1,0 +1,287 @@
+"""Offline inference: inputs -> engine -> dumps, with per-stage timings (the vendor ``benchmark``).
+
+Inputs are a bin-mode ``.info`` (the recipe's preprocessed ``.bin`` tensors), a jpg-mode
+``.info`` or a folder of images. Images are decoded and preprocessed in worker processes that
+overlap with inference through a bounded window of pending tasks, so memory stays flat for any
+number of images and no intermediate ``.bin`` is written (streaming).
+
+Each image's dumps are written atomically (temporary name, then rename): an interrupted run
+leaves only whole files, and ``resume=True`` skips images whose dumps are complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fcos_offline.data.dumps import dumps_complete, write_dumps
+from fcos_offline.data.preprocess import IMAGE_EXTENSIONS, list_images, preprocess_image, read_image
+from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.evaluate.perf import PerfStats, perf_file_name, write_perf_file
+from fcos_offline.progress import progress_bar, warn
+
+STAGES = ("read", "preprocess", "infer", "postprocess", "e2e")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One image to infer: its stem (dump name), path, and kind (``bin`` or ``image``)."""
+
+    stem: str
+    path: str
+    kind: str
+
+
+def items_from_info(info_path: str | os.PathLike) -> list[InputItem]:
+    """Items of a recipe ``.info`` file (bin or jpg mode, told by each path's extension)."""
+    from fcos_offline.data.info import read_info
+
+    items = []
+    for entry in read_info(info_path):
+        p = Path(entry.path)
+        kind = "bin" if p.suffix.lower() == ".bin" else "image"
+        items.append(InputItem(p.stem, str(p), kind))
+    return items
+
+
+def items_from_images(folder: str | os.PathLike) -> list[InputItem]:
+    """Items for every image in ``folder`` (sorted by file name)."""
+    return [InputItem(p.stem, str(p), "image") for p in list_images(folder)]
+
+
+def load_item(item: InputItem, canvas_hw: tuple[int, int]) -> tuple[InputItem, np.ndarray | None, str | None, float, float]:
+    """Read and preprocess one input (runs in a worker): (item, tensor or None, problem, read s, prep s)."""
+    t0 = time.perf_counter()
+    try:
+        if item.kind == "bin":
+            expected = 3 * canvas_hw[0] * canvas_hw[1]
+            size = os.path.getsize(item.path)
+            if size != expected * 4:
+                raise BadFileError(item.path, f"{size} bytes, expected {expected * 4} (float32 3x{canvas_hw[0]}x{canvas_hw[1]})")
+            tensor = np.fromfile(item.path, dtype="<f4").reshape(3, *canvas_hw)
+            return item, tensor, None, time.perf_counter() - t0, 0.0
+        img = read_image(item.path)
+        t1 = time.perf_counter()
+        tensor, _ = preprocess_image(img, *canvas_hw)
+        return item, tensor, None, t1 - t0, time.perf_counter() - t1
+    except BadFileError as exc:
+        return item, None, exc.problem, time.perf_counter() - t0, 0.0
+    except OSError as exc:
+        return item, None, exc.strerror or str(exc), time.perf_counter() - t0, 0.0
+
+
+def _worker_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+class _Loader:
+    """Bounded look-ahead over items: in-process (workers=0) or a process pool."""
+
+    def __init__(self, items: list[InputItem], canvas_hw: tuple[int, int], workers: int, window: int) -> None:
+        self.items = items
+        self.canvas_hw = canvas_hw
+        self.window = max(1, window)
+        self.pool = None
+        if workers > 0:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+
+    def __iter__(self):
+        if self.pool is None:
+            for item in self.items:
+                submitted = time.perf_counter()
+                yield (*load_item(item, self.canvas_hw), submitted)
+            return
+        pending: collections.deque[tuple[Future, float]] = collections.deque()
+        it = iter(self.items)
+        try:
+            for item in it:
+                pending.append((self.pool.submit(load_item, item, self.canvas_hw), time.perf_counter()))
+                if len(pending) >= self.window:
+                    break
+            while pending:
+                fut, submitted = pending.popleft()
+                result = fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((self.pool.submit(load_item, nxt, self.canvas_hw), time.perf_counter()))
+                yield (*result, submitted)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def latency_stats(values_s: list[float]) -> dict[str, float]:
+    """min/mean/median/p90/p99 in milliseconds (zeros when nothing was measured)."""
+    if not values_s:
+        return {"min": 0.0, "mean": 0.0, "median": 0.0, "p90": 0.0, "p99": 0.0, "count": 0}
+    ms = np.asarray(values_s) * 1000.0
+    return {
+        "min": float(ms.min()), "mean": float(ms.mean()), "median": float(np.median(ms)),
+        "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)), "count": int(ms.size),
+    }
+
+
+@dataclass
+class InferSummary:
+    """What one :func:`run_inference` did and how fast (written as ``summary.json``)."""
+
+    engine: dict[str, Any]
+    num_images: int
+    num_inferred: int
+    num_resumed: int
+    batch_size: int
+    wall_s: float
+    throughput_fps: float
+    infer_fps: float
+    latency_ms: dict[str, dict[str, float]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    output_dir: str = ""
+    perf_file: str = ""
+    warmup: int = 0
+    loop: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON view."""
+        return dict(self.__dict__)
+
+
+def _fps(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def run_inference(
+    engine,
+    items: list[InputItem],
+    output_dir: str | os.PathLike,
+    batch_size: int = 1,
+    fmt: str = "bin",
+    warmup: int = 1,
+    loop: int = 1,
+    resume: bool = False,
+    workers: int | None = None,
+    device_id: int = 0,
+    perf_dir: str | os.PathLike | None = None,
+    on_batch: Callable[[list[str], np.ndarray, np.ndarray], None] | None = None,
+    show_progress: bool = True,
+) -> InferSummary:
+    """Run ``engine`` over ``items`` in batches of ``batch_size`` and write one dump pair per image."""
+    if batch_size < 1:
+        raise FcosError("--batch-size must be >= 1")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = [i.stem for i in items]
+    if len(set(stems)) != len(stems):
+        dup = sorted({s for s in stems if stems.count(s) > 1})[:3]
+        raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(dup)}")
+    todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
+    resumed = len(items) - len(todo)
+    canvas = tuple(engine.input_hw)
+    if workers is None:
+        workers = 1 if any(i.kind == "image" for i in todo) and (os.cpu_count() or 1) > 1 and len(todo) > 2 else 0
+    times: dict[str, list[float]] = {s: [] for s in STAGES}
+    infer_total = 0.0
+    skipped: list[dict[str, str]] = []
+    done = 0
+
+    def flush(batch: list[tuple[InputItem, np.ndarray, float]], advance: Callable[[int], None]) -> None:
+        nonlocal infer_total, done
+        tensor = np.stack([b[1] for b in batch])
+        if warmup and done == 0 and not times["infer"]:
+            for _ in range(warmup):
+                engine.run(tensor)
+        t0 = time.perf_counter()
+        for _ in range(max(1, loop)):
+            dets, labels = engine.run(tensor)
+        t_infer = (time.perf_counter() - t0) / max(1, loop)
+        infer_total += t_infer
+        times["infer"].append(t_infer)
+        t1 = time.perf_counter()
+        for (item, _, _), d, lab in zip(batch, dets, labels):
+            write_dumps(out, item.stem, lab, d, fmt)
+        if on_batch is not None:
+            on_batch([b[0].stem for b in batch], dets, labels)
+        t2 = time.perf_counter()
+        times["postprocess"].append((t2 - t1) / len(batch))
+        times["e2e"].extend(t2 - b[2] for b in batch)
+        done += len(batch)
+        advance(len(batch))
+
+    start = time.perf_counter()
+    batch: list[tuple[InputItem, np.ndarray, float]] = []
+    window = max(2 * batch_size, 4)
+    with progress_bar(len(todo), f"infer {engine.name} bs{batch_size}", unit="img") if show_progress else _null_bar() as advance:
+        for item, tensor, problem, t_read, t_pre, submitted in _Loader(todo, canvas, workers, window):
+            if problem is not None:
+                warn(f"skipped {item.path}: {problem}")
+                skipped.append({"path": item.path, "problem": problem})
+                advance(1)
+                continue
+            times["read"].append(t_read)
+            if item.kind == "image":
+                times["preprocess"].append(t_pre)
+            batch.append((item, tensor, submitted))
+            if len(batch) == batch_size:
+                flush(batch, advance)
+                batch = []
+        if batch:
+            flush(batch, advance)
+    wall = time.perf_counter() - start
+    latency = {s: latency_stats(v) for s, v in times.items()}
+    summary = InferSummary(
+        engine=engine.describe(), num_images=len(items), num_inferred=done, num_resumed=resumed,
+        batch_size=batch_size, wall_s=wall, throughput_fps=_fps(done, wall), infer_fps=_fps(done, infer_total),
+        latency_ms=latency, skipped=skipped, output_dir=str(out), warmup=warmup, loop=loop,
+    )
+    perf_target = Path(perf_dir) if perf_dir else (out.parent if out.name.startswith("dumpOutput") else out)
+    summary.perf_file = str(write_perf_file(perf_target / perf_file_name(batch_size, device_id), _perf_stats(summary)))
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    return summary
+
+
+def _perf_stats(s: InferSummary) -> PerfStats:
+    lat = s.latency_ms
+    mean = {k: v["mean"] for k, v in lat.items()}
+    per_img_infer = mean["infer"] / s.batch_size if s.batch_size else 0.0
+    return PerfStats(
+        batch_size=s.batch_size, e2e_fps=s.throughput_fps, e2e_latency_ms=s.wall_s * 1000.0,
+        interface_fps=s.infer_fps, infer_fps=s.infer_fps, infer_latency_ms=per_img_infer,
+        read_fps=_fps(1, mean["read"] / 1000.0), read_latency_ms=mean["read"],
+        preprocess_fps=_fps(1, mean["preprocess"] / 1000.0), preprocess_latency_ms=mean["preprocess"],
+        post_fps=_fps(1, mean["postprocess"] / 1000.0), post_latency_ms=mean["postprocess"],
+    )
+
+
+class _null_bar:
+    def __enter__(self) -> Callable[[int], None]:
+        return lambda n=1: None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def gather_items(images: str | None = None, input_info: str | None = None) -> list[InputItem]:
+    """Items from ``--images DIR`` or ``--input-info FILE`` (exactly one)."""
+    if bool(images) == bool(input_info):
+        raise FcosError("give exactly one input: --images DIR or --input-info FILE")
+    if images:
+        p = Path(images)
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            return [InputItem(p.stem, str(p), "image")]
+        if not p.is_dir():
+            raise FcosError(f"{p}: no such folder of images")
+        found = items_from_images(p)
+        if not found:
+            raise FcosError(f"{p}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return found
+    return items_from_info(input_info)  # type: ignore[arg-type]
