@@ -230,7 +230,8 @@ class OpenVINOEngine(Engine):
         self.compiled = core.compile_model(model, device, config)
         self.request = self.compiled.create_infer_request()
         self.output_order = self._output_order(source)
-        self.actual_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        ov_type = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.actual_precision = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(ov_type.to_string(), ov_type.to_string())
         self._ov_version = ov.__version__ if hasattr(ov, "__version__") else ov.get_version()
 
     def _output_order(self, source: ModelSource) -> list[int]:

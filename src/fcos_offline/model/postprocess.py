@@ -66,27 +66,29 @@ def greedy_nms(boxes: Tensor, scores: Tensor, iou_thr: float, score_thr: float, 
     """Class-wise greedy NMS over ``boxes [B,M,4]``, ``scores [B,C,M]``.
 
     Returns ``[K,3]`` (batch, class, box) rows, at most ``max_total`` per image: the
-    highest-scoring survivors, which is all a global top-``max_total`` needs.
+    highest-scoring survivors, which is all a global top-``max_total`` needs. Candidates are
+    visited in descending score order; each kept box suppresses later boxes of its own class.
     """
     rows = []
     for b in range(boxes.shape[0]):
         cls_idx, box_idx = (scores[b] > score_thr).nonzero(as_tuple=True)
-        cand_scores = scores[b, cls_idx, box_idx]
-        order = cand_scores.argsort(descending=True, stable=True)
+        order = scores[b, cls_idx, box_idx].argsort(descending=True, stable=True)
         cls_idx, box_idx = cls_idx[order], box_idx[order]
         cand = boxes[b, box_idx]
-        alive = torch.ones(len(order), dtype=torch.bool)
+        alive = torch.ones(len(order), dtype=torch.uint8)
+        by_class = cls_idx.argsort(stable=True)  # positions grouped by class, ascending within a class
+        counts = torch.bincount(cls_idx, minlength=scores.shape[1]).tolist()
+        members = dict(zip(range(len(counts)), by_class.split(counts)))
         kept: list[int] = []
         start = 0
         while len(kept) < max_total and start < len(alive):
-            offset = int(alive[start:].to(torch.uint8).argmax())
-            i = start + offset
+            i = start + int(alive[start:].argmax())
             if not alive[i]:
                 break
             kept.append(i)
-            rest = slice(i + 1, None)
-            same = cls_idx[rest] == cls_idx[i]
-            alive[rest] &= ~(same & (_box_iou_one(cand[i], cand[rest]) > iou_thr))
+            same = members[int(cls_idx[i])]
+            later = same[same > i]
+            alive[later[_box_iou_one(cand[i], cand[later]) > iou_thr]] = 0
             start = i + 1
         keep = torch.tensor(kept, dtype=torch.long)
         rows.append(torch.stack((torch.full_like(keep, b), cls_idx[keep], box_idx[keep]), dim=1))

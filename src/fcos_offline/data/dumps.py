@@ -1,0 +1,226 @@
+"""Engine output dumps: per image ``labels`` int64 [N] and ``dets`` float32 [N, 5] (N = 100).
+
+``dets`` rows are x1, y1, x2, y2, score in input-canvas pixels; after the last detection
+``labels`` is -1 and ``dets`` rows are zero.
+
+File names, per image stem:
+
+=======================  ======================  ======================  =====================
+naming                   labels                  dets                    written by
+=======================  ======================  ======================  =====================
+recipe (``fmt="bin"``)   ``<stem>_1.bin``        ``<stem>_2.bin``        benchmark tool, us
+ais_bench (0-based)      ``<stem>_0.bin``        ``<stem>_1.bin``        ais_bench
+numpy (``fmt="npy"``)    ``<stem>_labels.npy``   ``<stem>_dets.npy``     us
+=======================  ======================  ======================  =====================
+
+``.bin`` files are raw little-endian arrays (``tofile``). ``_1`` means labels in one naming and
+dets in the other, so by default :func:`read_dumps` decides by byte size: labels are
+``8 * N`` bytes (800), dets ``20 * N`` bytes (2000). With ``net_out_num`` (the recipe's flag)
+it reads labels from ``_{net_out_num-2}`` and dets from ``_{net_out_num-1}`` and checks sizes.
+
+Writes are atomic (temporary name, then ``os.replace``), so an interrupted run never leaves a
+torn dump: a pair is either complete or missing (:func:`dumps_complete`, used by ``--resume``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fcos_offline.data.preprocess import atomic_write_bytes
+from fcos_offline.errors import BadFileError, FcosError
+
+FORMATS = ("bin", "npy")
+NUM_DETS = 100
+
+
+def dump_paths(out_dir: str | os.PathLike, stem: str, fmt: str = "bin") -> tuple[Path, Path]:
+    """The (labels, dets) paths we write for ``stem`` in format ``fmt``."""
+    out = Path(out_dir)
+    if fmt == "bin":
+        return out / f"{stem}_1.bin", out / f"{stem}_2.bin"
+    if fmt == "npy":
+        return out / f"{stem}_labels.npy", out / f"{stem}_dets.npy"
+    raise FcosError(f"dump format must be one of {FORMATS}, got {fmt!r}")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_dumps(
+    out_dir: str | os.PathLike, stem: str, labels: np.ndarray, dets: np.ndarray, fmt: str = "bin"
+) -> tuple[Path, Path]:
+    """Write one image's labels [N] (int64) and dets [N, 5] (float32) atomically; return the paths."""
+    labels_arr = np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
+    dets_arr = np.ascontiguousarray(dets, dtype=np.float32)
+    if dets_arr.ndim != 2 or dets_arr.shape[1] != 5 or dets_arr.shape[0] != labels_arr.shape[0]:
+        raise FcosError(
+            f"dets must be [N, 5] with N = len(labels) = {labels_arr.shape[0]}, got {dets_arr.shape}"
+        )
+    labels_path, dets_path = dump_paths(out_dir, stem, fmt)
+    labels_path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "bin":
+        atomic_write_bytes(labels_path, labels_arr.astype("<i8").tobytes())
+        atomic_write_bytes(dets_path, dets_arr.astype("<f4").tobytes())
+    else:
+        atomic_write_bytes(labels_path, _npy_bytes(labels_arr))
+        atomic_write_bytes(dets_path, _npy_bytes(dets_arr))
+    return labels_path, dets_path
+
+
+def dumps_complete(out_dir: str | os.PathLike, stem: str, fmt: str = "bin", num_dets: int = NUM_DETS) -> bool:
+    """Whether both dump files of ``stem`` exist with the right sizes."""
+    labels_path, dets_path = dump_paths(out_dir, stem, fmt)
+    if fmt == "bin":
+        return (
+            labels_path.is_file()
+            and dets_path.is_file()
+            and labels_path.stat().st_size == 8 * num_dets
+            and dets_path.stat().st_size == 20 * num_dets
+        )
+    try:
+        return (
+            np.load(labels_path, mmap_mode="r").size == num_dets
+            and np.load(dets_path, mmap_mode="r").size == 5 * num_dets
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _size_text(num_dets: int) -> str:
+    return (
+        f"labels are int64 x {num_dets} = {8 * num_dets} bytes, "
+        f"dets float32 x {num_dets} x 5 = {20 * num_dets} bytes"
+    )
+
+
+def _load_bin(path: Path, role: str, num_dets: int) -> np.ndarray:
+    expected = 8 * num_dets if role == "labels" else 20 * num_dets
+    size = path.stat().st_size
+    if size != expected:
+        raise BadFileError(path, f"{size} bytes, expected {role} ({_size_text(num_dets)})")
+    if role == "labels":
+        return np.fromfile(path, dtype="<i8").astype(np.int64)
+    return np.fromfile(path, dtype="<f4").astype(np.float32).reshape(num_dets, 5)
+
+
+def _load_npy(path: Path, role: str, num_dets: int) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BadFileError(path, f"not a readable .npy file ({exc})") from exc
+    want = num_dets if role == "labels" else 5 * num_dets
+    kind_ok = arr.dtype.kind in "iu" if role == "labels" else arr.dtype.kind == "f"
+    if arr.size != want or not kind_ok:
+        raise BadFileError(path, f"{arr.dtype} {arr.shape}, expected {role} ({_size_text(num_dets)})")
+    if role == "labels":
+        return arr.reshape(num_dets).astype(np.int64)
+    return arr.reshape(num_dets, 5).astype(np.float32)
+
+
+def _pair_by_size(stem: str, group: dict[int, Path], num_dets: int) -> tuple[Path, Path]:
+    roles: dict[str, Path] = {}
+    sizes = {8 * num_dets: "labels", 20 * num_dets: "dets"}
+    for _, path in sorted(group.items()):
+        role = sizes.get(path.stat().st_size)
+        if role is None:
+            raise BadFileError(path, f"{path.stat().st_size} bytes fits neither dump ({_size_text(num_dets)})")
+        if role in roles:
+            raise BadFileError(path, f"two {role}-sized files for {stem}: {roles[role].name} and {path.name}")
+        roles[role] = path
+    for role in ("labels", "dets"):
+        if role not in roles:
+            found = ", ".join(p.name for p in group.values())
+            raise BadFileError(group[min(group)], f"no {role} dump for {stem} (found {found})")
+    return roles["labels"], roles["dets"]
+
+
+def _pair_by_index(stem: str, group: dict[int, Path], net_out_num: int, num_dets: int) -> tuple[Path, Path]:
+    wanted = {"labels": net_out_num - 2, "dets": net_out_num - 1}
+    hint = "omit net_out_num to detect the naming (recipe _1/_2 or ais_bench _0/_1) by size"
+    for role, idx in wanted.items():
+        if idx not in group:
+            found = ", ".join(p.name for p in group.values())
+            raise BadFileError(
+                group[min(group)],
+                f"no {stem}_{idx}.bin ({role}, net_out_num={net_out_num}); found {found}; {hint}",
+            )
+    labels_path, dets_path = group[wanted["labels"]], group[wanted["dets"]]
+    if labels_path.stat().st_size != 8 * num_dets or dets_path.stat().st_size != 20 * num_dets:
+        raise BadFileError(
+            labels_path, f"sizes do not match net_out_num={net_out_num} ({_size_text(num_dets)}); {hint}"
+        )
+    return labels_path, dets_path
+
+
+def read_dumps(
+    directory: str | os.PathLike,
+    num_dets: int = NUM_DETS,
+    net_out_num: int | None = None,
+    skipped: list[BadFileError] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Load every dump pair of ``directory`` as ``{stem: (labels [N] int64, dets [N, 5] float32)}``.
+
+    Naming is detected per stem (see the module docstring). A bad or unpaired file raises
+    :class:`BadFileError`, or, when a ``skipped`` list is given, is appended there and its stem
+    left out. Files other than ``*.bin`` / ``*.npy`` are ignored.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FcosError(f"dump folder not found: {root}")
+    if net_out_num is not None and net_out_num < 2:
+        raise FcosError(f"net_out_num must be at least 2, got {net_out_num}")
+
+    def fail(error: BadFileError) -> None:
+        if skipped is None:
+            raise error
+        skipped.append(error)
+
+    bins: dict[str, dict[int, Path]] = {}
+    npys: dict[str, dict[str, Path]] = {}
+    for path in sorted(root.iterdir()):
+        if not path.is_file():
+            continue
+        if path.suffix == ".bin":
+            stem, _, idx = path.stem.rpartition("_")
+            if stem and idx.isdigit():
+                bins.setdefault(stem, {})[int(idx)] = path
+            else:
+                fail(BadFileError(path, "not a dump name (expected <stem>_<n>.bin)"))
+        elif path.suffix == ".npy":
+            stem, _, role = path.stem.rpartition("_")
+            if stem and role in ("labels", "dets"):
+                npys.setdefault(stem, {})[role] = path
+            else:
+                fail(BadFileError(path, "not a dump name (expected <stem>_labels.npy or <stem>_dets.npy)"))
+
+    result: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for stem, group in bins.items():
+        try:
+            if net_out_num is None:
+                labels_path, dets_path = _pair_by_size(stem, group, num_dets)
+            else:
+                labels_path, dets_path = _pair_by_index(stem, group, net_out_num, num_dets)
+            result[stem] = (_load_bin(labels_path, "labels", num_dets), _load_bin(dets_path, "dets", num_dets))
+        except BadFileError as exc:
+            fail(exc)
+    for stem, roles in npys.items():
+        try:
+            if stem in bins:
+                raise BadFileError(next(iter(roles.values())), f"{stem} is also dumped as .bin; .npy ignored")
+            missing = {"labels", "dets"} - roles.keys()
+            if missing:
+                raise BadFileError(next(iter(roles.values())), f"no {missing.pop()} .npy for {stem}")
+            result[stem] = (
+                _load_npy(roles["labels"], "labels", num_dets),
+                _load_npy(roles["dets"], "dets", num_dets),
+            )
+        except BadFileError as exc:
+            fail(exc)
+    return dict(sorted(result.items()))

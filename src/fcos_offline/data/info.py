@@ -1,0 +1,136 @@
+"""``.info`` lists: one ``<index> <path> <width> <height>`` line per file, like the recipe's get_info.py.
+
+- ``bin`` mode: every ``*.bin`` of a folder with the canvas size given on the command line (the
+  benchmark tool's input list). A .bin whose size is not ``3*W*H*4`` bytes is skipped and listed.
+- ``jpg`` mode: every image (.jpg/.jpeg/.png/.bmp, any case) with its true width and height as
+  OpenCV decodes it (EXIF orientation applied), which the postprocess uses to undo the letterbox.
+  Undecodable images are skipped and listed.
+
+Files are sorted by name and the index runs 0, 1, 2, ... without gaps. (The recipe writes
+``glob`` order, which is unsorted, and restarts the index for each extension in jpg mode.) The
+path is the folder as given joined with the file name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from fcos_offline.data.preprocess import atomic_write_bytes, list_images, parallel_map, read_image
+from fcos_offline.errors import BadFileError, FcosError
+
+MODES = ("bin", "jpg")
+
+
+class InfoEntry(NamedTuple):
+    """One line of an .info file."""
+
+    index: int
+    path: str
+    width: int
+    height: int
+
+
+@dataclass
+class InfoSummary:
+    """What :func:`make_info` wrote and skipped."""
+
+    out_path: str
+    entries: list[InfoEntry] = field(default_factory=list)
+    bad: list[BadFileError] = field(default_factory=list)
+
+
+def format_info(entries: list[InfoEntry]) -> str:
+    """The .info text: space-separated fields, one newline-terminated line per entry."""
+    return "".join(f"{e.index} {e.path} {e.width} {e.height}\n" for e in entries)
+
+
+def _image_size(path: str) -> tuple[str, int, int, str | None]:
+    try:
+        img = read_image(path)
+    except BadFileError as exc:
+        return path, 0, 0, exc.problem
+    return path, int(img.shape[1]), int(img.shape[0]), None
+
+
+def make_info(
+    mode: str,
+    src_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    width: int | None = None,
+    height: int | None = None,
+    workers: int | None = None,
+) -> InfoSummary:
+    """Write the .info list of ``src_dir`` (``mode`` "bin" needs the canvas width and height).
+
+    Bad files are skipped and listed in the summary; nothing is written when no file is usable,
+    and a folder without any candidate file raises FcosError.
+    """
+    if mode not in MODES:
+        raise FcosError(f"mode must be one of {MODES}, got {mode!r}")
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FcosError(f"folder not found: {src}")
+    summary = InfoSummary(out_path=str(out_path))
+    found: list[tuple[str, int, int]] = []
+    if mode == "bin":
+        if width is None or height is None or width <= 0 or height <= 0:
+            raise FcosError("bin mode needs the positive canvas width and height")
+        expected = 3 * width * height * 4
+        bins = sorted(src.glob("*.bin"), key=lambda p: p.name)
+        if not bins:
+            raise FcosError(f"no .bin files in {src}")
+        for p in bins:
+            size = p.stat().st_size
+            if size != expected:
+                summary.bad.append(
+                    BadFileError(p, f"{size} bytes, expected {expected} (float32 3x{height}x{width})")
+                )
+            else:
+                found.append((os.path.join(str(src_dir), p.name), width, height))
+    else:
+        paths = [os.path.join(str(src_dir), p.name) for p in list_images(src)]
+        if not paths:
+            raise FcosError(f"no images (.jpg/.jpeg/.png/.bmp) in {src}")
+        for path, w, h, problem in parallel_map(_image_size, paths, len(paths), workers, "image sizes"):
+            if problem is None:
+                found.append((path, w, h))
+            else:
+                summary.bad.append(BadFileError(path, problem))
+    summary.entries = [InfoEntry(i, path, w, h) for i, (path, w, h) in enumerate(found)]
+    if summary.entries:
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, format_info(summary.entries).encode())
+    return summary
+
+
+def read_info(path: str | os.PathLike) -> list[InfoEntry]:
+    """Parse an .info file; a malformed line raises FcosError naming the file and line number.
+
+    Paths may contain spaces (the last two fields are the sizes); blank lines are ignored.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise FcosError(f"cannot read info file {path}: {exc.strerror or exc}") from exc
+    entries: list[InfoEntry] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        where = f"{path}:{lineno}"
+        if len(parts) < 4:
+            raise FcosError(f"{where}: expected '<index> <path> <width> <height>', got {line!r}")
+        try:
+            index, width, height = int(parts[0]), int(parts[-2]), int(parts[-1])
+        except ValueError:
+            raise FcosError(
+                f"{where}: index, width and height must be integers, got {line!r}"
+            ) from None
+        if width <= 0 or height <= 0:
+            raise FcosError(f"{where}: width and height must be positive, got {line!r}")
+        entries.append(InfoEntry(index, " ".join(parts[1:-2]), width, height))
+    return entries

@@ -1,0 +1,204 @@
+"""Images -> letterboxed, normalised float32 tensors (spec §8.2), one ``<stem>.bin`` per image.
+
+Decoding is OpenCV's ``IMREAD_COLOR`` (BGR uint8; grey, alpha, CMYK and 16-bit inputs are
+converted by OpenCV, EXIF orientation applied), the same pixels as ``cv2.imread``.
+
+Bad inputs are detected before decoding where OpenCV might otherwise return a partial picture:
+
+- a 0-byte file;
+- a JPEG whose last start-of-scan marker (FFDA) is not followed by an end-of-image marker (FFD9):
+  the file was cut (bytes after a complete image, e.g. camera trailers, are accepted);
+- a PNG without its IEND chunk, a BMP shorter than the size its header declares;
+- anything OpenCV cannot decode (``imdecode`` returns None), e.g. a text file named ``.jpg``.
+
+Each is reported as :class:`~fcos_offline.errors.BadFileError`; :func:`preprocess_folder`
+skips and lists them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import cv2
+import numpy as np
+
+from fcos_offline.data.letterbox import Letterbox, letterbox_for
+from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.progress import progress_bar
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+MEAN_BGR = (102.9801, 115.9465, 122.7717)
+STD_BGR = (1.0, 1.0, 1.0)
+_MEAN32 = np.array(MEAN_BGR, dtype=np.float32).reshape(3, 1, 1)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _truncation_problem(data: bytes) -> str | None:
+    """Why ``data`` looks cut short, or None."""
+    if data[:2] == b"\xff\xd8":
+        sos = data.rfind(b"\xff\xda")
+        if sos < 0:
+            return "JPEG without image data (no start-of-scan marker)"
+        if data.rfind(b"\xff\xd9") < sos:
+            return "truncated JPEG (no end-of-image marker FFD9 after the image data)"
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data.rfind(b"IEND") < 0:
+            return "truncated PNG (no IEND chunk)"
+    elif data[:2] == b"BM" and len(data) >= 6:
+        declared = int.from_bytes(data[2:6], "little")
+        if declared and len(data) < declared:
+            return f"truncated BMP ({len(data)} of {declared} bytes)"
+    return None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image as BGR uint8 HxWx3, exactly like ``cv2.imread(path, cv2.IMREAD_COLOR)``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadFileError(path, f"cannot read ({exc.strerror or exc})") from exc
+    if not data:
+        raise BadFileError(path, "empty file (0 bytes)")
+    problem = _truncation_problem(data)
+    if problem:
+        raise BadFileError(path, problem)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadFileError(path, "not a decodable image (OpenCV cannot read it)")
+    return img
+
+
+def preprocess_image(img_bgr: np.ndarray, canvas_h: int, canvas_w: int) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox and normalise one BGR uint8 image into a float32 [3, H, W] tensor (spec §8.2).
+
+    Resize with ``cv2.INTER_LINEAR`` on uint8 (what ``mmcv.imresize`` does), subtract the BGR
+    mean in float32 (std is 1), zero padding around the centred image, channels first.
+    """
+    if img_bgr.ndim != 3 or img_bgr.shape[2] != 3 or img_bgr.dtype != np.uint8:
+        raise ValueError(f"expected a BGR uint8 HxWx3 image, got {img_bgr.dtype} {img_bgr.shape}")
+    h, w = img_bgr.shape[:2]
+    lb = letterbox_for(w, h, canvas_h, canvas_w)
+    resized = cv2.resize(img_bgr, (lb.new_w, lb.new_h), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros((3, canvas_h, canvas_w), dtype=np.float32)
+    region = out[:, lb.pad_top : lb.pad_top + lb.new_h, lb.pad_left : lb.pad_left + lb.new_w]
+    np.subtract(resized.transpose(2, 0, 1), _MEAN32, out=region)
+    return out, lb
+
+
+def list_images(src_dir: str | os.PathLike) -> list[Path]:
+    """Image files (.jpg/.jpeg/.png/.bmp, any case) directly in ``src_dir``, sorted by file name."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FcosError(f"image folder not found: {src}")
+    return sorted(
+        (p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: p.name,
+    )
+
+
+def atomic_write_bytes(path: Path, payload: bytes | memoryview) -> None:
+    """Write ``payload`` to ``path`` via a temporary name and ``os.replace`` (no torn files)."""
+    tmp = path.with_name(f"{path.name}.part{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def parallel_map(
+    func: Callable[[T], R], items: Iterable[T], total: int, workers: int | None, description: str
+) -> Iterator[R]:
+    """``map`` over a process pool (in-process for one worker) with a progress bar, in order."""
+    workers = max(1, min(workers or os.cpu_count() or 1, total or 1))
+    if workers == 1:
+        with progress_bar(total, description, unit="img") as advance:
+            for item in items:
+                yield func(item)
+                advance(1)
+        return
+    # spawn: no fork of a process that already runs threads (progress bar, OpenCV's pool)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_single_threaded_worker) as pool:
+        with progress_bar(total, description, unit="img") as advance:
+            for result in pool.imap(func, items, chunksize=2):
+                yield result
+                advance(1)
+
+
+def _single_threaded_worker() -> None:
+    """One OpenCV thread per worker process: the pool already uses every core."""
+    cv2.setNumThreads(1)
+
+
+@dataclass
+class PreprocessSummary:
+    """What :func:`preprocess_folder` did."""
+
+    dst_dir: str
+    canvas_h: int
+    canvas_w: int
+    written: int = 0
+    seconds: float = 0.0
+    bad: list[BadFileError] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput over the whole run (decode + resize + normalise + write)."""
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def _preprocess_one(task: tuple[str, str, int, int]) -> tuple[str, str | None]:
+    src, dst, canvas_h, canvas_w = task
+    try:
+        tensor, _ = preprocess_image(read_image(src), canvas_h, canvas_w)
+    except (FcosError, cv2.error) as exc:
+        return src, getattr(exc, "problem", str(exc))
+    atomic_write_bytes(Path(dst), memoryview(tensor).cast("B"))
+    return src, None
+
+
+def preprocess_folder(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    canvas_h: int,
+    canvas_w: int,
+    workers: int | None = None,
+) -> PreprocessSummary:
+    """Write ``<stem>.bin`` (float32 [3, H, W], C order) for every image of ``src_dir``.
+
+    Runs on ``workers`` processes (default: all cores); bad files are skipped and listed in
+    the summary; two images with the same stem keep the first by file name.
+    """
+    images = list_images(src_dir)
+    if not images:
+        raise FcosError(f"no images (.jpg/.jpeg/.png/.bmp) in {src_dir}")
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    summary = PreprocessSummary(dst_dir=str(dst), canvas_h=canvas_h, canvas_w=canvas_w)
+    tasks: list[tuple[str, str, int, int]] = []
+    seen: dict[str, Path] = {}
+    for image in images:
+        if image.stem in seen:
+            summary.bad.append(BadFileError(image, f"same stem as {seen[image.stem].name}; skipped"))
+            continue
+        seen[image.stem] = image
+        tasks.append((str(image), str(dst / f"{image.stem}.bin"), canvas_h, canvas_w))
+    start = time.perf_counter()
+    for src, problem in parallel_map(_preprocess_one, tasks, len(tasks), workers, "preprocess"):
+        if problem is None:
+            summary.written += 1
+        else:
+            summary.bad.append(BadFileError(src, problem))
+    summary.seconds = time.perf_counter() - start
+    summary.bad.sort(key=lambda e: e.path)
+    return summary

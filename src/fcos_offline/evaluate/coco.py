@@ -1,0 +1,198 @@
+"""COCO bbox evaluation with faster-coco-eval, reported the way mmdetection's ``classwise=True`` does.
+
+Labels: an 80-class model's contiguous labels 0..79 map to the standard COCO category ids
+(spec §12) whatever subset of categories an annotation file lists; for any other class count
+the annotation file's categories sorted by id are used, and their number must match.
+
+Metrics are fractions (0.357, not 35.7). ``stats`` are the 12 standard COCO numbers
+(AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) with COCO's default
+``maxDets = [1, 10, 100]``; -1 means "no ground truth in that range", as in COCO. (mmdetection 2.x
+evaluates with maxDets [100, 300, 1000]: the AP numbers are identical when a model keeps at most
+100 detections per image, the AR labels differ.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcos_offline.errors import FcosError
+
+COCO80_CATEGORY_IDS: tuple[int, ...] = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27,
+    28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53,
+    54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80,
+    81, 82, 84, 85, 86, 87, 88, 89, 90,
+)  # fmt: skip
+
+COCO80_NAMES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+
+STAT_NAMES = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)  # fmt: skip
+SUMMARY_KEYS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
+
+AnnotationSource = str | os.PathLike | dict
+
+
+def load_annotations(ann: AnnotationSource) -> dict:
+    """The annotation JSON as a dict (a dict passes through)."""
+    if isinstance(ann, dict):
+        return ann
+    try:
+        with open(ann) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise FcosError(f"cannot read annotation file {ann}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise FcosError(f"annotation file {ann} is not valid JSON: {exc}") from exc
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise FcosError(f"annotation file {ann} has no '{key}' list (not COCO instances format)")
+    return data
+
+
+def label_to_category(ann: AnnotationSource, num_classes: int = 80) -> list[int]:
+    """Category id of each model label 0..num_classes-1 (see the module docstring)."""
+    if num_classes == 80:
+        return list(COCO80_CATEGORY_IDS)
+    cat_ids = sorted(c["id"] for c in load_annotations(ann)["categories"])
+    if len(cat_ids) != num_classes:
+        raise FcosError(
+            f"the model has {num_classes} classes but the annotation file lists {len(cat_ids)} "
+            "categories; they must match for a non-COCO-80 model"
+        )
+    return cat_ids
+
+
+def detections_to_coco(
+    image_id: int, labels: np.ndarray, dets: np.ndarray, cat_ids: list[int]
+) -> list[dict[str, Any]]:
+    """COCO result entries of one image; padded rows (label -1 or score 0) are dropped.
+
+    ``dets`` rows are x1, y1, x2, y2, score in original-image pixels; the JSON bbox is
+    [x, y, x2 - x, y2 - y] computed in float64 from the stored values.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    dets = np.asarray(dets, dtype=np.float64).reshape(-1, 5)
+    keep = (labels >= 0) & (dets[:, 4] > 0)
+    out = []
+    for label, (x1, y1, x2, y2, score) in zip(labels[keep].tolist(), dets[keep].tolist()):
+        if label >= len(cat_ids):
+            raise FcosError(f"label {label} out of range for a {len(cat_ids)}-class model (image {image_id})")
+        out.append(
+            {
+                "image_id": int(image_id),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": score,
+                "category_id": int(cat_ids[label]),
+            }
+        )
+    return out
+
+
+def _undefined_to_none(values: np.ndarray) -> list[float | None]:
+    return [None if v < 0 else float(v) for v in values.tolist()]
+
+
+def evaluate_bbox(ann: AnnotationSource, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """COCO bbox evaluation of ``results`` against ``ann`` (path or dict) with faster-coco-eval.
+
+    Returns ``bbox_mAP, bbox_mAP_50, bbox_mAP_75, bbox_mAP_s, bbox_mAP_m, bbox_mAP_l`` (fractions),
+    ``stats`` (the 12 COCO numbers), ``classwise`` (``[{category_id, name, AP}]``, AP null when a
+    category has no ground truth), ``num_images`` and ``pr_curves`` (precision at the 101 recall
+    thresholds per category, for plotting; see :func:`pr_curves`).
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    data = load_annotations(ann)
+    gt = COCO(data)
+    # loadRes adds keys to the dicts it gets: hand it copies
+    dt = gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
+    evaluator = COCOeval_faster(gt, dt, iouType="bbox", print_function=lambda *a, **k: None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = [float(v) for v in np.asarray(evaluator.stats)[:12]]
+    precision = np.asarray(evaluator.eval["precision"])  # [T iou, R recall, K cat, A area, M maxDets]
+    cat_ids = [int(c) for c in evaluator.params.catIds]
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    classwise = []
+    for k, cat_id in enumerate(cat_ids):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        ap = float(p.mean()) if p.size else None
+        classwise.append({"category_id": cat_id, "name": names.get(cat_id, str(cat_id)), "AP": ap})
+    report: dict[str, Any] = dict(zip(SUMMARY_KEYS, stats[:6]))
+    report.update(
+        stats=stats,
+        classwise=classwise,
+        num_images=len(evaluator.params.imgIds),
+        pr_curves=pr_curves(precision, evaluator.params, cat_ids, names),
+    )
+    return report
+
+
+def pr_curves(precision: np.ndarray, params: Any, cat_ids: list[int], names: dict[int, str]) -> dict[str, Any]:
+    """Per-category precision/recall curves (area all, maxDets 100) from COCOeval's precision array.
+
+    Returns ``{"recall": [101 thresholds], "classes": [{category_id, name, iou50, iou75, mean}]}``;
+    each curve is 101 precisions (null where undefined), ``mean`` averages over IoU 0.50:0.95.
+    """
+    iou_thrs = np.asarray(params.iouThrs)
+    i50 = int(np.argmin(np.abs(iou_thrs - 0.5)))
+    i75 = int(np.argmin(np.abs(iou_thrs - 0.75)))
+    classes = []
+    for k, cat_id in enumerate(cat_ids):
+        p = precision[:, :, k, 0, -1]  # [T, R]
+        valid = p > -1
+        counts = valid.sum(axis=0)
+        mean = np.where(counts > 0, np.where(valid, p, 0).sum(axis=0) / np.maximum(counts, 1), -1)
+        classes.append(
+            {
+                "category_id": cat_id,
+                "name": names.get(cat_id, str(cat_id)),
+                "iou50": _undefined_to_none(p[i50]),
+                "iou75": _undefined_to_none(p[i75]),
+                "mean": _undefined_to_none(mean),
+            }
+        )
+    return {"recall": [float(r) for r in np.asarray(params.recThrs)], "classes": classes}
+
+
+def find_annotation_file(annotations_path: str | os.PathLike) -> Path:
+    """A JSON file as given, or in a folder ``instances_val2017.json``, else its only ``instances_*.json``."""
+    path = Path(annotations_path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FcosError(f"annotations not found: {path}")
+    default = path / "instances_val2017.json"
+    if default.is_file():
+        return default
+    candidates = sorted(path.glob("instances_*.json"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise FcosError(f"no instances_val2017.json or instances_*.json in {path}")
+    raise FcosError(
+        f"several instances_*.json in {path} ({', '.join(c.name for c in candidates)}); pass the file itself"
+    )

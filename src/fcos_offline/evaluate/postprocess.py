@@ -1,0 +1,192 @@
+"""Dumps -> boxes on the original images -> COCO bbox mAP (the recipe's fcos_pth_postprocess.py step).
+
+For every image of the annotation file (stem of ``file_name`` = dump stem): read its dumps, undo
+the letterbox with the image size from the jpg-mode ``.info`` (``pad_rule`` "exact" or "recipe",
+see :mod:`fcos_offline.data.letterbox`), clip to ``[0, w] x [0, h]``, drop padded rows.
+Images without dumps count as images with no detections (``missing_dumps``).
+
+Files written to ``det_results_path``:
+
+- ``bbox_results.json``: COCO results list (bbox = x, y, w, h);
+- ``<stem>.txt``: one line per detection, ``label_name score x1 y1 x2 y2`` (spaces in class
+  names become ``_``; score 6 decimals, coordinates 2);
+- ``summary.json``: ``bbox_mAP*`` (fractions), ``stats``, ``classwise``, ``num_images``,
+  ``skipped`` ([{path, problem}]), ``missing_dumps`` and more;
+- ``pr_curves.json``: per-class precision/recall curves (see :func:`fcos_offline.evaluate.coco.pr_curves`);
+- ``vis/<stem>.jpg`` with ``show=True``: boxes scoring at least ``show_score_thr`` drawn on the image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from fcos_offline.data.dumps import NUM_DETS, read_dumps
+from fcos_offline.data.info import InfoEntry, read_info
+from fcos_offline.data.letterbox import RULES, boxes_to_original, letterbox_for
+from fcos_offline.data.preprocess import atomic_write_bytes, read_image
+from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.evaluate.coco import (
+    COCO80_NAMES,
+    SUMMARY_KEYS,
+    detections_to_coco,
+    evaluate_bbox,
+    find_annotation_file,
+    label_to_category,
+    load_annotations,
+)
+from fcos_offline.progress import progress_bar, warn
+
+RESULTS_FILE = "bbox_results.json"
+SUMMARY_FILE = "summary.json"
+PR_CURVES_FILE = "pr_curves.json"
+VIS_DIR = "vis"
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
+
+
+def _detection_lines(labels: np.ndarray, boxes: np.ndarray, names: list[str]) -> str:
+    keep = (labels >= 0) & (boxes[:, 4] > 0)
+    lines = []
+    for label, (x1, y1, x2, y2, score) in zip(labels[keep].tolist(), boxes[keep].tolist()):
+        name = names[label].replace(" ", "_") if label < len(names) else str(label)
+        lines.append(f"{name} {score:.6f} {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f}\n")
+    return "".join(lines)
+
+
+def _draw(image: np.ndarray, labels: np.ndarray, boxes: np.ndarray, names: list[str], thr: float) -> np.ndarray:
+    for label, (x1, y1, x2, y2, score) in zip(labels.tolist(), boxes.tolist()):
+        if label < 0 or score < thr:
+            continue
+        color = tuple(int(c) for c in np.random.default_rng(label).integers(64, 256, 3))
+        p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
+        cv2.rectangle(image, p1, p2, color, 2)
+        text = f"{names[label] if label < len(names) else label} {score:.2f}"
+        origin = (p1[0], max(p1[1] - 4, 12))
+        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, 1, cv2.LINE_AA)
+    return image
+
+
+def postprocess(
+    bin_data_path: str | os.PathLike,
+    test_annotation: str | os.PathLike,
+    det_results_path: str | os.PathLike,
+    annotations_path: str | os.PathLike,
+    net_input_height: int = 800,
+    net_input_width: int = 1333,
+    net_out_num: int | None = None,
+    pad_rule: str = "exact",
+    show: bool = False,
+    class_names: Sequence[str] | None = None,
+    show_score_thr: float = 0.3,
+    num_dets: int = NUM_DETS,
+) -> dict[str, Any]:
+    """Evaluate engine dumps against COCO annotations; write and return the summary (see module doc).
+
+    ``net_out_num`` None detects the dump naming by file size (recipe ``_1``/``_2``, ais_bench
+    ``_0``/``_1``); ``class_names`` None means the 80 COCO classes. Bad dumps and images that
+    cannot be mapped are skipped and listed in ``summary["skipped"]``.
+    """
+    if pad_rule not in RULES:
+        raise FcosError(f"pad_rule must be one of {RULES}, got {pad_rule!r}")
+    ann_file = find_annotation_file(annotations_path)
+    data = load_annotations(ann_file)
+    names = list(COCO80_NAMES if class_names is None else class_names)
+    cat_ids = label_to_category(data, len(names))
+    sizes: dict[str, InfoEntry] = {Path(e.path).stem: e for e in read_info(test_annotation)}
+    skipped: list[BadFileError] = []
+    dumps = read_dumps(bin_data_path, num_dets=num_dets, net_out_num=net_out_num, skipped=skipped)
+
+    out_dir = Path(det_results_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if show:
+        (out_dir / VIS_DIR).mkdir(exist_ok=True)
+    images = sorted(data["images"], key=lambda img: img["id"])
+    results: list[dict[str, Any]] = []
+    missing: list[str] = []
+    size_mismatch: list[str] = []
+    with progress_bar(len(images), "postprocess") as advance:
+        for img in images:
+            advance(1)
+            stem = Path(img["file_name"]).stem
+            if stem not in dumps:
+                missing.append(img["file_name"])
+                continue
+            labels, dets = dumps[stem]
+            entry = sizes.get(stem)
+            if entry is None:
+                skipped.append(BadFileError(Path(bin_data_path) / stem, f"no image size in {test_annotation}"))
+                continue
+            if (entry.width, entry.height) != (img.get("width", entry.width), img.get("height", entry.height)):
+                size_mismatch.append(stem)
+            lb = letterbox_for(entry.width, entry.height, net_input_height, net_input_width)
+            boxes = boxes_to_original(dets, lb, pad_rule)
+            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, entry.width)
+            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, entry.height)
+            try:
+                results.extend(detections_to_coco(img["id"], labels, boxes, cat_ids))
+            except FcosError as exc:
+                skipped.append(BadFileError(Path(bin_data_path) / stem, str(exc)))
+                continue
+            atomic_write_bytes(out_dir / f"{stem}.txt", _detection_lines(labels, boxes, names).encode())
+            if show:
+                try:
+                    picture = _draw(read_image(entry.path), labels, boxes, names, show_score_thr)
+                except BadFileError as exc:
+                    skipped.append(exc)
+                    continue
+                cv2.imwrite(str(out_dir / VIS_DIR / f"{stem}.jpg"), picture)
+    if size_mismatch:
+        warn(
+            f"{len(size_mismatch)} image(s) have a different size in {test_annotation} than in the "
+            f"annotation file (first: {size_mismatch[0]}); boxes use the .info size"
+        )
+    if missing:
+        warn(f"{len(missing)} annotated image(s) have no usable dumps and count as having no detections")
+
+    _write_json(out_dir / RESULTS_FILE, results)
+    metrics = evaluate_bbox(data, results)
+    _write_json(out_dir / PR_CURVES_FILE, metrics.pop("pr_curves"))
+    summary: dict[str, Any] = {
+        **metrics,
+        "annotation_file": str(ann_file),
+        "dump_dir": str(bin_data_path),
+        "pad_rule": pad_rule,
+        "canvas": [net_input_height, net_input_width],
+        "num_detections": len(results),
+        "missing_dumps": len(missing),
+        "missing_dump_files": missing,
+        "dumps_not_annotated": sorted(set(dumps) - {Path(i["file_name"]).stem for i in images}),
+        "skipped": [{"path": e.path, "problem": e.problem} for e in sorted(skipped, key=lambda e: e.path)],
+    }
+    _write_json(out_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def print_report(summary: dict[str, Any]) -> None:
+    """Class-wise AP table (percent) and the headline numbers, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="class-wise bbox AP")
+    table.add_column("category")
+    table.add_column("id", justify="right")
+    table.add_column("AP %", justify="right")
+    for row in summary["classwise"]:
+        table.add_row(row["name"], str(row["category_id"]), "-" if row["AP"] is None else f"{100 * row['AP']:.1f}")
+    Console(highlight=False).print(table)
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    print("bbox " + "  ".join(f"{n} {summary[k]:.3f}" for n, k in zip(names, SUMMARY_KEYS)) + "  (fractions)")
+    print(
+        f"{summary['num_images']} images, {summary['num_detections']} detections, "
+        f"{summary['missing_dumps']} without dumps, {len(summary['skipped'])} skipped"
+    )
+    for item in summary["skipped"]:
+        print(f"skipped: {item['path']}: {item['problem']}")

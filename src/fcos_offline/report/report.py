@@ -1,0 +1,115 @@
+"""The results table (the recipe's, filled in), ``report.json``, ``report.md`` and plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per offline configuration, paired with the online run of the same batch size."""
+    online = {e["batch_size"]: e for e in entries if e["mode"] == "online"}
+    offline = [e for e in entries if e["mode"] == "offline"] or [e for e in entries if e["mode"] == "online"]
+    rows = []
+    for e in offline:
+        on = online.get(e["batch_size"])
+        rows.append({
+            "model": f"{e['engine']} {e['precision']} bs{e['batch_size']}",
+            "online_mAP": on["bbox_mAP"] if on else None, "offline_mAP": e["bbox_mAP"],
+            "delta_mAP": (e["bbox_mAP"] - on["bbox_mAP"]) if on else None,
+            "AP50": e["bbox_mAP_50"], "AP75": e["bbox_mAP_75"],
+            "online_fps": on["fps"] if on else None, "offline_fps": e["fps"],
+            "p50_ms": e["latency_ms_p50"], "p99_ms": e["latency_ms_p99"], "dumps": e["dumps"],
+        })
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    """The recipe's results table, filled in (mAP in percent)."""
+    t = Table(title=title)
+    for col in ("model", "online mAP (PyTorch)", "offline mAP (engine)", "Δ mAP", "AP50", "AP75",
+                "online fps", "offline fps", "p50 ms", "p99 ms"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        t.add_row(r["model"], _pct(r["online_mAP"]), _pct(r["offline_mAP"]),
+                  "—" if r["delta_mAP"] is None else f"{100 * r['delta_mAP']:+.2f}", _pct(r["AP50"]), _pct(r["AP75"]),
+                  "—" if r["online_fps"] is None else f"{r['online_fps']:.2f}", f"{r['offline_fps']:.2f}",
+                  f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}")
+    Console(width=max(Console().width, 150)).print(t)
+
+
+def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[str, str], vis: list[str]) -> str:
+    verify = context["export"].get("verify")
+    check = f"{verify['match_rate']:.2%} of PyTorch's detections matched by ONNX Runtime" if verify else "not run"
+    lines = [
+        "# fcos-offline run report", "",
+        f"- checkpoint: `{context['checkpoint']}`{' (embedded demo)' if context['demo'] else ''}",
+        f"- data: `{context['images']}` ({context['num_images']} images), annotations `{context['annotations']}`",
+        f"- input canvas: {context['shape'][0]}x{context['shape'][1]}; inputs {'streamed from images' if context['streaming'] else 'from .bin files'}",
+        f"- ONNX: `{context['onnx']}`; export check: {check}",
+        f"- machine: {context['cpu']} ({context['cores']} cores); versions: "
+        + ", ".join(f"{k} {v}" for k, v in context["versions"].items() if v),
+        "",
+        "| model | online mAP (PyTorch) | offline mAP (engine) | Δ mAP | AP50 | AP75 | online fps | offline fps | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        delta = "—" if r["delta_mAP"] is None else f"{100 * r['delta_mAP']:+.2f}"
+        online_fps = "—" if r["online_fps"] is None else f"{r['online_fps']:.2f}"
+        lines.append(f"| {r['model']} | {_pct(r['online_mAP'])} | {_pct(r['offline_mAP'])} | {delta} | {_pct(r['AP50'])} | "
+                     f"{_pct(r['AP75'])} | {online_fps} | {r['offline_fps']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    lines += ["", "mAP in percent here; report.json stores fractions. fps = images/s end to end (decode, preprocess, "
+              "inference, dump writing); p50/p99 = per-image end-to-end latency.", ""]
+    for name, path in plots.items():
+        lines += [f"## {name}", "", f"![{name}]({path})", ""]
+    if vis:
+        lines += ["## detections", ""] + [f"![{Path(v).stem}]({v})" for v in vis] + [""]
+    return "\n".join(lines)
+
+
+def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, Any], vis_images: int = 4) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and PNG plots in ``root``; print the table."""
+    from fcos_offline.report.plots import plot_classwise_ap, plot_pr_curves, plot_speed
+
+    rows = table_rows(entries)
+    plots: dict[str, str] = {}
+    reference = next((e for e in entries if e["mode"] == "offline"), entries[0])
+    eval_dir = Path(reference["eval"])
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    tag = f"{reference['engine']} bs{reference['batch_size']}"
+    if (eval_dir / "pr_curves.json").is_file():
+        plots["PR curves (IoU 0.5)"] = plot_pr_curves(eval_dir / "pr_curves.json", root / "pr_curves.png", f"PR curves, {tag}").name
+    plots["per-class AP"] = plot_classwise_ap(summary.get("classwise", []), root / "classwise_ap.png", f"per-class AP, {tag}").name
+    plots["throughput"] = plot_speed(entries, root / "speed.png").name
+    vis_out = root / "detections"
+    vis = []
+    for e in entries:
+        src = Path(e["eval"]) / "vis"
+        if src.is_dir():
+            vis_out.mkdir(exist_ok=True)
+            for f in sorted(src.glob("*.jpg"))[:vis_images]:
+                shutil.copy(f, vis_out / f.name)
+                vis.append(f"detections/{f.name}")
+            break
+    report = {
+        **{k: v for k, v in context.items()},
+        "entries": entries,
+        "table": rows,
+        "classwise": summary.get("classwise", []),
+        "plots": list(plots.values()),
+        "detections": vis,
+    }
+    (root / "report.json").write_text(json.dumps(report, indent=2))
+    (root / "report.md").write_text(_markdown(rows, context, plots, vis))
+    print_table(rows, f"fcos-offline results — {context['num_images']} images, {context['shape'][0]}x{context['shape'][1]}")
+    print(f"report: {root / 'report.md'} and {root / 'report.json'}")
+    return report

@@ -1,0 +1,163 @@
+"""postprocess end to end on synthetic dumps made from the sample's ground truth."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fcos_offline.cli import main
+from fcos_offline.data.dumps import write_dumps
+from fcos_offline.data.info import make_info
+from fcos_offline.data.letterbox import boxes_to_canvas, letterbox_for
+from fcos_offline.evaluate.coco import COCO80_CATEGORY_IDS, COCO80_NAMES
+from fcos_offline.evaluate.postprocess import postprocess
+
+
+def _sample_dir() -> Path | None:
+    here = Path(__file__).resolve()
+    for shared in (here.parents[2] / "shared", here.parents[1] / ".." / "shared"):
+        folder = shared / "data" / "coco-val2017-sample"
+        if (folder / "val2017").is_dir() and (folder / "annotations").is_dir():
+            return folder.resolve()
+    return None
+
+
+SAMPLE = _sample_dir()
+pytestmark = pytest.mark.skipif(
+    SAMPLE is None, reason="COCO sample not found at ../shared/data/coco-val2017-sample (shared data absent)"
+)
+CANVAS_H, CANVAS_W = 800, 1333
+
+
+def _ground_truth() -> dict:
+    return json.loads((SAMPLE / "annotations" / "instances_val2017_sample.json").read_text())
+
+
+def _perfect_dumps(dump_dir: Path, data: dict) -> dict[str, np.ndarray]:
+    """GT boxes forward-mapped into the canvas, as an engine would dump them. Half the images use
+    ais_bench's 0-based naming. Returns the GT xyxy boxes per stem."""
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    gt_xyxy = {}
+    for i, img in enumerate(sorted(data["images"], key=lambda im: im["id"])):
+        stem = Path(img["file_name"]).stem
+        anns = by_image.get(img["id"], [])
+        xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], np.float64).reshape(-1, 4)
+        lb = letterbox_for(img["width"], img["height"], CANVAS_H, CANVAS_W)
+        labels = np.full(100, -1, np.int64)
+        dets = np.zeros((100, 5), np.float32)
+        labels[: len(anns)] = [COCO80_CATEGORY_IDS.index(a["category_id"]) for a in anns]
+        dets[: len(anns), :4] = boxes_to_canvas(xyxy, lb)
+        dets[: len(anns), 4] = np.linspace(1.0, 0.5, len(anns))
+        if i % 2:
+            labels.tofile(dump_dir / f"{stem}_0.bin")
+            dets.tofile(dump_dir / f"{stem}_1.bin")
+        else:
+            write_dumps(dump_dir, stem, labels, dets)
+        gt_xyxy[stem] = xyxy
+    return gt_xyxy
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    data = _ground_truth()
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    gt_xyxy = _perfect_dumps(dumps, data)
+    info = tmp_path / "fcos_jpeg.info"
+    make_info("jpg", SAMPLE / "val2017", info, workers=1)
+    return tmp_path, dumps, info, data, gt_xyxy
+
+
+def test_perfect_dumps_give_map_one(setup, capsys):
+    tmp_path, dumps, info, data, gt_xyxy = setup
+    out = tmp_path / "ret"
+    code = main(
+        [
+            "postprocess",
+            f"--bin_data_path={dumps}/",
+            f"--test_annotation={info}",
+            f"--det_results_path={out}/",
+            f"--net_input_height={CANVAS_H}",
+            f"--net_input_width={CANVAS_W}",
+            "--ifShowDetObj",
+            "--annotations_path",
+            str(SAMPLE / "annotations"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"):
+        assert key in summary
+    assert summary["bbox_mAP"] == pytest.approx(1.0, abs=1e-9)
+    assert summary["bbox_mAP_50"] == pytest.approx(1.0, abs=1e-9)
+    assert len(summary["stats"]) == 12
+    assert summary["num_images"] == 10 and summary["missing_dumps"] == 0 and summary["skipped"] == []
+    assert {row["category_id"] for row in summary["classwise"]} == {c["id"] for c in data["categories"]}
+    assert all(row["AP"] == pytest.approx(1.0) for row in summary["classwise"])
+    assert "class-wise bbox AP" in printed and "fire hydrant" in printed and "AP50 1.000" in printed
+
+    results = json.loads((out / "bbox_results.json").read_text())
+    assert len(results) == len(data["annotations"])
+    curves = json.loads((out / "pr_curves.json").read_text())
+    assert len(curves["recall"]) == 101
+
+    for img in data["images"]:
+        stem = Path(img["file_name"]).stem
+        lines = (out / f"{stem}.txt").read_text().splitlines()
+        assert len(lines) == len(gt_xyxy[stem])
+        parsed = [line.split(" ") for line in lines]
+        assert all(len(fields) == 6 for fields in parsed)
+        assert all(fields[0] in {n.replace(" ", "_") for n in COCO80_NAMES} for fields in parsed)
+        boxes = np.array([[float(v) for v in fields[2:]] for fields in parsed]).reshape(-1, 4)
+        np.testing.assert_allclose(boxes, gt_xyxy[stem], atol=0.006)  # 2 decimals in the file
+        vis = cv2.imread(str(out / "vis" / f"{stem}.jpg"))
+        assert vis is not None and vis.shape[:2] == (img["height"], img["width"])
+
+
+def test_recipe_pad_rule_is_close_but_not_exact(setup):
+    tmp_path, dumps, info, data, _ = setup
+    exact = postprocess(dumps, info, tmp_path / "a", SAMPLE / "annotations", CANVAS_H, CANVAS_W, net_out_num=None)
+    recipe = postprocess(
+        dumps, info, tmp_path / "b", SAMPLE / "annotations", CANVAS_H, CANVAS_W, pad_rule="recipe"
+    )
+    assert recipe["bbox_mAP_50"] == pytest.approx(1.0)
+    assert 0.8 < recipe["bbox_mAP"] <= exact["bbox_mAP"]
+    exact_boxes = [r["bbox"] for r in json.loads((tmp_path / "a" / "bbox_results.json").read_text())]
+    recipe_boxes = [r["bbox"] for r in json.loads((tmp_path / "b" / "bbox_results.json").read_text())]
+    diff = np.abs(np.array(exact_boxes) - np.array(recipe_boxes))
+    assert diff.max() > 0.01  # the formulas really differ ...
+    assert diff.max() < 2.0  # ... by less than 1/s px per coordinate (x, y) and 2/s per size (w, h)
+    assert not (tmp_path / "a" / "vis").exists()
+
+
+def test_bad_and_missing_dumps_exit_3(setup, capsys):
+    tmp_path, dumps, info, data, _ = setup
+    stems = sorted(Path(img["file_name"]).stem for img in data["images"])
+    for path in dumps.glob(f"{stems[0]}_*.bin"):
+        path.unlink()  # one image without dumps
+    for path in dumps.glob(f"{stems[1]}_*.bin"):
+        path.write_bytes(path.read_bytes()[:-4])  # one torn pair
+    out = tmp_path / "ret"
+    code = main(
+        [
+            "postprocess",
+            f"--bin-data-path={dumps}",
+            f"--test-annotation={info}",
+            f"--det-results-path={out}",
+            f"--annotations-path={SAMPLE / 'annotations' / 'instances_val2017_sample.json'}",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing_dumps"] == 2  # the deleted image and the one whose dump was skipped
+    assert summary["missing_dump_files"] == [f"{stems[0]}.jpg", f"{stems[1]}.jpg"]
+    assert len(summary["skipped"]) == 1 and stems[1] in summary["skipped"][0]["path"]
+    assert "fits neither" in summary["skipped"][0]["problem"]
+    assert 0.0 < summary["bbox_mAP"] < 1.0
+    assert f"skipped: {summary['skipped'][0]['path']}" in printed
