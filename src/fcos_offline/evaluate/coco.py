@@ -1,7 +1,8 @@
 """COCO bbox evaluation with faster-coco-eval, reported the way mmdetection's ``classwise=True`` does.
 
 Labels: an 80-class model's contiguous labels 0..79 map to the standard COCO category ids
-(spec §12) whatever subset of categories an annotation file lists; for any other class count
+(spec §12) whatever subset of categories an annotation file lists; a 91-class (torchvision)
+model's label is the category id itself; for any other class count
 the annotation file's categories sorted by id are used, and their number must match.
 
 Metrics are fractions (0.357, not 35.7). ``stats`` are the 12 standard COCO numbers
@@ -69,10 +70,21 @@ def load_annotations(ann: AnnotationSource) -> dict:
     return data
 
 
+def coco91_names() -> list[str]:
+    """Names of torchvision's 91 labels (label = category id; unused ids are 'N/A')."""
+    names = ["N/A"] * 91
+    for cat_id, name in zip(COCO80_CATEGORY_IDS, COCO80_NAMES):
+        names[cat_id] = name
+    names[0] = "__background__"
+    return names
+
+
 def label_to_category(ann: AnnotationSource, num_classes: int = 80) -> list[int]:
     """Category id of each model label 0..num_classes-1 (see the module docstring)."""
     if num_classes == 80:
         return list(COCO80_CATEGORY_IDS)
+    if num_classes == 91:  # torchvision's layout: the label is the COCO category id itself
+        return list(range(91))
     cat_ids = sorted(c["id"] for c in load_annotations(ann)["categories"])
     if len(cat_ids) != num_classes:
         raise FcosError(

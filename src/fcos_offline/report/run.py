@@ -190,6 +190,22 @@ def _export(checkpoint: Path, paths: _Paths, shape: tuple[int, int], overrides) 
     return onnx_path, result
 
 
+def _class_names(from_meta: list[str] | None, onnx_path: Path, ann_file: Path) -> list[str] | None:
+    """Names for the model's labels: its own, COCO's (80 or torchvision's 91), else the annotation file's."""
+    from fcos_offline.evaluate.coco import coco91_names, load_annotations
+    from fcos_offline.export.metadata import read_metadata
+
+    if from_meta:
+        return from_meta
+    num_classes = read_metadata(onnx_path)["config"]["head"]["num_classes"]
+    if num_classes == 80:
+        return None
+    if num_classes == 91:
+        return coco91_names()
+    cats = sorted(load_annotations(ann_file)["categories"], key=lambda c: c["id"])
+    return [c["name"] for c in cats] if len(cats) == num_classes else [str(i) for i in range(num_classes)]
+
+
 def _evaluate(dump_dir: Path, eval_dir: Path, jpg_info: Path, ann_file: Path, shape, class_names, show: bool) -> dict[str, Any]:
     from fcos_offline.evaluate.postprocess import postprocess
 
@@ -249,7 +265,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
             raise FcosError(f"no images to run in {images}")
         jpg_info, run_items = _write_info_files(items, paths, shape, opts.write_bins)
         onnx_path, export_result = _export(checkpoint, paths, shape, opts.overrides)
-        class_names = export_result.get("metadata_class_names")
+        class_names = _class_names(export_result.get("metadata_class_names"), onnx_path, ann_file)
         configs = [("offline", e, b) for e in opts.engines for b in opts.batch_sizes]
         if opts.online:
             configs += [("online", "torch", b) for b in opts.batch_sizes]
