@@ -12,7 +12,9 @@ style          caffe (the model-zoo FCOS files)        pytorch
 norm_on_bbox   False (exp)                             True (ReLU · anchor size)
 centerness     cls branch                              reg branch
 FPN extras     on P5 output, ReLU before P7            on P5 output, ReLU before P7
-post rule      mmdet2 (spec §7.2)                      torchvision (spec §10)
+post rule      by meta mmdet_version: none/1.x/<2.18 ->   torchvision (spec §10)
+               mmdet2 (§7.2), 2.18+ -> mmdet218, 3.x ->
+               mmdet3 (§7.3)
 =============  ======================================  ==========================
 
 Files load with ``torch.load(weights_only=True)``. Objects of other types that old ``meta``
@@ -26,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
             if module.split(".")[0] in _DANGEROUS_MODULES or (module == "builtins" and attr in _DANGEROUS_BUILTINS):
                 raise BadFileError(path, f"refused: the pickle would call {name} when loaded (never executed)") from None
             placeholders[name] = _placeholder(name)
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - torch.load on a non-checkpoint raises RuntimeError, KeyError, IndexError…
             raise BadFileError(path, f"not a readable PyTorch checkpoint (truncated or wrong file type: {_first_line(exc)})") from None
     raise BadFileError(path, "too many unknown pickled types")
 
@@ -279,6 +280,7 @@ def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     elif add_extra is not None:
         found["extra_on"] = "output" if add_extra == "on_output" else "input"
     for name, pat, key in (
+        ("num_groups", r"(\d+)", "num_groups"),
         ("nms_pre", r"(\d+)", "nms_pre"),
         ("score_thr", r"([0-9.eE-]+)", "score_thr"),
         ("iou_thr", r"([0-9.eE-]+)", "iou_thr"),
@@ -290,10 +292,25 @@ def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def rule_for_version(version: str | None) -> tuple[str, str]:
+    """The post-processing rule the mmdet version that wrote a file uses, and why."""
+    m = re.match(r"\s*(\d+)\.(\d+)", version or "")
+    if not m:
+        return "mmdet2", "default (mmdet2, spec §7.2: no mmdet version in meta)"
+    major, minor = int(m[1]), int(m[2])
+    if major >= 3:
+        return "mmdet3", f"meta mmdet_version {version} (spec §7.3, v3)"
+    if major == 2 and minor >= 18:
+        return "mmdet218", f"meta mmdet_version {version} (spec §7.3, 2.18+)"
+    return "mmdet2", f"meta mmdet_version {version} (spec §7.2)"
+
+
 def _mmdet_version(meta: dict[str, Any]) -> str | None:
     for key in ("mmdet_version", "mmdet"):
         if isinstance(meta.get(key), str):
             return meta[key]
+    if isinstance(meta.get("mmengine_version"), str):  # mmdet 3.x files are written by mmengine
+        return f"3.x (mmengine {meta['mmengine_version']})"
     return None
 
 
@@ -333,10 +350,14 @@ def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -
         neck.relu_before_extra = settings.get("relu_before_extra_convs", True)
         if "extra_on" in settings and neck.in_channels[-1] == neck.out_channels:  # shapes can't tell
             neck.extra_on = settings["extra_on"]
-        post = default_post_config("mmdet2")
+        rule, why = rule_for_version(_mmdet_version(meta))
+        post = default_post_config(rule)
         for k in ("style", "norm_on_bbox", "centerness_on_reg", "extra_on"):
             sources[k] = "meta config" if k in settings else "default (mmdet)"
-        sources["rule"] = "default (mmdet2, spec §7.2)"
+        sources["rule"] = why
+        if head.norm == "gn" and "num_groups" in settings:
+            head.gn_groups = settings["num_groups"]
+            sources["gn_groups"] = "meta config"
         for k in ("nms_pre", "score_thr", "iou_thr", "max_per_img"):
             if k in settings:
                 setattr(post, k, settings[k])

@@ -17,7 +17,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--norm-on-bbox", action=argparse.BooleanOptionalAction, default=None, help="box distances as ReLU(x)*stride instead of exp(x)")
     add_flag(g, "--centerness-on-reg", action=argparse.BooleanOptionalAction, default=None, help="centerness from the regression branch instead of the classification branch")
     add_flag(g, "--extra-on", choices=["output", "input"], help="FPN P6 from the P5 output (FCOS) or from C5")
-    add_flag(g, "--rule", choices=["mmdet2", "mmdet3", "torchvision"], help="test-time post-processing: mmdet2 = spec §7.2 (default for mmdet files), mmdet3 = §7.3, torchvision = §10")
+    add_flag(g, "--rule", choices=["mmdet2", "mmdet218", "mmdet3", "torchvision"],
+             help="test-time post-processing: mmdet2 = spec §7.2 (mmdet 1.x/2.x<2.18 files and files without a version), "
+             "mmdet218 = §7.3 as mmdet 2.18+ (files whose meta says so), mmdet3 = §7.3 with v3's size filter, torchvision = §10")
     add_flag(g, "--score-thr", type=float, help="score threshold (default 0.05 mmdet, 0.2 torchvision)")
     add_flag(g, "--nms-pre", type=int, help="candidates kept per level before NMS (default 1000)")
     add_flag(g, "--iou-thr", type=float, help="NMS IoU threshold (default 0.5 mmdet, 0.6 torchvision)")

@@ -13,14 +13,15 @@ from typing import Literal
 
 Style = Literal["caffe", "pytorch"]
 BlockType = Literal["bottleneck", "basic"]
-PostRule = Literal["mmdet2", "mmdet3", "torchvision"]
+PostRule = Literal["mmdet2", "mmdet218", "mmdet3", "torchvision"]
 PointRule = Literal["mmdet2", "mmdet3", "torchvision"]
 BNImpl = Literal["mmdet", "torchvision"]
 InputAdapter = Literal["none", "torchvision"]
 
-POST_RULES: tuple[str, ...] = ("mmdet2", "mmdet3", "torchvision")
+POST_RULES: tuple[str, ...] = ("mmdet2", "mmdet218", "mmdet3", "torchvision")
 """``mmdet2``: spec §7.2 (mmdet 2.x < 2.18, the recipe's online reference);
-``mmdet3``: spec §7.3 (mmdet >= 2.18 / 3.x); ``torchvision``: spec §10."""
+``mmdet218``: spec §7.3 as mmdet 2.18–2.x does it; ``mmdet3``: §7.3 with v3's drop of boxes
+with w <= 0 or h <= 0; ``torchvision``: spec §10."""
 
 
 @dataclass
@@ -112,6 +113,6 @@ def default_post_config(rule: PostRule) -> PostConfig:
     """The published test-time defaults of each rule."""
     if rule == "torchvision":
         return PostConfig(rule="torchvision", points="torchvision", nms_pre=1000, score_thr=0.2, iou_thr=0.6)
-    if rule == "mmdet3":
-        return PostConfig(rule="mmdet3", points="mmdet3")
+    if rule in ("mmdet218", "mmdet3"):
+        return PostConfig(rule=rule, points="mmdet3")
     return PostConfig(rule="mmdet2", points="mmdet2")

@@ -9,9 +9,10 @@ Rules (``PostConfig.rule``), spec §7.2 / §7.3 / §10:
 * ``mmdet2``: per level keep the ``nms_pre`` points with the largest max_k(S·c) (only when a
   level has more points), decode, clip; candidates are (point, class) pairs with raw S > thr
   (strict), scored S·c; class-wise NMS (IoU > iou_thr suppressed); top ``max_per_img``.
-* ``mmdet3``: per level the ``nms_pre`` (point, class) pairs with the largest S > thr; score
-  S·c; boxes with w <= 0 or h <= 0 dropped; class-wise NMS; top ``max_per_img``.
-* ``torchvision``: like ``mmdet3`` with score √(S·c) > thr for both ranking and output and no
+* ``mmdet218`` (2.18 <= mmdet < 3): per level the ``nms_pre`` (point, class) pairs with the
+  largest S > thr; score S·c; class-wise NMS; top ``max_per_img``.
+* ``mmdet3``: as ``mmdet218``, and boxes with w <= 0 or h <= 0 are dropped before NMS.
+* ``torchvision``: like ``mmdet218`` with score √(S·c) > thr for both ranking and output and no
   size filter.
 
 Outputs follow the recipe's contract: ``dets [B,K,5]`` float32 (x1,y1,x2,y2,score, canvas
