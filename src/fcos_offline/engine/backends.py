@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -292,11 +292,32 @@ class TorchEngine(Engine):
         return self._torch.__version__
 
 
+def tuned_options(options: EngineOptions, artifact: dict[str, Any]) -> EngineOptions:
+    """A ``tune`` artifact's engine options fill in whatever ``options`` leaves at the defaults.
+
+    Its engine replaces the default engine (onnxruntime); threads, precision, ORT optimisation
+    level and inter-op threads apply where the caller kept the default value. The batch size
+    stays the caller's (the tuned one is recorded in ``artifact.json``; the model takes any).
+    """
+    tuned = artifact.get("engine_options")
+    if not tuned:
+        return options
+    defaults = EngineOptions()
+    changes: dict[str, Any] = {}
+    if artifact.get("engine") and options.engine == defaults.engine:
+        changes["engine"] = artifact["engine"]
+    for name in ("threads", "precision", "ort_opt_level", "inter_op_threads"):
+        if tuned.get(name) is not None and getattr(options, name) == getattr(defaults, name):
+            changes[name] = tuned[name]
+    return replace(options, **changes) if changes else options
+
+
 def open_engine(model: str | os.PathLike, options: EngineOptions, shape: tuple[int, int] | None = None, overrides=None) -> Engine:
     """Open ``model`` with the engine named in ``options`` (one-line hint if it is not installed)."""
     if options.engine not in ENGINES:
         raise UsageError(f"unknown engine {options.engine!r} (choose from {', '.join(ENGINES)})")
     source = resolve_model(model)
+    options = tuned_options(options, source.artifact)
     if source.artifact.get("engine") and source.artifact["engine"] != options.engine:
         raise UsageError(f"{model} is a {source.artifact['engine']} artifact; use --engine {source.artifact['engine']}")
     if options.engine == "torch":

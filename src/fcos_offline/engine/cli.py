@@ -23,11 +23,15 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from fcos_offline.engine.infer import gather_items, run_inference
     from fcos_offline.model.cli import overrides_from_args
 
+    if args.checkpoint and args.engine != "torch":
+        raise UsageError("--checkpoint runs with --engine torch; export it for other engines")
+    if args.engine == "torch" and not args.checkpoint:
+        raise UsageError("--engine torch runs a checkpoint: give --checkpoint X.pth (and --shape H W)")
     model = args.checkpoint if args.engine == "torch" else args.model
     if not model:
         raise UsageError("give --model (ONNX file, OpenVINO .xml or convert folder), or --checkpoint with --engine torch")
-    if args.checkpoint and args.engine != "torch":
-        raise UsageError("--checkpoint runs with --engine torch; export it for other engines")
+    if args.batch_size < 1 or args.loop < 1 or args.warmup < 0 or (args.workers is not None and args.workers < 0):
+        raise UsageError("--batch-size and --loop must be >= 1, --warmup and --workers >= 0")
     options = EngineOptions(args.engine, args.device, args.threads, args.precision, args.batch_size)
     engine = open_engine(model, options, tuple(args.shape) if args.shape else None, overrides_from_args(args))
     items = gather_items(args.images, args.input_info)

@@ -37,15 +37,17 @@ def convert(model: str | Path, engine: str, output: str | Path, batch_size: int 
     import onnx
 
     src = Path(model)
+    if batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
     if not src.is_file() or src.suffix.lower() != ".onnx":
         raise FcosError(f"{src}: convert takes an exported .onnx file")
     metadata = read_metadata(src)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     proto = onnx.load(str(src))
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if batch_dim.HasField("dim_value") and batch_dim.dim_value != batch_size:
         raise UsageError(f"{src} has a fixed batch of {batch_dim.dim_value}; export with --dynamic-export to convert to batch {batch_size}")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
     fixed = out / "fixed.onnx"
     onnx.save(_fix_batch(proto, batch_size), str(fixed))
     post_file = None

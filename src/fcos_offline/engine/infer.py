@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 
 from fcos_offline.data.dumps import dumps_complete, write_dumps
 from fcos_offline.data.preprocess import IMAGE_EXTENSIONS, list_images, preprocess_image, read_image
-from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.evaluate.perf import PerfStats, perf_file_name, write_perf_file
 from fcos_offline.progress import progress_bar, warn
 
@@ -74,6 +75,10 @@ def load_item(item: InputItem, canvas_hw: tuple[int, int]) -> tuple[InputItem, n
         return item, tensor, None, t1 - t0, time.perf_counter() - t1
     except BadFileError as exc:
         return item, None, exc.problem, time.perf_counter() - t0, 0.0
+    except FcosError as exc:  # e.g. an image too thin to letterbox: skipped, as preprocess_folder skips it
+        return item, None, str(exc), time.perf_counter() - t0, 0.0
+    except cv2.error as exc:
+        return item, None, f"OpenCV: {str(exc).strip().splitlines()[-1][:200]}", time.perf_counter() - t0, 0.0
     except OSError as exc:
         return item, None, exc.strerror or str(exc), time.perf_counter() - t0, 0.0
 
@@ -177,7 +182,7 @@ def run_inference(
 ) -> InferSummary:
     """Run ``engine`` over ``items`` in batches of ``batch_size`` and write one dump pair per image."""
     if batch_size < 1:
-        raise FcosError("--batch-size must be >= 1")
+        raise UsageError("--batch-size must be >= 1")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stems = [i.stem for i in items]
@@ -186,6 +191,15 @@ def run_inference(
         raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(dup)}")
     todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
     resumed = len(items) - len(todo)
+    previous = out / "summary.json"
+    if resume and not todo and previous.is_file():  # all done before: keep that run's numbers
+        try:
+            kept = InferSummary(**json.loads(previous.read_text()))
+        except (TypeError, ValueError):
+            kept = None
+        if kept is not None and kept.batch_size == batch_size:
+            kept.num_resumed = resumed
+            return kept
     canvas = tuple(engine.input_hw)
     if workers is None:
         workers = 1 if any(i.kind == "image" for i in todo) and (os.cpu_count() or 1) > 1 and len(todo) > 2 else 0
