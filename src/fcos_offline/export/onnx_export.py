@@ -58,10 +58,17 @@ def sample_input(batch: int, height: int, width: int, seed: int = 0) -> np.ndarr
     return out + rng.normal(0.0, 5.0, out.shape).astype(np.float32)
 
 
-def _attach_metadata(path: Path, meta: dict[str, str]) -> None:
+def _attach_metadata(path: Path, meta: dict[str, str], max_per_img: int | None = None) -> None:
+    """Store ``meta`` in the file; with ``max_per_img`` also declare dets/labels as [B, max_per_img, …]."""
     import onnx
 
     model = onnx.load(str(path))
+    if max_per_img is not None:
+        for out in model.graph.output:
+            if out.name in ("dets", "labels"):
+                dim = out.type.tensor_type.shape.dim[1]
+                dim.ClearField("dim_param")
+                dim.dim_value = max_per_img
     del model.metadata_props[:]
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
@@ -122,6 +129,7 @@ def export_onnx(
     output.parent.mkdir(parents=True, exist_ok=True)
     example = torch.from_numpy(sample_input(batch_size, height, width))
     num_levels = len(network.cfg.head.strides)
+    max_per_img = network.cfg.post.max_per_img
     extra = {
         "input_shape": [height, width], "batch": "dynamic" if dynamic_batch else batch_size,
         "class_names": class_names, "nms_in_graph": nms, "source": source,
@@ -144,8 +152,8 @@ def export_onnx(
             flat = tuple(t for level in zip(*raw) for t in level)
             post_axes = {n: {0: "batch"} for n in [*names, "dets", "labels"]}
             _torch_export(PostOnly(network, (height, width)), flat, post_path, names, ["dets", "labels"], post_axes, opset)
-            _attach_metadata(post_path, encode_metadata({"config": network.cfg.to_dict(), **extra}))
-    _attach_metadata(output, encode_metadata({"config": network.cfg.to_dict(), **extra}))
+            _attach_metadata(post_path, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img)
+    _attach_metadata(output, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img if nms else None)
     stats = verify_export(network, output, post_path, example.numpy()) if verify else None
     result = ExportResult(str(output), str(post_path) if post_path else None, (height, width),
                           "dynamic" if dynamic_batch else str(batch_size), opset, stats)

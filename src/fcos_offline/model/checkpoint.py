@@ -76,9 +76,13 @@ class LoadedCheckpoint:
 
     @property
     def num_params(self) -> int:
-        """Number of parameters (weights and biases, BN running stats excluded)."""
+        """Parameters as the source framework counts them: BN running stats never; frozen-BN
+        weight/bias not for torchvision files (buffers there), but for mmdet files (parameters)."""
+        frozen_bn = re.compile(r"^backbone\..*(\.bn\d+|bn1|\.downsample\.1)\.(weight|bias)$")
         return sum(
-            int(t.numel()) for k, t in self.state_dict.items() if not k.endswith(("running_mean", "running_var"))
+            int(t.numel()) for k, t in self.state_dict.items()
+            if not k.endswith(("running_mean", "running_var"))
+            and not (self.format == "torchvision" and frozen_bn.match(k))
         )
 
 
@@ -106,6 +110,10 @@ def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
         raise FcosError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise BadFileError(path, "empty file (0 bytes), not a checkpoint")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch files are zip archives or (legacy) pickles
+        raise BadFileError(path, "not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     placeholders: dict[str, type] = {}
     for _ in range(64):
         try:
@@ -117,6 +125,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
                 raise BadFileError(path, f"not a loadable checkpoint ({_first_line(exc)})") from None
             name = match.group(1)
             module, _, attr = name.rpartition(".")
+            module = module or "builtins"  # torch reports builtins bare ("GLOBAL eval")
             if module.split(".")[0] in _DANGEROUS_MODULES or (module == "builtins" and attr in _DANGEROUS_BUILTINS):
                 raise BadFileError(path, f"refused: the pickle would call {name} when loaded (never executed)") from None
             placeholders[name] = _placeholder(name)
@@ -294,7 +303,7 @@ def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 def rule_for_version(version: str | None) -> tuple[str, str]:
     """The post-processing rule the mmdet version that wrote a file uses, and why."""
-    m = re.match(r"\s*(\d+)\.(\d+)", version or "")
+    m = re.match(r"\s*(\d+)\.(\d+)", (version or "").replace(".x", ".0", 1))  # "3.x (mmengine …)" too
     if not m:
         return "mmdet2", "default (mmdet2, spec §7.2: no mmdet version in meta)"
     major, minor = int(m[1]), int(m[2])
@@ -367,7 +376,10 @@ def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -
         if overrides.rule not in POST_RULES:
             raise FcosError(f"unknown post-processing rule '{overrides.rule}' (choose from {', '.join(POST_RULES)})")
         base = default_post_config(overrides.rule)  # type: ignore[arg-type]
-        post = dataclasses.replace(base, nms_pre=post.nms_pre, max_per_img=post.max_per_img) if fmt == "mmdet" else base
+        if fmt == "mmdet" and overrides.rule.startswith("mmdet"):  # keep the file's test_cfg numbers
+            base = dataclasses.replace(base, nms_pre=post.nms_pre, max_per_img=post.max_per_img,
+                                       score_thr=post.score_thr, iou_thr=post.iou_thr)
+        post = base
         sources["rule"] = "flag"
     for name, target in (("style", backbone), ("norm_on_bbox", head), ("centerness_on_reg", head), ("extra_on", neck),
                          ("score_thr", post), ("nms_pre", post), ("iou_thr", post), ("max_per_img", post)):

@@ -1,0 +1,296 @@
+"""Shared fixtures and builders for the test suite.
+
+Builders (plain functions, importable as ``from conftest import ...`` or through the fixtures):
+
+* :func:`fcos_config` — a small FCOS config (narrow widths by default) of any layout.
+* :func:`make_fcos` — a random-weight, eval-mode FCOS whose BN statistics and head are
+  randomised *and* calibrated so that batch-norm matters and random weights give a useful number
+  of well-separated detections (not thousands of ties at sigmoid(0)).
+* :func:`randomize_bn` / :func:`calibrate_head` — the two halves of the above.
+* :func:`save_mmdet_ckpt` / :func:`save_torchvision_ckpt` — write a model as an mmdet (v1 / v2
+  head names, ``{'state_dict','meta'}`` or bare, ``module.`` prefix) or torchvision checkpoint.
+* :func:`shared_data_dir` — ``<repo>/../shared/data/coco-val2017-sample`` or a pytest skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The test machines have two shared cores: torch's default intra-op pool (2 threads) spins and
+# stalls badly when the other core is busy (10x slower here). One thread is the fast, stable
+# choice; override with FCOS_TEST_TORCH_THREADS.
+try:
+    import torch as _torch
+
+    _torch.set_num_threads(int(os.environ.get("FCOS_TEST_TORCH_THREADS", "1")))
+except ImportError:  # torch is an optional extra; torch-free tests still run
+    pass
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+#: a caffe-style ResNet-50-like backbone, but narrow (fast on two CPU cores)
+NARROW = dict(stem=8, planes=(8, 16, 32, 64), fpn=32, feat=32)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def shared_data_dir() -> Path:
+    """The COCO val2017 sample shipped next to the repository; skip the test if it is absent."""
+    path = SHARED_DIR / "data" / "coco-val2017-sample"
+    if not (path / "val2017").is_dir():
+        pytest.skip(f"shared COCO sample not found at {path}")
+    return path
+
+
+@pytest.fixture
+def coco_sample_dir() -> Path:
+    """Fixture form of :func:`shared_data_dir`."""
+    return shared_data_dir()
+
+
+def random_canvas(batch: int, height: int, width: int, seed: int = 0):
+    """A preprocessed-looking input (BGR minus caffe mean): smooth blobs plus noise, float32 tensor."""
+    import torch
+
+    from fcos_offline.export.onnx_export import sample_input
+
+    return torch.from_numpy(sample_input(batch, height, width, seed=seed))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def fcos_config(
+    *,
+    style: str = "caffe",
+    block: str = "bottleneck",
+    stage_blocks: tuple[int, ...] = (1, 1, 1, 1),
+    stem: int = NARROW["stem"],
+    planes: tuple[int, ...] = NARROW["planes"],
+    fpn: int = NARROW["fpn"],
+    feat: int | None = None,
+    num_classes: int = 80,
+    stacked_convs: int = 2,
+    norm: str = "none",
+    norm_on_bbox: bool = False,
+    centerness_on_reg: bool = False,
+    use_scale: bool = True,
+    rule: str = "mmdet2",
+    bn_impl: str = "mmdet",
+    input_adapter: str = "none",
+    layout: str = "mmdet",
+):
+    """A small :class:`FCOSConfig`. ``layout='torchvision'`` sets every torchvision-fixed setting."""
+    from fcos_offline.model.config import BackboneConfig, FCOSConfig, HeadConfig, NeckConfig, default_post_config
+
+    if layout == "torchvision":
+        style, bn_impl, norm, norm_on_bbox, centerness_on_reg, use_scale = "pytorch", "torchvision", "gn", True, True, False
+        rule, input_adapter = "torchvision", "torchvision"
+    expansion = 4 if block == "bottleneck" else 1
+    outs = tuple(p * expansion for p in planes)
+    feat = feat or fpn
+    head = HeadConfig(
+        num_classes=num_classes, in_channels=fpn, feat_channels=feat, stacked_convs=stacked_convs, norm=norm,
+        gn_groups=32 if feat % 32 == 0 else feat, conv_bias=(norm == "none" or layout == "torchvision"),
+        use_scale=use_scale, norm_on_bbox=norm_on_bbox, centerness_on_reg=centerness_on_reg,
+    )
+    return FCOSConfig(
+        backbone=BackboneConfig(stage_blocks=tuple(stage_blocks), stage_planes=tuple(planes), stage_out_channels=outs,
+                                stem_channels=stem, block=block, style=style, bn_impl=bn_impl),
+        neck=NeckConfig(in_channels=outs[1:], out_channels=fpn),
+        head=head,
+        post=default_post_config(rule),
+        input_adapter=input_adapter,
+    )
+
+
+def randomize_bn(model, seed: int = 0, calibrate_with=None) -> None:
+    """Give every frozen BN non-trivial statistics and affine parameters.
+
+    With ``calibrate_with`` (an input batch) each BN's running mean/var are set from the actual
+    per-channel statistics of its input in that forward pass, then perturbed (mean shifted by up to
+    half a std, variance scaled by 0.5–2): BN clearly changes the result, activations stay sane.
+    Without it, the statistics are plain random numbers.
+    """
+    import torch
+
+    from fcos_offline.model.fcos import FrozenBatchNorm2d
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(n: int, lo: float, hi: float):
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    bns = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    for bn in bns:
+        n = bn.weight.numel()
+        bn.weight.copy_(rand(n, 0.5, 1.5))
+        bn.bias.copy_(rand(n, -0.3, 0.3))
+        bn.running_mean.copy_(rand(n, -0.5, 0.5))
+        bn.running_var.copy_(rand(n, 0.5, 2.0))
+    if calibrate_with is None:
+        return
+
+    def pre_hook(module, inputs):
+        x = inputs[0].detach()
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3)) + 1e-3
+        n = mean.numel()
+        module.running_mean.copy_(mean + rand(n, -0.5, 0.5) * var.sqrt())
+        module.running_var.copy_(var * rand(n, 0.5, 2.0))
+
+    handles = [bn.register_forward_pre_hook(pre_hook) for bn in bns]
+    try:
+        with torch.no_grad():
+            model(calibrate_with)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate_head(model, x, seed: int = 0, cls_std: float = 2.0, cls_mean: float = -5.0) -> None:
+    """Rescale the head's final convs so random weights give spread-out, plausible outputs.
+
+    cls logits ~ N(cls_mean, cls_std) (a few percent of (point, class) pairs above 0.05), centerness
+    logits ~ N(0, 1.5), per-level Scale in [0.8, 1.3] and box distances of a few strides.
+    """
+    import torch
+
+    head = model.bbox_head
+    gen = torch.Generator().manual_seed(seed + 1)
+    if head.scales is not None:
+        for s in head.scales:
+            s.scale.data.fill_(float(0.8 + 0.5 * torch.rand((), generator=gen)))
+    captured: dict[str, list] = {"cls": [], "ctr": [], "reg": []}
+    hooks = [
+        head.conv_cls.register_forward_hook(lambda m, i, o: captured["cls"].append(o.detach())),
+        head.conv_centerness.register_forward_hook(lambda m, i, o: captured["ctr"].append(o.detach())),
+        head.conv_reg.register_forward_hook(lambda m, i, o: captured["reg"].append(o.detach())),
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def stats(name: str):
+        flat = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in captured[name]], dim=1)
+        return flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-6)
+
+    def set_affine(conv, name: str, std, mean) -> None:
+        m, s = stats(name)
+        k = (torch.as_tensor(std) / s)
+        conv.weight.data.mul_(k.reshape(-1, 1, 1, 1))
+        conv.bias.data.copy_(mean - m * k)
+
+    with torch.no_grad():
+        n_cls = head.conv_cls.out_channels
+        set_affine(head.conv_cls, "cls", cls_std, cls_mean + 0.5 * torch.randn(n_cls, generator=gen))
+        set_affine(head.conv_centerness, "ctr", 1.5, torch.zeros(1))
+        if head.cfg.norm_on_bbox:
+            # distance = ReLU(scale * x) * stride: about 1.5..5 strides
+            set_affine(head.conv_reg, "reg", 0.5, torch.full((4,), 3.0))
+        else:
+            # distance = exp(scale * x): mostly 10..100 px
+            set_affine(head.conv_reg, "reg", 0.35, torch.full((4,), 3.2))
+
+
+def make_fcos(seed: int = 0, calib_shape: tuple[int, int] = (256, 384), **config_kw):
+    """Random-weight, eval-mode FCOS built from :func:`fcos_config` keywords (see module doc)."""
+    import torch
+
+    from fcos_offline.model.fcos import FCOS
+
+    torch.manual_seed(seed)
+    model = FCOS(fcos_config(**config_kw)).eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 7)
+        for name, p in model.named_parameters():
+            if ".gn." in name:  # GroupNorm affine: non-trivial too
+                p.copy_((0.5 + torch.rand(p.shape, generator=gen)) if name.endswith("weight")
+                        else 0.2 * torch.randn(p.shape, generator=gen))
+    x = random_canvas(2, *calib_shape, seed=seed + 100)
+    randomize_bn(model, seed=seed, calibrate_with=x)
+    calibrate_head(model, x, seed=seed)
+    return model
+
+
+def param_count(model) -> int:
+    """Weights and biases, frozen-BN weight/bias buffers included (running stats excluded)."""
+    return sum(int(t.numel()) for k, t in model.state_dict().items() if not k.endswith(("running_mean", "running_var")))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_mmdet_ckpt(
+    model,
+    path: Path,
+    *,
+    head_names: str = "conv",
+    num_batches_tracked: bool = True,
+    meta: dict[str, Any] | None = None,
+    wrap: bool = True,
+    prefix: str = "",
+    extra: dict[str, Any] | None = None,
+    drop: tuple[str, ...] = (),
+) -> Path:
+    """Save ``model`` as an mmdet checkpoint (v1: ``head_names='fcos'``, v2/v3: ``'conv'``)."""
+    import torch
+
+    from fcos_offline.model.checkpoint import mmdet_state_dict
+
+    sd = mmdet_state_dict(model, head_names=head_names, with_num_batches_tracked=num_batches_tracked)
+    for k in drop:
+        del sd[k]
+    sd.update(extra or {})
+    sd = {prefix + k: v for k, v in sd.items()}
+    obj: Any = {"state_dict": sd, "meta": meta if meta is not None else {"mmdet_version": "1.0rc0+8c5a2e0"}} if wrap else sd
+    torch.save(obj, path)
+    return Path(path)
+
+
+def torchvision_state_dict(model, old_fpn_names: bool = False) -> dict[str, Any]:
+    """Our FCOS weights renamed to torchvision's ``FCOS`` keys (written independently of the loader)."""
+    n_lat = len(model.neck.lateral_convs)
+    out: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        fpn_mid = "" if old_fpn_names else "0."
+        if key.startswith("backbone."):
+            new = "backbone.body." + key[len("backbone."):]
+        elif m := re.fullmatch(r"neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)", key):
+            new = f"backbone.fpn.inner_blocks.{m[1]}.{fpn_mid}{m[2]}"
+        elif m := re.fullmatch(r"neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)", key):
+            i = int(m[1])
+            new = (f"backbone.fpn.layer_blocks.{i}.{fpn_mid}{m[2]}" if i < n_lat
+                   else f"backbone.fpn.extra_blocks.p{6 + i - n_lat}.{m[2]}")
+        elif m := re.fullmatch(r"bbox_head\.(cls|reg)_convs\.(\d+)\.(conv|gn)\.(weight|bias)", key):
+            branch = "classification_head" if m[1] == "cls" else "regression_head"
+            idx = 3 * int(m[2]) + (0 if m[3] == "conv" else 1)
+            new = f"head.{branch}.conv.{idx}.{m[4]}"
+        elif m := re.fullmatch(r"bbox_head\.conv_cls\.(weight|bias)", key):
+            new = f"head.classification_head.cls_logits.{m[1]}"
+        elif m := re.fullmatch(r"bbox_head\.conv_reg\.(weight|bias)", key):
+            new = f"head.regression_head.bbox_reg.{m[1]}"
+        elif m := re.fullmatch(r"bbox_head\.conv_centerness\.(weight|bias)", key):
+            new = f"head.regression_head.bbox_ctrness.{m[1]}"
+        else:
+            raise AssertionError(f"no torchvision name for {key}")
+        out[new] = value.clone()
+    return out
+
+
+def save_torchvision_ckpt(model, path: Path, *, old_fpn_names: bool = False) -> Path:
+    """Save ``model`` (built with ``layout='torchvision'``) as a torchvision ``fcos_resnet50_fpn`` file."""
+    import torch
+
+    torch.save(torchvision_state_dict(model, old_fpn_names=old_fpn_names), path)
+    return Path(path)
