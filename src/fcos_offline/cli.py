@@ -7,6 +7,7 @@ inside the handlers so ``fcos-offline --help`` and the offline verbs never need 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, Sequence
 
@@ -86,6 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fcos-offline {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a write outside our atomic writer: name the file and the problem
+        if debug:
+            raise
+        target = exc.filename2 or exc.filename  # copies and renames name the destination second
+        where = f" {target}" if target else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"fcos-offline {args.verb}: error: disk full while writing{where or ' (file unknown)'}", file=sys.stderr)
+        else:
+            print(f"fcos-offline {args.verb}: error:{where or ' OSError'}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - last-resort one-line report
         if debug:
             raise

@@ -27,6 +27,17 @@ class BadFileError(FcosError):
         self.problem = problem
 
 
+class DiskFullError(FcosError):
+    """The disk (or quota) filled up while writing a file; what was written before is intact."""
+
+    def __init__(self, path: object, detail: str = "") -> None:
+        super().__init__(f"disk full while writing {path}" + (f" ({detail})" if detail else ""))
+        self.path, self.detail = str(path), detail
+
+    def __reduce__(self):  # picklable across worker processes despite the custom __init__
+        return (DiskFullError, (self.path, self.detail))
+
+
 class MissingExtraError(FcosError):
     """An optional dependency is not installed."""
 

@@ -89,7 +89,7 @@ def dumps_complete(out_dir: str | os.PathLike, stem: str, fmt: str = "bin", num_
             np.load(labels_path, mmap_mode="r").size == num_dets
             and np.load(dets_path, mmap_mode="r").size == 5 * num_dets
         )
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a missing or unreadable file is simply not complete
         return False
 
 
@@ -107,21 +107,32 @@ def _load_bin(path: Path, role: str, num_dets: int) -> np.ndarray:
         raise BadFileError(path, f"{size} bytes, expected {role} ({_size_text(num_dets)})")
     if role == "labels":
         return np.fromfile(path, dtype="<i8").astype(np.int64)
-    return np.fromfile(path, dtype="<f4").astype(np.float32).reshape(num_dets, 5)
+    return _finite(path, np.fromfile(path, dtype="<f4").astype(np.float32).reshape(num_dets, 5))
+
+
+def _finite(path: Path, dets: np.ndarray) -> np.ndarray:
+    """``dets`` if every value is finite; a NaN/inf (an engine or precision fault) skips the image."""
+    bad = ~np.isfinite(dets)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise BadFileError(path, f"dets hold {int(bad.sum())} NaN/inf value(s) (first in row {row}); not evaluated")
+    return dets
 
 
 def _load_npy(path: Path, role: str, num_dets: int) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise BadFileError(path, f"not a readable .npy file ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - numpy raises OSError, ValueError, EOFError… on bad files
+        raise BadFileError(path, f"not a readable .npy file ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
+    if not isinstance(arr, np.ndarray):  # np.load also opens .npz archives
+        raise BadFileError(path, "not a .npy array (an .npz archive?)")
     want = num_dets if role == "labels" else 5 * num_dets
     kind_ok = arr.dtype.kind in "iu" if role == "labels" else arr.dtype.kind == "f"
     if arr.size != want or not kind_ok:
         raise BadFileError(path, f"{arr.dtype} {arr.shape}, expected {role} ({_size_text(num_dets)})")
     if role == "labels":
         return arr.reshape(num_dets).astype(np.int64)
-    return arr.reshape(num_dets, 5).astype(np.float32)
+    return _finite(path, arr.reshape(num_dets, 5).astype(np.float32))
 
 
 def _pair_by_size(stem: str, group: dict[int, Path], num_dets: int) -> tuple[Path, Path]:

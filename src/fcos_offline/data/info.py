@@ -116,6 +116,8 @@ def read_info(path: str | os.PathLike) -> list[InfoEntry]:
         text = Path(path).read_text()
     except OSError as exc:
         raise FcosError(f"cannot read info file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise FcosError(f"{path}: not a text .info file (byte {exc.start} is not UTF-8)") from None
     entries: list[InfoEntry] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

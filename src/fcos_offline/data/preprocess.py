@@ -17,6 +17,7 @@ skips and lists them.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import time
@@ -28,7 +29,7 @@ import cv2
 import numpy as np
 
 from fcos_offline.data.letterbox import Letterbox, letterbox_for
-from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.errors import BadFileError, DiskFullError, FcosError
 from fcos_offline.progress import progress_bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -104,12 +105,21 @@ def list_images(src_dir: str | os.PathLike) -> list[Path]:
 
 
 def atomic_write_bytes(path: Path, payload: bytes | memoryview) -> None:
-    """Write ``payload`` to ``path`` via a temporary name and ``os.replace`` (no torn files)."""
+    """Write ``payload`` to ``path`` via a temporary name and ``os.replace`` (no torn files).
+
+    A full disk raises :class:`~fcos_offline.errors.DiskFullError` ("disk full while writing
+    PATH"), any other write failure a one-line FcosError; the temporary file is removed and an
+    existing ``path`` is left as it was.
+    """
     tmp = path.with_name(f"{path.name}.part{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(payload)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(path, exc.strerror or "") from None
+        raise FcosError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -194,11 +204,17 @@ def preprocess_folder(
         seen[image.stem] = image
         tasks.append((str(image), str(dst / f"{image.stem}.bin"), canvas_h, canvas_w))
     start = time.perf_counter()
-    for src, problem in parallel_map(_preprocess_one, tasks, len(tasks), workers, "preprocess"):
-        if problem is None:
-            summary.written += 1
-        else:
-            summary.bad.append(BadFileError(src, problem))
+    try:
+        for src, problem in parallel_map(_preprocess_one, tasks, len(tasks), workers, "preprocess"):
+            if problem is None:
+                summary.written += 1
+            else:
+                summary.bad.append(BadFileError(src, problem))
+    except BaseException:
+        # the pool is gone (terminated): remove what its workers were writing when they stopped
+        for part in dst.glob("*.bin.part*"):
+            part.unlink(missing_ok=True)
+        raise
     summary.seconds = time.perf_counter() - start
     summary.bad.sort(key=lambda e: e.path)
     return summary

@@ -145,6 +145,41 @@ class Engine:
         return "?"
 
 
+def _check_input(path: Path, inputs: list[tuple[str, bool, list[Any] | None]]) -> None:
+    """One float input of rank 4 (``[B,3,H,W]``), whatever its name; a clear error otherwise."""
+    desc = ", ".join(f"{n} {'float' if f else 'non-float'} {s}" for n, f, s in inputs)
+    if len(inputs) != 1:
+        raise FcosError(f"{path}: the model takes {len(inputs)} inputs ({desc}); an FCOS detector takes one image batch [B,3,H,W]")
+    _, is_float, shape = inputs[0]
+    if not is_float or shape is None or len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+        raise FcosError(f"{path}: the model input is {desc}; an FCOS detector takes float [B,3,H,W]")
+
+
+def detector_outputs(path: Path, outputs: list[tuple[str, bool, list[Any] | None]]) -> list[int]:
+    """Positions of (dets, labels) among a model's outputs ``[(name, is_float, shape)]``.
+
+    By name when the outputs are called ``dets`` and ``labels`` (our exports); otherwise by type,
+    whatever the names and order: exactly two outputs, one float of rank 3 whose last dimension is
+    5 (or unknown) and one integer of rank 2. Anything else is not a detector we can read.
+    """
+    names = [o[0] for o in outputs]
+    if "dets" in names and "labels" in names:
+        return [names.index("dets"), names.index("labels")]
+
+    def fits(shape, rank: int, last: int | None) -> bool:
+        return shape is None or (len(shape) == rank and (last is None or not isinstance(shape[-1], int) or shape[-1] == last))
+
+    dets = [i for i, (_, f, s) in enumerate(outputs) if f and fits(s, 3, 5)]
+    labels = [i for i, (_, f, s) in enumerate(outputs) if not f and fits(s, 2, None)]
+    if len(outputs) == 2 and len(dets) == 1 and len(labels) == 1:
+        return [dets[0], labels[0]]
+    desc = ", ".join(f"{n} {'float' if f else 'int'} {s}" for n, f, s in outputs)
+    raise FcosError(
+        f"{path}: the model's outputs ({desc}) are not an FCOS detector's: expected 'dets' float [B,K,5] and "
+        "'labels' int [B,K] (by these names, or any two outputs of those types)"
+    )
+
+
 def _static_dims(shape: list[Any]) -> tuple[int | None, tuple[int, int]]:
     batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
     if not (isinstance(shape[2], int) and isinstance(shape[3], int)):
@@ -183,14 +218,24 @@ class OnnxRuntimeEngine(Engine):
             raise MissingExtraError(f"onnxruntime {wanted[0]}", "gpu")
         if options.precision not in ("fp32", "auto"):
             raise UsageError("onnxruntime runs the model in its own precision; quantize with 'fcos-offline tune' instead of --precision")
-        self.session = ort.InferenceSession(str(source.path), so, providers=wanted)
-        inp = self.session.get_inputs()[0]
+        try:
+            self.session = ort.InferenceSession(str(source.path), so, providers=wanted)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph…)
+            raise FcosError(f"{source.path}: ONNX Runtime cannot load the model ({str(exc).strip().splitlines()[0][:200]})") from None
+        inputs = self.session.get_inputs()
+        _check_input(source.path, [(i.name, i.type == "tensor(float)", i.shape) for i in inputs])
+        inp = inputs[0]
         self.input_name = inp.name
         self.static_batch, self.input_hw = _static_dims(inp.shape)
+        self.output_order = None  # raw outputs of a --no-nms export go to the post graph as they are
+        if source.post_path is None:
+            self.output_order = detector_outputs(source.path, [(o.name, o.type in ("tensor(float)", "tensor(float16)", "tensor(double)"), o.shape)
+                                                               for o in self.session.get_outputs()])
         self._ort_version = ort.__version__
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input_name: batch})
+        outputs = self.session.run(None, {self.input_name: batch})
+        return outputs if self.output_order is None else [outputs[i] for i in self.output_order]
 
     def version(self) -> str:
         return self._ort_version
@@ -205,7 +250,11 @@ class OpenVINOEngine(Engine):
         super().__init__(source, options)
         ov = require("openvino", "openvino")
         core = ov.Core()
-        model = core.read_model(str(source.path))
+        try:
+            model = core.read_model(str(source.path))
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+            raise FcosError(f"{source.path}: OpenVINO cannot read the model ({str(exc).strip().splitlines()[0][:200]})") from None
+        _check_input(source.path, [(i.get_any_name(), i.get_element_type().is_real(), _ov_shape(i)) for i in model.inputs])
         inp = model.inputs[0]
         pshape = inp.get_partial_shape()
         if pshape[2].is_dynamic or pshape[3].is_dynamic:
@@ -241,7 +290,9 @@ class OpenVINOEngine(Engine):
 
             wanted = raw_output_names(len(names) // 3)
         else:
-            wanted = ["dets", "labels"]
+            outputs = [("dets" if "dets" in n else "labels" if "labels" in n else o.get_any_name(), o.get_element_type().is_real(), _ov_shape(o))
+                       for o, n in zip(self.compiled.outputs, names)]
+            return detector_outputs(source.path, outputs)
         order = []
         for w in wanted:
             hits = [i for i, n in enumerate(names) if w in n]
@@ -258,6 +309,12 @@ class OpenVINOEngine(Engine):
 
     def version(self) -> str:
         return str(self._ov_version)
+
+
+def _ov_shape(port) -> list[Any] | None:
+    """An OpenVINO port's shape as a list (ints, '?' for dynamic dimensions), None for a dynamic rank."""
+    ps = port.get_partial_shape()
+    return None if ps.rank.is_dynamic else [d.get_length() if d.is_static else "?" for d in ps]
 
 
 class TorchEngine(Engine):

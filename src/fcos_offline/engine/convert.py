@@ -41,8 +41,13 @@ def convert(model: str | Path, engine: str, output: str | Path, batch_size: int 
         raise UsageError("--batch-size must be >= 1")
     if not src.is_file() or src.suffix.lower() != ".onnx":
         raise FcosError(f"{src}: convert takes an exported .onnx file")
-    metadata = read_metadata(src)
-    proto = onnx.load(str(src))
+    try:
+        metadata = read_metadata(src)
+        proto = onnx.load(str(src))
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for bad files
+        raise FcosError(f"{src}: not a readable ONNX file ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
+    if len(proto.graph.input) != 1 or len(proto.graph.input[0].type.tensor_type.shape.dim) != 4:
+        raise FcosError(f"{src}: not an FCOS model: it has {len(proto.graph.input)} inputs, expected one image batch [B,3,H,W]")
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if batch_dim.HasField("dim_value") and batch_dim.dim_value != batch_size:
         raise UsageError(f"{src} has a fixed batch of {batch_dim.dim_value}; export with --dynamic-export to convert to batch {batch_size}")

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from fcos_offline.data.dumps import dumps_complete, write_dumps
-from fcos_offline.data.preprocess import IMAGE_EXTENSIONS, list_images, preprocess_image, read_image
+from fcos_offline.data.preprocess import IMAGE_EXTENSIONS, atomic_write_bytes, list_images, preprocess_image, read_image
 from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.evaluate.perf import PerfStats, perf_file_name, write_perf_file
 from fcos_offline.progress import progress_bar, warn
@@ -68,6 +68,8 @@ def load_item(item: InputItem, canvas_hw: tuple[int, int]) -> tuple[InputItem, n
             if size != expected * 4:
                 raise BadFileError(item.path, f"{size} bytes, expected {expected * 4} (float32 3x{canvas_hw[0]}x{canvas_hw[1]})")
             tensor = np.fromfile(item.path, dtype="<f4").reshape(3, *canvas_hw)
+            if not np.isfinite(tensor).all():
+                raise BadFileError(item.path, f"{int((~np.isfinite(tensor)).sum())} NaN/inf values in the tensor")
             return item, tensor, None, time.perf_counter() - t0, 0.0
         img = read_image(item.path)
         t1 = time.perf_counter()
@@ -259,7 +261,7 @@ def run_inference(
     )
     perf_target = Path(perf_dir) if perf_dir else (out.parent if out.name.startswith("dumpOutput") else out)
     summary.perf_file = str(write_perf_file(perf_target / perf_file_name(batch_size, device_id), _perf_stats(summary)))
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    atomic_write_bytes(out / "summary.json", json.dumps(summary.to_dict(), indent=2).encode())
     return summary
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,65 @@ def load_annotations(ann: AnnotationSource) -> dict:
             data = json.load(f)
     except OSError as exc:
         raise FcosError(f"cannot read annotation file {ann}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FcosError(f"annotation file {ann} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise FcosError(f"annotation file {ann} is nested too deeply to be COCO instances JSON") from None
+    check_instances(data, ann)
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_instances(data: Any, ann: object = "annotations") -> None:
+    """Raise FcosError naming ``ann`` and the first entry that is not COCO instances format.
+
+    Checked: a JSON object with ``images`` (``id`` int, ``file_name`` string), ``annotations``
+    (``id``, ``image_id``, ``category_id`` ints, ``bbox`` 4 finite numbers; ``area`` a number and
+    ``iscrowd`` 0/1 when present) and ``categories`` (``id`` int, ``name`` string) lists; image
+    and category ids unique. (An annotation may name an image or category that is not listed.)
+    """
+    if not isinstance(data, dict):
+        raise FcosError(f"annotation file {ann} holds a JSON {type(data).__name__}, not a COCO instances object")
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise FcosError(f"annotation file {ann} has no '{key}' list (not COCO instances format)")
-    return data
+        if not isinstance(data[key], list):
+            raise FcosError(f"annotation file {ann}: '{key}' is a {type(data[key]).__name__}, not a list")
+
+    def bad(key: str, i: int, problem: str) -> FcosError:
+        return FcosError(f"annotation file {ann}: {key}[{i}] {problem} (not COCO instances format)")
+
+    seen: set[int] = set()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
+            raise bad("images", i, "needs an integer 'id' and a string 'file_name'")
+        if img["id"] in seen:
+            raise bad("images", i, f"repeats image id {img['id']}")
+        seen.add(img["id"])
+    seen = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise bad("categories", i, "needs an integer 'id' and a string 'name'")
+        if cat["id"] in seen:
+            raise bad("categories", i, f"repeats category id {cat['id']}")
+        seen.add(cat["id"])
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or not all(_is_int(a.get(k)) for k in ("id", "image_id", "category_id")):
+            raise bad("annotations", i, "needs integer 'id', 'image_id' and 'category_id'")
+        box = a.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and math.isfinite(v) for v in box)):
+            raise bad("annotations", i, f"has bbox {box!r}, not 4 finite numbers [x, y, w, h]")
+        if "area" in a and not (_is_number(a["area"]) and math.isfinite(a["area"])):
+            raise bad("annotations", i, f"has area {a['area']!r}, not a number")
+        if "iscrowd" in a and a["iscrowd"] not in (0, 1):
+            raise bad("annotations", i, f"has iscrowd {a['iscrowd']!r}, not 0 or 1")
 
 
 def coco91_names() -> list[str]:

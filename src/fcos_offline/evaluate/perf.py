@@ -115,6 +115,8 @@ def parse_perf(path: str | os.PathLike, chips: int = CHIPS_PER_310_CARD) -> dict
         text = p.read_text()
     except OSError as exc:
         raise FcosError(f"cannot read perf file {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise FcosError(f"{p}: not a text perf file (byte {exc.start} is not UTF-8)") from None
     stages: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
         match = _LINE.match(line)
@@ -151,10 +153,17 @@ def parse_summary(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(p.read_text())
     except OSError as exc:
         raise FcosError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FcosError(f"{p} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise FcosError(f"{p} is nested too deeply to be a summary") from None
     if not isinstance(data, dict) or not ({"throughput_fps", "bbox_mAP"} & data.keys()):
         raise FcosError(f"{p}: no 'throughput_fps' (infer summary) or 'bbox_mAP' (postprocess summary)")
+    for key in ("throughput_fps", "infer_fps", "bbox_mAP", "bbox_mAP_50", "bbox_mAP_75"):
+        if key in data and (not isinstance(data[key], (int, float)) or isinstance(data[key], bool)):
+            raise FcosError(f"{p}: '{key}' is {data[key]!r}, not a number")
+    if not isinstance(data.get("latency_ms", {}), dict):
+        raise FcosError(f"{p}: 'latency_ms' is {type(data['latency_ms']).__name__}, not an object of stages")
     keys = ("engine", "batch_size", "throughput_fps", "infer_fps", "latency_ms", "bbox_mAP", "bbox_mAP_50", "bbox_mAP_75")
     return {"path": str(p), **{k: data[k] for k in keys if k in data}}
 

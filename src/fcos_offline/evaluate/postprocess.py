@@ -100,6 +100,13 @@ def postprocess(
     data = load_annotations(ann_file)
     names = list(COCO80_NAMES if class_names is None else class_names)
     cat_ids = label_to_category(data, len(names))
+    unknown = [c for c in data["categories"] if c["id"] not in set(cat_ids)]
+    if unknown:
+        warn(f"{ann_file}: {len(unknown)} categor{'y' if len(unknown) == 1 else 'ies'} the model does not predict "
+             f"(first: id {unknown[0]['id']} {unknown[0].get('name', '')!r}); their ground truth counts as missed (AP 0)")
+    if not data["annotations"]:
+        warn(f"{ann_file}: no annotations; mAP is undefined (-1, COCO's 'no ground truth'), detections are still "
+             f"written to {RESULTS_FILE}")
     sizes: dict[str, InfoEntry] = {Path(e.path).stem: e for e in read_info(test_annotation)}
     skipped: list[BadFileError] = []
     dumps = read_dumps(bin_data_path, num_dets=num_dets, net_out_num=net_out_num, skipped=skipped)
@@ -142,14 +149,18 @@ def postprocess(
                 except BadFileError as exc:
                     skipped.append(exc)
                     continue
-                cv2.imwrite(str(out_dir / VIS_DIR / f"{stem}.jpg"), picture)
+                vis_path = out_dir / VIS_DIR / f"{stem}.jpg"
+                if not cv2.imwrite(str(vis_path), picture):  # OpenCV reports no reason: a full disk, mostly
+                    vis_path.unlink(missing_ok=True)
+                    raise FcosError(f"cannot write {vis_path} (disk full or not writable)")
     if size_mismatch:
         warn(
             f"{len(size_mismatch)} image(s) have a different size in {test_annotation} than in the "
             f"annotation file (first: {size_mismatch[0]}); boxes use the .info size"
         )
     if missing:
-        warn(f"{len(missing)} annotated image(s) have no usable dumps and count as having no detections")
+        warn(f"{len(missing)} annotated image(s) have no usable dumps and count as having no detections "
+             f"(first: {missing[0]}; all in {SUMMARY_FILE} 'missing_dump_files')")
 
     _write_json(out_dir / RESULTS_FILE, results)
     metrics = evaluate_bbox(data, results)

@@ -15,8 +15,20 @@ def export_checkpoint(checkpoint: str, output: str, shape=(800, 1333), batch_siz
     from fcos_offline.model.checkpoint import load_model
 
     network, ckpt = load_model(checkpoint, overrides)
-    result = export_onnx(network, output, tuple(shape), batch_size, dynamic_batch, opset, nms, verify,
-                         class_names=ckpt.class_names, source=str(checkpoint))
+    try:
+        result = export_onnx(network, output, tuple(shape), batch_size, dynamic_batch, opset, nms, verify,
+                             class_names=ckpt.class_names, source=str(checkpoint))
+    except OSError as exc:  # e.g. a full disk: no half-written model is left behind
+        import errno
+        from pathlib import Path
+
+        from fcos_offline.errors import DiskFullError, FcosError
+
+        for path in (Path(output), Path(output).with_suffix(".post.onnx")):
+            path.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(output, "the partial model was removed") from None
+        raise FcosError(f"cannot write {output}: {exc.strerror or exc}") from None
     return result.to_dict()
 
 

@@ -339,9 +339,14 @@ def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -
     import torch
 
     sd = {k: v for k, v in _strip_prefix(sd).items() if isinstance(v, torch.Tensor)}
-    fmt = detect_format(sd)
-    sd = _map_torchvision(sd) if fmt == "torchvision" else _map_mmdet(sd)
-    backbone, neck, head = infer_architecture(sd)
+    try:
+        fmt = detect_format(sd)
+        sd = _map_torchvision(sd) if fmt == "torchvision" else _map_mmdet(sd)
+        backbone, neck, head = infer_architecture(sd)
+    except BadFileError:
+        raise
+    except FcosError as exc:  # name the file: "X.pth: not an FCOS checkpoint: ..."
+        raise BadFileError(path, str(exc)) from None
     sources = {"architecture": "tensor shapes"}
     if fmt == "torchvision":
         backbone.style, backbone.bn_impl = "pytorch", "torchvision"

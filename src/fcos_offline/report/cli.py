@@ -18,7 +18,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         write_bins=args.write_bins, threads=args.threads, vis_images=args.vis_images, overrides=overrides_from_args(args),
     )
     report = run(opts)
-    skipped = sum(len(e["skipped"]) for e in report["entries"])
+    skipped = sum(len(e["skipped"]) for e in report["entries"]) + len(report.get("missing_images") or [])
     return EXIT_SKIPS if skipped else EXIT_OK
 
 
@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "With no arguments it runs the embedded demo: a small FCOS trained by this project on synthetic shapes, "
         "evaluated on a synthetic validation set generated on the fly.\n\n"
         "Real data: fcos-offline run --checkpoint fcos_r50_caffe_fpn_1x_4gpu_20190516-a7cac5ff.pth "
-        "--coco /opt/npu/coco --shape 800 1333 --batch-sizes 1 4 --engines onnxruntime openvino",
+        "--coco /opt/npu/coco --shape 800 1333 --batch-sizes 1 4 --engines onnxruntime openvino\n\n"
+        "Exit codes: 0 ok, 1 failed, 2 usage error, 3 completed but images were skipped (unreadable) or annotated "
+        "images are missing (listed in report.json). A second run on a busy --workdir is refused (exit 1).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flag(p, "--checkpoint", help="FCOS checkpoint (mmdet or torchvision); default: the embedded demo model")

@@ -31,7 +31,10 @@ def plot_pr_curves(pr_curves_json: str | Path, out_png: str | Path, title: str) 
     if curves:
         import numpy as np
 
-        with np.errstate(all="ignore"):
+        import warnings
+
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" where no class has a curve
             mean = np.nanmean(np.asarray(curves, dtype=float), axis=0) if len(curves) > 1 else curves[0]
         ax.plot(recall, mean, "k", lw=2.5, label="mean over classes")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +75,26 @@ def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[s
     return "\n".join(lines)
 
 
+def _plot(plot, data: Any, out_png: Path, *args: Any) -> str:
+    """Draw one plot via a temporary name (a kill never leaves a torn PNG); a write failure (full disk)
+    removes the partial file and is one clear error."""
+    import errno
+    import os
+
+    from fcos_offline.errors import DiskFullError, FcosError
+
+    tmp = out_png.with_name(f"{out_png.stem}.part{os.getpid()}{out_png.suffix}")
+    try:
+        plot(data, tmp, *args)
+        os.replace(tmp, out_png)
+        return out_png.name
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(out_png) from None
+        raise FcosError(f"cannot write {out_png}: {exc.strerror or exc}") from None
+
+
 def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, Any], vis_images: int = 4) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and PNG plots in ``root``; print the table."""
     from fcos_offline.report.plots import plot_classwise_ap, plot_pr_curves, plot_speed
@@ -87,9 +106,9 @@ def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, A
     summary = json.loads((eval_dir / "summary.json").read_text())
     tag = f"{reference['engine']} bs{reference['batch_size']}"
     if (eval_dir / "pr_curves.json").is_file():
-        plots["PR curves (IoU 0.5)"] = plot_pr_curves(eval_dir / "pr_curves.json", root / "pr_curves.png", f"PR curves, {tag}").name
-    plots["per-class AP"] = plot_classwise_ap(summary.get("classwise", []), root / "classwise_ap.png", f"per-class AP, {tag}").name
-    plots["throughput"] = plot_speed(entries, root / "speed.png").name
+        plots["PR curves (IoU 0.5)"] = _plot(plot_pr_curves, eval_dir / "pr_curves.json", root / "pr_curves.png", f"PR curves, {tag}")
+    plots["per-class AP"] = _plot(plot_classwise_ap, summary.get("classwise", []), root / "classwise_ap.png", f"per-class AP, {tag}")
+    plots["throughput"] = _plot(plot_speed, entries, root / "speed.png")
     vis_out = root / "detections"
     vis = []
     for e in entries:
@@ -97,7 +116,9 @@ def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, A
         if src.is_dir():
             vis_out.mkdir(exist_ok=True)
             for f in sorted(src.glob("*.jpg"))[:vis_images]:
-                shutil.copy(f, vis_out / f.name)
+                from fcos_offline.data.preprocess import atomic_write_bytes
+
+                atomic_write_bytes(vis_out / f.name, f.read_bytes())
                 vis.append(f"detections/{f.name}")
             break
     report = {
@@ -108,8 +129,10 @@ def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, A
         "plots": list(plots.values()),
         "detections": vis,
     }
-    (root / "report.json").write_text(json.dumps(report, indent=2))
-    (root / "report.md").write_text(_markdown(rows, context, plots, vis))
+    from fcos_offline.data.preprocess import atomic_write_bytes
+
+    atomic_write_bytes(root / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(root / "report.md", _markdown(rows, context, plots, vis).encode())
     print_table(rows, f"fcos-offline results — {context['num_images']} images, {context['shape'][0]}x{context['shape'][1]}")
     print(f"report: {root / 'report.md'} and {root / 'report.json'}")
     return report

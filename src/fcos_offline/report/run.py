@@ -121,29 +121,49 @@ def _prepare_data(opts: RunOptions, paths: _Paths, demo: bool) -> tuple[Path, Pa
             raise UsageError("give --coco DIR, or both --images DIR and --annotations FILE (or nothing, for the demo)")
         images, ann = Path(opts.images), find_annotation_file(opts.annotations)
     if opts.num_images:
-        data = json.loads(Path(ann).read_text())
+        from fcos_offline.evaluate.coco import load_annotations
+
+        data = load_annotations(ann)
         keep = sorted(data["images"], key=lambda i: i["file_name"])[: opts.num_images]
         ids = {i["id"] for i in keep}
         data["images"] = keep
         data["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in ids]
         subset = paths.sub("annotations") / f"subset_{opts.num_images}.json"
-        subset.write_text(json.dumps(data))
+        _write_atomic(subset, json.dumps(data))
         ann = subset
     return Path(images), Path(ann)
 
 
-def _image_items(images: Path, ann_file: Path):
+def _image_items(images: Path, ann_file: Path, missing: list[str] | None = None):
     from fcos_offline.engine.infer import InputItem
+    from fcos_offline.evaluate.coco import load_annotations
 
-    data = json.loads(ann_file.read_text())
+    data = load_annotations(ann_file)
     items = []
     for img in sorted(data["images"], key=lambda i: i["file_name"]):
         p = images / img["file_name"]
         if not p.is_file():
             warn(f"annotated image {p} is missing; it counts as having no detections")
+            if missing is not None:
+                missing.append(str(p))
             continue
         items.append(InputItem(p.stem, str(p), "image"))
     return items
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    from fcos_offline.data.preprocess import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+def _read_stamp(stamp: Path) -> dict[str, Any]:
+    """The export stamp, or {} when absent or unreadable (then the model is exported again)."""
+    try:
+        data = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and "result" in data else {}
 
 
 def _write_info_files(items, paths: _Paths, shape: tuple[int, int], write_bins: bool):
@@ -178,15 +198,17 @@ def _export(checkpoint: Path, paths: _Paths, shape: tuple[int, int], overrides) 
     stamp = paths.root / "model" / "export.json"
     key = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime, "shape": list(shape),
            "overrides": overrides.__dict__ if overrides else None}
-    if onnx_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+    previous = _read_stamp(stamp)
+    if onnx_path.is_file() and previous.get("key") == key:
         info(f"reusing {onnx_path}")
-        return onnx_path, json.loads(stamp.read_text())["result"]
+        return onnx_path, previous["result"]
+    stamp.unlink(missing_ok=True)  # the model file is rewritten below: never reuse a half-written one
     from fcos_offline.export.cli import export_checkpoint
 
     info(f"exporting {checkpoint} -> {onnx_path} ({shape[0]}x{shape[1]}, dynamic batch)")
     result = export_checkpoint(str(checkpoint), str(onnx_path), shape, dynamic_batch=True, overrides=overrides)
     result["metadata_class_names"] = read_metadata(onnx_path).get("class_names")
-    stamp.write_text(json.dumps({"key": key, "result": result}))
+    _write_atomic(stamp, json.dumps({"key": key, "result": result}))
     return onnx_path, result
 
 
@@ -244,6 +266,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
         raise UsageError("--coco/--images need --checkpoint (the demo model only fits the demo data)")
     if opts.checkpoint and not (opts.coco or opts.images):
         raise UsageError("--checkpoint needs --coco DIR (or --images and --annotations)")
+    if any(b < 1 for b in opts.batch_sizes):  # usage errors first, before any file is looked at
+        raise UsageError("batch sizes must be >= 1")
     checkpoint = Path(opts.checkpoint) if opts.checkpoint else DEMO_CHECKPOINT
     if not checkpoint.is_file():
         raise FcosError(f"{checkpoint}: no such checkpoint")
@@ -260,7 +284,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
     paths = _Paths(root)
     with WorkdirLock(root):
         images, ann_file = _prepare_data(opts, paths, demo)
-        items = _image_items(images, ann_file)
+        missing_images: list[str] = []
+        items = _image_items(images, ann_file, missing_images)
         if not items:
             raise FcosError(f"no images to run in {images}")
         jpg_info, run_items = _write_info_files(items, paths, shape, opts.write_bins)
@@ -288,7 +313,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 "fps": s.throughput_fps, "engine_fps": s.infer_fps,
                 "latency_ms_p50": lat["e2e"]["median"], "latency_ms_p99": lat["e2e"]["p99"],
                 "infer_latency_ms_p50": lat["infer"]["median"], "infer_latency_ms_p99": lat["infer"]["p99"],
-                "num_images": s.num_inferred + s.num_resumed, "resumed": s.num_resumed, "skipped": s.skipped + ev.get("skipped", []),
+                "num_images": s.num_images - len(s.skipped), "resumed": s.num_resumed, "skipped": s.skipped + ev.get("skipped", []),
                 "engine_info": s.engine, "dumps": str(dump_dir), "perf_file": s.perf_file, "eval": str(paths.root / "eval" / tag),
             })
         from fcos_offline.report.report import write_report
@@ -297,5 +322,6 @@ def run(opts: RunOptions) -> dict[str, Any]:
             "checkpoint": str(checkpoint), "demo": demo, "images": str(images), "annotations": str(ann_file),
             "shape": list(shape), "num_images": len(items), "export": export_result, "onnx": str(onnx_path),
             "streaming": not opts.write_bins, "versions": _versions(), "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "missing_images": missing_images,
         }, opts.vis_images)
     return report
