@@ -41,6 +41,21 @@ NARROW = dict(stem=8, planes=(8, 16, 32, 64), fpn=32, feat=32)
 # --------------------------------------------------------------------------- data
 
 
+def _find_sample() -> Path | None:
+    for shared in (SHARED_DIR, REPO_ROOT / ".." / "shared"):
+        folder = shared / "data" / "coco-val2017-sample"
+        if (folder / "val2017").is_dir():
+            return folder.resolve()
+    return None
+
+
+SAMPLE: Path | None = _find_sample()
+"""The 10-photo COCO val2017 sample beside the repository, or None where it is absent."""
+needs_sample = pytest.mark.skipif(
+    SAMPLE is None, reason="COCO sample not found at ../shared/data/coco-val2017-sample (shared data absent)"
+)
+
+
 def shared_data_dir() -> Path:
     """The COCO val2017 sample shipped next to the repository; skip the test if it is absent."""
     path = SHARED_DIR / "data" / "coco-val2017-sample"

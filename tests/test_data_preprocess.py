@@ -7,24 +7,13 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import SAMPLE, needs_sample
+
 from fcos_offline.cli import main
 from fcos_offline.data.preprocess import list_images, preprocess_folder, preprocess_image, read_image
 from fcos_offline.errors import BadFileError
 
 
-def _sample_dir() -> Path | None:
-    here = Path(__file__).resolve()
-    for shared in (here.parents[2] / "shared", here.parents[1] / ".." / "shared"):
-        folder = shared / "data" / "coco-val2017-sample"
-        if (folder / "val2017").is_dir():
-            return folder.resolve()
-    return None
-
-
-SAMPLE = _sample_dir()
-needs_sample = pytest.mark.skipif(
-    SAMPLE is None, reason="COCO sample not found at ../shared/data/coco-val2017-sample (shared data absent)"
-)
 
 
 def mmcv_like_reference(path: Path, canvas_h: int, canvas_w: int) -> np.ndarray:

@@ -2,10 +2,11 @@
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import SAMPLE, needs_sample
 
 from fcos_offline.errors import FcosError
 from fcos_offline.evaluate.coco import (
@@ -18,19 +19,6 @@ from fcos_offline.evaluate.coco import (
 )
 
 
-def _sample_dir() -> Path | None:
-    here = Path(__file__).resolve()
-    for shared in (here.parents[2] / "shared", here.parents[1] / ".." / "shared"):
-        folder = shared / "data" / "coco-val2017-sample"
-        if (folder / "annotations").is_dir():
-            return folder.resolve()
-    return None
-
-
-SAMPLE = _sample_dir()
-needs_sample = pytest.mark.skipif(
-    SAMPLE is None, reason="COCO sample not found at ../shared/data/coco-val2017-sample (shared data absent)"
-)
 ANN_FILE = SAMPLE / "annotations" / "instances_val2017_sample.json" if SAMPLE else None
 
 

@@ -7,6 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import SAMPLE, needs_sample
+
 from fcos_offline.cli import main
 from fcos_offline.data.dumps import write_dumps
 from fcos_offline.data.info import make_info
@@ -15,19 +17,7 @@ from fcos_offline.evaluate.coco import COCO80_CATEGORY_IDS, COCO80_NAMES
 from fcos_offline.evaluate.postprocess import postprocess
 
 
-def _sample_dir() -> Path | None:
-    here = Path(__file__).resolve()
-    for shared in (here.parents[2] / "shared", here.parents[1] / ".." / "shared"):
-        folder = shared / "data" / "coco-val2017-sample"
-        if (folder / "val2017").is_dir() and (folder / "annotations").is_dir():
-            return folder.resolve()
-    return None
-
-
-SAMPLE = _sample_dir()
-pytestmark = pytest.mark.skipif(
-    SAMPLE is None, reason="COCO sample not found at ../shared/data/coco-val2017-sample (shared data absent)"
-)
+pytestmark = needs_sample
 CANVAS_H, CANVAS_W = 800, 1333
 
 
