@@ -1,7 +1,87 @@
-"""CLI verbs of the tune stage."""
+"""``fcos-offline tune``: the fastest engine configuration within an accuracy budget."""
+
+from __future__ import annotations
 
 import argparse
 
+from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fcos_offline.tune.search import TuneOptions, format_table, tune
+
+    opts = TuneOptions(
+        model=args.model, coco=args.coco, images=args.images, annotations=args.annotations, output=args.output,
+        calib_images=args.calib_images, eval_images=args.eval_images, max_map_drop=args.max_map_drop,
+        batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads) if args.threads else None,
+        engines=tuple(args.engines), calib_methods=tuple(args.calib_methods), time_budget=args.time_budget,
+        bench_runs=args.bench_runs, bench_seconds=args.bench_seconds, shape=tuple(args.shape) if args.shape else None,
+        fresh=args.fresh, fallback=not args.no_fallback, sweep=not args.no_sweep, max_fallback_steps=args.max_fallback_steps,
+    )
+    result = tune(opts)
+    import sys
+
+    Console(highlight=False, width=None if sys.stdout.isatty() else 180).print(format_table(result))
+    chosen = result["chosen"]
+    ref = result["reference"]
+    print(f"chosen: {chosen['label']}, threads {chosen['threads'] or 'auto'}, batch {chosen['batch_size']}: "
+          f"mAP {chosen['bbox_mAP']:.4f} (drop {chosen['map_drop']:+.2f} points, budget {opts.max_map_drop:g}), "
+          f"{chosen['ms_per_img']:.1f} ms/img = {ref['ms_per_img'] / chosen['ms_per_img']:.2f}x ONNX Runtime default fp32")
+    print(f"why: {chosen['reason']}")
+    if result.get("float_by_design"):
+        print(f"float by design: {result['float_by_design']['summary']}")
+    for fb in result.get("fallback", []):
+        added = [g for s in fb["steps"] for g in s["added"]]
+        print(f"fallback for {fb['label']}: {fb.get('stopped')}; returned to float in order: {', '.join(added) or '-'}")
+    print(f"artifact: {chosen['artifact']} (run it: fcos-offline infer --model {chosen['artifact']} "
+          f"--batch-size {chosen['batch_size']} --images DIR); all trials: {opts.output}/tune.json")
+    if result.get("skipped"):
+        reasons = sorted({s["reason"] for s in result["skipped"]})
+        print(f"{len(result['skipped'])} configuration(s) not tried: {'; '.join(reasons)}")
+        return EXIT_SKIPS
+    return EXIT_OK
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this stage's verbs (none yet)."""
+    """Add ``tune``."""
+    from fcos_offline.cli import add_flag
+
+    p = sub.add_parser(
+        "tune",
+        help="fastest configuration within an accuracy budget (int8/bf16, threads, batch)",
+        description="Try engine configurations — ONNX Runtime fp32 (optimisation levels, threads), ONNX Runtime int8 "
+        "static QDQ (quantize_static, per-channel, MinMax/Percentile/Entropy calibration on real images), OpenVINO "
+        "f32 / bf16 / int8 (NNCF post-training quantization) and batch sizes — measure COCO mAP on an eval subset "
+        "and speed, return the most sensitive convolutions to float while an int8 model exceeds the mAP budget, and "
+        "save the fastest configuration within the budget as an artifact folder that 'infer --model' runs with its "
+        "engine options. Post-processing (decode, NMS) always stays float. Finished trials are cached in "
+        "<output>/tune.json and skipped when rerun. With no --model/--coco it tunes the embedded demo model on the "
+        "demo data. Exit 3 when some configurations were not tried (time budget, failures).\n\n"
+        "Example: fcos-offline tune --model fcos.onnx --coco /opt/npu/coco --calib-images 200 --eval-images 500 "
+        "--max-map-drop 0.3 --batch-sizes 1 4 --output tuned/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_flag(p, "--model", help="exported .onnx (dynamic batch preferred) or a checkpoint (exported at --shape); default: the demo model")
+    add_flag(p, "--coco", help="COCO folder with val2017/ and annotations/instances_val2017.json")
+    add_flag(p, "--images", help="image folder (instead of --coco; needs --annotations)")
+    add_flag(p, "--annotations", help="COCO instances JSON, or a folder holding one")
+    add_flag(p, "--output", default="tuned", help="work folder: tune.json, models/, best/ (default: tuned)")
+    add_flag(p, "--calib-images", type=int, help="calibration images (default 200), taken outside the eval subset (the demo: from its train split)")
+    add_flag(p, "--eval-images", type=int, help="images for mAP, the first N by file name (default 500; the demo's validation size)")
+    add_flag(p, "--max-map-drop", type=float, default=0.3, help="allowed mAP drop in points (0.3 = 0.3 mAP points, percent units)")
+    add_flag(p, "--batch-sizes", nargs="+", type=int, default=[1], help="batch sizes to try (default: 1)")
+    add_flag(p, "--threads", nargs="+", type=int, help="intra-op thread counts to try (default: all cores and half of them)")
+    add_flag(p, "--engines", nargs="+", choices=["onnxruntime", "openvino"], default=["onnxruntime", "openvino"])
+    add_flag(p, "--calib-methods", nargs="+", choices=["minmax", "percentile", "entropy"], default=["minmax", "percentile", "entropy"],
+             help="ONNX Runtime calibration methods")
+    add_flag(p, "--time-budget", type=float, help="seconds: no new trial starts after this (the choice is still saved and verified)")
+    add_flag(p, "--bench-runs", type=int, default=10, help="timed runs per configuration (median)")
+    add_flag(p, "--bench-seconds", type=float, default=20.0, help="stop timing a configuration after this many seconds (at least 3 runs)")
+    add_flag(p, "--shape", nargs=2, type=int, metavar=("H", "W"), help="canvas when --model is a checkpoint (default 800 1333; the demo's own)")
+    add_flag(p, "--fresh", action="store_true", help="ignore the finished trials in <output>/tune.json")
+    add_flag(p, "--no-fallback", action="store_true", help="do not return convolutions to float for int8 models over budget")
+    add_flag(p, "--max-fallback-steps", type=int, help="at most this many fallback steps per int8 model (default: no limit)")
+    add_flag(p, "--no-sweep", action="store_true", help="do not sweep threads/batch sizes for the best configurations")
+    p.set_defaults(func=_cmd_tune)

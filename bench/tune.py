@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Speed of the tuned recipe on the recipe's FCOS-R50 vs ONNX Runtime's and OpenVINO's defaults.
+
+    python bench/tune.py                                   # demo tune first (~5 min), then 800x1333 and 400x667
+    python bench/tune.py --demo-tune tuned/ --sizes 800x1333 --runs 5
+
+The model is ``FCOS(FCOSConfig())`` — mmdet's FCOS-R50-caffe, no-GN head, 80 classes — with
+random weights whose frozen-BN statistics are set from a real forward pass and then perturbed
+(non-trivial BN), and a head rescaled so that a realistic number of boxes reaches NMS (cls logits
+~ N(-5.5, 0.8): about a thousand (point, class) pairs above 0.05 at 800x1333; distances of a few
+strides). It is exported with NMS in the graph and a dynamic batch, like ``fcos-offline export``.
+
+Configurations (one run, same machine, same input: real COCO photos preprocessed like ``infer``):
+
+* ONNX Runtime default: fp32, ``EngineOptions()`` (all graph optimisations, default threads);
+* OpenVINO default: no precision hint (the CPU plugin picks bf16 where the CPU has it), and f32;
+* ONNX Runtime int8: QDQ S8S8 (symmetric int8 activations), QDQ U8S8 and QOperator U8S8;
+* OpenVINO running ONNX Runtime's U8S8 QDQ graph;
+* **tuned**: the recipe ``fcos-offline tune`` chose for the demo model (run first, or read from
+  ``--demo-tune DIR``) applied to the R50 — same engine, quantizer and options, conv groups kept
+  float (by module name) and float-op precision — with threads and batch size swept for this
+  network as ``tune``'s sweep does. The recipe's mAP drop is the demo model's, measured by
+  ``tune`` (eval subset through ``infer`` + ``postprocess``, verified on the saved artifact).
+
+Calibration uses the real images in ``--calib-dir`` (default: the shared COCO sample). Results go
+to ``--workdir`` (``tune_bench.json``, models reused by later runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CALIB = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
+
+
+def build_r50(seed: int, calib: np.ndarray):
+    """FCOS-R50 (mmdet caffe, no-GN head, 80 classes), random weights, realistic BN and head statistics."""
+    import torch
+
+    from fcos_offline.model.config import FCOSConfig
+    from fcos_offline.model.fcos import FCOS, FrozenBatchNorm2d
+
+    torch.manual_seed(seed)
+    model = FCOS(FCOSConfig()).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):  # He init keeps activations in range through 50 layers
+            torch.nn.init.kaiming_normal_(m.weight, generator=gen, nonlinearity="relu")
+    bns = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+
+    def rand(n, lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    def pre_hook(module, inputs):
+        x = inputs[0].detach()
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3)) + 1e-3
+        n = mean.numel()
+        module.weight.copy_(rand(n, 0.5, 1.5))
+        module.bias.copy_(rand(n, -0.3, 0.3))
+        module.running_mean.copy_(mean + rand(n, -0.5, 0.5) * var.sqrt())
+        module.running_var.copy_(var * rand(n, 0.5, 2.0))
+
+    x = torch.from_numpy(calib)
+    handles = [bn.register_forward_pre_hook(pre_hook) for bn in bns]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    head = model.bbox_head
+    captured: dict[str, list] = {"cls": [], "ctr": [], "reg": []}
+    hooks = [head.conv_cls.register_forward_hook(lambda m, i, o: captured["cls"].append(o)),
+             head.conv_centerness.register_forward_hook(lambda m, i, o: captured["ctr"].append(o)),
+             head.conv_reg.register_forward_hook(lambda m, i, o: captured["reg"].append(o))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        # cls logits ~ N(-5.5, 0.8): ~0.1 % of (point, class) pairs pass the 0.05 score threshold, a few hundred
+        # NMS candidates per 800x1333 image, like a trained model (N(-5, 2) would send tens of thousands to NMS)
+        for conv, name, std, mean in ((head.conv_cls, "cls", 0.8, -5.5 + 0.3 * torch.randn(80, generator=gen)),
+                                      (head.conv_centerness, "ctr", 1.5, torch.zeros(1)),
+                                      (head.conv_reg, "reg", 0.35, torch.full((4,), 3.2))):
+            flat = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in captured[name]], dim=1)
+            m, s = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-6)
+            k = std / s
+            conv.weight.mul_(k.reshape(-1, 1, 1, 1))
+            conv.bias.copy_(mean - m * k + conv.bias * k)
+    return model
+
+
+def candidates_per_image(model, x: np.ndarray) -> float:
+    """Mean number of (point, class) pairs above the 0.05 score threshold (what reaches NMS)."""
+    import torch
+
+    with torch.no_grad():
+        cls, _, _ = model(torch.from_numpy(x))
+    return float(sum((c.sigmoid() > 0.05).sum().item() for c in cls)) / x.shape[0]
+
+
+def bench(engine, x: np.ndarray, runs: int, seconds: float, warmup: int = 2) -> float:
+    """Median ms per image."""
+    for _ in range(warmup):
+        engine.run(x)
+    times = []
+    end = time.perf_counter() + seconds
+    while len(times) < runs:
+        t0 = time.perf_counter()
+        engine.run(x)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 3 and time.perf_counter() > end:
+            break
+    return float(np.median(times)) * 1000.0 / x.shape[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["800x1333", "400x667"])
+    p.add_argument("--calib-dir", default=str(DEFAULT_CALIB))
+    p.add_argument("--calib-images", type=int, default=10)
+    p.add_argument("--runs", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=25.0, help="stop timing a configuration after this (at least 3 runs)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workdir", default=str(REPO / "bench" / "results" / "tune"), help="models, timings (tune_bench.json)")
+    p.add_argument("--demo-tune", help="a finished 'fcos-offline tune' folder of the demo model (default: run it into WORKDIR/demo)")
+    p.add_argument("--demo-eval-images", type=int, default=None, help="eval images for the demo tune (default: tune's)")
+    p.add_argument("--demo-checkpoint", help="demo model to tune (default: the shipped one, fcos_offline/assets/fcos_demo.pth)")
+    p.add_argument("--quick", action="store_true", help="only the three headline configurations")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from fcos_offline.data.preprocess import list_images
+    from fcos_offline.engine.backends import EngineOptions, open_engine
+    from fcos_offline.export.onnx_export import export_onnx
+    from fcos_offline.tune import quantize as q
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p in list_images(args.calib_dir)][: args.calib_images]
+    if not paths:
+        print(f"no calibration images in {args.calib_dir}", file=sys.stderr)
+        return 1
+    nproc = os.cpu_count() or 1
+    report: dict = {"cpu_threads": args.threads, "cores": nproc, "calibration_images": len(paths), "sizes": {}}
+    report["demo"] = demo_recipe(Path(args.demo_tune) if args.demo_tune else work / "demo", args, run=not args.demo_tune)
+    recipe = report["demo"]["candidate"]
+    print(f"recipe (the demo model's choice): {report['demo']['label']}, threads {recipe['threads'] or 'auto'}, "
+          f"batch {recipe['batch_size']}, float groups {recipe['float_groups'] or '-'}; demo mAP drop "
+          f"{report['demo']['map_drop']:+.2f} points", flush=True)
+    for size in args.sizes:
+        h, w = (int(v) for v in size.split("x"))
+        tag = f"{h}x{w}"
+        d = work / tag
+        d.mkdir(exist_ok=True)
+        images = q.ImageTensors(paths, (h, w))
+        x1 = images[0]
+        x4 = np.concatenate([images[i % len(images)] for i in range(4)])
+        onnx_path = d / "fcos_r50.onnx"
+        if not onnx_path.is_file():
+            print(f"[{tag}] building FCOS-R50 (random weights) and exporting {onnx_path}", flush=True)
+            model = build_r50(0, np.concatenate([images[i] for i in range(min(2, len(images)))]))
+            export_onnx(model, onnx_path, shape=(h, w), dynamic_batch=True, verify=False)
+            (d / "candidates.json").write_text(json.dumps({"per_image": candidates_per_image(model, x1)}))
+            del model
+        cands = json.loads((d / "candidates.json").read_text())["per_image"] if (d / "candidates.json").is_file() else None
+        print(f"[{tag}] {cands} (point, class) pairs above the 0.05 score threshold per image (NMS input)", flush=True)
+        ir = q.openvino_ir(onnx_path, d / "openvino-fp32" / "model.xml")
+        quant_s: dict[str, float] = {}
+        pre = q.preprocess_for_ort(onnx_path, d / "ort-preprocessed.onnx")
+        ort_models = {}
+        if not args.quick:
+            for cfg in (q.OrtQuantConfig(activation_type="s8"), q.OrtQuantConfig(activation_type="u8"),
+                        q.OrtQuantConfig(activation_type="u8", quant_format="qoperator")):
+                dst = d / f"ort-qdq-{cfg.tag()}" / "model.onnx"
+                t0 = time.perf_counter()
+                if not dst.is_file():
+                    print(f"[{tag}] onnxruntime quantize_static {cfg.tag()}", flush=True)
+                    q.ort_quantize(pre, dst, images, cfg, cache_dir=d / "calibration")
+                quant_s[cfg.tag()] = time.perf_counter() - t0
+                ort_models[cfg.tag()] = dst
+
+        rows = []
+
+        def measure(name: str, model, options, x=x1, group: str = "") -> float:
+            engine = open_engine(model, options)
+            ms = bench(engine, x, args.runs, args.seconds)
+            prec = engine.describe().get("execution_precision", options.precision)
+            rows.append({"config": name, "group": group, "ms_per_img": ms, "batch_size": x.shape[0],
+                         "threads": options.threads, "execution_precision": prec})
+            print(f"[{tag}] {name:52s} {ms:8.1f} ms/img", flush=True)
+            del engine
+            return ms
+
+        ort_default = measure("ONNX Runtime default (fp32)", onnx_path, EngineOptions(), group="ort_default")
+        ov_default = measure("OpenVINO default (no precision hint)", ir, EngineOptions("openvino", precision="auto"), group="ov_default")
+        if not args.quick:
+            measure("OpenVINO f32", ir, EngineOptions("openvino", precision="fp32"))
+            for t, mpath in ort_models.items():
+                measure(f"ONNX Runtime int8 {'QOperator' if t.endswith('-qop') else 'QDQ'} {t}", mpath, EngineOptions())
+            measure("OpenVINO on ORT's QDQ u8s8 graph", ort_models["u8s8-minmax-pc"], EngineOptions("openvino", precision="auto"))
+        # the recipe's model and precision; threads and batch size swept for this network, as tune's sweep does
+        recipe_model = build_recipe(recipe, onnx_path, pre, d, images)
+        base = recipe_options(recipe)
+        threads = sorted({args.threads, max(1, args.threads // 2)}, reverse=True)
+        for th in threads:
+            for x in ((x1, x4) if not args.quick else (x1,)):
+                opts = dataclasses.replace(base, threads=th, batch_size=x.shape[0])
+                measure(f"tuned recipe, {th} thr, bs{x.shape[0]}", recipe_model, opts, x=x, group="tuned")
+        if recipe["engine"] == "openvino" and not args.quick:
+            other = "bf16" if base.precision == "fp32" else "fp32"
+            measure(f"  (recipe with {other} for the float ops, {args.threads} thr, bs1)", recipe_model,
+                    dataclasses.replace(base, threads=args.threads, precision=other, batch_size=1), group="info")
+        tuned = min((r for r in rows if r["group"] == "tuned"), key=lambda r: r["ms_per_img"])
+        ov_f32 = next((r["ms_per_img"] for r in rows if r["config"] == "OpenVINO f32"), None)
+        summary = {
+            "ort_default_ms": ort_default, "ov_default_ms": ov_default, "ov_f32_ms": ov_f32,
+            "tuned_ms": tuned["ms_per_img"], "tuned": tuned["config"], "recipe": report["demo"]["label"],
+            "tuned_vs_ov_f32": ov_f32 / tuned["ms_per_img"] if ov_f32 else None,
+            "tuned_vs_ort_default": ort_default / tuned["ms_per_img"], "tuned_vs_ov_default": ov_default / tuned["ms_per_img"],
+            "goal_met": ort_default / tuned["ms_per_img"] >= 3.5 and ov_default / tuned["ms_per_img"] >= 1.6,
+            "rows": rows, "quantization_s": quant_s, "nms_candidates_per_image": cands,
+        }
+        report["sizes"][tag] = summary
+        print(f"[{tag}] ORT default {ort_default:.1f} ms/img, OpenVINO default {ov_default:.1f} ms/img, tuned {tuned['ms_per_img']:.1f} "
+              f"ms/img ({tuned['config']}): {summary['tuned_vs_ort_default']:.2f}x ORT default (goal 3.5x), "
+              f"{summary['tuned_vs_ov_default']:.2f}x OpenVINO default (goal 1.6x)"
+              + (f", {summary['tuned_vs_ov_f32']:.2f}x OpenVINO f32" if ov_f32 else ""), flush=True)
+
+    (work / "tune_bench.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {work / 'tune_bench.json'}")
+    print("\n| size | ORT default ms/img | OpenVINO default ms/img | OpenVINO f32 ms/img | tuned ms/img | vs ORT default | vs OpenVINO default | vs OpenVINO f32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for tag, s in report["sizes"].items():
+        f32 = f"{s['ov_f32_ms']:.1f}" if s.get("ov_f32_ms") else "-"
+        vs_f32 = f"{s['tuned_vs_ov_f32']:.2f}x" if s.get("tuned_vs_ov_f32") else "-"
+        print(f"| {tag} | {s['ort_default_ms']:.1f} | {s['ov_default_ms']:.1f} | {f32} | {s['tuned_ms']:.1f} | "
+              f"{s['tuned_vs_ort_default']:.2f}x | {s['tuned_vs_ov_default']:.2f}x | {vs_f32} |")
+    for tag, s in report["sizes"].items():
+        print(f"tuned at {tag}: {s['tuned']}")
+    dm = report["demo"]
+    print(f"recipe: {dm['label']} (threads {dm['candidate']['threads'] or 'auto'}, batch {dm['candidate']['batch_size']}); "
+          f"demo model under it: mAP {dm['bbox_mAP']:.4f} vs fp32 {dm['reference_mAP']:.4f}, drop {dm['map_drop']:+.2f} points "
+          f"({dm['eval_images']} eval images){'' if dm['map_drop'] <= 0.3 else '  OVER the 0.3 budget'}")
+    return 0
+
+
+DEFAULT_RECIPE = {"engine": "openvino", "build": "nncf:performance-bc", "exec_precision": "fp32", "float_groups": [],
+                  "threads": None, "inter_op_threads": None, "batch_size": 1, "opt_level": "all"}
+
+
+def demo_recipe(folder: Path, args, run: bool) -> dict:
+    """The demo model's tuned choice (``tune`` run into ``folder`` unless it is already there)."""
+    from fcos_offline.report.run import DEMO_CHECKPOINT
+    from fcos_offline.tune.search import TUNE_FILE, TuneOptions, tune
+
+    path = folder / TUNE_FILE
+    checkpoint = Path(args.demo_checkpoint or DEMO_CHECKPOINT)
+    if run and not checkpoint.is_file():
+        print(f"demo model {checkpoint} not found: timing the default recipe, its accuracy is not measured")
+        return {"label": "openvino int8 nncf performance-bc, fp32 rest (default recipe)", "candidate": DEFAULT_RECIPE,
+                "bbox_mAP": float("nan"), "reference_mAP": float("nan"), "map_drop": float("nan"), "eval_images": 0}
+    if run:
+        print(f"tuning the demo model into {folder} (its choice is the recipe applied to the R50)", flush=True)
+        result = tune(TuneOptions(output=str(folder), eval_images=args.demo_eval_images, batch_sizes=(1, 4),
+                                  demo_checkpoint=str(checkpoint)))
+    else:
+        result = json.loads(path.read_text())
+    chosen = result["chosen"]
+    return {"label": chosen["label"], "candidate": chosen["candidate"], "bbox_mAP": chosen["bbox_mAP"],
+            "reference_mAP": result["reference"]["bbox_mAP"], "map_drop": chosen["map_drop"],
+            "demo_speedup_vs_ort_default": chosen["speedup_vs_reference"], "eval_images": result["context"]["eval_images"],
+            "reason": chosen["reason"], "tune_json": str(path)}
+
+
+def build_recipe(recipe: dict, onnx_path: Path, pre: Path, d: Path, images) -> Path:
+    """The recipe's model for this network: same quantizer, options and float conv groups (by module name)."""
+    from fcos_offline.tune import quantize as q
+    from fcos_offline.tune.search import Candidate, _nncf_config, _ort_config
+
+    cand = Candidate(**recipe)
+    if cand.build == "fp32":
+        return onnx_path if cand.engine == "onnxruntime" else q.openvino_ir(onnx_path, d / "openvino-fp32" / "model.xml")
+    kind, tag = cand.build.split(":", 1)
+    src = pre if kind == "ort-qdq" else onnx_path
+    groups = {g.name: g for g in q.conv_groups(src)}
+    missing = [g for g in cand.float_groups if g not in groups]
+    if missing:
+        print(f"warning: float groups not in this network: {missing}")
+    nodes = [n for g in cand.float_groups if g in groups for n in groups[g].nodes]
+    folder = d / f"recipe-{cand.model_id}"
+    t0 = time.perf_counter()
+    if kind == "nncf":
+        dst = folder / "model.xml"
+        if not dst.is_file():
+            print(f"[recipe] nncf.quantize {tag} ({len(images)} calibration images, {len(nodes)} conv nodes float)", flush=True)
+            q.nncf_quantize(onnx_path, dst, images, _nncf_config(tag), nodes)
+    else:
+        dst = folder / "model.onnx"
+        if not dst.is_file():
+            print(f"[recipe] onnxruntime quantize_static {tag} ({len(nodes)} conv nodes float)", flush=True)
+            q.ort_quantize(pre, dst, images, _ort_config(tag), nodes, cache_dir=d / "calibration")
+    print(f"[recipe] model {dst} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    return dst
+
+
+def recipe_options(recipe: dict):
+    from fcos_offline.engine.backends import EngineOptions
+
+    precision = "fp32" if recipe["engine"] == "onnxruntime" else recipe["exec_precision"]
+    return EngineOptions(recipe["engine"], "cpu", recipe["threads"], precision, recipe["batch_size"], recipe["opt_level"],
+                         recipe["inter_op_threads"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

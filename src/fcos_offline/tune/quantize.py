@@ -1,0 +1,497 @@
+"""Post-training int8 quantization of an exported FCOS with the engines' own tools.
+
+* ONNX Runtime: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel weights, MinMax /
+  Percentile / Entropy calibration), after ``quant_pre_process``.
+* OpenVINO: ``nncf.quantize`` on the OpenVINO model (post-training quantization, fast bias
+  correction).
+
+Only the network is quantized: convolutions and the ops between them (ReLU, residual Add,
+max-pool, FPN nearest up-sampling) under ``/network/``. The regression ``Scale``/``exp`` of the
+head and the whole post-processing graph (``/postprocess/``: sigmoid, decode, top-k, NMS) stay in
+float by design. Convolutions can additionally be returned to float by name (the tuner's
+accuracy fallback), together with the Add / pooling / up-sampling nodes they feed (else those
+nodes' input quantizers keep the float conv's output in int8); shared head convolutions (one
+weight, five FPN levels) form one *group*.
+
+ONNX Runtime on x86 only fuses QDQ convolutions into its int8 kernels (QLinearConv) with uint8
+activations (U8S8): with symmetric int8 activations (S8S8) the ReLU after a conv cannot be folded
+into the activation quantizer, ``DequantizeLinear -> Conv -> Relu -> QuantizeLinear`` stays
+unfused, and those convs run in float on weights dequantized at every call (slower than fp32).
+
+Calibration uses real images through the same preprocessing as inference
+(:func:`fcos_offline.data.preprocess.preprocess_image`), read lazily so hundreds of 800x1333
+tensors never sit in memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from fcos_offline.data.preprocess import preprocess_image, read_image
+from fcos_offline.errors import FcosError, require
+
+HEAD_FINAL = ("conv_cls", "conv_reg", "conv_centerness")
+"""The head's last convolutions (logits, box distances, centerness): first to go back to float."""
+
+ORT_OP_TYPES = ("Conv", "Relu", "Add", "MaxPool", "Resize")
+"""Op types ONNX Runtime quantizes (QDQ around every conv boundary so its int8 kernels fuse)."""
+
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+
+# The head's per-level Scale (Mul), the Cast and exp of the box branch: float by design.
+_HEAD_FLOAT_RE = re.compile(r"^/network/bbox_head/(scales\.\d+/|Cast|Exp)")
+
+
+# --------------------------------------------------------------------------- graph structure
+
+
+@dataclass
+class ConvGroup:
+    """Convolutions of one module (the shared head convs run once per FPN level)."""
+
+    name: str  # display name: the module path, e.g. "bbox_head.conv_cls" or "backbone.layer1.0.conv1"
+    weight: str
+    nodes: list[str] = field(default_factory=list)  # ONNX node names
+    inputs: list[str] = field(default_factory=list)  # data input tensor per node
+    outputs: list[str] = field(default_factory=list)  # output tensor per node
+
+    @property
+    def head_final(self) -> bool:
+        """One of the head's last convolutions (conv_cls / conv_reg / conv_centerness)?"""
+        return any(self.name.endswith("." + h) or self.name == h for h in HEAD_FINAL)
+
+
+def _module_name(node_name: str, weight: str) -> str:
+    """A readable group name: ``bbox_head.conv_cls``, ``backbone.layer1.0.conv1`` (level suffixes dropped)."""
+    if weight.startswith("network.") and weight.endswith(".weight"):
+        return weight[len("network.") : -len(".weight")]
+    parts = [re.sub(r"_\d+$", "", p) for p in node_name.split("/") if p][:-1]
+    if parts and parts[0] == "network":
+        parts = parts[1:]
+    out = [p for i, p in enumerate(parts) if not (i + 1 < len(parts) and parts[i + 1].startswith(p + "."))]
+    return ".".join(out) or node_name
+
+
+def is_network_node(name: str) -> bool:
+    """Part of the quantizable network (not post-processing, not the head's exp/scale)?"""
+    return name.startswith("/network/") and not _HEAD_FLOAT_RE.match(name)
+
+
+def conv_groups(model_path: str | os.PathLike) -> list[ConvGroup]:
+    """The network's convolutions grouped by module, in graph order (models we did not export: one per Conv)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    ours = any(n.name.startswith("/network/") for n in model.graph.node)
+    groups: dict[str, ConvGroup] = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or (ours and not is_network_node(node.name)):
+            continue
+        weight = node.input[1]
+        name = _module_name(node.name, weight) if ours else node.name
+        g = groups.get(name)  # by module: shared head convs (also after ORT folds each level's Scale into them)
+        if g is None:
+            g = groups[name] = ConvGroup(name, weight)
+        g.nodes.append(node.name)
+        g.inputs.append(node.input[0])
+        g.outputs.append(node.output[0])
+    return list(groups.values())
+
+
+def float_by_design(model_path: str | os.PathLike) -> dict[str, Any]:
+    """What stays float whatever the fallback does (for the report)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    post = [n for n in model.graph.node if n.name.startswith("/postprocess/")]
+    head = [n.name for n in model.graph.node if _HEAD_FLOAT_RE.match(n.name)]
+    ops = sorted({n.op_type for n in post})
+    return {
+        "postprocess_nodes": len(post),
+        "postprocess_ops": ops,
+        "head_nodes": head,
+        "summary": f"/postprocess/* ({len(post)} nodes: sigmoid, decode, top-k, NMS) and the head's Scale/exp "
+                   f"({len(head)} nodes) always run in float",
+    }
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+class ImageTensors:
+    """Preprocessed images, read lazily: ``len()``, indexing and iteration give ``[1,3,H,W]`` float32."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], canvas_hw: tuple[int, int]) -> None:
+        if not paths:
+            raise FcosError("no calibration images")
+        self.paths = [str(p) for p in paths]
+        self.canvas_hw = tuple(canvas_hw)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        tensor, _ = preprocess_image(read_image(self.paths[i]), *self.canvas_hw)
+        return tensor[None]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+class _OrtReader:
+    """``CalibrationDataReader`` over :class:`ImageTensors` with ``set_range`` (strided calibration)."""
+
+    def __init__(self, images: ImageTensors, input_name: str) -> None:
+        self.images = images
+        self.input_name = input_name
+        self.start, self.end, self.pos = 0, len(images), 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end, self.pos = start_index, min(end_index, len(self.images)), start_index
+
+    def get_next(self):
+        if self.pos >= self.end:
+            return None
+        item = {self.input_name: self.images[self.pos]}
+        self.pos += 1
+        return item
+
+    def rewind(self) -> None:
+        self.pos = self.start
+
+
+def _stride(n: int, canvas_hw: tuple[int, int]) -> int:
+    """Images per calibration pass: bounded memory (all intermediate tensors are held per pass)."""
+    cap = max(1, min(16, int(2.5e6 // max(1, canvas_hw[0] * canvas_hw[1]))))
+    return max(d for d in range(1, min(cap, n) + 1) if n % d == 0)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+@dataclass
+class OrtQuantConfig:
+    """How ``quantize_static`` is called."""
+
+    method: str = "minmax"  # minmax | percentile | entropy
+    activation_type: str = "s8"  # s8 | u8
+    weight_type: str = "s8"
+    per_channel: bool = True
+    op_types: tuple[str, ...] = ORT_OP_TYPES
+    quant_format: str = "qdq"  # qdq | qoperator
+    activation_symmetric: bool | None = None  # None: symmetric for s8, asymmetric for u8
+    keep_activations: bool = False  # QDQKeepRemovableActivations (the sensitivity probe)
+
+    def tag(self) -> str:
+        """Short stable id, e.g. ``s8s8-minmax-pc``."""
+        t = f"{self.activation_type}{self.weight_type}-{self.method}" + ("-pc" if self.per_channel else "-pt")
+        if self.keep_activations:
+            t += "-keepact"
+        if self.quant_format != "qdq":
+            t += "-qop"
+        if tuple(self.op_types) != ORT_OP_TYPES:
+            t += "-" + "+".join(o.lower() for o in self.op_types)
+        return t
+
+
+def preprocess_for_ort(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``quant_pre_process`` (shape inference + ORT's basic graph optimisation); a plain copy if it fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    dst = Path(dst)
+    if dst.is_file():
+        return dst
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        quant_pre_process(str(src), str(tmp), skip_symbolic_shape=True)
+        os.replace(tmp, dst)
+    except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, never a blocker
+        logging.getLogger(__name__).info("quant_pre_process failed (%s); quantizing the model as exported", exc)
+        tmp.unlink(missing_ok=True)
+        shutil.copy(src, dst)
+    return dst
+
+
+def ort_quantize(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    images: ImageTensors,
+    config: OrtQuantConfig,
+    float_nodes: Iterable[str] = (),
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Quantize ``src`` with ``quantize_static`` into ``dst``; nodes named in ``float_nodes`` stay float.
+
+    Calibration ranges are cached in ``cache_dir`` (per method and op types), so returning nodes to
+    float or switching the integer types does not re-run calibration.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src))
+    excluded = set(float_nodes)
+    # the Add / pooling / up-sampling nodes a float conv feeds go float too (else its output stays int8)
+    float_outputs = {n.output[0] for n in model.graph.node if n.name in excluded}
+    excluded |= {n.name for n in model.graph.node if n.op_type in ("Add", "MaxPool", "Resize", "Relu")
+                 and any(i in float_outputs for i in n.input)}
+    ours = any(n.name.startswith("/network/") for n in model.graph.node)
+    nodes = [n.name for n in model.graph.node
+             if n.op_type in config.op_types and n.name not in excluded and (not ours or is_network_node(n.name))]
+    qtypes = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
+    if config.method not in methods:
+        raise FcosError(f"unknown calibration method {config.method!r} (choose from {', '.join(CALIB_METHODS)})")
+    symmetric = config.activation_type == "s8" if config.activation_symmetric is None else config.activation_symmetric
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": symmetric,
+        "CalibStridedMinMax": _stride(len(images), images.canvas_hw),
+        "QDQKeepRemovableActivations": config.keep_activations,
+    }
+    cache = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        ops = "+".join(sorted(config.op_types))
+        cache = Path(cache_dir) / f"ort_ranges_{config.method}_{ops}_{len(images)}.json"
+    reader = _OrtReader(images, model.graph.input[0].name)
+    del model
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_static logs its advice through the root logger
+    try:
+        quantize_static(
+            str(src), str(dst), reader,
+            quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
+            activation_type=qtypes[config.activation_type], weight_type=qtypes[config.weight_type],
+            nodes_to_quantize=nodes, calibrate_method=methods[config.method], extra_options=extra,
+            calibration_cache_path=cache,
+        )
+    finally:
+        root.setLevel(level)
+    _copy_onnx_metadata(src, dst)
+    return dst
+
+
+def _copy_onnx_metadata(src: Path, dst: Path) -> None:
+    import onnx
+
+    meta = onnx.load(str(src), load_external_data=False).metadata_props
+    model = onnx.load(str(dst))
+    del model.metadata_props[:]
+    for p in meta:
+        model.metadata_props.add(key=p.key, value=p.value)
+    onnx.save(model, str(dst))
+
+
+# --------------------------------------------------------------------------- OpenVINO / NNCF
+
+
+@dataclass
+class NncfConfig:
+    """How ``nncf.quantize`` is called."""
+
+    preset: str = "performance"  # performance (symmetric) | mixed (asymmetric activations)
+    fast_bias_correction: bool = True
+    subset_size: int | None = None  # None: every calibration image
+    activation_ranges: str = "mean_minmax"  # NNCF's default (per-image min/max averaged) | minmax (global, like ORT's MinMax)
+
+    def tag(self) -> str:
+        """Short stable id, e.g. ``nncf-performance``."""
+        return (f"nncf-{self.preset}" + ("" if self.fast_bias_correction else "-bc")
+                + ("-mm" if self.activation_ranges == "minmax" else ""))
+
+
+def openvino_ir(src_onnx: str | os.PathLike, dst_xml: str | os.PathLike) -> Path:
+    """The ONNX model as OpenVINO IR (float weights) with the ONNX metadata beside it (``.meta.json``)."""
+    ov = require("openvino", "openvino")
+    from fcos_offline.export.metadata import read_metadata
+
+    dst = Path(dst_xml)
+    if dst.is_file() and dst.with_suffix(".bin").is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(src_onnx))
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+    dst.with_suffix(".meta.json").write_text(json.dumps(read_metadata(src_onnx)))
+    return dst
+
+
+_OV_FOLLOWERS = ("Add", "Interpolate", "MaxPool", "Concat")
+
+
+def _ov_ignored_names(model, onnx_nodes: Iterable[str]) -> list[str]:
+    """OpenVINO op names of ONNX conv nodes (a biased Conv is ``<name>/WithoutBiases`` + an Add
+    called ``<name>``) plus the element-wise / pooling / up-sampling ops they feed, whose input
+    quantizers would otherwise keep the float conv's output in int8."""
+    wanted = set(onnx_nodes)
+    names: list[str] = []
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        base = name[: -len("/WithoutBiases")] if name.endswith("/WithoutBiases") else name
+        if base not in wanted or op.get_type_name() not in ("Convolution", "GroupConvolution"):
+            continue
+        names.append(name)
+        outs = [t.get_node() for t in op.output(0).get_target_inputs()]
+        bias = [n for n in outs if n.get_type_name() == "Add" and n.get_friendly_name() == base]
+        for b in bias:  # through the bias Add to the real consumers
+            outs += [t.get_node() for t in b.output(0).get_target_inputs()]
+        names += [n.get_friendly_name() for n in outs if n.get_type_name() in _OV_FOLLOWERS and n not in bias]
+    return list(dict.fromkeys(names))
+
+
+def nncf_quantize(
+    src_onnx: str | os.PathLike,
+    dst_xml: str | os.PathLike,
+    images: ImageTensors,
+    config: NncfConfig,
+    float_nodes: Iterable[str] = (),
+) -> Path:
+    """``nncf.quantize`` of the OpenVINO model; ``float_nodes`` (ONNX conv names) stay float."""
+    ov = require("openvino", "openvino")
+    nncf = require("nncf", "tune")
+    from fcos_offline.export.metadata import read_metadata
+
+    nncf.set_log_level(logging.ERROR)
+    dst = Path(dst_xml)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(src_onnx))
+    float_nodes = list(float_nodes)
+    ignored = nncf.IgnoredScope(
+        patterns=[r"^/postprocess/.*", r"^/network/bbox_head/(scales\.\d+/|Cast|Exp).*"],
+        names=_ov_ignored_names(model, float_nodes),
+        validate=False,
+    )
+    preset = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[config.preset]
+    advanced = None
+    if config.activation_ranges == "minmax":
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        # the global min/max over all calibration images: NNCF's default averages per-image extremes,
+        # which clips the large activations box regression relies on
+        advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+    quantized = nncf.quantize(
+        model, nncf.Dataset(images), preset=preset, target_device=nncf.TargetDevice.CPU,
+        subset_size=min(len(images), config.subset_size or len(images)),
+        fast_bias_correction=config.fast_bias_correction, ignored_scope=ignored, advanced_parameters=advanced,
+    )
+    ov.save_model(quantized, str(dst))  # FakeQuantize weights are stored as int8
+    dst.with_suffix(".meta.json").write_text(json.dumps(read_metadata(src_onnx)))
+    return dst
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def layer_sensitivity(
+    fp32_onnx: str | os.PathLike,
+    probe_qdq: str | os.PathLike,
+    images: ImageTensors,
+    groups: list[ConvGroup],
+    num_images: int = 4,
+) -> dict[str, dict[str, float]]:
+    """Per conv group, the quantization noise its own quantizers inject (measured, ONNX Runtime).
+
+    ``probe_qdq`` is a QDQ model of ``fp32_onnx`` (quantized with ``keep_activations`` so every
+    conv input has its own QuantizeLinear -> DequantizeLinear pair). For each convolution:
+
+    * ``act``: relative mean squared error ``sum((dq - x)^2) / sum(x^2)`` between the tensor
+      entering its input quantizer and what the conv receives, over ``num_images`` calibration
+      images (run with every graph optimisation off, so the QDQ arithmetic is exact);
+    * ``weight``: the same for its dequantized weights against the fp32 weights.
+
+    A group's scores are the largest over its nodes (FPN levels); ``score = act + weight``.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    qmodel = onnx.load(str(probe_qdq))
+    fmodel = onnx.load(str(fp32_onnx))
+    producers = {o: n for n in qmodel.graph.node for o in n.output}
+    f_inits = {i.name: i for i in fmodel.graph.initializer}
+    f_convs = {n.name: n for n in fmodel.graph.node if n.op_type == "Conv"}
+    q_convs = {n.name: n for n in qmodel.graph.node if n.op_type == "Conv"}
+    act_pairs: dict[str, tuple[str, str]] = {}
+    weight_pairs: dict[str, tuple[str, np.ndarray]] = {}
+    for g in groups:
+        for name in g.nodes:
+            node = q_convs.get(name)
+            if node is None:
+                continue
+            dq = producers.get(node.input[0])
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                act_pairs[name] = (q.input[0], node.input[0])
+            wdq = producers.get(node.input[1])
+            fnode = f_convs.get(name)
+            if wdq is not None and wdq.op_type == "DequantizeLinear" and fnode is not None and fnode.input[1] in f_inits:
+                weight_pairs[name] = (node.input[1], numpy_helper.to_array(f_inits[fnode.input[1]]))
+    wanted = list(dict.fromkeys([t for pair in act_pairs.values() for t in pair] + [w for w, _ in weight_pairs.values()]))
+    have = {o.name for o in qmodel.graph.output}
+    for t in wanted:
+        if t not in have:
+            qmodel.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(qmodel.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del qmodel, fmodel
+    input_name = sess.get_inputs()[0].name
+    num = dict.fromkeys(act_pairs, 0.0)
+    den = dict.fromkeys(act_pairs, 0.0)
+    weight_err: dict[str, float] = {}
+    for i in range(min(num_images, len(images))):
+        out = dict(zip(wanted, sess.run(wanted, {input_name: images[i]})))
+        for name, (x, dq) in act_pairs.items():
+            ref = out[x].astype(np.float64)
+            num[name] += float(((out[dq] - ref) ** 2).sum())
+            den[name] += float((ref**2).sum())
+        if i == 0:
+            for name, (w, ref) in weight_pairs.items():
+                ref64 = ref.astype(np.float64)
+                weight_err[name] = float(((out[w] - ref64) ** 2).sum() / max((ref64**2).sum(), 1e-30))
+        del out
+    scores: dict[str, dict[str, float]] = {}
+    for g in groups:
+        act = max((num[n] / den[n] if den.get(n) else 0.0 for n in g.nodes if n in num), default=0.0)
+        wgt = max((weight_err.get(n, 0.0) for n in g.nodes), default=0.0)
+        scores[g.name] = {"act": act, "weight": wgt, "score": act + wgt}
+    return scores
+
+
+def fallback_order(groups: list[ConvGroup], scores: dict[str, float]) -> list[ConvGroup]:
+    """Groups in the order they go back to float: the head's last convs first, then by measured error.
+
+    ``scores``: group name -> score (larger = more sensitive).
+    """
+    head = sorted((g for g in groups if g.head_final), key=lambda g: -scores.get(g.name, 0.0))
+    rest = sorted((g for g in groups if not g.head_final), key=lambda g: -scores.get(g.name, 0.0))
+    return head + rest
+
+
+def fallback_steps(order: list[ConvGroup]) -> list[list[ConvGroup]]:
+    """Cumulative float sets: the head's last convs together, then 1, 2, 4, ... more groups."""
+    n_head = sum(1 for g in order if g.head_final)
+    steps, k, size = [], n_head, 1
+    if n_head:
+        steps.append(order[:n_head])
+    while k < len(order):
+        k = min(len(order), k + size)
+        steps.append(order[:k])
+        size *= 2
+    return steps

@@ -1,0 +1,244 @@
+"""``fcos-offline tune``: accuracy-bounded search, fallback to float, resume, time budget, artifact.
+
+The data: a tiny random-weight FCOS (6 classes, 128x192) on a few demo images whose ground truth
+is the model's own confident fp32 detections ("pseudo labels"), so the fp32 mAP is high and any
+int8 error shows up as a real mAP drop (a random model's mAP on the real labels would be ~0 and
+every drop trivially 0).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import make_fcos
+
+from fcos_offline.cli import main
+from fcos_offline.engine.backends import EngineOptions, tuned_options
+from fcos_offline.errors import EXIT_SKIPS, EXIT_USAGE
+from fcos_offline.tune.search import TUNE_FILE, Tuner, TuneOptions, tune
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+CANVAS = (128, 192)
+N_IMAGES = 6
+TRIAL_FIELDS = {"key", "engine", "precision", "threads", "batch_size", "bbox_mAP", "map_drop", "ms_per_img", "img_per_s",
+                "size_mb", "float_groups", "float_nodes", "within_budget", "accuracy_from"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """tiny.onnx (dynamic batch), N_IMAGES demo images and pseudo-label annotations."""
+    import torch
+
+    from fcos_offline.data.info import make_info
+    from fcos_offline.demo.synthetic import make_demo_data
+    from fcos_offline.engine.backends import open_engine
+    from fcos_offline.engine.infer import items_from_images, run_inference
+    from fcos_offline.evaluate.postprocess import postprocess
+    from fcos_offline.export.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("tune")
+    torch.manual_seed(0)
+    export_onnx(make_fcos(seed=0, num_classes=6), root / "tiny.onnx", shape=CANVAS, dynamic_batch=True)
+    make_demo_data(root / "data", "val", N_IMAGES, seed=1000)
+    images = root / "data" / "val2017"
+    engine = open_engine(root / "tiny.onnx", EngineOptions(threads=1))
+    run_inference(engine, items_from_images(images), root / "pd", 1, workers=0, show_progress=False)
+    make_info("jpg", images, root / "jpg.info", workers=1)
+    ann = root / "data" / "annotations" / "instances_val2017.json"
+    postprocess(root / "pd", root / "jpg.info", root / "pe", ann, *CANVAS, class_names=[str(i) for i in range(6)])
+    results = json.loads((root / "pe" / "bbox_results.json").read_text())
+    data = json.loads(ann.read_text())
+    data["annotations"] = [
+        {"id": k + 1, "image_id": r["image_id"], "category_id": r["category_id"], "bbox": r["bbox"],
+         "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0}
+        for k, r in enumerate(r for r in results if r["score"] > 0.5)
+    ]
+    assert len(data["annotations"]) >= 5 * N_IMAGES
+    (root / "pseudo.json").write_text(json.dumps(data))
+    return {"root": root, "model": root / "tiny.onnx", "images": images, "ann": root / "pseudo.json"}
+
+
+def _opts(tiny: dict, output: Path, **kw) -> TuneOptions:
+    base = dict(
+        model=str(tiny["model"]), images=str(tiny["images"]), annotations=str(tiny["ann"]), output=str(output),
+        eval_images=N_IMAGES, calib_images=N_IMAGES, max_map_drop=0.3, batch_sizes=(1, 2), threads=(1,),
+        bench_runs=3, bench_seconds=0.2, warmup=1, sensitivity_images=2, max_fallback_steps=2,
+        # int8 only (besides the fp32 reference), so every int8 model is faster than the best passing one and
+        # gets its fallback; at most 2 steps each keeps the test short
+        candidates=("onnxruntime/ort-qdq-u8s8-minmax-pc/fp32", "nncf-performance"),
+    )
+    base.update(kw)
+    return TuneOptions(**base)
+
+
+def _fake_bench(self, engine, batch_size: int) -> dict:
+    """Deterministic timings (the machine is shared): int8 2.5x faster than float, each float group costs a little."""
+    path = str(engine.source.path)
+    ms = 10.0
+    if "ort-qdq" in path or "nncf" in path:
+        m = re.search(r"\+float(\d+)", path)
+        ms = 4.0 + (0.2 * int(m.group(1)) if m else 0.0)
+    ms /= 1.0 + 0.1 * (batch_size - 1)
+    return {"ms_per_img": ms, "img_per_s": 1000.0 / ms, "runs": 1, "ms_per_batch_min": ms * batch_size}
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny, tmp_path_factory) -> dict:
+    """One search on the tiny model (budget 0.3 points), shared by several tests (timings faked)."""
+    out = tmp_path_factory.mktemp("tuned") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Tuner, "bench", _fake_bench)
+        result = tune(_opts(tiny, out))
+    return {"out": out, "result": result}
+
+
+def test_chosen_within_budget_and_documented_fields(tuned) -> None:
+    result = json.loads((tuned["out"] / TUNE_FILE).read_text())
+    assert result == tuned["result"]
+    ref = result["reference"]
+    assert ref["bbox_mAP"] >= 0.9  # pseudo labels: fp32 reproduces them
+    trials = result["trials"]
+    assert len(trials) >= 5
+    for t in trials:
+        assert TRIAL_FIELDS <= set(t), TRIAL_FIELDS - set(t)
+        assert 0.0 <= t["bbox_mAP"] <= 1.0  # a fraction
+        assert t["map_drop"] == pytest.approx(100.0 * (ref["bbox_mAP"] - t["bbox_mAP"]))  # mAP points
+        assert t["ms_per_img"] > 0 and t["img_per_s"] == pytest.approx(1000.0 / t["ms_per_img"])
+        assert t["within_budget"] == (t["map_drop"] <= 0.3 + 1e-9)
+    engines = {(t["engine"], t["precision"]) for t in trials}
+    assert ("onnxruntime", "int8") in engines and ("openvino", "int8") in engines and ("onnxruntime", "fp32") in engines
+    assert {t["batch_size"] for t in trials} == {1, 2}
+    chosen = result["chosen"]
+    assert chosen["key"] in {t["key"] for t in trials}
+    assert chosen["map_drop"] <= 0.3 and chosen["within_budget"] and chosen["verified"]
+    assert abs(chosen["bbox_mAP"] - ref["bbox_mAP"]) * 100 <= 0.3
+    assert chosen["reason"] and "fastest" in chosen["reason"]
+    within = [t for t in trials if t["within_budget"]]
+    assert chosen["trial_bbox_mAP"] == pytest.approx(chosen["bbox_mAP"], abs=1e-6)
+    assert chosen["ms_per_img"] == min(t["ms_per_img"] for t in within)
+    assert result["float_by_design"]["postprocess_nodes"] > 0 and "NonMaxSuppression" in result["float_by_design"]["postprocess_ops"]
+    art = json.loads((tuned["out"] / "best" / "artifact.json").read_text())
+    assert art["tuned"] and art["engine"] == chosen["engine"] and art["engine_options"]["threads"] == chosen["threads"]
+    assert (tuned["out"] / "best" / art["model_file"]).is_file()
+
+
+def test_fallback_returns_head_convs_to_float(tuned) -> None:
+    """int8 here loses tens of points: the fallback starts with the head's last convs, really float in the model."""
+    import onnx
+
+    result = tuned["result"]
+    assert result["sensitivity"]["order"][:3] and set(result["sensitivity"]["order"][:3]) == {
+        "bbox_head.conv_cls", "bbox_head.conv_reg", "bbox_head.conv_centerness"}
+    fb = {f["base"].split("|")[0] + "|" + f["base"].split("|")[1]: f for f in result["fallback"]}
+    ort_fb = fb["onnxruntime|ort-qdq-u8s8-minmax-pc"]
+    assert ort_fb["steps"], ort_fb
+    first = ort_fb["steps"][0]
+    assert set(first["float_groups"]) == {"bbox_head.conv_cls", "bbox_head.conv_reg", "bbox_head.conv_centerness"}
+    trial = next(t for t in result["trials"] if t["key"] == first["key"])
+    assert len(trial["float_nodes"]) == 15  # 3 convs x 5 FPN levels
+    model = onnx.load(str(tuned["out"] / trial["model"]))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    convs = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
+    for name in trial["float_nodes"]:
+        w = convs[name].input[1]
+        assert w not in producers or producers[w].op_type != "DequantizeLinear", name
+    quantized = [n for n in convs.values() if n.name not in trial["float_nodes"] and n.name.startswith("/network/")]
+    assert quantized and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in quantized)
+    assert "nncf" in " ".join(fb)  # OpenVINO int8 got its fallback too
+    assert ort_fb["stopped"]
+
+
+def test_tight_budget_chooses_no_drop(tiny, tuned, monkeypatch) -> None:
+    """Budget 0: the finished trials are reused, and the choice has no mAP drop at all."""
+    monkeypatch.setattr(Tuner, "bench", _fake_bench)
+    result = tune(_opts(tiny, tuned["out"], max_map_drop=0.0))
+    chosen = result["chosen"]
+    assert chosen["map_drop"] <= 0.0 + 1e-9
+    over = [t for t in result["trials"] if t["precision"] == "int8" and t["map_drop"] > 0]
+    assert over and all(not t["within_budget"] for t in over)
+    tune(_opts(tiny, tuned["out"]))  # restore the 0.3 choice for the tests that follow
+
+
+def test_resume_skips_finished_trials(tiny, tuned, monkeypatch) -> None:
+    before = {t["key"]: t for t in json.loads((tuned["out"] / TUNE_FILE).read_text())["trials"]}
+
+    def no_bench(self, engine, batch_size):
+        raise AssertionError("a finished trial was run again")
+
+    monkeypatch.setattr(Tuner, "bench", no_bench)
+    result = tune(_opts(tiny, tuned["out"]))
+    after = {t["key"]: t for t in result["trials"]}
+    assert after.keys() == before.keys()
+    assert all(after[k]["ms_per_img"] == before[k]["ms_per_img"] for k in before)
+    assert result["chosen"]["key"] == tuned["result"]["chosen"]["key"]
+
+
+def test_time_budget_stops_the_search(tiny, tmp_path, capsys) -> None:
+    out = tmp_path / "short"
+    code = main(["tune", "--model", str(tiny["model"]), "--images", str(tiny["images"]), "--annotations", str(tiny["ann"]),
+                 "--output", str(out), "--eval-images", str(N_IMAGES), "--calib-images", str(N_IMAGES),
+                 "--time-budget", "0.01", "--bench-runs", "3", "--bench-seconds", "0.2"])
+    assert code == EXIT_SKIPS
+    result = json.loads((out / TUNE_FILE).read_text())
+    assert [t["key"] for t in result["trials"]] == [result["reference"]["key"]]
+    assert result["skipped"] and all(s["reason"] == "time budget" for s in result["skipped"])
+    assert result["chosen"]["key"] == result["reference"]["key"]
+    assert (out / "best" / "artifact.json").is_file()
+    printed = capsys.readouterr().out
+    assert "chosen:" in printed and "not tried" in printed
+
+
+def test_artifact_runs_with_infer_and_gives_the_recorded_map(tiny, tuned, tmp_path) -> None:
+    from fcos_offline.evaluate.postprocess import postprocess
+
+    best = tuned["out"] / "best"
+    chosen = tuned["result"]["chosen"]
+    dumps = tmp_path / "dumps"
+    code = main(["infer", "--model", str(best), "--images", str(tiny["images"]), "--output", str(dumps),
+                 "--batch-size", str(chosen["batch_size"])])
+    assert code == 0
+    summary = json.loads((dumps / "summary.json").read_text())
+    assert summary["engine"]["engine"] == chosen["engine"]  # taken from artifact.json, not --engine's default
+    assert summary["engine"]["threads"] == chosen["threads"]
+    ev = postprocess(dumps, tiny["root"] / "jpg.info", tmp_path / "eval", tiny["ann"], *CANVAS, class_names=[str(i) for i in range(6)])
+    assert ev["bbox_mAP"] == pytest.approx(chosen["bbox_mAP"], abs=1e-9)
+
+
+def test_tuned_options_fill_only_defaults() -> None:
+    artifact = {"engine": "openvino", "engine_options": {"threads": 2, "precision": "bf16", "ort_opt_level": "all", "inter_op_threads": None}}
+    opts = tuned_options(EngineOptions(), artifact)
+    assert (opts.engine, opts.threads, opts.precision) == ("openvino", 2, "bf16")
+    mine = tuned_options(EngineOptions(engine="openvino", threads=1, precision="fp16"), artifact)
+    assert (mine.threads, mine.precision) == (1, "fp16")
+    assert tuned_options(EngineOptions(threads=3), {"engine": "onnxruntime"}).threads == 3  # a convert artifact: untouched
+
+
+def test_usage_errors(tiny, tmp_path, capsys) -> None:
+    assert main(["tune", "--model", str(tiny["model"]), "--output", str(tmp_path / "x")]) == EXIT_USAGE
+    assert main(["tune", "--coco", str(tmp_path), "--output", str(tmp_path / "x")]) == EXIT_USAGE
+    assert main(["tune", "--model", str(tiny["model"]), "--images", str(tiny["images"]), "--annotations", str(tiny["ann"]),
+                 "--max-map-drop", "-1", "--output", str(tmp_path / "x")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_demo_model_tune_within_budget(tmp_path) -> None:
+    """The shipped demo model on the demo data with the default search (timing shortened)."""
+    from fcos_offline.report.run import DEMO_CHECKPOINT
+
+    if not DEMO_CHECKPOINT.is_file():
+        pytest.skip("the demo model is not shipped yet")
+    result = tune(TuneOptions(output=str(tmp_path / "demo"), bench_runs=4, bench_seconds=2, threads=(2,), confirm_top=2))
+    chosen = result["chosen"]
+    assert chosen["verified"] and chosen["map_drop"] <= 0.3
+    assert result["reference"]["bbox_mAP"] >= 0.5  # the shipped model is a real detector on its data
+    int8 = [t for t in result["trials"] if t["precision"] == "int8"]
+    assert {t["engine"] for t in int8} == {"onnxruntime", "openvino"}
+    assert any(t["within_budget"] for t in int8)  # some int8 configuration holds the 0.3-point budget
+    assert chosen["speedup_vs_reference"] >= 1.0
