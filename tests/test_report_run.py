@@ -108,3 +108,20 @@ def test_usage_errors(capsys) -> None:
     assert main(["run", "--coco", "/nonexistent"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["run", "--batch-sizes", "0", "--num-images", "1"]) == 2
+
+
+def test_run_takes_a_converted_artifact(tmp_path: Path) -> None:
+    """--model: the offline engines run a 'convert'/'tune' artifact; its engine comes from artifact.json."""
+    from fcos_offline.engine.convert import convert
+
+    sample = shared_data_dir()
+    ckpt = save_mmdet_ckpt(make_fcos(seed=5), tmp_path / "m.pth")
+    common = dict(checkpoint=str(ckpt), coco=str(sample), shape=(192, 320), batch_sizes=(2,), online=False, num_images=4)
+    first = run(RunOptions(**common, engines=("onnxruntime",), workdir=str(tmp_path / "a")))
+    artifact = tmp_path / "ov_bs2"
+    convert(first["onnx"], "openvino", artifact, batch_size=2)
+    second = run(RunOptions(**common, model=str(artifact), workdir=str(tmp_path / "b")))
+    (entry,) = second["entries"]
+    assert entry["engine"] == "openvino" and second["offline_model"] == str(artifact)
+    assert entry["engine_info"]["model"].endswith("model.xml")
+    assert abs(entry["bbox_mAP"] - first["entries"][0]["bbox_mAP"]) <= 0.001

@@ -12,7 +12,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fcos_offline.report.run import RunOptions, run
 
     opts = RunOptions(
-        checkpoint=args.checkpoint, coco=args.coco, images=args.images, annotations=args.annotations,
+        checkpoint=args.checkpoint, model=args.model, coco=args.coco, images=args.images, annotations=args.annotations,
         shape=tuple(args.shape) if args.shape else None, batch_sizes=tuple(args.batch_sizes), engines=tuple(args.engines),
         precision=args.precision, workdir=args.workdir, num_images=args.num_images, online=not args.no_online,
         write_bins=args.write_bins, threads=args.threads, vis_images=args.vis_images, overrides=overrides_from_args(args),
@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flag(p, "--checkpoint", help="FCOS checkpoint (mmdet or torchvision); default: the embedded demo model")
+    add_flag(p, "--model", help="run the offline engines on this artifact ('convert' or 'tune' output folder, .onnx or .xml) "
+             "instead of the checkpoint's export; the online baseline still runs the checkpoint")
     add_flag(p, "--coco", help="COCO folder with val2017/ and annotations/instances_val2017.json")
     add_flag(p, "--images", help="image folder (instead of --coco; needs --annotations)")
     add_flag(p, "--annotations", help="COCO instances JSON, or a folder holding one")

@@ -32,6 +32,7 @@ class RunOptions:
     """Everything ``run`` needs; the defaults run the embedded demo."""
 
     checkpoint: str | None = None
+    model: str | None = None
     coco: str | None = None
     images: str | None = None
     annotations: str | None = None
@@ -277,8 +278,6 @@ def run(opts: RunOptions) -> dict[str, Any]:
         shape = tuple(opts.shape or DEMO_CANVAS)
     else:
         shape = tuple(opts.shape or (800, 1333))
-    if any(b < 1 for b in opts.batch_sizes):
-        raise UsageError("batch sizes must be >= 1")
     root = Path(opts.workdir or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     root.mkdir(parents=True, exist_ok=True)
     paths = _Paths(root)
@@ -291,14 +290,22 @@ def run(opts: RunOptions) -> dict[str, Any]:
         jpg_info, run_items = _write_info_files(items, paths, shape, opts.write_bins)
         onnx_path, export_result = _export(checkpoint, paths, shape, opts.overrides)
         class_names = _class_names(export_result.get("metadata_class_names"), onnx_path, ann_file)
-        configs = [("offline", e, b) for e in opts.engines for b in opts.batch_sizes]
+        offline_model, engines, model_precision = onnx_path, opts.engines, None
+        if opts.model:  # a convert/tune artifact (or another ONNX/IR) replaces the exported model offline
+            from fcos_offline.engine.backends import resolve_model
+
+            artifact = resolve_model(opts.model).artifact
+            offline_model = Path(opts.model)
+            engines = (artifact["engine"],) if artifact.get("engine") else opts.engines
+            model_precision = artifact.get("precision")
+        configs = [("offline", e, b) for e in engines for b in opts.batch_sizes]
         if opts.online:
             configs += [("online", "torch", b) for b in opts.batch_sizes]
         entries = []
         first_eval = True
         for mode, engine_name, bs in configs:
             tag = f"{mode}_{engine_name}_bs{bs}"
-            model = checkpoint if engine_name == "torch" else onnx_path
+            model = checkpoint if engine_name == "torch" else offline_model
             engine = open_engine(model, EngineOptions(engine_name, "cpu", opts.threads,
                                                       "fp32" if engine_name == "torch" else opts.precision, bs),
                                  shape, opts.overrides)
@@ -308,7 +315,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
             first_eval = False
             lat = s.latency_ms
             entries.append({
-                "mode": mode, "engine": engine_name, "precision": engine.describe().get("execution_precision", engine.options.precision),
+                "mode": mode, "engine": engine_name,
+                "precision": (model_precision if mode == "offline" and model_precision else
+                              engine.describe().get("execution_precision", engine.options.precision)),
                 "batch_size": bs, "bbox_mAP": ev["bbox_mAP"], "bbox_mAP_50": ev["bbox_mAP_50"], "bbox_mAP_75": ev["bbox_mAP_75"],
                 "fps": s.throughput_fps, "engine_fps": s.infer_fps,
                 "latency_ms_p50": lat["e2e"]["median"], "latency_ms_p99": lat["e2e"]["p99"],
@@ -321,6 +330,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         report = write_report(paths.root, entries, {
             "checkpoint": str(checkpoint), "demo": demo, "images": str(images), "annotations": str(ann_file),
             "shape": list(shape), "num_images": len(items), "export": export_result, "onnx": str(onnx_path),
+            "offline_model": str(offline_model),
             "streaming": not opts.write_bins, "versions": _versions(), "cpu": _cpu_name(), "cores": os.cpu_count(),
             "missing_images": missing_images,
         }, opts.vis_images)
