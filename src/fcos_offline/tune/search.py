@@ -322,9 +322,24 @@ class Tuner:
                 images_dir, ann = Path(o.images), find_annotation_file(o.annotations)  # type: ignore[arg-type]
             calib_pool = None
             description = f"{images_dir}: first {n_eval} annotated images (by file name) for mAP"
-        data = json.loads(Path(ann).read_text())
-        annotated = sorted(data["images"], key=lambda i: i["file_name"])
-        annotated = [i for i in annotated if (Path(images_dir) / i["file_name"]).is_file()]
+        from fcos_offline.data.preprocess import read_image as _read
+        from fcos_offline.errors import BadFileError
+        from fcos_offline.evaluate.coco import load_annotations
+
+        data = load_annotations(ann)  # validated: a malformed file is one clear error
+        annotated = []
+        for img in sorted(data["images"], key=lambda i: i["file_name"]):
+            path = Path(images_dir) / img["file_name"]
+            try:
+                if not path.is_file():
+                    raise BadFileError(path, "annotated image is missing")
+                if len(annotated) < n_eval:
+                    _read(path)
+            except BadFileError as exc:
+                warn(f"skipped {exc.path}: {exc.problem} (left out of the tuning evaluation)")
+                self.skipped.append({"key": exc.path, "reason": exc.problem})
+                continue
+            annotated.append(img)
         if not annotated:
             raise FcosError(f"no annotated images found in {images_dir}")
         keep = annotated[:n_eval]
