@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fcos_offline.errors import FcosError, UsageError, require
-from fcos_offline.export.metadata import read_metadata
+from fcos_offline.export.metadata import copy_metadata, read_metadata
 
 
 def _fix_batch(model, batch_size: int):
@@ -75,7 +75,7 @@ def convert(model: str | Path, engine: str, output: str | Path, batch_size: int 
         so.optimized_model_filepath = str(out / "model.onnx")
         ort.InferenceSession(str(fixed), so, providers=["CPUExecutionProvider"])
         model_file, version = "model.onnx", ort.__version__
-        _copy_metadata(src, out / model_file)
+        copy_metadata(src, out / model_file)
     elif engine == "openvino":
         ov = require("openvino", "openvino")
         if precision not in ("fp32", "fp16"):
@@ -94,14 +94,3 @@ def convert(model: str | Path, engine: str, output: str | Path, batch_size: int 
     }
     (out / "artifact.json").write_text(json.dumps(artifact, indent=2))
     return artifact
-
-
-def _copy_metadata(src: Path, dst: Path) -> None:
-    import onnx
-
-    meta = onnx.load(str(src), load_external_data=False).metadata_props
-    model = onnx.load(str(dst))
-    del model.metadata_props[:]
-    for p in meta:
-        model.metadata_props.add(key=p.key, value=p.value)
-    onnx.save(model, str(dst))

@@ -25,3 +25,15 @@ def read_metadata(model_path: str | Path) -> dict[str, Any]:
 
     model = onnx.load(str(model_path), load_external_data=False)
     return {p.key[len(META_PREFIX) :]: json.loads(p.value) for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+
+
+def copy_metadata(src: str | Path, dst: str | Path) -> None:
+    """Give ``dst`` the metadata of ``src`` (after a tool rewrote the graph and dropped it)."""
+    import onnx
+
+    meta = onnx.load(str(src), load_external_data=False).metadata_props
+    model = onnx.load(str(dst))
+    del model.metadata_props[:]
+    for p in meta:
+        model.metadata_props.add(key=p.key, value=p.value)
+    onnx.save(model, str(dst))

@@ -38,6 +38,7 @@ import numpy as np
 
 from fcos_offline.data.preprocess import preprocess_image, read_image
 from fcos_offline.errors import FcosError, require
+from fcos_offline.export.metadata import copy_metadata
 
 HEAD_FINAL = ("conv_cls", "conv_reg", "conv_centerness")
 """The head's last convolutions (logits, box distances, centerness): first to go back to float."""
@@ -283,19 +284,8 @@ def ort_quantize(
         )
     finally:
         root.setLevel(level)
-    _copy_onnx_metadata(src, dst)
+    copy_metadata(src, dst)
     return dst
-
-
-def _copy_onnx_metadata(src: Path, dst: Path) -> None:
-    import onnx
-
-    meta = onnx.load(str(src), load_external_data=False).metadata_props
-    model = onnx.load(str(dst))
-    del model.metadata_props[:]
-    for p in meta:
-        model.metadata_props.add(key=p.key, value=p.value)
-    onnx.save(model, str(dst))
 
 
 # --------------------------------------------------------------------------- OpenVINO / NNCF
