@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
 
 ENGINES = {
     "torch": ("torch", "fp32"),
@@ -72,59 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- the model
 
 
-def build_r50(seed: int, calib_hw: tuple[int, int]):
-    """FCOS-R50 (mmdet R50-caffe layout) with random weights, BN statistics and head calibrated on a sample."""
-    import torch
-
-    from fcos_offline.export.onnx_export import sample_input
-    from fcos_offline.model.config import FCOSConfig
-    from fcos_offline.model.fcos import FCOS, FrozenBatchNorm2d
-
-    torch.manual_seed(seed)
-    model = FCOS(FCOSConfig()).eval()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(sample_input(1, *calib_hw, seed=seed))
-    bns = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
-
-    def rand(n: int, lo: float, hi: float):
-        return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-    def bn_hook(module, inputs):  # running stats from the real input statistics, perturbed
-        t = inputs[0].detach()
-        mean, var = t.mean(dim=(0, 2, 3)), t.var(dim=(0, 2, 3)) + 1e-3
-        n = mean.numel()
-        module.weight.copy_(rand(n, 0.5, 1.5))
-        module.bias.copy_(rand(n, -0.3, 0.3))
-        module.running_mean.copy_(mean + rand(n, -0.5, 0.5) * var.sqrt())
-        module.running_var.copy_(var * rand(n, 0.5, 2.0))
-
-    handles = [bn.register_forward_pre_hook(bn_hook) for bn in bns]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-
-    # head: cls logits ~ N(-5, 2) (a realistic few percent of candidates above the 0.05 threshold for
-    # NMS to work on), centerness ~ N(0, 1.5), box distances exp(N(3.2, 0.35)) ~ 10-100 px
-    head = model.bbox_head
-    captured: dict[str, list] = {"cls": [], "ctr": [], "reg": []}
-    hooks = [getattr(head, f"conv_{k}").register_forward_hook(lambda m, i, o, k=k: captured[k].append(o.detach()))
-             for k in ("cls", "reg")]
-    hooks.append(head.conv_centerness.register_forward_hook(lambda m, i, o: captured["ctr"].append(o.detach())))
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        for conv, key, std, mean in ((head.conv_cls, "cls", 2.0, -5.0), (head.conv_centerness, "ctr", 1.5, 0.0),
-                                     (head.conv_reg, "reg", 0.35, 3.2)):
-            flat = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in captured[key]], dim=1)
-            k = std / flat.std(dim=1).clamp_min(1e-6)
-            conv.weight.mul_(k.reshape(-1, 1, 1, 1))
-            conv.bias.copy_(mean - flat.mean(dim=1) * k)
-    return model
-
-
 def prepare_models(args, workdir: Path) -> dict[tuple[int, int], dict[str, str]]:
     """Per size: the checkpoint (torch engine) and a dynamic-batch ONNX export (other engines)."""
     import torch
@@ -132,7 +80,11 @@ def prepare_models(args, workdir: Path) -> dict[tuple[int, int], dict[str, str]]
     from fcos_offline.export.onnx_export import export_onnx
     from fcos_offline.model.checkpoint import mmdet_state_dict
 
-    network = build_r50(args.seed, min(args.sizes))
+    from fcos_offline.export.onnx_export import sample_input
+
+    # cls logits N(-5, 2): a few percent of candidates above the 0.05 threshold for NMS to work on
+    calib = sample_input(1, *min(args.sizes), seed=args.seed)
+    network = build_r50(args.seed, calib, cls_mean=-5.0, cls_std=2.0, cls_jitter=0.0, he_init=False)
     ckpt = workdir / "fcos_r50_random.pth"
     torch.save({"state_dict": mmdet_state_dict(network), "meta": {}}, ckpt)
     files = {}

@@ -37,65 +37,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
-
-
-def build_r50(seed: int, calib: np.ndarray):
-    """FCOS-R50 (mmdet caffe, no-GN head, 80 classes), random weights, realistic BN and head statistics."""
-    import torch
-
-    from fcos_offline.model.config import FCOSConfig
-    from fcos_offline.model.fcos import FCOS, FrozenBatchNorm2d
-
-    torch.manual_seed(seed)
-    model = FCOS(FCOSConfig()).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):  # He init keeps activations in range through 50 layers
-            torch.nn.init.kaiming_normal_(m.weight, generator=gen, nonlinearity="relu")
-    bns = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
-
-    def rand(n, lo, hi):
-        return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-    def pre_hook(module, inputs):
-        x = inputs[0].detach()
-        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3)) + 1e-3
-        n = mean.numel()
-        module.weight.copy_(rand(n, 0.5, 1.5))
-        module.bias.copy_(rand(n, -0.3, 0.3))
-        module.running_mean.copy_(mean + rand(n, -0.5, 0.5) * var.sqrt())
-        module.running_var.copy_(var * rand(n, 0.5, 2.0))
-
-    x = torch.from_numpy(calib)
-    handles = [bn.register_forward_pre_hook(pre_hook) for bn in bns]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    head = model.bbox_head
-    captured: dict[str, list] = {"cls": [], "ctr": [], "reg": []}
-    hooks = [head.conv_cls.register_forward_hook(lambda m, i, o: captured["cls"].append(o)),
-             head.conv_centerness.register_forward_hook(lambda m, i, o: captured["ctr"].append(o)),
-             head.conv_reg.register_forward_hook(lambda m, i, o: captured["reg"].append(o))]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        # cls logits ~ N(-5.5, 0.8): ~0.1 % of (point, class) pairs pass the 0.05 score threshold, a few hundred
-        # NMS candidates per 800x1333 image, like a trained model (N(-5, 2) would send tens of thousands to NMS)
-        for conv, name, std, mean in ((head.conv_cls, "cls", 0.8, -5.5 + 0.3 * torch.randn(80, generator=gen)),
-                                      (head.conv_centerness, "ctr", 1.5, torch.zeros(1)),
-                                      (head.conv_reg, "reg", 0.35, torch.full((4,), 3.2))):
-            flat = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in captured[name]], dim=1)
-            m, s = flat.mean(dim=1), flat.std(dim=1).clamp_min(1e-6)
-            k = std / s
-            conv.weight.mul_(k.reshape(-1, 1, 1, 1))
-            conv.bias.copy_(mean - m * k + conv.bias * k)
-    return model
 
 
 def candidates_per_image(model, x: np.ndarray) -> float:
