@@ -25,6 +25,7 @@ reproduces; writes everything to ``bench/results/engines.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -77,10 +78,8 @@ def prepare_models(args, workdir: Path) -> dict[tuple[int, int], dict[str, str]]
     """Per size: the checkpoint (torch engine) and a dynamic-batch ONNX export (other engines)."""
     import torch
 
-    from fcos_offline.export.onnx_export import export_onnx
+    from fcos_offline.export.onnx_export import export_onnx, sample_input
     from fcos_offline.model.checkpoint import mmdet_state_dict
-
-    from fcos_offline.export.onnx_export import sample_input
 
     # cls logits N(-5, 2): a few percent of candidates above the 0.05 threshold for NMS to work on
     calib = sample_input(1, *min(args.sizes), seed=args.seed)
@@ -106,35 +105,40 @@ def time_engine(name: str, files: dict[str, str], hw: tuple[int, int], batch: np
 
     engine_name, precision = ENGINES[name]
     options = EngineOptions(engine_name, "cpu", args.threads, precision, batch_size=len(batch))
+    from fcos_offline.engine.timing import run_timed, time_engine
+
     t0 = time.perf_counter()
     model = files["checkpoint"] if engine_name == "torch" else files["onnx"]
-    engine = open_engine(model, options, shape=hw)
-    load_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        engine.run(batch)
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        dets, labels = engine.run(batch)
-        times.append(time.perf_counter() - t0)
-    described = engine.describe()
-    del engine
+    with open_engine(model, options, shape=hw) as engine:
+        load_s = time.perf_counter() - t0
+        times = time_engine(engine, batch, warmup=args.warmup, runs=args.repeats).seconds
+        dets, labels, _ = run_timed(engine, batch)
+        described = engine.describe()
     b = len(batch)
     return {
-        "engine": name, "library": described["engine"], "version": described["version"],
-        "precision_asked": precision, "execution_precision": described.get("execution_precision", "fp32"),
-        "height": hw[0], "width": hw[1], "batch_size": b, "repeats": args.repeats, "warmup": args.warmup,
-        "load_s": load_s, "batch_ms": [t * 1000 for t in times],
-        "ms_per_img": statistics.median(times) * 1000 / b, "ms_per_img_min": min(times) * 1000 / b,
-        "detections": int((labels >= 0).sum()), "_out": (dets, labels),
+        "engine": name,
+        "library": described["engine"],
+        "version": described["version"],
+        "precision_asked": precision,
+        "execution_precision": described.get("execution_precision", "fp32"),
+        "height": hw[0],
+        "width": hw[1],
+        "batch_size": b,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "load_s": load_s,
+        "batch_ms": [t * 1000 for t in times],
+        "ms_per_img": statistics.median(times) * 1000 / b,
+        "ms_per_img_min": min(times) * 1000 / b,
+        "detections": int((labels >= 0).sum()),
+        "_out": (dets, labels),
     }
 
 
 def machine() -> dict:
     import onnxruntime
 
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "onnxruntime": onnxruntime.__version__}
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__}
     try:
         cpu = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), "?")
@@ -148,17 +152,15 @@ def machine() -> dict:
             info[mod] = getattr(m, "__version__", None) or m.get_version()
         except ImportError:
             info[mod] = None
-    try:
+    with contextlib.suppress(OSError):
         info["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
     return info
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fcos_offline.evaluate.match import match_batches
     from fcos_offline.export.onnx_export import sample_input
+    from fcos_offline.model.match import match_batches
 
     work_ctx = tempfile.TemporaryDirectory(prefix="fcos_bench_") if args.workdir is None else None
     workdir = Path(args.workdir or work_ctx.name)
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
                 print(f"  {hw[0]}x{hw[1]} bs{b} {name} ...", end=" ", flush=True)
                 try:
                     row = time_engine(name, files[hw], hw, batch, args)
-                except Exception as exc:  # noqa: BLE001 - report and go on with the other configurations
+                except Exception as exc:
                     print(f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
                     rows.append({"engine": name, "height": hw[0], "width": hw[1], "batch_size": b, "error": str(exc)[:500]})
                     continue
@@ -198,8 +200,9 @@ def main(argv=None) -> int:
             r["speedup_vs_ort"] = ort[key] / r["ms_per_img"]
 
     print()
-    header = (f"{'canvas':>9} {'bs':>3} {'engine':<7} {'exec':<5} {'ms/img':>8} {'min':>8} {'x ORT time':>10} {'speed-up':>8} "
-              f"{'match':>7} {'loose':>7}")
+    header = (
+        f"{'canvas':>9} {'bs':>3} {'engine':<7} {'exec':<5} {'ms/img':>8} {'min':>8} {'x ORT time':>10} {'speed-up':>8} {'match':>7} {'loose':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -211,18 +214,31 @@ def main(argv=None) -> int:
         speed = f"{r['speedup_vs_ort']:.2f}x" if "speedup_vs_ort" in r else "-"
         match = f"{r['match_vs_torch']:.1%}" if "match_vs_torch" in r else "-"
         loose = f"{r['match_vs_torch_loose']:.1%}" if "match_vs_torch_loose" in r else "-"
-        print(f"{canvas:>9} {r['batch_size']:>3} {r['engine']:<7} {r['execution_precision']:<5} {r['ms_per_img']:>8.1f} "
-              f"{r['ms_per_img_min']:>8.1f} {ratio:>10} {speed:>8} {match:>7} {loose:>7}")
-    print("ms/img: median of the timed runs / batch; x ORT time: ms/img over ORT default's (lower is faster); "
-          "match: share of PyTorch's detections reproduced (IoU > 0.999, |d score| <= 1e-4; loose: IoU > 0.9, 1e-2)")
+        print(
+            f"{canvas:>9} {r['batch_size']:>3} {r['engine']:<7} {r['execution_precision']:<5} {r['ms_per_img']:>8.1f} "
+            f"{r['ms_per_img_min']:>8.1f} {ratio:>10} {speed:>8} {match:>7} {loose:>7}"
+        )
+    print(
+        "ms/img: median of the timed runs / batch; x ORT time: ms/img over ORT default's (lower is faster); "
+        "match: share of PyTorch's detections reproduced (IoU > 0.999, |d score| <= 1e-4; loose: IoU > 0.9, 1e-2)"
+    )
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"model": "FCOS-R50 (mmdet R50-caffe layout, random weights, calibrated BN/head), NMS in graph",
-              "machine": machine(), "settings": {"sizes": [list(s) for s in args.sizes], "batches": args.batches,
-                                                 "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-                                                 "engines": args.engines},
-              "results": rows, "total_s": time.perf_counter() - t_start}
+    report = {
+        "model": "FCOS-R50 (mmdet R50-caffe layout, random weights, calibrated BN/head), NMS in graph",
+        "machine": machine(),
+        "settings": {
+            "sizes": [list(s) for s in args.sizes],
+            "batches": args.batches,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "engines": args.engines,
+        },
+        "results": rows,
+        "total_s": time.perf_counter() - t_start,
+    }
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out} ({report['total_s']:.0f} s in all)")
     if work_ctx is not None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def build_r50(seed: int, calib: np.ndarray, cls_mean: float = -5.5, cls_std: float = 0.8,
-              cls_jitter: float = 0.3, he_init: bool = True):
+def build_r50(seed: int, calib: np.ndarray, cls_mean: float = -5.5, cls_std: float = 0.8, cls_jitter: float = 0.3, he_init: bool = True):
     """Eval-mode FCOS-R50 calibrated on ``calib`` (``[B,3,H,W]`` preprocessed float32)."""
     import torch
 
@@ -47,9 +46,11 @@ def build_r50(seed: int, calib: np.ndarray, cls_mean: float = -5.5, cls_std: flo
         h.remove()
     head = model.bbox_head
     captured: dict[str, list] = {"cls": [], "ctr": [], "reg": []}
-    hooks = [head.conv_cls.register_forward_hook(lambda m, i, o: captured["cls"].append(o)),
-             head.conv_centerness.register_forward_hook(lambda m, i, o: captured["ctr"].append(o)),
-             head.conv_reg.register_forward_hook(lambda m, i, o: captured["reg"].append(o))]
+    hooks = [
+        head.conv_cls.register_forward_hook(lambda m, i, o: captured["cls"].append(o)),
+        head.conv_centerness.register_forward_hook(lambda m, i, o: captured["ctr"].append(o)),
+        head.conv_reg.register_forward_hook(lambda m, i, o: captured["reg"].append(o)),
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:

@@ -53,18 +53,10 @@ def candidates_per_image(model, x: np.ndarray) -> float:
 
 
 def bench(engine, x: np.ndarray, runs: int, seconds: float, warmup: int = 2) -> float:
-    """Median ms per image."""
-    for _ in range(warmup):
-        engine.run(x)
-    times = []
-    end = time.perf_counter() + seconds
-    while len(times) < runs:
-        t0 = time.perf_counter()
-        engine.run(x)
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 3 and time.perf_counter() > end:
-            break
-    return float(np.median(times)) * 1000.0 / x.shape[0]
+    """Median ms per image, through the library's one timing loop (as tune times its trials)."""
+    from fcos_offline.engine.timing import time_engine
+
+    return time_engine(engine, x, warmup=warmup, runs=runs, max_seconds=seconds).ms_per_img
 
 
 def main(argv=None) -> int:
@@ -86,6 +78,7 @@ def main(argv=None) -> int:
 
     from fcos_offline.data.preprocess import list_images
     from fcos_offline.engine.backends import EngineOptions, open_engine
+    from fcos_offline.engine.backends.openvino import onnx_to_ir
     from fcos_offline.export.onnx_export import export_onnx
     from fcos_offline.tune import quantize as q
 
@@ -100,9 +93,12 @@ def main(argv=None) -> int:
     report: dict = {"cpu_threads": args.threads, "cores": nproc, "calibration_images": len(paths), "sizes": {}}
     report["demo"] = demo_recipe(Path(args.demo_tune) if args.demo_tune else work / "demo", args, run=not args.demo_tune)
     recipe = report["demo"]["candidate"]
-    print(f"recipe (the demo model's choice): {report['demo']['label']}, threads {recipe['threads'] or 'auto'}, "
-          f"batch {recipe['batch_size']}, float groups {recipe['float_groups'] or '-'}; demo mAP drop "
-          f"{report['demo']['map_drop']:+.2f} points", flush=True)
+    print(
+        f"recipe (the demo model's choice): {report['demo']['label']}, threads {recipe['threads'] or 'auto'}, "
+        f"batch {recipe['batch_size']}, float groups {recipe['float_groups'] or '-'}; demo mAP drop "
+        f"{report['demo']['map_drop']:+.2f} points",
+        flush=True,
+    )
     for size in args.sizes:
         h, w = (int(v) for v in size.split("x"))
         tag = f"{h}x{w}"
@@ -120,13 +116,16 @@ def main(argv=None) -> int:
             del model
         cands = json.loads((d / "candidates.json").read_text())["per_image"] if (d / "candidates.json").is_file() else None
         print(f"[{tag}] {cands} (point, class) pairs above the 0.05 score threshold per image (NMS input)", flush=True)
-        ir = q.openvino_ir(onnx_path, d / "openvino-fp32" / "model.xml")
+        ir = onnx_to_ir(onnx_path, d / "openvino-fp32" / "model.xml")
         quant_s: dict[str, float] = {}
         pre = q.preprocess_for_ort(onnx_path, d / "ort-preprocessed.onnx")
         ort_models = {}
         if not args.quick:
-            for cfg in (q.OrtQuantConfig(activation_type="s8"), q.OrtQuantConfig(activation_type="u8"),
-                        q.OrtQuantConfig(activation_type="u8", quant_format="qoperator")):
+            for cfg in (
+                q.OrtQuantConfig(activation_type="s8"),
+                q.OrtQuantConfig(activation_type="u8"),
+                q.OrtQuantConfig(activation_type="u8", quant_format="qoperator"),
+            ):
                 dst = d / f"ort-qdq-{cfg.tag()}" / "model.onnx"
                 t0 = time.perf_counter()
                 if not dst.is_file():
@@ -137,14 +136,14 @@ def main(argv=None) -> int:
 
         rows = []
 
-        def measure(name: str, model, options, x=x1, group: str = "") -> float:
-            engine = open_engine(model, options)
-            ms = bench(engine, x, args.runs, args.seconds)
-            prec = engine.describe().get("execution_precision", options.precision)
-            rows.append({"config": name, "group": group, "ms_per_img": ms, "batch_size": x.shape[0],
-                         "threads": options.threads, "execution_precision": prec})
+        def measure(name: str, model, options, x=x1, group: str = "", rows=rows, tag=tag) -> float:
+            with open_engine(model, options) as engine:
+                ms = bench(engine, x, args.runs, args.seconds)
+                prec = engine.execution_precision()
+            rows.append(
+                {"config": name, "group": group, "ms_per_img": ms, "batch_size": x.shape[0], "threads": options.threads, "execution_precision": prec}
+            )
             print(f"[{tag}] {name:52s} {ms:8.1f} ms/img", flush=True)
-            del engine
             return ms
 
         ort_default = measure("ONNX Runtime default (fp32)", onnx_path, EngineOptions(), group="ort_default")
@@ -159,49 +158,77 @@ def main(argv=None) -> int:
         base = recipe_options(recipe)
         threads = sorted({args.threads, max(1, args.threads // 2)}, reverse=True)
         for th in threads:
-            for x in ((x1, x4) if not args.quick else (x1,)):
+            for x in (x1, x4) if not args.quick else (x1,):
                 opts = dataclasses.replace(base, threads=th, batch_size=x.shape[0])
                 measure(f"tuned recipe, {th} thr, bs{x.shape[0]}", recipe_model, opts, x=x, group="tuned")
         if recipe["engine"] == "openvino" and not args.quick:
             other = "bf16" if base.precision == "fp32" else "fp32"
-            measure(f"  (recipe with {other} for the float ops, {args.threads} thr, bs1)", recipe_model,
-                    dataclasses.replace(base, threads=args.threads, precision=other, batch_size=1), group="info")
+            measure(
+                f"  (recipe with {other} for the float ops, {args.threads} thr, bs1)",
+                recipe_model,
+                dataclasses.replace(base, threads=args.threads, precision=other, batch_size=1),
+                group="info",
+            )
         tuned = min((r for r in rows if r["group"] == "tuned"), key=lambda r: r["ms_per_img"])
         ov_f32 = next((r["ms_per_img"] for r in rows if r["config"] == "OpenVINO f32"), None)
         summary = {
-            "ort_default_ms": ort_default, "ov_default_ms": ov_default, "ov_f32_ms": ov_f32,
-            "tuned_ms": tuned["ms_per_img"], "tuned": tuned["config"], "recipe": report["demo"]["label"],
+            "ort_default_ms": ort_default,
+            "ov_default_ms": ov_default,
+            "ov_f32_ms": ov_f32,
+            "tuned_ms": tuned["ms_per_img"],
+            "tuned": tuned["config"],
+            "recipe": report["demo"]["label"],
             "tuned_vs_ov_f32": ov_f32 / tuned["ms_per_img"] if ov_f32 else None,
-            "tuned_vs_ort_default": ort_default / tuned["ms_per_img"], "tuned_vs_ov_default": ov_default / tuned["ms_per_img"],
+            "tuned_vs_ort_default": ort_default / tuned["ms_per_img"],
+            "tuned_vs_ov_default": ov_default / tuned["ms_per_img"],
             "goal_met": ort_default / tuned["ms_per_img"] >= 3.5 and ov_default / tuned["ms_per_img"] >= 1.6,
-            "rows": rows, "quantization_s": quant_s, "nms_candidates_per_image": cands,
+            "rows": rows,
+            "quantization_s": quant_s,
+            "nms_candidates_per_image": cands,
         }
         report["sizes"][tag] = summary
-        print(f"[{tag}] ORT default {ort_default:.1f} ms/img, OpenVINO default {ov_default:.1f} ms/img, tuned {tuned['ms_per_img']:.1f} "
-              f"ms/img ({tuned['config']}): {summary['tuned_vs_ort_default']:.2f}x ORT default (goal 3.5x), "
-              f"{summary['tuned_vs_ov_default']:.2f}x OpenVINO default (goal 1.6x)"
-              + (f", {summary['tuned_vs_ov_f32']:.2f}x OpenVINO f32" if ov_f32 else ""), flush=True)
+        print(
+            f"[{tag}] ORT default {ort_default:.1f} ms/img, OpenVINO default {ov_default:.1f} ms/img, tuned {tuned['ms_per_img']:.1f} "
+            f"ms/img ({tuned['config']}): {summary['tuned_vs_ort_default']:.2f}x ORT default (goal 3.5x), "
+            f"{summary['tuned_vs_ov_default']:.2f}x OpenVINO default (goal 1.6x)"
+            + (f", {summary['tuned_vs_ov_f32']:.2f}x OpenVINO f32" if ov_f32 else ""),
+            flush=True,
+        )
 
     (work / "tune_bench.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {work / 'tune_bench.json'}")
-    print("\n| size | ORT default ms/img | OpenVINO default ms/img | OpenVINO f32 ms/img | tuned ms/img | vs ORT default | vs OpenVINO default | vs OpenVINO f32 |")
+    print(
+        "\n| size | ORT default ms/img | OpenVINO default ms/img | OpenVINO f32 ms/img | tuned ms/img | vs ORT default | vs OpenVINO default | vs OpenVINO f32 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for tag, s in report["sizes"].items():
         f32 = f"{s['ov_f32_ms']:.1f}" if s.get("ov_f32_ms") else "-"
         vs_f32 = f"{s['tuned_vs_ov_f32']:.2f}x" if s.get("tuned_vs_ov_f32") else "-"
-        print(f"| {tag} | {s['ort_default_ms']:.1f} | {s['ov_default_ms']:.1f} | {f32} | {s['tuned_ms']:.1f} | "
-              f"{s['tuned_vs_ort_default']:.2f}x | {s['tuned_vs_ov_default']:.2f}x | {vs_f32} |")
+        print(
+            f"| {tag} | {s['ort_default_ms']:.1f} | {s['ov_default_ms']:.1f} | {f32} | {s['tuned_ms']:.1f} | "
+            f"{s['tuned_vs_ort_default']:.2f}x | {s['tuned_vs_ov_default']:.2f}x | {vs_f32} |"
+        )
     for tag, s in report["sizes"].items():
         print(f"tuned at {tag}: {s['tuned']}")
     dm = report["demo"]
-    print(f"recipe: {dm['label']} (threads {dm['candidate']['threads'] or 'auto'}, batch {dm['candidate']['batch_size']}); "
-          f"demo model under it: mAP {dm['bbox_mAP']:.4f} vs fp32 {dm['reference_mAP']:.4f}, drop {dm['map_drop']:+.2f} points "
-          f"({dm['eval_images']} eval images){'' if dm['map_drop'] <= 0.3 else '  OVER the 0.3 budget'}")
+    print(
+        f"recipe: {dm['label']} (threads {dm['candidate']['threads'] or 'auto'}, batch {dm['candidate']['batch_size']}); "
+        f"demo model under it: mAP {dm['bbox_mAP']:.4f} vs fp32 {dm['reference_mAP']:.4f}, drop {dm['map_drop']:+.2f} points "
+        f"({dm['eval_images']} eval images){'' if dm['map_drop'] <= 0.3 else '  OVER the 0.3 budget'}"
+    )
     return 0
 
 
-DEFAULT_RECIPE = {"engine": "openvino", "build": "nncf:performance-bc", "exec_precision": "fp32", "float_groups": [],
-                  "threads": None, "inter_op_threads": None, "batch_size": 1, "opt_level": "all"}
+DEFAULT_RECIPE = {
+    "engine": "openvino",
+    "build": "nncf:performance-bc",
+    "exec_precision": "fp32",
+    "float_groups": [],
+    "threads": None,
+    "inter_op_threads": None,
+    "batch_size": 1,
+    "opt_level": "all",
+}
 
 
 def demo_recipe(folder: Path, args, run: bool) -> dict:
@@ -213,30 +240,43 @@ def demo_recipe(folder: Path, args, run: bool) -> dict:
     checkpoint = Path(args.demo_checkpoint or DEMO_CHECKPOINT)
     if run and not checkpoint.is_file():
         print(f"demo model {checkpoint} not found: timing the default recipe, its accuracy is not measured")
-        return {"label": "openvino int8 nncf performance-bc, fp32 rest (default recipe)", "candidate": DEFAULT_RECIPE,
-                "bbox_mAP": float("nan"), "reference_mAP": float("nan"), "map_drop": float("nan"), "eval_images": 0}
+        return {
+            "label": "openvino int8 nncf performance-bc, fp32 rest (default recipe)",
+            "candidate": DEFAULT_RECIPE,
+            "bbox_mAP": float("nan"),
+            "reference_mAP": float("nan"),
+            "map_drop": float("nan"),
+            "eval_images": 0,
+        }
     if run:
         print(f"tuning the demo model into {folder} (its choice is the recipe applied to the R50)", flush=True)
-        result = tune(TuneOptions(output=str(folder), eval_images=args.demo_eval_images, batch_sizes=(1, 4),
-                                  demo_checkpoint=str(checkpoint)))
+        result = tune(TuneOptions(output=str(folder), eval_images=args.demo_eval_images, batch_sizes=(1, 4), demo_checkpoint=str(checkpoint)))
     else:
         result = json.loads(path.read_text())
     chosen = result["chosen"]
-    return {"label": chosen["label"], "candidate": chosen["candidate"], "bbox_mAP": chosen["bbox_mAP"],
-            "reference_mAP": result["reference"]["bbox_mAP"], "map_drop": chosen["map_drop"],
-            "demo_speedup_vs_ort_default": chosen["speedup_vs_reference"], "eval_images": result["context"]["eval_images"],
-            "reason": chosen["reason"], "tune_json": str(path)}
+    return {
+        "label": chosen["label"],
+        "candidate": chosen["candidate"],
+        "bbox_mAP": chosen["bbox_mAP"],
+        "reference_mAP": result["reference"]["bbox_mAP"],
+        "map_drop": chosen["map_drop"],
+        "demo_speedup_vs_ort_default": chosen["speedup_vs_reference"],
+        "eval_images": result["context"]["eval_images"],
+        "reason": chosen["reason"],
+        "tune_json": str(path),
+    }
 
 
 def build_recipe(recipe: dict, onnx_path: Path, pre: Path, d: Path, images) -> Path:
     """The recipe's model for this network: same quantizer, options and float conv groups (by module name)."""
+    from fcos_offline.engine.backends.openvino import onnx_to_ir
     from fcos_offline.tune import quantize as q
-    from fcos_offline.tune.search import Candidate, _nncf_config, _ort_config
+    from fcos_offline.tune.space import Candidate, nncf_config, ort_config, parse_build
 
-    cand = Candidate(**recipe)
-    if cand.build == "fp32":
-        return onnx_path if cand.engine == "onnxruntime" else q.openvino_ir(onnx_path, d / "openvino-fp32" / "model.xml")
-    kind, tag = cand.build.split(":", 1)
+    cand = Candidate.from_dict(recipe)
+    kind, tag = parse_build(cand.build)
+    if kind == "fp32":
+        return onnx_path if cand.engine == "onnxruntime" else onnx_to_ir(onnx_path, d / "openvino-fp32" / "model.xml")
     src = pre if kind == "ort-qdq" else onnx_path
     groups = {g.name: g for g in q.conv_groups(src)}
     missing = [g for g in cand.float_groups if g not in groups]
@@ -249,22 +289,22 @@ def build_recipe(recipe: dict, onnx_path: Path, pre: Path, d: Path, images) -> P
         dst = folder / "model.xml"
         if not dst.is_file():
             print(f"[recipe] nncf.quantize {tag} ({len(images)} calibration images, {len(nodes)} conv nodes float)", flush=True)
-            q.nncf_quantize(onnx_path, dst, images, _nncf_config(tag), nodes)
+            q.nncf_quantize(onnx_path, dst, images, nncf_config(tag), nodes)
     else:
         dst = folder / "model.onnx"
         if not dst.is_file():
             print(f"[recipe] onnxruntime quantize_static {tag} ({len(nodes)} conv nodes float)", flush=True)
-            q.ort_quantize(pre, dst, images, _ort_config(tag), nodes, cache_dir=d / "calibration")
+            q.ort_quantize(pre, dst, images, ort_config(tag), nodes, cache_dir=d / "calibration")
     print(f"[recipe] model {dst} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     return dst
 
 
 def recipe_options(recipe: dict):
     from fcos_offline.engine.backends import EngineOptions
+    from fcos_offline.tune.space import Candidate
 
-    precision = "fp32" if recipe["engine"] == "onnxruntime" else recipe["exec_precision"]
-    return EngineOptions(recipe["engine"], "cpu", recipe["threads"], precision, recipe["batch_size"], recipe["opt_level"],
-                         recipe["inter_op_threads"])
+    cand = Candidate.from_dict(recipe)
+    return EngineOptions(cand.engine, "cpu", cand.threads, cand.engine_precision, cand.batch_size, cand.opt_level, cand.inter_op_threads)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ import re
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -259,7 +259,7 @@ def cmyk_jpeg(folder: Path, name: str = "cmyk.jpg") -> Path:
     data = path.read_bytes()
     sof = data.index(b"\xff\xc0")
     assert data[sof + 9] == 4, "not a 4-component JPEG"
-    assert b"Adobe" in data[: sof], "no Adobe APP14 marker"
+    assert b"Adobe" in data[:sof], "no Adobe APP14 marker"
     return path
 
 
@@ -364,18 +364,23 @@ def nonfinite_dump(folder: Path, stem: str, value: float) -> tuple[Path, Path]:
 def annotation_json(images: dict[str, tuple[int, int]], seed: int = 0) -> dict:
     """COCO instances for ``{file_name: (width, height)}``: two boxes per image, COCO ids 1 and 3."""
     rng = np.random.default_rng(seed)
-    data: dict = {"images": [], "annotations": [], "categories": [
-        {"id": 1, "name": "person", "supercategory": "person"},
-        {"id": 3, "name": "car", "supercategory": "vehicle"},
-    ]}
+    data: dict = {
+        "images": [],
+        "annotations": [],
+        "categories": [
+            {"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 3, "name": "car", "supercategory": "vehicle"},
+        ],
+    }
     ann_id = 1
     for image_id, (name, (w, h)) in enumerate(sorted(images.items()), start=1):
         data["images"].append({"id": image_id, "file_name": name, "width": w, "height": h})
         for cat in (1, 3):
             bw, bh = max(1.0, w * float(rng.uniform(0.2, 0.5))), max(1.0, h * float(rng.uniform(0.2, 0.5)))
             x, y = float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh))
-            data["annotations"].append({"id": ann_id, "image_id": image_id, "category_id": cat,
-                                        "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+            data["annotations"].append(
+                {"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0}
+            )
             ann_id += 1
     return data
 
@@ -385,8 +390,7 @@ def ann_image_without_file(data: dict, file_name: str = "no_such_image.jpg") -> 
     out = json.loads(json.dumps(data))
     new_id = max(i["id"] for i in out["images"]) + 1
     out["images"].append({"id": new_id, "file_name": file_name, "width": 96, "height": 72})
-    out["annotations"].append({"id": 10**6, "image_id": new_id, "category_id": 1, "bbox": [5, 5, 30, 30],
-                               "area": 900, "iscrowd": 0})
+    out["annotations"].append({"id": 10**6, "image_id": new_id, "category_id": 1, "bbox": [5, 5, 30, 30], "area": 900, "iscrowd": 0})
     return out
 
 
@@ -395,8 +399,7 @@ def ann_unknown_category(data: dict, cat_id: int = 999, name: str = "unicorn") -
     out = json.loads(json.dumps(data))
     out["categories"].append({"id": cat_id, "name": name, "supercategory": "myth"})
     first = out["images"][0]
-    out["annotations"].append({"id": 10**6 + 1, "image_id": first["id"], "category_id": cat_id,
-                               "bbox": [1, 1, 20, 20], "area": 400, "iscrowd": 0})
+    out["annotations"].append({"id": 10**6 + 1, "image_id": first["id"], "category_id": cat_id, "bbox": [1, 1, 20, 20], "area": 400, "iscrowd": 0})
     return out
 
 
@@ -419,8 +422,7 @@ def tiny_network(num_classes: int = 80, seed: int = 11):
     """A random-weight FCOS small enough for CPU tests (128x192 canvas)."""
     from conftest import make_fcos
 
-    return make_fcos(seed=seed, calib_shape=CANVAS, stem=4, planes=(4, 8, 16, 32), fpn=16, stacked_convs=1,
-                     num_classes=num_classes)
+    return make_fcos(seed=seed, calib_shape=CANVAS, stem=4, planes=(4, 8, 16, 32), fpn=16, stacked_convs=1, num_classes=num_classes)
 
 
 def tiny_model(folder: Path) -> SimpleNamespace:
@@ -462,8 +464,8 @@ def image_sizes(paths) -> dict[str, tuple[int, int]]:
 def resnet_checkpoint(folder: Path, name: str = "resnet.pth") -> Path:
     """A plain classification ResNet state dict (conv1/layerN/fc keys, no FPN or head)."""
     import torch
-
     from conftest import fcos_config
+
     from fcos_offline.model.fcos import ResNet
 
     sd = dict(ResNet(fcos_config(stem=4, planes=(4, 8, 16, 32)).backbone).state_dict())
@@ -518,8 +520,11 @@ def onnx_foreign(folder: Path, name: str = "classifier.onnx") -> Path:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("Softmax", ["flat"], ["probs"])],
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("Softmax", ["flat"], ["probs"]),
+        ],
         "classifier",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *CANVAS])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 3])],
@@ -534,5 +539,4 @@ def onnx_foreign(folder: Path, name: str = "classifier.onnx") -> Path:
 
 def dump_files(folder: Path) -> dict[str, bytes]:
     """Every dump file of a folder by name (temporary ``.part`` files excluded)."""
-    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())
-            if p.suffix in (".bin", ".npy") and not re.search(r"\.part\d*$", p.name)}
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.suffix in (".bin", ".npy") and not re.search(r"\.part\d*$", p.name)}

@@ -51,9 +51,7 @@ def _find_sample() -> Path | None:
 
 SAMPLE: Path | None = _find_sample()
 """The 10-photo COCO val2017 sample beside the repository, or None where it is absent."""
-needs_sample = pytest.mark.skipif(
-    SAMPLE is None, reason="COCO sample not found at ../shared/data/coco-val2017-sample (shared data absent)"
-)
+needs_sample = pytest.mark.skipif(SAMPLE is None, reason="COCO sample not found at ../shared/data/coco-val2017-sample (shared data absent)")
 
 
 def shared_data_dir() -> Path:
@@ -112,13 +110,27 @@ def fcos_config(
     outs = tuple(p * expansion for p in planes)
     feat = feat or fpn
     head = HeadConfig(
-        num_classes=num_classes, in_channels=fpn, feat_channels=feat, stacked_convs=stacked_convs, norm=norm,
-        gn_groups=32 if feat % 32 == 0 else feat, conv_bias=(norm == "none" or layout == "torchvision"),
-        use_scale=use_scale, norm_on_bbox=norm_on_bbox, centerness_on_reg=centerness_on_reg,
+        num_classes=num_classes,
+        in_channels=fpn,
+        feat_channels=feat,
+        stacked_convs=stacked_convs,
+        norm=norm,
+        gn_groups=32 if feat % 32 == 0 else feat,
+        conv_bias=(norm == "none" or layout == "torchvision"),
+        use_scale=use_scale,
+        norm_on_bbox=norm_on_bbox,
+        centerness_on_reg=centerness_on_reg,
     )
     return FCOSConfig(
-        backbone=BackboneConfig(stage_blocks=tuple(stage_blocks), stage_planes=tuple(planes), stage_out_channels=outs,
-                                stem_channels=stem, block=block, style=style, bn_impl=bn_impl),
+        backbone=BackboneConfig(
+            stage_blocks=tuple(stage_blocks),
+            stage_planes=tuple(planes),
+            stage_out_channels=outs,
+            stem_channels=stem,
+            block=block,
+            style=style,
+            bn_impl=bn_impl,
+        ),
         neck=NeckConfig(in_channels=outs[1:], out_channels=fpn),
         head=head,
         post=default_post_config(rule),
@@ -202,7 +214,7 @@ def calibrate_head(model, x, seed: int = 0, cls_std: float = 2.0, cls_mean: floa
 
     def set_affine(conv, name: str, std, mean) -> None:
         m, s = stats(name)
-        k = (torch.as_tensor(std) / s)
+        k = torch.as_tensor(std) / s
         conv.weight.data.mul_(k.reshape(-1, 1, 1, 1))
         conv.bias.data.copy_(mean - m * k)
 
@@ -230,8 +242,7 @@ def make_fcos(seed: int = 0, calib_shape: tuple[int, int] = (256, 384), **config
         gen = torch.Generator().manual_seed(seed + 7)
         for name, p in model.named_parameters():
             if ".gn." in name:  # GroupNorm affine: non-trivial too
-                p.copy_((0.5 + torch.rand(p.shape, generator=gen)) if name.endswith("weight")
-                        else 0.2 * torch.randn(p.shape, generator=gen))
+                p.copy_((0.5 + torch.rand(p.shape, generator=gen)) if name.endswith("weight") else 0.2 * torch.randn(p.shape, generator=gen))
     x = random_canvas(2, *calib_shape, seed=seed + 100)
     randomize_bn(model, seed=seed, calibrate_with=x)
     calibrate_head(model, x, seed=seed)
@@ -280,13 +291,12 @@ def torchvision_state_dict(model, old_fpn_names: bool = False) -> dict[str, Any]
     for key, value in model.state_dict().items():
         fpn_mid = "" if old_fpn_names else "0."
         if key.startswith("backbone."):
-            new = "backbone.body." + key[len("backbone."):]
+            new = "backbone.body." + key[len("backbone.") :]
         elif m := re.fullmatch(r"neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)", key):
             new = f"backbone.fpn.inner_blocks.{m[1]}.{fpn_mid}{m[2]}"
         elif m := re.fullmatch(r"neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)", key):
             i = int(m[1])
-            new = (f"backbone.fpn.layer_blocks.{i}.{fpn_mid}{m[2]}" if i < n_lat
-                   else f"backbone.fpn.extra_blocks.p{6 + i - n_lat}.{m[2]}")
+            new = f"backbone.fpn.layer_blocks.{i}.{fpn_mid}{m[2]}" if i < n_lat else f"backbone.fpn.extra_blocks.p{6 + i - n_lat}.{m[2]}"
         elif m := re.fullmatch(r"bbox_head\.(cls|reg)_convs\.(\d+)\.(conv|gn)\.(weight|bias)", key):
             branch = "classification_head" if m[1] == "cls" else "regression_head"
             idx = 3 * int(m[2]) + (0 if m[3] == "conv" else 1)

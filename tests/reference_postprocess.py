@@ -78,8 +78,7 @@ def _suppressed_by(box: np.ndarray, kept: np.ndarray, iou_thr: float) -> bool:
     return bool(((union > 0) & (inter > iou_thr * union)).any())
 
 
-def classwise_nms_topk(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_thr: float,
-                       max_per_img: int) -> tuple[np.ndarray, np.ndarray]:
+def classwise_nms_topk(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_thr: float, max_per_img: int) -> tuple[np.ndarray, np.ndarray]:
     """Greedy NMS inside each class, survivors by descending score, the first ``max_per_img``.
 
     Candidates are visited once in descending score order (ties: lower index first); a candidate
@@ -105,17 +104,16 @@ def classwise_nms_topk(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray
 # --------------------------------------------------------------------------- rules
 
 
-def mmdet2_postprocess(cls_levels, dist_levels, ctr_levels, canvas_hw, strides, nms_pre=1000, score_thr=0.05,
-                       iou_thr=0.5, max_per_img=100):
+def mmdet2_postprocess(cls_levels, dist_levels, ctr_levels, canvas_hw, strides, nms_pre=1000, score_thr=0.05, iou_thr=0.5, max_per_img=100):
     """§7.2 (mmdet 2.x < 2.18) on one image, boxes clipped to the canvas (ONNX-export convention)."""
     all_boxes, all_probs, all_ctr = [], [], []
     for cls, dist, ctr, stride in zip(cls_levels, dist_levels, ctr_levels, strides):
         h, w = cls.shape[1:]
-        probs = sigmoid(_flat(cls))             # [N, C]
-        cness = sigmoid(_flat(ctr))[:, 0]       # [N]
-        d = _flat(dist).astype(F32)             # [N, 4]
+        probs = sigmoid(_flat(cls))  # [N, C]
+        cness = sigmoid(_flat(ctr))[:, 0]  # [N]
+        d = _flat(dist).astype(F32)  # [N, 4]
         pts = points_mmdet2(h, w, stride)
-        if probs.shape[0] > nms_pre:            # top points by max_k(S·c), only when N > nms_pre
+        if probs.shape[0] > nms_pre:  # top points by max_k(S·c), only when N > nms_pre
             rank = (probs * cness[:, None]).max(axis=1)
             top = np.argsort(-rank, kind="stable")[:nms_pre]
             probs, cness, d, pts = probs[top], cness[top], d[top], pts[top]
@@ -125,7 +123,7 @@ def mmdet2_postprocess(cls_levels, dist_levels, ctr_levels, canvas_hw, strides, 
     boxes = np.concatenate(all_boxes)
     probs = np.concatenate(all_probs)
     cness = np.concatenate(all_ctr)
-    point_idx, label = np.nonzero(probs > score_thr)   # raw S > thr, strict
+    point_idx, label = np.nonzero(probs > score_thr)  # raw S > thr, strict
     scores = (probs[point_idx, label] * cness[point_idx]).astype(F32)
     return classwise_nms_topk(boxes[point_idx], scores, label, iou_thr, max_per_img)
 
@@ -138,8 +136,9 @@ def _pair_topk(rank: np.ndarray, thr: float, k: int) -> tuple[np.ndarray, np.nda
     return point_idx[order], label[order]
 
 
-def mmdet3_postprocess(cls_levels, dist_levels, ctr_levels, canvas_hw, strides, nms_pre=1000, score_thr=0.05,
-                       iou_thr=0.5, max_per_img=100, size_filter=True):
+def mmdet3_postprocess(
+    cls_levels, dist_levels, ctr_levels, canvas_hw, strides, nms_pre=1000, score_thr=0.05, iou_thr=0.5, max_per_img=100, size_filter=True
+):
     """§7.3 (mmdet >= 2.18 / 3.x): per-level top pairs above thr, S·c; v3 (``size_filter``) drops
     boxes with w <= 0 or h <= 0 before NMS, 2.18+ does not."""
     boxes_l, scores_l, labels_l = [], [], []
@@ -156,12 +155,10 @@ def mmdet3_postprocess(cls_levels, dist_levels, ctr_levels, canvas_hw, strides, 
         boxes_l.append(boxes[ok])
         scores_l.append(scores[ok])
         labels_l.append(lab[ok])
-    return classwise_nms_topk(np.concatenate(boxes_l), np.concatenate(scores_l), np.concatenate(labels_l),
-                              iou_thr, max_per_img)
+    return classwise_nms_topk(np.concatenate(boxes_l), np.concatenate(scores_l), np.concatenate(labels_l), iou_thr, max_per_img)
 
 
-def torchvision_postprocess(cls_levels, dist_levels, ctr_levels, canvas_hw, score_thr=0.2, topk=1000,
-                            iou_thr=0.6, max_per_img=100):
+def torchvision_postprocess(cls_levels, dist_levels, ctr_levels, canvas_hw, score_thr=0.2, topk=1000, iou_thr=0.6, max_per_img=100):
     """§10: √(σ(cls)·σ(ctr)) > thr per level, top-k pairs, offset-0 anchors, NMS 0.6, keep 100.
 
     ``dist`` is already ReLU(reg)·anchor size (what the head returns), so decode is a plain
@@ -170,13 +167,12 @@ def torchvision_postprocess(cls_levels, dist_levels, ctr_levels, canvas_hw, scor
     boxes_l, scores_l, labels_l = [], [], []
     for cls, dist, ctr in zip(cls_levels, dist_levels, ctr_levels):
         h, w = cls.shape[1:]
-        score = np.sqrt(sigmoid(_flat(cls)) * sigmoid(_flat(ctr))).astype(F32)   # [N, C]
+        score = np.sqrt(sigmoid(_flat(cls)) * sigmoid(_flat(ctr))).astype(F32)  # [N, C]
         pi, lab = _pair_topk(score, score_thr, topk)
         boxes_l.append(decode_clip(points_torchvision(h, w, canvas_hw)[pi], _flat(dist).astype(F32)[pi], canvas_hw))
         scores_l.append(score[pi, lab])
         labels_l.append(lab)
-    return classwise_nms_topk(np.concatenate(boxes_l), np.concatenate(scores_l), np.concatenate(labels_l),
-                              iou_thr, max_per_img)
+    return classwise_nms_topk(np.concatenate(boxes_l), np.concatenate(scores_l), np.concatenate(labels_l), iou_thr, max_per_img)
 
 
 def reference_batch(rule: str, raw, canvas_hw, strides, **kw) -> tuple[np.ndarray, np.ndarray]:

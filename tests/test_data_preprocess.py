@@ -6,14 +6,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import SAMPLE, needs_sample
 
 from fcos_offline.cli import main
 from fcos_offline.data.preprocess import list_images, preprocess_folder, preprocess_image, read_image
 from fcos_offline.errors import BadFileError
-
-
 
 
 def mmcv_like_reference(path: Path, canvas_h: int, canvas_w: int) -> np.ndarray:
@@ -27,9 +24,7 @@ def mmcv_like_reference(path: Path, canvas_h: int, canvas_w: int) -> np.ndarray:
     cv2.subtract(normed, np.float64([[102.9801, 115.9465, 122.7717]]), normed)
     cv2.multiply(normed, np.float64([[1.0, 1.0, 1.0]]), normed)
     left, top = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
-    padded = cv2.copyMakeBorder(
-        normed, top, canvas_h - new_h - top, left, canvas_w - new_w - left, cv2.BORDER_CONSTANT, value=0
-    )
+    padded = cv2.copyMakeBorder(normed, top, canvas_h - new_h - top, left, canvas_w - new_w - left, cv2.BORDER_CONSTANT, value=0)
     return np.ascontiguousarray(padded.transpose(2, 0, 1))
 
 
@@ -59,9 +54,7 @@ def test_folder_writes_reference_bytes(tmp_path):
         data = (tmp_path / "bins" / f"{path.stem}.bin").read_bytes()
         assert len(data) == 3 * 320 * 512 * 4
         assert data == mmcv_like_reference(path, 320, 512).tobytes()
-    assert sorted(p.name for p in (tmp_path / "bins").iterdir()) == sorted(
-        f"{p.stem}.bin" for p in list_images(SAMPLE / "val2017")
-    )
+    assert sorted(p.name for p in (tmp_path / "bins").iterdir()) == sorted(f"{p.stem}.bin" for p in list_images(SAMPLE / "val2017"))
 
 
 def _jpeg_bytes(seed: int, shape=(120, 160)) -> bytes:

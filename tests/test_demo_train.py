@@ -23,8 +23,8 @@ from fcos_offline.demo.train import (
     giou_loss,
     make_trainable,
     recalibrate_bn,
-    save_demo_checkpoint,
     samples_batch,
+    save_demo_checkpoint,
     to_frozen,
     train_steps,
 )
@@ -51,8 +51,7 @@ def _pts(*xy: tuple[float, float]) -> torch.Tensor:
 
 def test_point_inside_gets_class_and_distances_outside_is_background() -> None:
     boxes = torch.tensor([[0.0, 0.0, 40.0, 20.0]])
-    labels, dist = assign_targets([_pts((10, 5), (60, 5))], (8,), boxes, torch.tensor([3]), K,
-                                  regress_ranges=((-1, math.inf),), center_radius=None)
+    labels, dist = assign_targets([_pts((10, 5), (60, 5))], (8,), boxes, torch.tensor([3]), K, regress_ranges=((-1, math.inf),), center_radius=None)
     assert labels.tolist() == [3, K]
     assert dist[0].tolist() == [10.0, 5.0, 30.0, 15.0]
 
@@ -61,8 +60,9 @@ def test_smallest_box_wins_on_overlap() -> None:
     big, small = [0.0, 0.0, 40.0, 40.0], [5.0, 5.0, 25.0, 25.0]
     for order in ([big, small], [small, big]):  # independent of annotation order
         gt_labels = torch.tensor([1, 4] if order[0] is big else [4, 1])
-        labels, dist = assign_targets([_pts((10, 10), (35, 35))], (8,), torch.tensor(order), gt_labels, K,
-                                      regress_ranges=((-1, math.inf),), center_radius=None)
+        labels, dist = assign_targets(
+            [_pts((10, 10), (35, 35))], (8,), torch.tensor(order), gt_labels, K, regress_ranges=((-1, math.inf),), center_radius=None
+        )
         assert labels.tolist() == [4, 1]  # (35, 35) is only inside the big box
         assert dist[0].tolist() == [5.0, 5.0, 15.0, 15.0]
         assert dist[1].tolist() == [35.0, 35.0, 5.0, 5.0]
@@ -71,8 +71,9 @@ def test_smallest_box_wins_on_overlap() -> None:
 def test_regress_ranges_pick_the_level() -> None:
     boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
     # the same location on two levels: max distance 30 belongs to the second level's range
-    labels, dist = assign_targets([_pts((30, 30)), _pts((30, 30))], (8, 16), boxes, torch.tensor([2]), K,
-                                  regress_ranges=((-1, 25), (25, math.inf)), center_radius=None)
+    labels, dist = assign_targets(
+        [_pts((30, 30)), _pts((30, 30))], (8, 16), boxes, torch.tensor([2]), K, regress_ranges=((-1, 25), (25, math.inf)), center_radius=None
+    )
     assert labels.tolist() == [K, 2]
     assert dist[1].tolist() == [30.0, 30.0, 10.0, 10.0]
 
@@ -82,8 +83,7 @@ def test_center_sampling_limits_positives_to_the_centre() -> None:
     points = [_pts((50, 50), (60, 50), (90, 90))]  # stride 8, radius 1.5 -> |dx|,|dy| < 12
     labels, _ = assign_targets(points, (8,), boxes, torch.tensor([0]), K, regress_ranges=((-1, math.inf),))
     assert labels.tolist() == [0, 0, K]
-    labels, _ = assign_targets(points, (8,), boxes, torch.tensor([0]), K, regress_ranges=((-1, math.inf),),
-                               center_radius=None)
+    labels, _ = assign_targets(points, (8,), boxes, torch.tensor([0]), K, regress_ranges=((-1, math.inf),), center_radius=None)
     assert labels.tolist() == [0, 0, 0]
 
 
@@ -234,8 +234,7 @@ def test_shipped_model_loads_and_matches_readme() -> None:
     assert cfg.backbone.style == "caffe" and cfg.backbone.block == "bottleneck"
     assert not cfg.head.norm_on_bbox and not cfg.head.centerness_on_reg
     assert cfg.neck.extra_on == "output" and cfg.neck.relu_before_extra
-    assert (cfg.post.rule, cfg.post.nms_pre, cfg.post.score_thr, cfg.post.iou_thr, cfg.post.max_per_img) == (
-        "mmdet2", 1000, 0.05, 0.5, 100)
+    assert (cfg.post.rule, cfg.post.nms_pre, cfg.post.score_thr, cfg.post.iou_thr, cfg.post.max_per_img) == ("mmdet2", 1000, 0.05, 0.5, 100)
     assert ckpt.class_names == list(CLASSES)
     assert ckpt.config.to_dict() == demo_config().to_dict()
 

@@ -52,7 +52,7 @@ def write_small_jpegs(folder: Path, count: int, seed: int = 0) -> Path:
     return folder
 
 
-def _tree(proc: "psutil.Process") -> list:
+def _tree(proc: psutil.Process) -> list:
     try:
         return [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -86,8 +86,7 @@ def test_streaming_memory_does_not_grow_with_image_count(tiny_onnx, tmp_path) ->
     for n in (50, 500):
         images = write_small_jpegs(tmp_path / f"images{n}", n, seed=n)
         out = tmp_path / f"out{n}"
-        cmd = [*_console_script(), "infer", "--model", str(tiny_onnx), "--images", str(images), "--output", str(out),
-               "--batch-size", "2"]
+        cmd = [*_console_script(), "infer", "--model", str(tiny_onnx), "--images", str(images), "--output", str(out), "--batch-size", "2"]
         code, tree, main_rss = run_with_peak_rss(cmd, tmp_path / f"log{n}.txt")
         assert code == 0, (tmp_path / f"log{n}.txt").read_text()[-2000:]
         s = json.loads((out / "summary.json").read_text())
@@ -95,8 +94,7 @@ def test_streaming_memory_does_not_grow_with_image_count(tiny_onnx, tmp_path) ->
         peaks[n] = (tree, main_rss, s["wall_s"])
     print()
     for n, (tree, main_rss, wall) in peaks.items():
-        print(f"streaming infer over {n:3d} images: peak RSS {tree / MB:.1f} MB process tree, "
-              f"{main_rss / MB:.1f} MB main process, {wall:.1f} s")
+        print(f"streaming infer over {n:3d} images: peak RSS {tree / MB:.1f} MB process tree, {main_rss / MB:.1f} MB main process, {wall:.1f} s")
     tree50, main50, _ = peaks[50]
     tree500, main500, _ = peaks[500]
     assert tree500 < tree50 * 1.3 + 30 * MB, peaks
@@ -104,7 +102,7 @@ def test_streaming_memory_does_not_grow_with_image_count(tiny_onnx, tmp_path) ->
     # (keeping the 450 extra preprocessed tensors, 3x128x192 float32 = 0.28 MB each, would add 127 MB)
 
 
-def _kill_tree(proc: "psutil.Process") -> None:
+def _kill_tree(proc: psutil.Process) -> None:
     """SIGKILL the infer process and the worker processes it started, each by its pid."""
     family = _tree(proc)
     for p in family:
@@ -160,5 +158,4 @@ def test_sigkill_then_resume_gives_the_uninterrupted_dumps(tiny_onnx, tmp_path) 
     resumed = {p.name: p.read_bytes() for p in out.glob("*.bin")}
     assert resumed == expected
     assert set(read_dumps(out)) == {f"im{i:04d}" for i in range(n)}
-    print(f"\nkilled after {len(complete)} of {n} images ({len(temporaries)} temporary files left); "
-          f"--resume inferred the other {s['num_inferred']}")
+    print(f"\nkilled after {len(complete)} of {n} images ({len(temporaries)} temporary files left); --resume inferred the other {s['num_inferred']}")

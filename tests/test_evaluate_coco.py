@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE, needs_sample
 
 from fcos_offline.errors import FcosError
@@ -17,7 +16,6 @@ from fcos_offline.evaluate.coco import (
     find_annotation_file,
     label_to_category,
 )
-
 
 ANN_FILE = SAMPLE / "annotations" / "instances_val2017_sample.json" if SAMPLE else None
 
@@ -106,10 +104,7 @@ def test_label_mapping_on_sample_with_23_categories():
 @needs_sample
 def test_perfect_and_empty_results():
     data = json.loads(ANN_FILE.read_text())
-    perfect = [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-        for a in data["annotations"]
-    ]
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in data["annotations"]]
     report = evaluate_bbox(data, perfect)
     assert report["bbox_mAP"] == pytest.approx(1.0) and report["bbox_mAP_50"] == pytest.approx(1.0)
     assert all(row["AP"] == pytest.approx(1.0) for row in report["classwise"])

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from fcos_offline.cli import main
+from fcos_offline.data.perf import PerfStats, parse_file, parse_perf, recipe_fps, write_perf_file
 from fcos_offline.errors import FcosError
-from fcos_offline.evaluate.perf import PerfStats, parse_file, parse_perf, recipe_fps, write_perf_file
 
 # result/perf_vision_batchsize_1_device_0.txt as printed in an Ascend ModelZoo README
 BENCHMARK_OUTPUT = (

@@ -6,7 +6,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import SAMPLE, needs_sample
 
 from fcos_offline.cli import main
@@ -15,7 +14,6 @@ from fcos_offline.data.info import make_info
 from fcos_offline.data.letterbox import boxes_to_canvas, letterbox_for
 from fcos_offline.evaluate.coco import COCO80_CATEGORY_IDS, COCO80_NAMES
 from fcos_offline.evaluate.postprocess import postprocess
-
 
 pytestmark = needs_sample
 CANVAS_H, CANVAS_W = 800, 1333
@@ -112,9 +110,7 @@ def test_perfect_dumps_give_map_one(setup, capsys):
 def test_recipe_pad_rule_is_close_but_not_exact(setup):
     tmp_path, dumps, info, data, _ = setup
     exact = postprocess(dumps, info, tmp_path / "a", SAMPLE / "annotations", CANVAS_H, CANVAS_W, net_out_num=None)
-    recipe = postprocess(
-        dumps, info, tmp_path / "b", SAMPLE / "annotations", CANVAS_H, CANVAS_W, pad_rule="recipe"
-    )
+    recipe = postprocess(dumps, info, tmp_path / "b", SAMPLE / "annotations", CANVAS_H, CANVAS_W, pad_rule="recipe")
     assert recipe["bbox_mAP_50"] == pytest.approx(1.0)
     assert 0.8 < recipe["bbox_mAP"] <= exact["bbox_mAP"]
     exact_boxes = [r["bbox"] for r in json.loads((tmp_path / "a" / "bbox_results.json").read_text())]

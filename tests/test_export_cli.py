@@ -10,13 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import make_fcos, param_count, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt
+
 from fcos_offline.cli import main
-from fcos_offline.evaluate.match import match_batches
 from fcos_offline.export.metadata import read_metadata
 from fcos_offline.export.onnx_export import run_onnx_detector
 from fcos_offline.model.config import default_post_config
+from fcos_offline.model.match import match_batches
 from fcos_offline.model.postprocess import FCOSDetector
 
 SHAPE = (320, 512)
@@ -60,8 +60,7 @@ def caffe_ckpt(caffe_model, tmp_path_factory):
 
 def test_export_dynamic_batch(caffe_model, caffe_ckpt, tmp_path, capsys):
     out_path = tmp_path / "m.onnx"
-    rc, out, err = run_cli(capsys, "export", "--checkpoint", caffe_ckpt, "--output", out_path,
-                           "--shape", *SHAPE, "--dynamic-export")
+    rc, out, err = run_cli(capsys, "export", "--checkpoint", caffe_ckpt, "--output", out_path, "--shape", *SHAPE, "--dynamic-export")
     assert rc == 0, err
     assert f"wrote {out_path}" in out and "input [dynamic,3,320,512]" in out
     assert assert_verified(out) >= 50
@@ -91,8 +90,9 @@ def test_export_dynamic_batch(caffe_model, caffe_ckpt, tmp_path, capsys):
 def test_export_output_file_alias_fixed_batch(caffe_ckpt, tmp_path, capsys):
     out_path = tmp_path / "fixed.onnx"
     summary = tmp_path / "summary.json"
-    rc, out, err = run_cli(capsys, "export", "--checkpoint", caffe_ckpt, "--output-file", out_path,
-                           "--shape", *SHAPE, "--batch-size", 2, "--summary", summary)
+    rc, out, err = run_cli(
+        capsys, "export", "--checkpoint", caffe_ckpt, "--output-file", out_path, "--shape", *SHAPE, "--batch-size", 2, "--summary", summary
+    )
     assert rc == 0, err
     assert_verified(out)
     model = onnx.load(str(out_path))
@@ -109,8 +109,7 @@ def test_export_output_file_alias_fixed_batch(caffe_ckpt, tmp_path, capsys):
 
 def test_export_no_nms(caffe_model, caffe_ckpt, tmp_path, capsys):
     out_path = tmp_path / "raw.onnx"
-    rc, out, err = run_cli(capsys, "export", "--checkpoint", caffe_ckpt, "--output", out_path,
-                           "--shape", *SHAPE, "--dynamic-export", "--no-nms")
+    rc, out, err = run_cli(capsys, "export", "--checkpoint", caffe_ckpt, "--output", out_path, "--shape", *SHAPE, "--dynamic-export", "--no-nms")
     assert rc == 0, err
     post = tmp_path / "raw.post.onnx"
     assert f"wrote {out_path} and {post}" in out and post.is_file()
@@ -131,8 +130,21 @@ def test_export_with_override_flags(tmp_path, capsys):
     plain = json.loads(out)["config"]
     assert (plain["backbone"]["style"], plain["head"]["norm_on_bbox"], plain["head"]["centerness_on_reg"]) == ("caffe", False, False)
     out_path = tmp_path / "gn.onnx"
-    rc, out, err = run_cli(capsys, "export", "--checkpoint", ckpt, "--output", out_path, "--shape", *SHAPE,
-                           "--dynamic-export", "--style", "pytorch", "--norm-on-bbox", "--centerness-on-reg")
+    rc, out, err = run_cli(
+        capsys,
+        "export",
+        "--checkpoint",
+        ckpt,
+        "--output",
+        out_path,
+        "--shape",
+        *SHAPE,
+        "--dynamic-export",
+        "--style",
+        "pytorch",
+        "--norm-on-bbox",
+        "--centerness-on-reg",
+    )
     assert rc == 0, err
     assert_verified(out)
     cfg = read_metadata(out_path)["config"]
@@ -164,8 +176,9 @@ def test_inspect_json_mmdet(caffe_model, caffe_ckpt, capsys):
     assert info["depth"] == "ResNet-23"  # (2+1+3+1) bottlenecks x 3 + 2
     assert info["num_classes"] == 80
     assert info["num_params"] == param_count(caffe_model)
-    bn_affine = sum(v.numel() for k, v in caffe_model.state_dict().items()
-                    if k.startswith("backbone.") and re.search(r"(bn\d|downsample\.1)\.(weight|bias)$", k))
+    bn_affine = sum(
+        v.numel() for k, v in caffe_model.state_dict().items() if k.startswith("backbone.") and re.search(r"(bn\d|downsample\.1)\.(weight|bias)$", k)
+    )
     assert info["num_params"] == sum(p.numel() for p in caffe_model.parameters()) + bn_affine
     assert info["config"]["backbone"]["stage_blocks"] == [2, 1, 3, 1]
     assert info["config"]["post"]["rule"] == "mmdet2"
@@ -186,8 +199,9 @@ def test_inspect_json_torchvision(tmp_path, capsys):
 
 
 def test_inspect_flags_in_json(caffe_ckpt, capsys):
-    rc, out, err = run_cli(capsys, "inspect", caffe_ckpt, "--json", "--style", "pytorch", "--rule", "mmdet3",
-                           "--score-thr", "0.1", "--max-per-img", "50")
+    rc, out, err = run_cli(
+        capsys, "inspect", caffe_ckpt, "--json", "--style", "pytorch", "--rule", "mmdet3", "--score-thr", "0.1", "--max-per-img", "50"
+    )
     assert rc == 0, err
     info = json.loads(out)
     assert info["config"]["backbone"]["style"] == "pytorch" and info["sources"]["style"] == "flag"

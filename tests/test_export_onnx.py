@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
-
 import reference_postprocess as ref
+import torch
 from conftest import make_fcos, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt
-from fcos_offline.evaluate.match import match_batches
+from test_model_checkpoint import V2_GN_CONFIG
+from test_model_postprocess import assert_padding_contract, nms_case, sparse_fcos
+
 from fcos_offline.export.metadata import raw_output_names, read_metadata
 from fcos_offline.export.onnx_export import export_onnx, run_onnx_detector
 from fcos_offline.model.checkpoint import load_model
 from fcos_offline.model.config import FCOSConfig, PostConfig
+from fcos_offline.model.match import match_batches
 from fcos_offline.model.postprocess import FCOSDetector, nms_topk
-from test_model_checkpoint import V2_GN_CONFIG
-from test_model_postprocess import assert_padding_contract, nms_case, sparse_fcos
 
 CANVAS = (256, 384)  # P3 32x48 = 1536 points > 1000
 
@@ -27,8 +27,8 @@ CANVAS = (256, 384)  # P3 32x48 = 1536 points > 1000
 @dataclass
 class Exported:
     name: str
-    source: torch.nn.Module      # the model the checkpoint was written from
-    post: PostConfig            # the post-processing the loaded checkpoint chose
+    source: torch.nn.Module  # the model the checkpoint was written from
+    post: PostConfig  # the post-processing the loaded checkpoint chose
     config: FCOSConfig
     path: Path
     class_names: list | None
@@ -60,9 +60,14 @@ def exports(tmp_path_factory) -> dict[str, Exported]:
     out["d-3class"] = _export(tmp, "d", d, save_mmdet_ckpt(d, tmp / "d.pth", meta={"CLASSES": ["x", "y", "z"]}))
     # (e) an mmdet 3.x file: §7.3 pairs + size filter, chosen from meta
     e = make_fcos(norm="gn", norm_on_bbox=True, centerness_on_reg=True, style="pytorch", seed=8, calib_shape=CANVAS)
-    out["e-mmdet3"] = _export(tmp, "e", e, save_mmdet_ckpt(
-        e, tmp / "e.pth", num_batches_tracked=False,
-        meta={"mmdet_version": "3.1.0", "cfg": V2_GN_CONFIG.replace("nms_pre=700", "nms_pre=1000")}))
+    out["e-mmdet3"] = _export(
+        tmp,
+        "e",
+        e,
+        save_mmdet_ckpt(
+            e, tmp / "e.pth", num_batches_tracked=False, meta={"mmdet_version": "3.1.0", "cfg": V2_GN_CONFIG.replace("nms_pre=700", "nms_pre=1000")}
+        ),
+    )
     return out
 
 
@@ -124,8 +129,9 @@ def test_numpy_reference_matches_onnx(exports, inputs, variant):
     with torch.no_grad():
         raw = [[t.numpy() for t in part] for part in ex.source(x)]
     p = ex.post
-    want = ref.reference_batch(p.rule, raw, CANVAS, ex.config.head.strides, nms_pre=p.nms_pre, score_thr=p.score_thr,
-                               iou_thr=p.iou_thr, max_per_img=p.max_per_img)
+    want = ref.reference_batch(
+        p.rule, raw, CANVAS, ex.config.head.strides, nms_pre=p.nms_pre, score_thr=p.score_thr, iou_thr=p.iou_thr, max_per_img=p.max_per_img
+    )
     assert_match(want, run_onnx_detector(ex.path, x.numpy()), min_per_image=MIN_DETS.get(variant, p.max_per_img))
 
 
@@ -267,8 +273,9 @@ def nms_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("nms") / "nms.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about the eager NMS loop
-        torch.onnx.export(_NMSOnly(), (boxes, scores), str(path), input_names=["boxes", "scores"],
-                          output_names=["dets", "labels"], opset_version=17, dynamo=False)
+        torch.onnx.export(
+            _NMSOnly(), (boxes, scores), str(path), input_names=["boxes", "scores"], output_names=["dets", "labels"], opset_version=17, dynamo=False
+        )
     return path
 
 
@@ -295,8 +302,8 @@ def _openvino_nms(path, boxes, scores):
 def test_openvino_nms_iou_convention_off_ties(nms_onnx):
     """OpenVINO agrees with eager when no IoU equals the threshold exactly (box C moved off the tie)."""
     boxes, scores, _ = nms_case()
-    boxes[0, 2] = torch.tensor([5.1, 0, 10, 10])    # IoU(A, C) .49: kept
-    boxes[0, 3] = torch.tensor([0, 0, 10, 5.2])     # IoU(A, D) .52: suppressed
+    boxes[0, 2] = torch.tensor([5.1, 0, 10, 10])  # IoU(A, C) .49: kept
+    boxes[0, 3] = torch.tensor([0, 0, 10, 5.2])  # IoU(A, D) .52: suppressed
     dets, labels = _openvino_nms(nms_onnx, boxes, scores)
     eager_dets, eager_labels = nms_topk(boxes, scores, 0.5, 10)
     np.testing.assert_allclose(dets, eager_dets.numpy(), rtol=1e-6)
@@ -304,8 +311,11 @@ def test_openvino_nms_iou_convention_off_ties(nms_onnx):
     assert int((eager_labels >= 0).sum()) == 4
 
 
-@pytest.mark.xfail(strict=False, reason="OpenVINO CPU NonMaxSuppression suppresses IoU == iou_threshold "
-                   "(ONNX Runtime, mmcv, torchvision and the eager loop keep it): exact ties differ")
+@pytest.mark.xfail(
+    strict=False,
+    reason="OpenVINO CPU NonMaxSuppression suppresses IoU == iou_threshold "
+    "(ONNX Runtime, mmcv, torchvision and the eager loop keep it): exact ties differ",
+)
 def test_openvino_nms_exact_tie(nms_onnx):
     boxes, scores, (exp_scores, _) = nms_case()
     dets, _ = _openvino_nms(nms_onnx, boxes, scores)
@@ -331,8 +341,7 @@ def test_800x1333_more_than_1000_points_and_100_detections(exports, tmp_path):
     strides = ex.config.head.strides
     more = ref.reference_batch("mmdet2", raw, canvas, strides, nms_pre=p.nms_pre, max_per_img=101)
     assert int((more[1] >= 0).sum()) == 101  # more than 100 detections survive NMS
-    want = ref.reference_batch("mmdet2", raw, canvas, strides, nms_pre=p.nms_pre, score_thr=p.score_thr,
-                               iou_thr=p.iou_thr, max_per_img=p.max_per_img)
+    want = ref.reference_batch("mmdet2", raw, canvas, strides, nms_pre=p.nms_pre, score_thr=p.score_thr, iou_thr=p.iou_thr, max_per_img=p.max_per_img)
     got = run_onnx_detector(path, x.numpy())
     assert_match(want, got)
     assert_match(eager(ex.source, ex.post, x), got)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference_postprocess as ref
 import torch
 import torch.nn.functional as F
-
-import reference_postprocess as ref
 from conftest import fcos_config, make_fcos, param_count, random_canvas
+
 from fcos_offline.model.checkpoint import describe_depth, mmdet_state_dict
 from fcos_offline.model.config import BackboneConfig, FCOSConfig, HeadConfig, default_post_config
 from fcos_offline.model.fcos import FCOS, BasicBlock, Bottleneck, FrozenBatchNorm2d
@@ -280,8 +280,7 @@ def test_points_match_reference(hw, stride):
     h, w = hw
     np.testing.assert_array_equal(level_points(h, w, stride, "mmdet2", canvas).numpy(), ref.points_mmdet2(h, w, stride))
     np.testing.assert_array_equal(level_points(h, w, stride, "mmdet3", canvas).numpy(), ref.points_mmdet3(h, w, stride))
-    np.testing.assert_array_equal(level_points(h, w, stride, "torchvision", canvas).numpy(),
-                                  ref.points_torchvision(h, w, canvas))
+    np.testing.assert_array_equal(level_points(h, w, stride, "torchvision", canvas).numpy(), ref.points_torchvision(h, w, canvas))
 
 
 def test_torchvision_strides_from_padded_size():

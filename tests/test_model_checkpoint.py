@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import make_fcos, param_count, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt, torchvision_state_dict
+
 from fcos_offline.cli import main
 from fcos_offline.errors import FcosError
 from fcos_offline.model.checkpoint import (
@@ -73,8 +73,10 @@ def assert_same_outputs(a, b, x):
 
 
 def outputs_close(a, b, x) -> bool:
-    return all(torch.allclose(ta, tb, atol=1e-4) for ta, tb in
-               zip((t for part in raw_outputs(a, x) for t in part), (t for part in raw_outputs(b, x) for t in part)))
+    return all(
+        torch.allclose(ta, tb, atol=1e-4)
+        for ta, tb in zip((t for part in raw_outputs(a, x) for t in part), (t for part in raw_outputs(b, x) for t in part))
+    )
 
 
 def run_cli(capsys, *argv):
@@ -139,13 +141,17 @@ def test_v1_checkpoint_fcos_names(tmp_path, caffe3, x):
 
 @pytest.mark.parametrize(
     "head_names,wrap,prefix,nbt",
-    [("conv", True, "", True), ("conv", False, "", False), ("conv", False, "module.", True),
-     ("fcos", True, "module.", False), ("fcos", False, "", True)],
+    [
+        ("conv", True, "", True),
+        ("conv", False, "", False),
+        ("conv", False, "module.", True),
+        ("fcos", True, "module.", False),
+        ("fcos", False, "", True),
+    ],
     ids=["v2-wrapped", "v2-bare", "bare-module-prefix", "v1-wrapped-module-prefix", "v1-bare"],
 )
 def test_mmdet_state_dict_variants(tmp_path, caffe3, x, head_names, wrap, prefix, nbt):
-    path = save_mmdet_ckpt(caffe3, tmp_path / "m.pth", head_names=head_names, wrap=wrap, prefix=prefix,
-                           num_batches_tracked=nbt, meta={})
+    path = save_mmdet_ckpt(caffe3, tmp_path / "m.pth", head_names=head_names, wrap=wrap, prefix=prefix, num_batches_tracked=nbt, meta={})
     model, ckpt = load_model(path)
     assert ckpt.format == "mmdet" and ckpt.config.head.num_classes == 3
     assert ckpt.config.backbone.stage_blocks == (2, 1, 3, 1)
@@ -182,8 +188,7 @@ def test_without_meta_defaults_then_override_flags(tmp_path, gn_model, x):
 
 def test_override_flags_win_over_meta(tmp_path, gn_model):
     path = save_mmdet_ckpt(gn_model, tmp_path / "gn.pth", meta={"config": V2_GN_CONFIG})
-    ov = ModelOverrides(style="caffe", norm_on_bbox=False, centerness_on_reg=False, score_thr=0.3, nms_pre=123,
-                        iou_thr=0.55, max_per_img=7)
+    ov = ModelOverrides(style="caffe", norm_on_bbox=False, centerness_on_reg=False, score_thr=0.3, nms_pre=123, iou_thr=0.55, max_per_img=7)
     cfg = load_checkpoint(path, ov).config
     assert cfg.backbone.style == "caffe" and not cfg.head.norm_on_bbox and not cfg.head.centerness_on_reg
     assert (cfg.post.score_thr, cfg.post.nms_pre, cfg.post.iou_thr, cfg.post.max_per_img) == (0.3, 123, 0.55, 7)
@@ -244,11 +249,18 @@ def test_extra_convs_on_input_inferred_from_shapes(tmp_path, x):
 def test_torchvision_layout(tmp_path, tv_model, x, old_fpn_names):
     sd = torchvision_state_dict(tv_model, old_fpn_names=old_fpn_names)
     mid = "" if old_fpn_names else "0."
-    for key in ("backbone.body.layer4.2.conv3.weight", f"backbone.fpn.inner_blocks.2.{mid}weight",
-                f"backbone.fpn.layer_blocks.0.{mid}bias", "backbone.fpn.extra_blocks.p6.weight",
-                "backbone.fpn.extra_blocks.p7.bias", "head.classification_head.conv.9.weight",
-                "head.classification_head.conv.10.bias", "head.regression_head.conv.4.weight",
-                "head.regression_head.bbox_reg.weight", "head.regression_head.bbox_ctrness.bias"):
+    for key in (
+        "backbone.body.layer4.2.conv3.weight",
+        f"backbone.fpn.inner_blocks.2.{mid}weight",
+        f"backbone.fpn.layer_blocks.0.{mid}bias",
+        "backbone.fpn.extra_blocks.p6.weight",
+        "backbone.fpn.extra_blocks.p7.bias",
+        "head.classification_head.conv.9.weight",
+        "head.classification_head.conv.10.bias",
+        "head.regression_head.conv.4.weight",
+        "head.regression_head.bbox_reg.weight",
+        "head.regression_head.bbox_ctrness.bias",
+    ):
         assert key in sd, key
     assert tuple(sd["head.classification_head.cls_logits.weight"].shape) == (91, 32, 3, 3)
     assert not any(k.endswith("num_batches_tracked") for k in sd)
@@ -259,8 +271,7 @@ def test_torchvision_layout(tmp_path, tv_model, x, old_fpn_names):
     assert cfg.backbone.style == "pytorch" and cfg.backbone.bn_impl == "torchvision"
     assert cfg.head.norm == "gn" and cfg.head.conv_bias and not cfg.head.use_scale and cfg.head.stacked_convs == 4
     assert cfg.head.norm_on_bbox and cfg.head.centerness_on_reg and cfg.head.num_classes == 91
-    assert (cfg.post.rule, cfg.post.points, cfg.post.score_thr, cfg.post.iou_thr, cfg.post.nms_pre) == (
-        "torchvision", "torchvision", 0.2, 0.6, 1000)
+    assert (cfg.post.rule, cfg.post.points, cfg.post.score_thr, cfg.post.iou_thr, cfg.post.nms_pre) == ("torchvision", "torchvision", 0.2, 0.6, 1000)
     assert cfg.input_adapter == "torchvision" and cfg.neck.extra_on == "output"
     assert_same_outputs(model, tv_model, x)
 
@@ -301,12 +312,16 @@ def test_wrong_shape_error(tmp_path, caffe3, capsys):
     _assert_one_line_error(*run_cli(capsys, "inspect", path), "bbox_head.conv_reg.weight")
 
 
-@pytest.mark.parametrize("content", [
-    b"hello world\n",
-    b"model = dict(type='FCOS', backbone=dict(depth=50))\n",
-    b"a,b,c\n1,2,3\n",
-    b'{"state_dict": {}}\n',
-], ids=["text", "python-config", "csv", "json"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"hello world\n",
+        b"model = dict(type='FCOS', backbone=dict(depth=50))\n",
+        b"a,b,c\n1,2,3\n",
+        b'{"state_dict": {}}\n',
+    ],
+    ids=["text", "python-config", "csv", "json"],
+)
 def test_text_file_named_pth(tmp_path, capsys, content):
     path = tmp_path / "model.pth"
     path.write_bytes(content)
@@ -353,8 +368,9 @@ def test_missing_file(tmp_path, capsys):
 
 def test_plain_resnet_checkpoint(tmp_path, capsys):
     """A classification ResNet (no FPN, no head) is not an FCOS checkpoint."""
-    from fcos_offline.model.fcos import ResNet
     from conftest import fcos_config
+
+    from fcos_offline.model.fcos import ResNet
 
     resnet = ResNet(fcos_config().backbone)
     sd = dict(resnet.state_dict())
@@ -439,15 +455,18 @@ def test_foreign_meta_object_is_ignored_and_listed(tmp_path, caffe3, x, capsys, 
 # --------------------------------------------------------------------------- what the meta's mmdet version implies
 
 
-@pytest.mark.parametrize("meta,rule,points", [
-    ({}, "mmdet2", "mmdet2"),
-    ({"mmdet_version": "1.0rc0+8c5a2e0"}, "mmdet2", "mmdet2"),
-    ({"mmdet_version": "2.17.0"}, "mmdet2", "mmdet2"),
-    ({"mmdet_version": "2.18.0"}, "mmdet218", "mmdet3"),
-    ({"mmdet_version": "2.28.2"}, "mmdet218", "mmdet3"),
-    ({"mmdet_version": "3.3.0"}, "mmdet3", "mmdet3"),
-    ({"mmengine_version": "0.10.3"}, "mmdet3", "mmdet3"),
-])
+@pytest.mark.parametrize(
+    "meta,rule,points",
+    [
+        ({}, "mmdet2", "mmdet2"),
+        ({"mmdet_version": "1.0rc0+8c5a2e0"}, "mmdet2", "mmdet2"),
+        ({"mmdet_version": "2.17.0"}, "mmdet2", "mmdet2"),
+        ({"mmdet_version": "2.18.0"}, "mmdet218", "mmdet3"),
+        ({"mmdet_version": "2.28.2"}, "mmdet218", "mmdet3"),
+        ({"mmdet_version": "3.3.0"}, "mmdet3", "mmdet3"),
+        ({"mmengine_version": "0.10.3"}, "mmdet3", "mmdet3"),
+    ],
+)
 def test_rule_follows_mmdet_version(tmp_path, caffe3, meta, rule, points):
     """mmdet < 2.18 -> §7.2 points (+⌊s/2⌋); 2.18+ -> §7.3 pairs; 3.x adds the w/h > 0 filter (spec §5, §7)."""
     ckpt = load_checkpoint(save_mmdet_ckpt(caffe3, tmp_path / "v.pth", meta=meta))
@@ -459,6 +478,7 @@ def test_rule_follows_mmdet_version(tmp_path, caffe3, meta, rule, points):
 def test_gn_groups_from_meta(tmp_path, x):
     """Shapes cannot tell GroupNorm's group count; the meta's num_groups can."""
     from conftest import fcos_config
+
     from fcos_offline.model.fcos import FCOS
 
     donor = make_fcos(norm="gn", seed=13)

@@ -6,12 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
-
 import reference_postprocess as ref
+import torch
 from conftest import make_fcos, random_canvas
-from fcos_offline.evaluate.match import match_batches
+
 from fcos_offline.model.config import PostConfig, default_post_config
+from fcos_offline.model.match import match_batches
 from fcos_offline.model.postprocess import FCOSDetector, FCOSPostProcess, nms_topk
 
 CANVAS = (256, 384)  # P3 is 32x48 = 1536 points > 1000: the per-level top-k rule is exercised
@@ -34,9 +34,16 @@ def raw_numpy(model, x):
 
 
 def reference(rule, model, x, post: PostConfig):
-    return ref.reference_batch(rule, raw_numpy(model, x), tuple(x.shape[2:]), model.cfg.head.strides,
-                               nms_pre=post.nms_pre, score_thr=post.score_thr, iou_thr=post.iou_thr,
-                               max_per_img=post.max_per_img)
+    return ref.reference_batch(
+        rule,
+        raw_numpy(model, x),
+        tuple(x.shape[2:]),
+        model.cfg.head.strides,
+        nms_pre=post.nms_pre,
+        score_thr=post.score_thr,
+        iou_thr=post.iou_thr,
+        max_per_img=post.max_per_img,
+    )
 
 
 def eager(model, x, post: PostConfig):
@@ -155,9 +162,9 @@ def _logit(p):
 
 def test_mmdet2_threshold_on_raw_sigmoid():
     cls, dist, ctr, _ = _levels((64, 64), 2)
-    cls[0][0, 1, 2, 3] = _logit(0.06)   # S 0.06 > 0.05, c 0.5 -> score 0.03: kept
+    cls[0][0, 1, 2, 3] = _logit(0.06)  # S 0.06 > 0.05, c 0.5 -> score 0.03: kept
     ctr[0][0, 0, 2, 3] = 0.0
-    cls[0][0, 0, 5, 5] = _logit(0.04)   # S 0.04: dropped although c = 1
+    cls[0][0, 0, 5, 5] = _logit(0.04)  # S 0.04: dropped although c = 1
     ctr[0][0, 0, 5, 5] = 30.0
     post = FCOSPostProcess(default_post_config("mmdet2"), (8, 16, 32, 64, 128))
     dets, labels = post(cls, dist, ctr, (64, 64))
@@ -183,9 +190,9 @@ def test_torchvision_rule_points_and_score():
     """P7 anchor centre = (x·(W//W7), y·(H//H7)) (stride 106 for H 320, not 128); score √(S·c) > 0.2."""
     cls, dist, ctr, sizes = _levels((320, 512), 91)
     assert sizes[4] == (3, 4)
-    cls[4][0, 17, 2, 3] = _logit(0.09)   # √(0.09·0.5) = 0.212 > 0.2 although S·c = 0.045
+    cls[4][0, 17, 2, 3] = _logit(0.09)  # √(0.09·0.5) = 0.212 > 0.2 although S·c = 0.045
     dist[4][0, :, 2, 3] = torch.tensor([10.0, 20.0, 30.0, 40.0])
-    cls[3][0, 5, 1, 1] = _logit(0.07)    # √(0.07·0.5) = 0.187: dropped
+    cls[3][0, 5, 1, 1] = _logit(0.07)  # √(0.07·0.5) = 0.187: dropped
     dets, labels = FCOSPostProcess(default_post_config("torchvision"), (8, 16, 32, 64, 128))(cls, dist, ctr, (320, 512))
     assert labels[0, :2].tolist() == [17, -1]
     cx, cy = 3 * (512 // 4), 2 * (320 // 3)
@@ -195,13 +202,19 @@ def test_torchvision_rule_points_and_score():
 
 def nms_case():
     """Boxes whose fate shows the IoU convention: no +1, suppress only IoU > 0.5 (strictly)."""
-    boxes = torch.tensor([[[0, 0, 10, 10],       # A .9 kept
-                           [0, 0, 4.9, 10],      # B .8 IoU(A) .49 -> kept (with +1 it would be .536: suppressed)
-                           [5, 0, 10, 10],       # C .7 IoU(A) exactly .5 -> kept (strict >), disjoint from B
-                           [0, 0, 10, 5.2],      # D .6 IoU(A) .52 -> suppressed
-                           [0, 0, 10, 10],       # E .5 same box as A but class 1 -> kept
-                           [20, 20, 30, 30]]],   # F not a candidate (score −1)
-                         dtype=torch.float32)
+    boxes = torch.tensor(
+        [
+            [
+                [0, 0, 10, 10],  # A .9 kept
+                [0, 0, 4.9, 10],  # B .8 IoU(A) .49 -> kept (with +1 it would be .536: suppressed)
+                [5, 0, 10, 10],  # C .7 IoU(A) exactly .5 -> kept (strict >), disjoint from B
+                [0, 0, 10, 5.2],  # D .6 IoU(A) .52 -> suppressed
+                [0, 0, 10, 10],  # E .5 same box as A but class 1 -> kept
+                [20, 20, 30, 30],
+            ]
+        ],  # F not a candidate (score −1)
+        dtype=torch.float32,
+    )
     scores = torch.full((1, 2, 6), -1.0)
     scores[0, 0, :4] = torch.tensor([0.9, 0.8, 0.7, 0.6])
     scores[0, 1, 4] = 0.5
@@ -216,8 +229,9 @@ def test_nms_iou_convention():
     np.testing.assert_allclose(dets[0, :4, 4].numpy(), exp_scores, rtol=1e-6)
     assert labels[0].tolist() == exp_labels + [-1] * 6
     assert (dets[0, 4:] == 0).all()
-    want, want_labels = ref.classwise_nms_topk(boxes[0, :5].numpy(), np.array([.9, .8, .7, .6, .5], np.float32),
-                                               np.array([0, 0, 0, 0, 1]), 0.5, 10)
+    want, want_labels = ref.classwise_nms_topk(
+        boxes[0, :5].numpy(), np.array([0.9, 0.8, 0.7, 0.6, 0.5], np.float32), np.array([0, 0, 0, 0, 1]), 0.5, 10
+    )
     np.testing.assert_allclose(dets[0, :4].numpy(), want, rtol=1e-6)
     assert labels[0, :4].tolist() == want_labels.tolist()
 

@@ -43,7 +43,7 @@ from badinputs import (
     write_json,
 )
 
-import fcos_offline.data.preprocess as preprocess_module
+import fcos_offline.io as preprocess_module
 
 H, W = CANVAS
 RUN_FLAGS = ["--shape", str(H), str(W), "--batch-sizes", "1", "--engines", "onnxruntime", "--no-online"]
@@ -55,13 +55,22 @@ def data(tmp_path_factory) -> SimpleNamespace:
     images = root / "images"
     images.mkdir()
     paths = [good_jpeg(images, f"im{i:02d}.jpg", seed=500 + i, h=64 + 4 * (i % 5), w=96) for i in range(12)]
-    return SimpleNamespace(root=root, images=images, paths=paths,
-                           ann=write_json(root / "instances.json", annotation_json(image_sizes(paths))))
+    return SimpleNamespace(root=root, images=images, paths=paths, ann=write_json(root / "instances.json", annotation_json(image_sizes(paths))))
 
 
 def _run_args(tiny, data, workdir: Path) -> list[str]:
-    return ["run", "--checkpoint", str(tiny.ckpt), "--images", str(data.images), "--annotations", str(data.ann),
-            *RUN_FLAGS, "--workdir", str(workdir)]
+    return [
+        "run",
+        "--checkpoint",
+        str(tiny.ckpt),
+        "--images",
+        str(data.images),
+        "--annotations",
+        str(data.ann),
+        *RUN_FLAGS,
+        "--workdir",
+        str(workdir),
+    ]
 
 
 def _results(workdir: Path) -> dict:
@@ -119,7 +128,7 @@ def _kill_tree(proc) -> None:
 
         family = [psutil.Process(proc.pid)]
         family += family[0].children(recursive=True)
-    except Exception:  # noqa: BLE001 - psutil missing or the process just ended
+    except Exception:
         family = []
     for p in family or [proc]:
         try:
@@ -168,9 +177,14 @@ def test_run_killed_at_several_points_then_rerun_gives_the_uninterrupted_results
     got = _results(work)
     for key in ("dumps", "bbox_results", "txt", "metrics", "entry"):
         assert got[key] == reference[key], key
-    record("kill -9 during run (then the same --workdir again)", "run", done.returncode, done.stdout,
-           f"killed during {', '.join(killed)}: no torn file; the rerun reuses finished steps and gives the "
-           "uninterrupted dumps, detections and mAP", "report:")
+    record(
+        "kill -9 during run (then the same --workdir again)",
+        "run",
+        done.returncode,
+        done.stdout,
+        f"killed during {', '.join(killed)}: no torn file; the rerun reuses finished steps and gives the uninterrupted dumps, detections and mAP",
+        "report:",
+    )
 
 
 @pytest.mark.slow
@@ -190,9 +204,14 @@ def test_second_run_on_a_busy_workdir_is_refused(tiny, data, reference, tmp_path
         assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
     assert still_running, "the first run ended before the second asked for the lock; use more images"
     assert_clean(second.returncode, second.stdout, second.stderr, 1, str(work), f"pid {first.pid}")
-    line = record("second run on a busy --workdir", "run", second.returncode, second.stderr,
-                  "refused in one line naming the folder and the running pid (lock file); the first run is unaffected",
-                  "in use by another run")
+    line = record(
+        "second run on a busy --workdir",
+        "run",
+        second.returncode,
+        second.stderr,
+        "refused in one line naming the folder and the running pid (lock file); the first run is unaffected",
+        "in use by another run",
+    )
     assert [ln for ln in second.stderr.splitlines() if ln.strip()] == [line]
     assert not (work / ".lock").exists()
     assert _results(work)["metrics"] == reference["metrics"]
@@ -235,23 +254,58 @@ def _disk_full_line(err: str) -> str:
 
 def test_preprocess_on_a_full_tmpfs(data, small_disk, tmp_path, capsys) -> None:
     disk = small_disk(1024 * 1024)  # room for three 128x192 tensors (288 KiB each), not four
-    code, out, err = cli(capsys, "preprocess", "--image-src-path", data.images, "--bin-file-path", disk,
-                         "--model-input-height", H, "--model-input-width", W, "--workers", 1)
+    code, out, err = cli(
+        capsys,
+        "preprocess",
+        "--image-src-path",
+        data.images,
+        "--bin-file-path",
+        disk,
+        "--model-input-height",
+        H,
+        "--model-input-width",
+        W,
+        "--workers",
+        1,
+    )
     assert_clean(code, out, err, 1)
-    line = record("full disk (real tmpfs)", "preprocess", code, err, "stops: one line naming the file; the .bin "
-                  "files written before are whole; no partial file", "disk full")
+    line = record(
+        "full disk (real tmpfs)",
+        "preprocess",
+        code,
+        err,
+        "stops: one line naming the file; the .bin files written before are whole; no partial file",
+        "disk full",
+    )
     assert "disk full while writing" in line and "im03.bin" in line
     written = sorted(p.name for p in disk.iterdir())
     assert written == ["im00.bin", "im01.bin", "im02.bin"]
     for name in written:
-        np.testing.assert_array_equal(np.fromfile(disk / name, np.float32).reshape(3, H, W),
-                                      imread_tensor(data.images / name.replace(".bin", ".jpg")))
+        np.testing.assert_array_equal(
+            np.fromfile(disk / name, np.float32).reshape(3, H, W), imread_tensor(data.images / name.replace(".bin", ".jpg"))
+        )
     # the same with worker processes (the error crosses the process boundary) through the console script
     for p in disk.iterdir():
         p.unlink()
-    proc = subprocess.run([*console_script(), "preprocess", "--image-src-path", str(data.images), "--bin-file-path",
-                           str(disk), "--model-input-height", str(H), "--model-input-width", str(W), "--workers", "2"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            *console_script(),
+            "preprocess",
+            "--image-src-path",
+            str(data.images),
+            "--bin-file-path",
+            str(disk),
+            "--model-input-height",
+            str(H),
+            "--model-input-width",
+            str(W),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_clean(proc.returncode, proc.stdout, proc.stderr, 1)
     assert "disk full while writing" in _disk_full_line(proc.stderr)
     # two workers may run out of room together: 2 or 3 whole tensors, never a partial or temporary file
@@ -263,8 +317,14 @@ def test_infer_on_a_full_tmpfs_then_resume(tiny, data, reference, small_disk, ca
     args = ["infer", "--model", tiny.onnx, "--images", data.images, "--output", disk / "dumps", "--workers", 0]
     code, out, err = cli(capsys, *args)
     assert_clean(code, out, err, 1)
-    line = record("full disk (real tmpfs)", "infer", code, err, "stops: one line naming the file; earlier dumps "
-                  "whole; --resume on a bigger disk completes with the uninterrupted dumps", "disk full")
+    line = record(
+        "full disk (real tmpfs)",
+        "infer",
+        code,
+        err,
+        "stops: one line naming the file; earlier dumps whole; --resume on a bigger disk completes with the uninterrupted dumps",
+        "disk full",
+    )
     assert "disk full while writing" in line
     partial = dump_files(disk / "dumps")
     assert partial and all(reference["dumps"][name] == data_ for name, data_ in partial.items())
@@ -301,8 +361,15 @@ def test_run_on_a_full_tmpfs_at_several_points_then_rerun(tiny, data, reference,
         for key in ("dumps", "bbox_results", "txt", "metrics"):
             assert got[key] == reference[key], (fraction, key)
     assert len(where) >= 3, where
-    record("full disk (real tmpfs)", "run", 1, line, f"stops with one line naming the file (seen: {', '.join(where)}); "
-           "no partial file; the same --workdir on a bigger disk completes with the uninterrupted results", "disk full")
+    record(
+        "full disk (real tmpfs)",
+        "run",
+        1,
+        line,
+        f"stops with one line naming the file (seen: {', '.join(where)}); "
+        "no partial file; the same --workdir on a bigger disk completes with the uninterrupted results",
+        "disk full",
+    )
 
 
 # --------------------------------------------------------------------------- full disk: injected ENOSPC
@@ -358,18 +425,35 @@ def _parts(root: Path) -> list[Path]:
 def test_injected_enospc_preprocess_and_get_info(data, full_disk, tmp_path, capsys) -> None:
     bins = tmp_path / "bins"
     full_disk(5)
-    code, out, err = cli(capsys, "preprocess", "--image-src-path", data.images, "--bin-file-path", bins,
-                         "--model-input-height", H, "--model-input-width", W, "--workers", 1)
+    code, out, err = cli(
+        capsys,
+        "preprocess",
+        "--image-src-path",
+        data.images,
+        "--bin-file-path",
+        bins,
+        "--model-input-height",
+        H,
+        "--model-input-width",
+        W,
+        "--workers",
+        1,
+    )
     assert_clean(code, out, err, 1, "im05.bin")
-    record("full disk (injected ENOSPC)", "preprocess", code, err, "stops: one line naming the file; earlier .bin "
-           "files whole; no partial file", "disk full")
+    record(
+        "full disk (injected ENOSPC)",
+        "preprocess",
+        code,
+        err,
+        "stops: one line naming the file; earlier .bin files whole; no partial file",
+        "disk full",
+    )
     assert sorted(p.name for p in bins.iterdir()) == [f"im{i:02d}.bin" for i in range(5)] and not _parts(bins)
     assert all(p.stat().st_size == 3 * H * W * 4 for p in bins.iterdir())
     full_disk(0)
     code, out, err = cli(capsys, "get-info", "jpg", data.images, tmp_path / "fcos_jpeg.info", "--workers", 1)
     assert_clean(code, out, err, 1, "fcos_jpeg.info")
-    record("full disk (injected ENOSPC)", "get-info", code, err, "stops: one line naming the file; no partial .info",
-           "disk full")
+    record("full disk (injected ENOSPC)", "get-info", code, err, "stops: one line naming the file; no partial .info", "disk full")
     assert not (tmp_path / "fcos_jpeg.info").exists() and not _parts(tmp_path)
 
 
@@ -379,8 +463,14 @@ def test_injected_enospc_infer_then_resume(tiny, data, reference, full_disk, tmp
     disk = full_disk(9)  # 4 whole pairs and a lone labels file, then the disk is full
     code, out, err = cli(capsys, *args)
     assert_clean(code, out, err, 1, Path(disk.failed[0]).name.split(".part")[0])
-    record("full disk (injected ENOSPC)", "infer", code, err, "stops: one line naming the file; earlier dumps whole; "
-           "--resume completes with the uninterrupted dumps", "disk full")
+    record(
+        "full disk (injected ENOSPC)",
+        "infer",
+        code,
+        err,
+        "stops: one line naming the file; earlier dumps whole; --resume completes with the uninterrupted dumps",
+        "disk full",
+    )
     partial = dump_files(out_dir)
     assert len(partial) == 9 and all(reference["dumps"][k] == v for k, v in partial.items()) and not _parts(out_dir)
     assert not (out_dir / "summary.json").exists()
@@ -397,13 +487,27 @@ def test_injected_enospc_postprocess(data, reference, full_disk, tmp_path, capsy
     info = make_info("jpg", data.images, tmp_path / "fcos_jpeg.info", workers=1).out_path
     dumps = Path(json.loads((reference["work"] / "report.json").read_text())["entries"][0]["dumps"])
     out_dir = tmp_path / "pp"
-    args = ["postprocess", "--bin-data-path", dumps, "--test-annotation", info, "--det-results-path", out_dir,
-            "--annotations-path", data.ann, "--net-input-height", H, "--net-input-width", W]
+    args = [
+        "postprocess",
+        "--bin-data-path",
+        dumps,
+        "--test-annotation",
+        info,
+        "--det-results-path",
+        out_dir,
+        "--annotations-path",
+        data.ann,
+        "--net-input-height",
+        H,
+        "--net-input-width",
+        W,
+    ]
     full_disk(3)
     code, out, err = cli(capsys, *args)
     assert_clean(code, out, err, 1, "im03.txt")
-    record("full disk (injected ENOSPC)", "postprocess", code, err, "stops: one line naming the file; earlier files "
-           "whole; no partial file", "disk full")
+    record(
+        "full disk (injected ENOSPC)", "postprocess", code, err, "stops: one line naming the file; earlier files whole; no partial file", "disk full"
+    )
     assert sorted(p.name for p in out_dir.iterdir()) == ["im00.txt", "im01.txt", "im02.txt"]
     assert all((out_dir / n).read_bytes() == reference["txt"][n] for n in ("im00.txt", "im01.txt", "im02.txt"))
     full_disk(10**6)
@@ -417,8 +521,14 @@ def test_injected_enospc_run_then_same_workdir(tiny, data, reference, full_disk,
     disk = full_disk(8)  # .info, export stamp, three dump pairs: the disk fills during inference
     code, out, err = cli(capsys, *_run_args(tiny, data, work))
     assert_clean(code, out, err, 1, Path(disk.failed[0]).name.split(".part")[0])
-    record("full disk (injected ENOSPC)", "run", code, err, "stops: one line naming the file; no partial file; the "
-           "same --workdir completes with the uninterrupted results", "disk full")
+    record(
+        "full disk (injected ENOSPC)",
+        "run",
+        code,
+        err,
+        "stops: one line naming the file; no partial file; the same --workdir completes with the uninterrupted results",
+        "disk full",
+    )
     assert not _parts(work) and not (work / ".lock").exists()
     assert_no_torn_files(work)
     full_disk(10**6)

@@ -42,8 +42,8 @@ from badinputs import (
     reliability_log,  # noqa: F401 - session fixture writing the reliability table
     tiny,  # noqa: F401 - session fixture: the tiny model
     tune_outcome,
-    wrong_size_bin,
     write_json,
+    wrong_size_bin,
 )
 
 from fcos_offline.data.info import make_info
@@ -69,9 +69,19 @@ def data(tiny, tmp_path_factory) -> SimpleNamespace:
 
     dumps = root / "dumps"
     assert main(["infer", "--model", str(tiny.onnx), "--input-info", str(bin_info), "--output", str(dumps)]) == 0
-    return SimpleNamespace(root=root, images=images, paths=paths, ann=ann, ann_file=write_json(root / "instances.json", ann),
-                           bins=bins, bin_info=bin_info, jpg_info=jpg_info, dumps=dumps,
-                           bin_lines=bin_info.read_text().splitlines(), jpg_lines=jpg_info.read_text().splitlines())
+    return SimpleNamespace(
+        root=root,
+        images=images,
+        paths=paths,
+        ann=ann,
+        ann_file=write_json(root / "instances.json", ann),
+        bins=bins,
+        bin_info=bin_info,
+        jpg_info=jpg_info,
+        dumps=dumps,
+        bin_lines=bin_info.read_text().splitlines(),
+        jpg_lines=jpg_info.read_text().splitlines(),
+    )
 
 
 def _copy_dumps(src: Path, dst: Path) -> Path:
@@ -82,8 +92,23 @@ def _copy_dumps(src: Path, dst: Path) -> Path:
 
 
 def _postprocess(capsys, dumps: Path, info: Path, ann: Path, out: Path, *extra) -> tuple[int, str, str, dict]:
-    code, o, e = cli(capsys, "postprocess", "--bin-data-path", dumps, "--test-annotation", info, "--det-results-path", out,
-                     "--annotations-path", ann, "--net-input-height", H, "--net-input-width", W, *extra)
+    code, o, e = cli(
+        capsys,
+        "postprocess",
+        "--bin-data-path",
+        dumps,
+        "--test-annotation",
+        info,
+        "--det-results-path",
+        out,
+        "--annotations-path",
+        ann,
+        "--net-input-height",
+        H,
+        "--net-input-width",
+        W,
+        *extra,
+    )
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     return code, o, e, summary
 
@@ -112,8 +137,14 @@ def test_infer_skips_a_bin_holding_nan(data, tiny, tmp_path, capsys) -> None:
     info.write_text("\n".join([*data.bin_lines, f"4 {bad} {W} {H}"]) + "\n")
     code, out, err = cli(capsys, "infer", "--model", tiny.onnx, "--input-info", info, "--output", tmp_path / "o")
     assert_clean(code, out, err, 3, bad.name)
-    line = record(".bin holding NaN/inf", "infer", code, err, "skipped with a warning (the engine would turn it into "
-                  "NaN detections), listed in summary.json", bad.name)
+    line = record(
+        ".bin holding NaN/inf",
+        "infer",
+        code,
+        err,
+        "skipped with a warning (the engine would turn it into NaN detections), listed in summary.json",
+        bad.name,
+    )
     assert "NaN/inf" in line and not (tmp_path / "o" / "nan_1.bin").exists()
 
 
@@ -125,8 +156,7 @@ def test_info_line_with_a_missing_field(data, tiny, tmp_path, capsys) -> None:
         else:
             code, out, err, _ = _postprocess(capsys, data.dumps, info, data.ann_file, tmp_path / "pp")
         assert_clean(code, out, err, 1, f"{info.name}:3")
-        line = record(".info line with a missing field", verb, code, err,
-                      "refused before any work: the list is corrupt (names file:line)", info.name)
+        line = record(".info line with a missing field", verb, code, err, "refused before any work: the list is corrupt (names file:line)", info.name)
         assert "expected '<index> <path> <width> <height>'" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "pp").exists()
 
@@ -144,11 +174,16 @@ def test_info_line_naming_a_missing_file(data, tiny, tmp_path, capsys) -> None:
     (dumps / "im9_1.bin").write_bytes((dumps / "im0_1.bin").read_bytes())
     (dumps / "im9_2.bin").write_bytes((dumps / "im0_2.bin").read_bytes())
     ann = ann_image_without_file(data.ann, "im9.jpg")
-    code, out, err, summary = _postprocess(capsys, dumps, info, write_json(tmp_path / "ann.json", ann), tmp_path / "pp",
-                                           "--ifShowDetObj")
+    code, out, err, summary = _postprocess(capsys, dumps, info, write_json(tmp_path / "ann.json", ann), tmp_path / "pp", "--ifShowDetObj")
     assert_clean(code, out, err, 3, gone_jpg.name)
-    record(".info line naming a missing file", "postprocess", code, out + err,
-           "evaluated with the listed size; drawing it is skipped and listed (--ifShowDetObj)", gone_jpg.name)
+    record(
+        ".info line naming a missing file",
+        "postprocess",
+        code,
+        out + err,
+        "evaluated with the listed size; drawing it is skipped and listed (--ifShowDetObj)",
+        gone_jpg.name,
+    )
     assert [Path(s["path"]).name for s in summary["skipped"]] == ["im9.jpg"] and summary["missing_dumps"] == 0
 
 
@@ -162,8 +197,14 @@ def test_postprocess_skips_a_dump_holding_nonfinite_values(value, data, tmp_path
     code, out, err, summary = _postprocess(capsys, dumps, data.jpg_info, data.ann_file, tmp_path / "pp")
     assert_clean(code, out, err, 3, dets_path.name)
     case = f"dump holding {'NaN' if value != value else 'inf'}"
-    line = record(case, "postprocess", code, out + err, "that image skipped, listed in summary.json 'skipped' and "
-                  "evaluated as without detections; the rest evaluated", dets_path.name)
+    line = record(
+        case,
+        "postprocess",
+        code,
+        out + err,
+        "that image skipped, listed in summary.json 'skipped' and evaluated as without detections; the rest evaluated",
+        dets_path.name,
+    )
     assert "NaN/inf" in line
     assert [Path(s["path"]).name for s in summary["skipped"]] == [dets_path.name]
     results = json.loads((tmp_path / "pp" / "bbox_results.json").read_text())  # valid JSON: no NaN written
@@ -194,18 +235,24 @@ def test_postprocess_meets_an_unusual_annotation_file(kind, data, tmp_path, caps
     assert results
     if kind == "image id without a file":
         assert_clean(code, out, err, 3, "no_such_image.jpg")
-        line = record(case, "postprocess", code, err, "evaluated as an image without detections; warning names it, "
-                      "summary.json 'missing_dump_files' lists it", "no_such_image.jpg")
+        line = record(
+            case,
+            "postprocess",
+            code,
+            err,
+            "evaluated as an image without detections; warning names it, summary.json 'missing_dump_files' lists it",
+            "no_such_image.jpg",
+        )
         assert summary["missing_dump_files"] == ["no_such_image.jpg"]
     elif kind == "category the model does not know":
         assert_clean(code, out, err, 0, "unicorn", ann_file.name)
-        line = record(case, "postprocess", code, err, "warning names the file and category; COCO rules: its ground "
-                      "truth counts as missed", "unicorn")
+        line = record(case, "postprocess", code, err, "warning names the file and category; COCO rules: its ground truth counts as missed", "unicorn")
         assert {c["name"]: c["AP"] for c in summary["classwise"]}["unicorn"] == 0.0
     else:
         assert_clean(code, out, err, 0, ann_file.name)
-        line = record(case, "postprocess", code, err, "warning; mAP -1 (no ground truth), detections still written "
-                      "to bbox_results.json", "no annotations")
+        line = record(
+            case, "postprocess", code, err, "warning; mAP -1 (no ground truth), detections still written to bbox_results.json", "no annotations"
+        )
         assert summary["bbox_mAP"] == -1.0
     assert line
 
@@ -220,14 +267,32 @@ def run_workdir(tmp_path_factory) -> Path:
 def test_run_meets_an_unusual_annotation_file(kind, data, tiny, run_workdir, tmp_path, capsys) -> None:
     case, ann = _ann_case(data, kind)
     ann_file = write_json(tmp_path / "instances.json", ann)
-    code, out, err = cli(capsys, "run", "--checkpoint", tiny.ckpt, "--images", data.images, "--annotations", ann_file,
-                         "--shape", H, W, "--batch-sizes", 1, "--engines", "onnxruntime", "--no-online",
-                         "--workdir", run_workdir)
+    code, out, err = cli(
+        capsys,
+        "run",
+        "--checkpoint",
+        tiny.ckpt,
+        "--images",
+        data.images,
+        "--annotations",
+        ann_file,
+        "--shape",
+        H,
+        W,
+        "--batch-sizes",
+        1,
+        "--engines",
+        "onnxruntime",
+        "--no-online",
+        "--workdir",
+        run_workdir,
+    )
     report = json.loads((run_workdir / "report.json").read_text())
     if kind == "image id without a file":
         assert_clean(code, out, err, 3, "no_such_image.jpg")
-        record(case, "run", code, err, "warning names it; evaluated as without detections; report.json "
-               "'missing_images' lists it", "no_such_image.jpg")
+        record(
+            case, "run", code, err, "warning names it; evaluated as without detections; report.json 'missing_images' lists it", "no_such_image.jpg"
+        )
         assert [Path(p).name for p in report["missing_images"]] == ["no_such_image.jpg"]
     elif kind == "category the model does not know":
         assert_clean(code, out, err, 0, "unicorn")
@@ -244,15 +309,47 @@ def test_tune_meets_an_unusual_annotation_file(kind, data, tiny, tmp_path, capsy
     """Observed behaviour of tune (owned by the tune author), recorded for the table."""
     case, ann = _ann_case(data, kind)
     ann_file = write_json(tmp_path / "instances.json", ann)
-    code, out, err = cli(capsys, "tune", "--model", tiny.onnx, "--images", data.images, "--annotations", ann_file,
-                         "--output", tmp_path / "tuned", "--engines", "onnxruntime", "--calib-methods", "minmax",
-                         "--eval-images", 5, "--calib-images", 2, "--threads", 1, "--bench-runs", 1,
-                         "--bench-seconds", 1, "--no-fallback", "--no-sweep", "--time-budget", 1)
+    code, out, err = cli(
+        capsys,
+        "tune",
+        "--model",
+        tiny.onnx,
+        "--images",
+        data.images,
+        "--annotations",
+        ann_file,
+        "--output",
+        tmp_path / "tuned",
+        "--engines",
+        "onnxruntime",
+        "--calib-methods",
+        "minmax",
+        "--eval-images",
+        5,
+        "--calib-images",
+        2,
+        "--threads",
+        1,
+        "--bench-runs",
+        1,
+        "--bench-seconds",
+        1,
+        "--no-fallback",
+        "--no-sweep",
+        "--time-budget",
+        1,
+    )
     assert code in (0, 1, 3) and "Traceback" not in out + err, err[-3000:]
     needle = {"image id without a file": "no_such_image.jpg", "category the model does not know": "unicorn"}.get(kind, "annotations")
     behaviour = tune_outcome(code, out)
     line = record(case, "tune", code, err, behaviour, needle)
     if not line:
-        record(case, "tune", code, err, f"{behaviour}; no line names {needle} (the image is silently left out of the "
-               "evaluation set): reported to the tune author", needle)
+        record(
+            case,
+            "tune",
+            code,
+            err,
+            f"{behaviour}; no line names {needle} (the image is silently left out of the evaluation set): reported to the tune author",
+            needle,
+        )
         pytest.xfail(f"tune gives no line naming {needle!r} for '{case}' (reported to the tune author)")

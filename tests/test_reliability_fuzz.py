@@ -22,13 +22,12 @@ from hypothesis import strategies as st
 
 from fcos_offline.data.dumps import read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
+from fcos_offline.data.perf import describe, parse_file
 from fcos_offline.errors import FcosError
 from fcos_offline.evaluate.coco import evaluate_bbox, load_annotations
-from fcos_offline.evaluate.perf import describe, parse_file
 
 #: examples per parser; FCOS_FUZZ_EXAMPLES=5000 for a long hunt
-FUZZ = settings(max_examples=int(os.environ.get("FCOS_FUZZ_EXAMPLES", "150")), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("FCOS_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EXAMPLES: dict[str, int] = {}
 
 
@@ -53,8 +52,9 @@ def _count(name: str) -> None:
 
 
 info_line = st.one_of(
-    st.tuples(st.integers(-5, 10**6), st.text(min_size=0, max_size=20), st.integers(-10, 10**5), st.integers(-10, 10**5))
-    .map(lambda t: f"{t[0]} {t[1]} {t[2]} {t[3]}"),
+    st.tuples(st.integers(-5, 10**6), st.text(min_size=0, max_size=20), st.integers(-10, 10**5), st.integers(-10, 10**5)).map(
+        lambda t: f"{t[0]} {t[1]} {t[2]} {t[3]}"
+    ),
     st.text(max_size=60),
 )
 info_bytes = st.one_of(
@@ -85,8 +85,25 @@ def test_read_info_fuzzed(scratch, payload) -> None:
 
 
 dump_name = st.one_of(
-    st.sampled_from(["a_1.bin", "a_2.bin", "a_0.bin", "b_1.bin", "b_2.bin", "_1.bin", "a.bin", "a_x.bin", "a_3.bin",
-                     "a_labels.npy", "a_dets.npy", "b_dets.npy", "c.npy", "a_1.bin.part7", "notes.txt"]),
+    st.sampled_from(
+        [
+            "a_1.bin",
+            "a_2.bin",
+            "a_0.bin",
+            "b_1.bin",
+            "b_2.bin",
+            "_1.bin",
+            "a.bin",
+            "a_x.bin",
+            "a_3.bin",
+            "a_labels.npy",
+            "a_dets.npy",
+            "b_dets.npy",
+            "c.npy",
+            "a_1.bin.part7",
+            "notes.txt",
+        ]
+    ),
     st.from_regex(r"[a-z]{1,3}_[0-9]{1,2}\.(bin|npy)", fullmatch=True),
 )
 
@@ -138,16 +155,19 @@ def test_read_dumps_fuzzed(scratch, files, net_out_num) -> None:
 # --------------------------------------------------------------------------- perf files and summary.json
 
 perf_line = st.one_of(
-    st.sampled_from([
-        "[e2e] throughputRate: 243.034, latency: 205733",
-        "[data read] throughputRate: 258.963, moduleLatency: 3.86155",
-        "[infer] throughputRate: 244.435, Interface throughputRate: 382.328, moduleLatency: 3.35758",
-        "[inference] throughputRate: 1e999, Interface throughputRate: -0, moduleLatency: nan",
-        "[post] throughputRate: ٣٤, moduleLatency: 4.09107",
-        "[infer] Interface throughputRate:, moduleLatency: 3",
-    ]),
-    st.tuples(st.text(max_size=12), st.lists(st.tuples(st.text(max_size=10), st.text(max_size=10)), max_size=4))
-    .map(lambda t: f"[{t[0]}] " + ", ".join(f"{k}: {v}" for k, v in t[1])),
+    st.sampled_from(
+        [
+            "[e2e] throughputRate: 243.034, latency: 205733",
+            "[data read] throughputRate: 258.963, moduleLatency: 3.86155",
+            "[infer] throughputRate: 244.435, Interface throughputRate: 382.328, moduleLatency: 3.35758",
+            "[inference] throughputRate: 1e999, Interface throughputRate: -0, moduleLatency: nan",
+            "[post] throughputRate: ٣٤, moduleLatency: 4.09107",
+            "[infer] Interface throughputRate:, moduleLatency: 3",
+        ]
+    ),
+    st.tuples(st.text(max_size=12), st.lists(st.tuples(st.text(max_size=10), st.text(max_size=10)), max_size=4)).map(
+        lambda t: f"[{t[0]}] " + ", ".join(f"{k}: {v}" for k, v in t[1])
+    ),
     st.text(max_size=40),
 )
 json_values = st.recursive(
@@ -157,8 +177,9 @@ json_values = st.recursive(
 )
 summary_objects = st.fixed_dictionaries(
     {},
-    optional={k: json_values for k in ("engine", "batch_size", "throughput_fps", "infer_fps", "latency_ms", "bbox_mAP",
-                                       "bbox_mAP_50", "bbox_mAP_75")},
+    optional={
+        k: json_values for k in ("engine", "batch_size", "throughput_fps", "infer_fps", "latency_ms", "bbox_mAP", "bbox_mAP_50", "bbox_mAP_75")
+    },
 )
 
 
@@ -193,19 +214,38 @@ def test_summary_json_fuzzed(scratch, obj, raw, as_bytes) -> None:
 # --------------------------------------------------------------------------- annotation JSON
 
 VALID = {
-    "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80},
-               {"id": 2, "file_name": "b.jpg", "width": 64, "height": 64}],
-    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
-                    {"id": 2, "image_id": 2, "category_id": 3, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0}],
+    "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}, {"id": 2, "file_name": "b.jpg", "width": 64, "height": 64}],
+    "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
+        {"id": 2, "image_id": 2, "category_id": 3, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0},
+    ],
     "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}],
 }
-RESULTS = [{"image_id": 1, "bbox": [10, 10, 30, 20], "score": 0.9, "category_id": 1},
-           {"image_id": 2, "bbox": [4, 4, 20, 20], "score": 0.8, "category_id": 3}]
-PATHS = [("images",), ("annotations",), ("categories",), ("images", 0), ("images", 0, "id"), ("images", 0, "file_name"),
-         ("images", 1, "id"), ("annotations", 0), ("annotations", 0, "bbox"), ("annotations", 0, "bbox", 2),
-         ("annotations", 0, "image_id"), ("annotations", 0, "category_id"), ("annotations", 0, "area"),
-         ("annotations", 0, "iscrowd"), ("annotations", 1, "id"), ("categories", 0), ("categories", 0, "id"),
-         ("categories", 1, "name"), ()]
+RESULTS = [
+    {"image_id": 1, "bbox": [10, 10, 30, 20], "score": 0.9, "category_id": 1},
+    {"image_id": 2, "bbox": [4, 4, 20, 20], "score": 0.8, "category_id": 3},
+]
+PATHS = [
+    ("images",),
+    ("annotations",),
+    ("categories",),
+    ("images", 0),
+    ("images", 0, "id"),
+    ("images", 0, "file_name"),
+    ("images", 1, "id"),
+    ("annotations", 0),
+    ("annotations", 0, "bbox"),
+    ("annotations", 0, "bbox", 2),
+    ("annotations", 0, "image_id"),
+    ("annotations", 0, "category_id"),
+    ("annotations", 0, "area"),
+    ("annotations", 0, "iscrowd"),
+    ("annotations", 1, "id"),
+    ("categories", 0),
+    ("categories", 0, "id"),
+    ("categories", 1, "name"),
+    (),
+]
 
 
 @st.composite
@@ -213,8 +253,15 @@ def mutated_instances(draw):
     data = copy.deepcopy(VALID)
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(PATHS))
-        value = draw(st.one_of(json_values, st.just([]), st.just({}), st.integers(-2**70, 2**70),
-                               st.sampled_from([float("nan"), float("inf"), -1, 0, True, "x", [1, 2, 3]])))
+        value = draw(
+            st.one_of(
+                json_values,
+                st.just([]),
+                st.just({}),
+                st.integers(-(2**70), 2**70),
+                st.sampled_from([float("nan"), float("inf"), -1, 0, True, "x", [1, 2, 3]]),
+            )
+        )
         action = draw(st.sampled_from(["set", "delete", "duplicate"]))
         if not path:
             data = value if action == "set" else data
@@ -269,5 +316,11 @@ def _record_fuzzing():
     ):
         for verb in verbs:
             if EXAMPLES.get(name):
-                record(what, verb, None, "", f"{parser}: {EXAMPLES[name]} hypothesis examples, each a well-formed "
-                       "result or one FcosError line naming the file, never another exception")
+                record(
+                    what,
+                    verb,
+                    None,
+                    "",
+                    f"{parser}: {EXAMPLES[name]} hypothesis examples, each a well-formed "
+                    "result or one FcosError line naming the file, never another exception",
+                )

@@ -32,8 +32,8 @@ from badinputs import (
     record,
     reliability_log,  # noqa: F401 - session fixture writing the reliability table
     tiny,  # noqa: F401 - session fixture: the tiny model
-    wrong_size_bin,
     write_json,
+    wrong_size_bin,
 )
 
 from fcos_offline.data.info import read_info
@@ -47,27 +47,30 @@ UNUSUAL = [c for c in IMAGE_CASES if not c.skip]
 def corpus(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("corpus")
     broken, unusual = root / "broken", root / "unusual"
-    return SimpleNamespace(broken=broken, unusual=unusual,
-                           bad=image_corpus(broken, good=2, skip=True), odd=image_corpus(unusual, good=1, skip=False))
+    return SimpleNamespace(broken=broken, unusual=unusual, bad=image_corpus(broken, good=2, skip=True), odd=image_corpus(unusual, good=1, skip=False))
 
 
 def _infer_images(tiny, folder: Path, out: Path) -> tuple[int, str, Path]:
     """``infer --images`` through the console script (streaming, one preprocessing worker process)."""
-    proc = subprocess.run([*console_script(), "infer", "--model", str(tiny.onnx), "--images", str(folder),
-                           "--output", str(out), "--batch-size", "2"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*console_script(), "infer", "--model", str(tiny.onnx), "--images", str(folder), "--output", str(out), "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.returncode, proc.stdout + proc.stderr, out
 
 
 @pytest.fixture(scope="module")
 def streamed(corpus, tiny, tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("streamed")
-    return SimpleNamespace(bad=_infer_images(tiny, corpus.broken, root / "broken"),
-                           odd=_infer_images(tiny, corpus.unusual, root / "unusual"))
+    return SimpleNamespace(bad=_infer_images(tiny, corpus.broken, root / "broken"), odd=_infer_images(tiny, corpus.unusual, root / "unusual"))
 
 
 def _preprocess(capsys, folder: Path, bins: Path) -> tuple[int, str, str]:
-    return cli(capsys, "preprocess", "--image-src-path", folder, "--bin-file-path", bins,
-               "--model-input-height", H, "--model-input-width", W, "--workers", 1)
+    return cli(
+        capsys, "preprocess", "--image-src-path", folder, "--bin-file-path", bins, "--model-input-height", H, "--model-input-width", W, "--workers", 1
+    )
 
 
 def test_preprocess_skips_broken_images(corpus, tmp_path, capsys) -> None:
@@ -98,9 +101,25 @@ def test_preprocess_console_script_with_worker_processes(corpus, tmp_path) -> No
     """The installed entry point with a pool of worker processes: same skips, same tensors."""
     bins = tmp_path / "bins"
     for folder in (corpus.broken, corpus.unusual):
-        proc = subprocess.run([*console_script(), "preprocess", "--image_src_path", str(folder), "--bin_file_path",
-                               str(bins), "--model_input_height", str(H), "--model_input_width", str(W), "--workers", "2"],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                *console_script(),
+                "preprocess",
+                "--image_src_path",
+                str(folder),
+                "--bin_file_path",
+                str(bins),
+                "--model_input_height",
+                str(H),
+                "--model_input_width",
+                str(W),
+                "--workers",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         bad = [corpus.bad[c.name].name for c in BAD] if folder == corpus.broken else []
         assert_clean(proc.returncode, proc.stdout, proc.stderr, 3 if bad else 0, *bad)
     expected = sorted({p.stem for p in [*corpus.bad.values(), *corpus.odd.values()]} - {corpus.bad[c.name].stem for c in BAD})
@@ -148,8 +167,7 @@ def test_infer_streaming_skips_broken_images(corpus, streamed) -> None:
     assert sorted(Path(s["path"]).name for s in summary["skipped"]) == sorted(corpus.bad[c.name].name for c in BAD)
     assert summary["num_inferred"] == 2 and set(dump_files(out)) == {f"good{i}_{k}.bin" for i in range(2) for k in (1, 2)}
     for case in BAD:
-        line = record(case.name, "infer", code, text, "skipped with a warning, listed in summary.json 'skipped'",
-                      corpus.bad[case.name].name)
+        line = record(case.name, "infer", code, text, "skipped with a warning, listed in summary.json 'skipped'", corpus.bad[case.name].name)
         assert case.skip in line
 
 
@@ -164,16 +182,32 @@ def test_infer_streaming_infers_unusual_images_like_imread(corpus, streamed, tin
         path = corpus.odd[case.name]
         dets, labels = engine.run(imread_tensor(path)[None])
         assert dumps[f"{path.stem}_1.bin"] == labels[0].astype("<i8").tobytes(), case.name
-        np.testing.assert_allclose(np.frombuffer(dumps[f"{path.stem}_2.bin"], "<f4").reshape(-1, 5), dets[0],
-                                   rtol=1e-5, atol=1e-3, err_msg=case.name)
-        record(case.name, "infer", code, text, "inferred: dumps equal the engine run on the cv2.imread + recipe tensor",
-               "images inferred")
+        np.testing.assert_allclose(np.frombuffer(dumps[f"{path.stem}_2.bin"], "<f4").reshape(-1, 5), dets[0], rtol=1e-5, atol=1e-3, err_msg=case.name)
+        record(case.name, "infer", code, text, "inferred: dumps equal the engine run on the cv2.imread + recipe tensor", "images inferred")
 
 
 def _run(capsys, tiny, folder: Path, paths, work: Path) -> tuple[int, str, str, dict]:
     ann = write_json(work.parent / f"{work.name}.json", annotation_json(image_sizes(paths.values())))
-    code, out, err = cli(capsys, "run", "--checkpoint", tiny.ckpt, "--images", folder, "--annotations", ann,
-                         "--shape", H, W, "--batch-sizes", 1, "--engines", "onnxruntime", "--no-online", "--workdir", work)
+    code, out, err = cli(
+        capsys,
+        "run",
+        "--checkpoint",
+        tiny.ckpt,
+        "--images",
+        folder,
+        "--annotations",
+        ann,
+        "--shape",
+        H,
+        W,
+        "--batch-sizes",
+        1,
+        "--engines",
+        "onnxruntime",
+        "--no-online",
+        "--workdir",
+        work,
+    )
     report = json.loads((work / "report.json").read_text()) if (work / "report.json").is_file() else {}
     return code, out, err, report
 
@@ -184,8 +218,14 @@ def test_run_skips_broken_images_and_reports_them(corpus, tiny, tmp_path, capsys
     entry = report["entries"][0]
     assert sorted(Path(s["path"]).name for s in entry["skipped"]) == sorted(corpus.bad[c.name].name for c in BAD)
     for case in BAD:
-        line = record(case.name, "run", code, err, "skipped with a warning, listed in report.json entries[].skipped; "
-                      "evaluated as an image without detections", corpus.bad[case.name].name)
+        line = record(
+            case.name,
+            "run",
+            code,
+            err,
+            "skipped with a warning, listed in report.json entries[].skipped; evaluated as an image without detections",
+            corpus.bad[case.name].name,
+        )
         assert case.skip in line
 
 
@@ -209,12 +249,35 @@ def test_tune_meets_a_broken_eval_image(case, tiny, tmp_path, capsys) -> None:
     good = [good_jpeg(folder, f"good{i}.jpg", seed=200 + i) for i in range(2)]
     bad = case.build(folder)
     ann = write_json(tmp_path / "instances.json", annotation_json(image_sizes([*good, bad])))
-    code, out, err = cli(capsys, "tune", "--model", tiny.onnx, "--images", folder, "--annotations", ann,
-                         "--output", tmp_path / "tuned", "--engines", "onnxruntime", "--calib-methods", "minmax",
-                         "--eval-images", 3, "--calib-images", 2, "--threads", 1, "--bench-runs", 1,
-                         "--bench-seconds", 1, "--no-fallback", "--no-sweep")
+    code, out, err = cli(
+        capsys,
+        "tune",
+        "--model",
+        tiny.onnx,
+        "--images",
+        folder,
+        "--annotations",
+        ann,
+        "--output",
+        tmp_path / "tuned",
+        "--engines",
+        "onnxruntime",
+        "--calib-methods",
+        "minmax",
+        "--eval-images",
+        3,
+        "--calib-images",
+        2,
+        "--threads",
+        1,
+        "--bench-runs",
+        1,
+        "--bench-seconds",
+        1,
+        "--no-fallback",
+        "--no-sweep",
+    )
     assert code in (1, 3), (code, err[-2000:])
     assert "Traceback" not in out + err
-    line = record(case.name, "tune", code, err, "stops at the unreadable evaluation image (exit 1)" if code == 1
-                  else "skipped", bad.name)
+    line = record(case.name, "tune", code, err, "stops at the unreadable evaluation image (exit 1)" if code == 1 else "skipped", bad.name)
     assert bad.name in line and case.skip in line, err[-2000:]

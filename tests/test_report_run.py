@@ -56,8 +56,9 @@ def test_real_data_mode_on_coco_sample(tmp_path: Path) -> None:
     sample = shared_data_dir()
     ckpt = save_mmdet_ckpt(make_fcos(seed=3), tmp_path / "random80.pth")
     root = tmp_path / "work"
-    opts = RunOptions(checkpoint=str(ckpt), coco=str(sample), shape=(256, 384), batch_sizes=(1, 4),
-                      engines=("onnxruntime", "openvino"), workdir=str(root))
+    opts = RunOptions(
+        checkpoint=str(ckpt), coco=str(sample), shape=(256, 384), batch_sizes=(1, 4), engines=("onnxruntime", "openvino"), workdir=str(root)
+    )
     report = run(opts)
     _check_report(root, report, n_configs=6)
     assert report["num_images"] == 10
@@ -75,8 +76,7 @@ def test_write_bins_matches_streaming(tmp_path: Path) -> None:
     """--write-bins reproduces the recipe's .bin/.info files and gives the same dumps as streaming."""
     sample = shared_data_dir()
     ckpt = save_mmdet_ckpt(make_fcos(seed=4), tmp_path / "m.pth")
-    common = dict(checkpoint=str(ckpt), coco=str(sample), shape=(192, 320), batch_sizes=(2,), engines=("onnxruntime",),
-                  online=False, num_images=4)
+    common = dict(checkpoint=str(ckpt), coco=str(sample), shape=(192, 320), batch_sizes=(2,), engines=("onnxruntime",), online=False, num_images=4)
     a = run(RunOptions(**common, workdir=str(tmp_path / "stream")))
     b = run(RunOptions(**common, workdir=str(tmp_path / "bins"), write_bins=True))
     bins = sorted((tmp_path / "bins" / "val2017_bin").glob("*.bin"))

@@ -16,17 +16,31 @@ import pytest
 from conftest import make_fcos
 
 from fcos_offline.cli import main
-from fcos_offline.engine.backends import EngineOptions, tuned_options
+from fcos_offline.engine.backends import EngineOptions
 from fcos_offline.errors import EXIT_SKIPS, EXIT_USAGE
-from fcos_offline.tune.search import TUNE_FILE, Tuner, TuneOptions, tune
+from fcos_offline.tune.search import TUNE_FILE, TuneOptions, Tuner, tune
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 CANVAS = (128, 192)
 N_IMAGES = 6
-TRIAL_FIELDS = {"key", "engine", "precision", "threads", "batch_size", "bbox_mAP", "map_drop", "ms_per_img", "img_per_s",
-                "size_mb", "float_groups", "float_nodes", "within_budget", "accuracy_from"}
+TRIAL_FIELDS = {
+    "key",
+    "engine",
+    "precision",
+    "threads",
+    "batch_size",
+    "bbox_mAP",
+    "map_drop",
+    "ms_per_img",
+    "img_per_s",
+    "size_mb",
+    "float_groups",
+    "float_nodes",
+    "within_budget",
+    "accuracy_from",
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +68,14 @@ def tiny(tmp_path_factory) -> dict:
     results = json.loads((root / "pe" / "bbox_results.json").read_text())
     data = json.loads(ann.read_text())
     data["annotations"] = [
-        {"id": k + 1, "image_id": r["image_id"], "category_id": r["category_id"], "bbox": r["bbox"],
-         "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0}
+        {
+            "id": k + 1,
+            "image_id": r["image_id"],
+            "category_id": r["category_id"],
+            "bbox": r["bbox"],
+            "area": r["bbox"][2] * r["bbox"][3],
+            "iscrowd": 0,
+        }
         for k, r in enumerate(r for r in results if r["score"] > 0.5)
     ]
     assert len(data["annotations"]) >= 5 * N_IMAGES
@@ -65,9 +85,20 @@ def tiny(tmp_path_factory) -> dict:
 
 def _opts(tiny: dict, output: Path, **kw) -> TuneOptions:
     base = dict(
-        model=str(tiny["model"]), images=str(tiny["images"]), annotations=str(tiny["ann"]), output=str(output),
-        eval_images=N_IMAGES, calib_images=N_IMAGES, max_map_drop=0.3, batch_sizes=(1, 2), threads=(1,),
-        bench_runs=3, bench_seconds=0.2, warmup=1, sensitivity_images=2, max_fallback_steps=2,
+        model=str(tiny["model"]),
+        images=str(tiny["images"]),
+        annotations=str(tiny["ann"]),
+        output=str(output),
+        eval_images=N_IMAGES,
+        calib_images=N_IMAGES,
+        max_map_drop=0.3,
+        batch_sizes=(1, 2),
+        threads=(1,),
+        bench_runs=3,
+        bench_seconds=0.2,
+        warmup=1,
+        sensitivity_images=2,
+        max_fallback_steps=2,
         # int8 only (besides the fp32 reference), so every int8 model is faster than the best passing one and
         # gets its fallback; at most 2 steps each keeps the test short
         candidates=("onnxruntime/ort-qdq-u8s8-minmax-pc/fp32", "nncf-performance"),
@@ -133,7 +164,10 @@ def test_fallback_returns_head_convs_to_float(tuned) -> None:
 
     result = tuned["result"]
     assert result["sensitivity"]["order"][:3] and set(result["sensitivity"]["order"][:3]) == {
-        "bbox_head.conv_cls", "bbox_head.conv_reg", "bbox_head.conv_centerness"}
+        "bbox_head.conv_cls",
+        "bbox_head.conv_reg",
+        "bbox_head.conv_centerness",
+    }
     fb = {f["base"].split("|")[0] + "|" + f["base"].split("|")[1]: f for f in result["fallback"]}
     ort_fb = fb["onnxruntime|ort-qdq-u8s8-minmax-pc"]
     assert ort_fb["steps"], ort_fb
@@ -180,9 +214,29 @@ def test_resume_skips_finished_trials(tiny, tuned, monkeypatch) -> None:
 
 def test_time_budget_stops_the_search(tiny, tmp_path, capsys) -> None:
     out = tmp_path / "short"
-    code = main(["tune", "--model", str(tiny["model"]), "--images", str(tiny["images"]), "--annotations", str(tiny["ann"]),
-                 "--output", str(out), "--eval-images", str(N_IMAGES), "--calib-images", str(N_IMAGES),
-                 "--time-budget", "0.01", "--bench-runs", "3", "--bench-seconds", "0.2"])
+    code = main(
+        [
+            "tune",
+            "--model",
+            str(tiny["model"]),
+            "--images",
+            str(tiny["images"]),
+            "--annotations",
+            str(tiny["ann"]),
+            "--output",
+            str(out),
+            "--eval-images",
+            str(N_IMAGES),
+            "--calib-images",
+            str(N_IMAGES),
+            "--time-budget",
+            "0.01",
+            "--bench-runs",
+            "3",
+            "--bench-seconds",
+            "0.2",
+        ]
+    )
     assert code == EXIT_SKIPS
     result = json.loads((out / TUNE_FILE).read_text())
     assert [t["key"] for t in result["trials"]] == [result["reference"]["key"]]
@@ -199,8 +253,7 @@ def test_artifact_runs_with_infer_and_gives_the_recorded_map(tiny, tuned, tmp_pa
     best = tuned["out"] / "best"
     chosen = tuned["result"]["chosen"]
     dumps = tmp_path / "dumps"
-    code = main(["infer", "--model", str(best), "--images", str(tiny["images"]), "--output", str(dumps),
-                 "--batch-size", str(chosen["batch_size"])])
+    code = main(["infer", "--model", str(best), "--images", str(tiny["images"]), "--output", str(dumps), "--batch-size", str(chosen["batch_size"])])
     assert code == 0
     summary = json.loads((dumps / "summary.json").read_text())
     assert summary["engine"]["engine"] == chosen["engine"]  # taken from artifact.json, not --engine's default
@@ -209,20 +262,27 @@ def test_artifact_runs_with_infer_and_gives_the_recorded_map(tiny, tuned, tmp_pa
     assert ev["bbox_mAP"] == pytest.approx(chosen["bbox_mAP"], abs=1e-9)
 
 
-def test_tuned_options_fill_only_defaults() -> None:
-    artifact = {"engine": "openvino", "engine_options": {"threads": 2, "precision": "bf16", "ort_opt_level": "all", "inter_op_threads": None}}
-    opts = tuned_options(EngineOptions(), artifact)
-    assert (opts.engine, opts.threads, opts.precision) == ("openvino", 2, "bf16")
-    mine = tuned_options(EngineOptions(engine="openvino", threads=1, precision="fp16"), artifact)
-    assert (mine.threads, mine.precision) == (1, "fp16")
-    assert tuned_options(EngineOptions(threads=3), {"engine": "onnxruntime"}).threads == 3  # a convert artifact: untouched
-
-
 def test_usage_errors(tiny, tmp_path, capsys) -> None:
     assert main(["tune", "--model", str(tiny["model"]), "--output", str(tmp_path / "x")]) == EXIT_USAGE
     assert main(["tune", "--coco", str(tmp_path), "--output", str(tmp_path / "x")]) == EXIT_USAGE
-    assert main(["tune", "--model", str(tiny["model"]), "--images", str(tiny["images"]), "--annotations", str(tiny["ann"]),
-                 "--max-map-drop", "-1", "--output", str(tmp_path / "x")]) == EXIT_USAGE
+    assert (
+        main(
+            [
+                "tune",
+                "--model",
+                str(tiny["model"]),
+                "--images",
+                str(tiny["images"]),
+                "--annotations",
+                str(tiny["ann"]),
+                "--max-map-drop",
+                "-1",
+                "--output",
+                str(tmp_path / "x"),
+            ]
+        )
+        == EXIT_USAGE
+    )
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "Traceback" not in err
 

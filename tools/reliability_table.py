@@ -22,22 +22,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the order of the table (cases not listed here follow, alphabetically)
-GROUPS: "OrderedDict[str, list[str]]" = OrderedDict([
-    ("Images", ["0-byte file", "truncated JPEG", "text file named .jpg", "PNG with alpha", "16-bit PNG",
-                "grayscale JPEG", "CMYK JPEG", "EXIF-rotated JPEG", "1x1 image", "10000x100 image"]),
-    ("Tensors and .info lists", [".bin of the wrong size", ".bin holding NaN/inf", ".info line with a missing field",
-                                 ".info line naming a missing file"]),
-    ("Dumps", ["dump holding NaN", "dump holding inf"]),
-    ("Annotation files", ["image id without a file", "category the model does not know", "empty annotations list"]),
-    ("Checkpoints", ["plain ResNet checkpoint", "pickle that runs code when loaded", "0-byte checkpoint"]),
-    ("ONNX files", ["ONNX with other input/output names", "ONNX that is not a detector", "0-byte ONNX"]),
-    ("Faults", ["kill -9 during run (then the same --workdir again)", "full disk (real tmpfs)",
-                "full disk (injected ENOSPC)", "second run on a busy --workdir"]),
-    ("Fuzzed parsers (hypothesis)", [".info file (fuzzed bytes)", "dump folder (fuzzed names and bytes)",
-                                     "perf file (fuzzed)", "summary.json (fuzzed)", "annotation JSON (fuzzed and mutated)"]),
-])
-VERBS = ["preprocess", "get-info", "infer", "infer --engine openvino", "postprocess", "inspect", "export", "convert",
-         "run", "tune", "parse"]
+GROUPS: OrderedDict[str, list[str]] = OrderedDict(
+    [
+        (
+            "Images",
+            [
+                "0-byte file",
+                "truncated JPEG",
+                "text file named .jpg",
+                "PNG with alpha",
+                "16-bit PNG",
+                "grayscale JPEG",
+                "CMYK JPEG",
+                "EXIF-rotated JPEG",
+                "1x1 image",
+                "10000x100 image",
+            ],
+        ),
+        (
+            "Tensors and .info lists",
+            [".bin of the wrong size", ".bin holding NaN/inf", ".info line with a missing field", ".info line naming a missing file"],
+        ),
+        ("Dumps", ["dump holding NaN", "dump holding inf"]),
+        ("Annotation files", ["image id without a file", "category the model does not know", "empty annotations list"]),
+        ("Checkpoints", ["plain ResNet checkpoint", "pickle that runs code when loaded", "0-byte checkpoint"]),
+        ("ONNX files", ["ONNX with other input/output names", "ONNX that is not a detector", "0-byte ONNX"]),
+        (
+            "Faults",
+            [
+                "kill -9 during run (then the same --workdir again)",
+                "full disk (real tmpfs)",
+                "full disk (injected ENOSPC)",
+                "second run on a busy --workdir",
+            ],
+        ),
+        (
+            "Fuzzed parsers (hypothesis)",
+            [
+                ".info file (fuzzed bytes)",
+                "dump folder (fuzzed names and bytes)",
+                "perf file (fuzzed)",
+                "summary.json (fuzzed)",
+                "annotation JSON (fuzzed and mutated)",
+            ],
+        ),
+    ]
+)
+VERBS = ["preprocess", "get-info", "infer", "infer --engine openvino", "postprocess", "inspect", "export", "convert", "run", "tune", "parse"]
 EXIT = {0: "0 ok", 1: "1 failed", 2: "2 usage", 3: "3 skips"}
 
 PREAMBLE = """# Reliability: bad inputs, faults and untrusted files
@@ -114,8 +145,13 @@ def _cell(text: str, limit: int = 170) -> str:
 
 
 def render(records: list[dict]) -> str:
-    lines = [PREAMBLE, "## Matrix (exit codes)", "",
-             "An empty cell: the verb does not meet that input. `fuzzed`: the verb's parser was fuzzed directly.", ""]
+    lines = [
+        PREAMBLE,
+        "## Matrix (exit codes)",
+        "",
+        "An empty cell: the verb does not meet that input. `fuzzed`: the verb's parser was fuzzed directly.",
+        "",
+    ]
     used_verbs = [v for v in VERBS if any(r["verb"] == v for r in records)]
     used_verbs += sorted({r["verb"] for r in records} - set(used_verbs))
     lines.append("| bad input / fault | " + " | ".join(used_verbs) + " |")
@@ -127,15 +163,13 @@ def render(records: list[dict]) -> str:
             cases.setdefault(r["case"], {})[r["verb"]] = r["exit_code"]
         for case, codes in cases.items():
             lines.append(f"| {case} | " + " | ".join(_code(codes[v]) if v in codes else "" for v in used_verbs) + " |")
-    lines += ["", "## Observed behaviour", "",
-              "The line is the first one the verb printed about the case (paths shortened to `…/`).", ""]
+    lines += ["", "## Observed behaviour", "", "The line is the first one the verb printed about the case (paths shortened to `…/`).", ""]
     for group, rows in _order(records):
         lines += [f"### {group}", "", "| bad input / fault | verb | exit | behaviour | line | test |", "|---|---|---|---|---|---|"]
         for r in rows:
             test = r.get("test", "").split("::")[-1]
             code = "— (fuzzed)" if r["exit_code"] is None else EXIT.get(r["exit_code"], r["exit_code"])
-            lines.append(f"| {r['case']} | {r['verb']} | {code} | {r['behaviour']} | "
-                         f"{_cell(r['line'])} | {test} |")
+            lines.append(f"| {r['case']} | {r['verb']} | {code} | {r['behaviour']} | {_cell(r['line'])} | {test} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -42,9 +42,7 @@ class MissingExtraError(FcosError):
     """An optional dependency is not installed."""
 
     def __init__(self, module: str, extra: str) -> None:
-        super().__init__(
-            f"'{module}' is not installed; install it with: pip install 'fcos-offline[{extra}]'"
-        )
+        super().__init__(f"'{module}' is not installed; install it with: pip install 'fcos-offline[{extra}]'")
 
 
 def require(module: str, extra: str):

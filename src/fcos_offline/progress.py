@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, cast
 
 from rich.console import Console
 from rich.progress import (
@@ -15,6 +16,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+if TYPE_CHECKING:
+    from rich.progress import Task
+    from rich.text import Text
 
 console = Console(stderr=True, highlight=False)
 
@@ -34,7 +39,7 @@ class _RateColumn(TextColumn):
         super().__init__("")
         self.unit = unit
 
-    def render(self, task):  # type: ignore[override]
+    def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         text = f"{speed:.2f} {self.unit}/s" if speed else f"? {self.unit}/s"
         from rich.text import Text
@@ -57,4 +62,4 @@ def progress_bar(total: int | None, description: str, unit: str = "img") -> Iter
         disable=False,
     ) as prog:
         task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)
+        yield cast("Callable[[int], None]", lambda n=1: prog.advance(task, n))

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fcos_offline.data.preprocess import atomic_write_bytes
 from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.io import atomic_write_bytes
 
 FORMATS = ("bin", "npy")
 NUM_DETS = 100
@@ -53,16 +53,12 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_dumps(
-    out_dir: str | os.PathLike, stem: str, labels: np.ndarray, dets: np.ndarray, fmt: str = "bin"
-) -> tuple[Path, Path]:
+def write_dumps(out_dir: str | os.PathLike, stem: str, labels: np.ndarray, dets: np.ndarray, fmt: str = "bin") -> tuple[Path, Path]:
     """Write one image's labels [N] (int64) and dets [N, 5] (float32) atomically; return the paths."""
     labels_arr = np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
     dets_arr = np.ascontiguousarray(dets, dtype=np.float32)
     if dets_arr.ndim != 2 or dets_arr.shape[1] != 5 or dets_arr.shape[0] != labels_arr.shape[0]:
-        raise FcosError(
-            f"dets must be [N, 5] with N = len(labels) = {labels_arr.shape[0]}, got {dets_arr.shape}"
-        )
+        raise FcosError(f"dets must be [N, 5] with N = len(labels) = {labels_arr.shape[0]}, got {dets_arr.shape}")
     labels_path, dets_path = dump_paths(out_dir, stem, fmt)
     labels_path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "bin":
@@ -79,25 +75,16 @@ def dumps_complete(out_dir: str | os.PathLike, stem: str, fmt: str = "bin", num_
     labels_path, dets_path = dump_paths(out_dir, stem, fmt)
     if fmt == "bin":
         return (
-            labels_path.is_file()
-            and dets_path.is_file()
-            and labels_path.stat().st_size == 8 * num_dets
-            and dets_path.stat().st_size == 20 * num_dets
+            labels_path.is_file() and dets_path.is_file() and labels_path.stat().st_size == 8 * num_dets and dets_path.stat().st_size == 20 * num_dets
         )
     try:
-        return (
-            np.load(labels_path, mmap_mode="r").size == num_dets
-            and np.load(dets_path, mmap_mode="r").size == 5 * num_dets
-        )
-    except Exception:  # noqa: BLE001 - a missing or unreadable file is simply not complete
+        return np.load(labels_path, mmap_mode="r").size == num_dets and np.load(dets_path, mmap_mode="r").size == 5 * num_dets
+    except Exception:
         return False
 
 
 def _size_text(num_dets: int) -> str:
-    return (
-        f"labels are int64 x {num_dets} = {8 * num_dets} bytes, "
-        f"dets float32 x {num_dets} x 5 = {20 * num_dets} bytes"
-    )
+    return f"labels are int64 x {num_dets} = {8 * num_dets} bytes, dets float32 x {num_dets} x 5 = {20 * num_dets} bytes"
 
 
 def _load_bin(path: Path, role: str, num_dets: int) -> np.ndarray:
@@ -122,8 +109,10 @@ def _finite(path: Path, dets: np.ndarray) -> np.ndarray:
 def _load_npy(path: Path, role: str, num_dets: int) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - numpy raises OSError, ValueError, EOFError… on bad files
-        raise BadFileError(path, f"not a readable .npy file ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
+    except Exception as exc:
+        raise BadFileError(
+            path, f"not a readable .npy file ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})"
+        ) from None
     if not isinstance(arr, np.ndarray):  # np.load also opens .npz archives
         raise BadFileError(path, "not a .npy array (an .npz archive?)")
     want = num_dets if role == "labels" else 5 * num_dets
@@ -164,9 +153,7 @@ def _pair_by_index(stem: str, group: dict[int, Path], net_out_num: int, num_dets
             )
     labels_path, dets_path = group[wanted["labels"]], group[wanted["dets"]]
     if labels_path.stat().st_size != 8 * num_dets or dets_path.stat().st_size != 20 * num_dets:
-        raise BadFileError(
-            labels_path, f"sizes do not match net_out_num={net_out_num} ({_size_text(num_dets)}); {hint}"
-        )
+        raise BadFileError(labels_path, f"sizes do not match net_out_num={net_out_num} ({_size_text(num_dets)}); {hint}")
     return labels_path, dets_path
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from fcos_offline.data.preprocess import atomic_write_bytes, list_images, parallel_map, read_image
+from fcos_offline.data.preprocess import list_images, parallel_map, read_image
 from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.io import atomic_write_bytes
 
 MODES = ("bin", "jpg")
 
@@ -27,7 +28,7 @@ MODES = ("bin", "jpg")
 class InfoEntry(NamedTuple):
     """One line of an .info file."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, as the .info format names it
     path: str
     width: int
     height: int
@@ -85,9 +86,7 @@ def make_info(
         for p in bins:
             size = p.stat().st_size
             if size != expected:
-                summary.bad.append(
-                    BadFileError(p, f"{size} bytes, expected {expected} (float32 3x{height}x{width})")
-                )
+                summary.bad.append(BadFileError(p, f"{size} bytes, expected {expected} (float32 3x{height}x{width})"))
             else:
                 found.append((os.path.join(str(src_dir), p.name), width, height))
     else:
@@ -129,9 +128,7 @@ def read_info(path: str | os.PathLike) -> list[InfoEntry]:
         try:
             index, width, height = int(parts[0]), int(parts[-2]), int(parts[-1])
         except ValueError:
-            raise FcosError(
-                f"{where}: index, width and height must be integers, got {line!r}"
-            ) from None
+            raise FcosError(f"{where}: index, width and height must be integers, got {line!r}") from None
         if width <= 0 or height <= 0:
             raise FcosError(f"{where}: width and height must be positive, got {line!r}")
         entries.append(InfoEntry(index, " ".join(parts[1:-2]), width, height))

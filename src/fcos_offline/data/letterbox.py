@@ -78,9 +78,7 @@ def letterbox_for(orig_w: int, orig_h: int, canvas_h: int, canvas_w: int) -> Let
     new_w = int(math.floor(orig_w * scale))
     new_h = int(math.floor(orig_h * scale))
     if new_w < 1 or new_h < 1:
-        raise FcosError(
-            f"image {orig_w}x{orig_h} shrinks to {new_w}x{new_h} on a {canvas_w}x{canvas_h} canvas"
-        )
+        raise FcosError(f"image {orig_w}x{orig_h} shrinks to {new_w}x{new_h} on a {canvas_w}x{canvas_h} canvas")
     return Letterbox(
         orig_w=int(orig_w),
         orig_h=int(orig_h),
@@ -116,6 +114,10 @@ def boxes_to_original(boxes_xyxy: np.ndarray, lb: Letterbox, rule: str = "exact"
     float-pad, scalar-scale inverse); see the module docstring. No clipping.
     """
     out = _as_boxes(boxes_xyxy)
+    off_x: float
+    off_y: float
+    div_x: float
+    div_y: float
     if rule == "exact":
         off_x, off_y, div_x, div_y = lb.pad_left, lb.pad_top, lb.ratio_x, lb.ratio_y
     elif rule == "recipe":

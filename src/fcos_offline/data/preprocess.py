@@ -17,19 +17,20 @@ skips and lists them.
 
 from __future__ import annotations
 
-import errno
 import multiprocessing
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
 from fcos_offline.data.letterbox import Letterbox, letterbox_for
-from fcos_offline.errors import BadFileError, DiskFullError, FcosError
+from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.io import atomic_write_bytes
 from fcos_offline.progress import progress_bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -104,30 +105,7 @@ def list_images(src_dir: str | os.PathLike) -> list[Path]:
     )
 
 
-def atomic_write_bytes(path: Path, payload: bytes | memoryview) -> None:
-    """Write ``payload`` to ``path`` via a temporary name and ``os.replace`` (no torn files).
-
-    A full disk raises :class:`~fcos_offline.errors.DiskFullError` ("disk full while writing
-    PATH"), any other write failure a one-line FcosError; the temporary file is removed and an
-    existing ``path`` is left as it was.
-    """
-    tmp = path.with_name(f"{path.name}.part{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(path, exc.strerror or "") from None
-        raise FcosError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def parallel_map(
-    func: Callable[[T], R], items: Iterable[T], total: int, workers: int | None, description: str
-) -> Iterator[R]:
+def parallel_map(func: Callable[[T], R], items: Iterable[T], total: int, workers: int | None, description: str) -> Iterator[R]:
     """``map`` over a process pool (in-process for one worker) with a progress bar, in order."""
     workers = max(1, min(workers or os.cpu_count() or 1, total or 1))
     if workers == 1:
@@ -138,11 +116,10 @@ def parallel_map(
         return
     # spawn: no fork of a process that already runs threads (progress bar, OpenCV's pool)
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_single_threaded_worker) as pool:
-        with progress_bar(total, description, unit="img") as advance:
-            for result in pool.imap(func, items, chunksize=2):
-                yield result
-                advance(1)
+    with context.Pool(workers, initializer=_single_threaded_worker) as pool, progress_bar(total, description, unit="img") as advance:
+        for result in pool.imap(func, items, chunksize=2):
+            yield result
+            advance(1)
 
 
 def _single_threaded_worker() -> None:
@@ -173,7 +150,7 @@ def _preprocess_one(task: tuple[str, str, int, int]) -> tuple[str, str | None]:
         tensor, _ = preprocess_image(read_image(src), canvas_h, canvas_w)
     except (FcosError, cv2.error) as exc:
         return src, getattr(exc, "problem", str(exc))
-    atomic_write_bytes(Path(dst), memoryview(tensor).cast("B"))
+    atomic_write_bytes(Path(dst), memoryview(tensor).cast("B"))  # type: ignore[arg-type]  # numpy stubs: ndarray is a Buffer only on 3.12+
     return src, None
 
 

@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -72,14 +73,20 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _polygon(kind: str, rng: np.random.Generator) -> np.ndarray:
     """Outline of a polygonal class, scaled to fit the unit circle."""
+    pts: list[tuple[float, float]] | np.ndarray
     if kind == "square":
         pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
     elif kind == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
     elif kind == "star":
         inner = rng.uniform(0.38, 0.5)
-        pts = [((1 if k % 2 == 0 else inner) * math.cos(-math.pi / 2 + k * math.pi / 5),
-                (1 if k % 2 == 0 else inner) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+        pts = [
+            (
+                (1 if k % 2 == 0 else inner) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                (1 if k % 2 == 0 else inner) * math.sin(-math.pi / 2 + k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
     else:  # cross
         t = rng.uniform(0.25, 0.4)
         pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
@@ -178,7 +185,7 @@ def render_sample(seed: int, index: int) -> Sample:
 
 def decode_sample(sample: Sample) -> np.ndarray:
     """The BGR uint8 pixels a reader gets from the file (``cv2.IMREAD_COLOR``)."""
-    return cv2.imdecode(np.frombuffer(sample.data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    return cast("np.ndarray", cv2.imdecode(np.frombuffer(sample.data, dtype=np.uint8), cv2.IMREAD_COLOR))
 
 
 def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50, seed: int = 1000) -> dict:
@@ -196,7 +203,8 @@ def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50
     ann_dir = out / "annotations"
     image_dir.mkdir(parents=True, exist_ok=True)
     ann_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i in range(num_images):
         sample = render_sample(seed, i)
         image_id = i + 1
@@ -205,10 +213,16 @@ def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50
         images.append({"id": image_id, "file_name": file_name, "width": sample.width, "height": sample.height})
         for box, label in zip(sample.boxes.tolist(), sample.labels.tolist()):
             bw, bh = box[2] - box[0], box[3] - box[1]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
-                "bbox": [box[0], box[1], bw, bh], "area": bw * bh, "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": [box[0], box[1], bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
     coco = {
         "info": {"description": f"fcos-offline synthetic shapes, split {split}, seed {seed}"},
         "images": images,
@@ -218,6 +232,10 @@ def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50
     ann_file = ann_dir / f"instances_{split}2017.json"
     ann_file.write_text(json.dumps(coco))
     return {
-        "image_dir": str(image_dir), "ann_file": str(ann_file), "num_images": len(images),
-        "num_annotations": len(annotations), "classes": list(CLASSES), "seconds": time.perf_counter() - start,
+        "image_dir": str(image_dir),
+        "ann_file": str(ann_file),
+        "num_images": len(images),
+        "num_annotations": len(annotations),
+        "classes": list(CLASSES),
+        "seconds": time.perf_counter() - start,
     }

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -35,14 +36,31 @@ from torch import Tensor, nn
 
 from fcos_offline.data.letterbox import boxes_to_canvas, boxes_to_original
 from fcos_offline.data.preprocess import preprocess_image, read_image
-from fcos_offline.demo.synthetic import DEMO_CANVAS, DEMO_VAL_SEED, CLASSES, Sample, decode_sample, render_sample
-from fcos_offline.model.config import BackboneConfig, FCOSConfig, HeadConfig, NeckConfig, PostConfig
+from fcos_offline.demo.synthetic import (
+    CLASSES,
+    DEMO_CANVAS,
+    DEMO_VAL_SEED,
+    Sample,
+    decode_sample,
+    render_sample,
+)
+from fcos_offline.model.config import (
+    BackboneConfig,
+    FCOSConfig,
+    HeadConfig,
+    NeckConfig,
+    PostConfig,
+)
 from fcos_offline.model.fcos import FCOS, FrozenBatchNorm2d, Scale
 from fcos_offline.model.postprocess import FCOSDetector, level_points
 from fcos_offline.progress import info
 
 REGRESS_RANGES: tuple[tuple[float, float], ...] = (
-    (-1.0, 25.6), (25.6, 51.2), (51.2, 102.4), (102.4, 204.8), (204.8, math.inf),
+    (-1.0, 25.6),
+    (25.6, 51.2),
+    (51.2, 102.4),
+    (102.4, 204.8),
+    (204.8, math.inf),
 )
 CENTER_RADIUS = 1.5
 MAX_LOG_DIST = math.log(4096.0)  # training-time cap of the log-distance: exp() can never overflow
@@ -63,7 +81,7 @@ class DemoArch:
     stage_blocks: tuple[int, ...] = (1, 1, 2, 1)
     fpn_channels: int = 64
     stacked_convs: int = 2
-    head_norm: str = "gn"  # GroupNorm(32) in the stacked head convs: without it training diverges
+    head_norm: Literal["none", "gn"] = "gn"  # GroupNorm(32) in the stacked head convs: without it training diverges
 
 
 def demo_config(arch: DemoArch | None = None, num_classes: int = len(CLASSES)) -> FCOSConfig:
@@ -72,13 +90,21 @@ def demo_config(arch: DemoArch | None = None, num_classes: int = len(CLASSES)) -
     outs = tuple(4 * p for p in arch.stage_planes)
     return FCOSConfig(
         backbone=BackboneConfig(
-            stage_blocks=arch.stage_blocks, stage_planes=arch.stage_planes, stage_out_channels=outs,
-            stem_channels=arch.stem_channels, block="bottleneck", style="caffe",
+            stage_blocks=arch.stage_blocks,
+            stage_planes=arch.stage_planes,
+            stage_out_channels=outs,
+            stem_channels=arch.stem_channels,
+            block="bottleneck",
+            style="caffe",
         ),
         neck=NeckConfig(in_channels=outs[1:], out_channels=arch.fpn_channels, start_level=1, num_outs=5),
         head=HeadConfig(
-            num_classes=num_classes, in_channels=arch.fpn_channels, feat_channels=arch.fpn_channels,
-            stacked_convs=arch.stacked_convs, norm=arch.head_norm, conv_bias=arch.head_norm == "none",
+            num_classes=num_classes,
+            in_channels=arch.fpn_channels,
+            feat_channels=arch.fpn_channels,
+            stacked_convs=arch.stacked_convs,
+            norm=arch.head_norm,
+            conv_bias=arch.head_norm == "none",
         ),
         post=PostConfig(),
     )
@@ -103,12 +129,14 @@ def make_trainable(model: FCOS) -> FCOS:
                 bn = nn.BatchNorm2d(child.weight.numel(), eps=child.eps)
                 setattr(module, child_name, bn)
     head = model.bbox_head
-    for i in range(len(head.scales)):
-        head.scales[i] = _CappedScale()
+    scales = cast(nn.ModuleList, head.scales)  # the demo head uses scales (HeadConfig.use_scale)
+    for i in range(len(scales)):
+        scales[i] = _CappedScale()
     for conv in [m.conv for m in (*head.cls_convs, *head.reg_convs)] + [head.conv_cls, head.conv_reg, head.conv_centerness]:
         nn.init.normal_(conv.weight, std=0.01)
         if conv.bias is not None:
             nn.init.zeros_(conv.bias)
+    assert head.conv_cls.bias is not None  # conv_cls is built with bias=True
     nn.init.constant_(head.conv_cls.bias, -math.log((1 - 0.01) / 0.01))
     return model
 
@@ -156,8 +184,9 @@ def assign_targets(
     if center_radius:
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         r = stride[:, None] * center_radius
-        cdist = torch.stack((x - torch.maximum(cx - r, x1), y - torch.maximum(cy - r, y1),
-                             torch.minimum(cx + r, x2) - x, torch.minimum(cy + r, y2) - y), dim=2)
+        cdist = torch.stack(
+            (x - torch.maximum(cx - r, x1), y - torch.maximum(cy - r, y1), torch.minimum(cx + r, x2) - x, torch.minimum(cy + r, y2) - y), dim=2
+        )
         inside = cdist.min(dim=2).values > 0
     max_dist = dist.max(dim=2).values
     in_range = (max_dist > lo[:, None]) & (max_dist <= hi[:, None])
@@ -198,8 +227,13 @@ def centerness_target(dist: Tensor) -> Tensor:
     return torch.sqrt((lr.min(1).values / lr.max(1).values) * (tb.min(1).values / tb.max(1).values))
 
 
-def fcos_loss(outputs: tuple[list[Tensor], list[Tensor], list[Tensor]], boxes: list[Tensor], labels: list[Tensor],
-              canvas_hw: tuple[int, int], strides: tuple[int, ...]) -> dict[str, Tensor]:
+def fcos_loss(
+    outputs: tuple[list[Tensor], list[Tensor], list[Tensor]],
+    boxes: list[Tensor],
+    labels: list[Tensor],
+    canvas_hw: tuple[int, int],
+    strides: tuple[int, ...],
+) -> dict[str, Tensor]:
     """Focal + GIoU + centerness losses of a batch of raw head outputs (see module docstring)."""
     cls_logits, dists, ctr_logits = outputs
     num_classes = cls_logits[0].shape[1]
@@ -242,8 +276,7 @@ def samples_batch(samples: list[Sample], canvas_hw: tuple[int, int], flips: list
     return torch.stack(images), boxes, labels
 
 
-def epoch_batches(samples: list[Sample], batch_size: int, iters: int, canvas_hw: tuple[int, int],
-                  seed: int) -> Iterator[Batch]:
+def epoch_batches(samples: list[Sample], batch_size: int, iters: int, canvas_hw: tuple[int, int], seed: int) -> Iterator[Batch]:
     """``iters`` batches over ``samples``: a fresh permutation per epoch, random flips (p = 0.5)."""
     rng = np.random.default_rng(seed)
     order: list[int] = []
@@ -264,18 +297,18 @@ def _lr_factor(it: int, iters: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(iters - warmup, 1)))
 
 
-def train_steps(model: FCOS, batches: Iterable[Batch], iters: int, lr: float = 2e-3,
-                weight_decay: float = 0.05, warmup: int = 100, log_every: int = 0) -> list[float]:
+def train_steps(
+    model: FCOS, batches: Iterable[Batch], iters: int, lr: float = 2e-3, weight_decay: float = 0.05, warmup: int = 100, log_every: int = 0
+) -> list[float]:
     """One AdamW step per batch of ``batches`` (``iters`` of them, for the schedule); returns each step's loss.
 
     Runs in channels-last memory format (about 4x faster convolutions on CPU).
     """
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     strides = model.cfg.head.strides
-    model.train().to(memory_format=torch.channels_last)
+    model.train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     losses: list[float] = []
     start = time.perf_counter()
     seen = 0
@@ -287,7 +320,7 @@ def train_steps(model: FCOS, batches: Iterable[Batch], iters: int, lr: float = 2
             group["lr"] = lr * _lr_factor(it, iters, warmup)
         images = images.contiguous(memory_format=torch.channels_last)
         parts = fcos_loss(model(images), boxes, labels, (images.shape[2], images.shape[3]), strides)
-        loss = sum(parts.values())
+        loss = cast(Tensor, sum(parts.values()))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {it}: { {k: float(v) for k, v in parts.items()} }")
         opt.zero_grad(set_to_none=True)
@@ -302,8 +335,10 @@ def train_steps(model: FCOS, batches: Iterable[Batch], iters: int, lr: float = 2
             elapsed = time.perf_counter() - start
             n = (it % log_every) + 1
             avg = " ".join(f"{k} {v / n:.3f}" for k, v in running.items())
-            info(f"iter {it + 1}/{iters}  loss {sum(running.values()) / n:.3f} ({avg})  "
-                 f"lr {opt.param_groups[0]['lr']:.2e}  {seen / elapsed:.1f} img/s  {elapsed:.0f} s")
+            info(
+                f"iter {it + 1}/{iters}  loss {sum(running.values()) / n:.3f} ({avg})  "
+                f"lr {opt.param_groups[0]['lr']:.2e}  {seen / elapsed:.1f} img/s  {elapsed:.0f} s"
+            )
             running = {}
     return losses
 
@@ -325,8 +360,9 @@ def recalibrate_bn(model: FCOS, batches: list[Batch]) -> None:
 
 
 @torch.no_grad()
-def evaluate_demo_model(model: FCOS, image_dir: str | Path, ann_file: str | Path,
-                        canvas_hw: tuple[int, int] = DEMO_CANVAS, batch_size: int = 8) -> dict:
+def evaluate_demo_model(
+    model: FCOS, image_dir: str | Path, ann_file: str | Path, canvas_hw: tuple[int, int] = DEMO_CANVAS, batch_size: int = 8
+) -> dict:
     """COCO bbox eval of ``model`` + its own post-processing (mmdet2 rule) on a COCO folder.
 
     Images go through spec §8.2 preprocessing; boxes are mapped back with the exact inverse
@@ -471,12 +507,13 @@ def train_demo(
     torch.manual_seed(seed)
     start = time.perf_counter()
     model = make_trainable(FCOS(demo_config(arch)))
-    info(f"train-demo: {sum(p.numel() for p in model.parameters()):,} parameters, canvas {canvas_hw[0]}x{canvas_hw[1]}, "
-         f"{iters} iters x {batch_size} images over {train_images} train images (seed {seed})")
+    info(
+        f"train-demo: {sum(p.numel() for p in model.parameters()):,} parameters, canvas {canvas_hw[0]}x{canvas_hw[1]}, "
+        f"{iters} iters x {batch_size} images over {train_images} train images (seed {seed})"
+    )
     samples = [render_sample(seed, i) for i in range(train_images)]
     info(f"train-demo: rendered the train split in {time.perf_counter() - start:.0f} s")
-    losses = train_steps(model, epoch_batches(samples, batch_size, iters, canvas_hw, seed), iters, lr=lr,
-                         warmup=warmup, log_every=log_every)
+    losses = train_steps(model, epoch_batches(samples, batch_size, iters, canvas_hw, seed), iters, lr=lr, warmup=warmup, log_every=log_every)
     calib = [samples_batch(samples[k : k + batch_size], canvas_hw) for k in range(0, 8 * batch_size, batch_size)]
     recalibrate_bn(model, calib)
     train_seconds = time.perf_counter() - start
@@ -493,9 +530,16 @@ def train_demo(
         data = make_demo_data(root, "val", val_images, val_seed)
         result = evaluate_demo_model(loaded, data["image_dir"], data["ann_file"], canvas_hw)
     stats = result["stats"]
-    info(f"train-demo: saved {out} ({out.stat().st_size / 1e6:.2f} MB); bbox mAP {stats[0]:.3f} "
-         f"(AP50 {stats[1]:.3f}, AP75 {stats[2]:.3f}) on {val_images} val images (seed {val_seed})")
+    info(
+        f"train-demo: saved {out} ({out.stat().st_size / 1e6:.2f} MB); bbox mAP {stats[0]:.3f} "
+        f"(AP50 {stats[1]:.3f}, AP75 {stats[2]:.3f}) on {val_images} val images (seed {val_seed})"
+    )
     return {
-        "out": str(out), "seconds": time.perf_counter() - start, "train_seconds": train_seconds, "iters": iters,
-        "images_seen": iters * batch_size, "eval": result, "final_loss": float(np.mean(losses[-25:])),
+        "out": str(out),
+        "seconds": time.perf_counter() - start,
+        "train_seconds": train_seconds,
+        "iters": iters,
+        "images_seen": iters * batch_size,
+        "eval": result,
+        "final_loss": float(np.mean(losses[-25:])),
     }

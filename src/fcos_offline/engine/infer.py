@@ -15,30 +15,31 @@ import collections
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
 
+from fcos_offline.data.dataset import InputItem
 from fcos_offline.data.dumps import dumps_complete, write_dumps
-from fcos_offline.data.preprocess import IMAGE_EXTENSIONS, atomic_write_bytes, list_images, preprocess_image, read_image
+from fcos_offline.data.perf import PerfStats, perf_file_name, write_perf_file
+from fcos_offline.data.preprocess import (
+    IMAGE_EXTENSIONS,
+    list_images,
+    preprocess_image,
+    read_image,
+)
+from fcos_offline.engine.base import Engine
+from fcos_offline.engine.timing import run_timed, warm_up
 from fcos_offline.errors import BadFileError, FcosError, UsageError
-from fcos_offline.evaluate.perf import PerfStats, perf_file_name, write_perf_file
+from fcos_offline.io import atomic_write_json
 from fcos_offline.progress import progress_bar, warn
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "e2e")
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One image to infer: its stem (dump name), path, and kind (``bin`` or ``image``)."""
-
-    stem: str
-    path: str
-    kind: str
 
 
 def items_from_info(info_path: str | os.PathLike) -> list[InputItem]:
@@ -134,8 +135,12 @@ def latency_stats(values_s: list[float]) -> dict[str, float]:
         return {"min": 0.0, "mean": 0.0, "median": 0.0, "p90": 0.0, "p99": 0.0, "count": 0}
     ms = np.asarray(values_s) * 1000.0
     return {
-        "min": float(ms.min()), "mean": float(ms.mean()), "median": float(np.median(ms)),
-        "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)), "count": int(ms.size),
+        "min": float(ms.min()),
+        "mean": float(ms.mean()),
+        "median": float(np.median(ms)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "count": int(ms.size),
     }
 
 
@@ -168,7 +173,7 @@ def _fps(count: int, seconds: float) -> float:
 
 
 def run_inference(
-    engine,
+    engine: Engine,
     items: list[InputItem],
     output_dir: str | os.PathLike,
     batch_size: int = 1,
@@ -202,7 +207,7 @@ def run_inference(
         if kept is not None and kept.batch_size == batch_size:
             kept.num_resumed = resumed
             return kept
-    canvas = tuple(engine.input_hw)
+    canvas = engine.input_hw
     if workers is None:
         workers = 1 if any(i.kind == "image" for i in todo) and (os.cpu_count() or 1) > 1 and len(todo) > 2 else 0
     times: dict[str, list[float]] = {s: [] for s in STAGES}
@@ -214,12 +219,8 @@ def run_inference(
         nonlocal infer_total, done
         tensor = np.stack([b[1] for b in batch])
         if warmup and done == 0 and not times["infer"]:
-            for _ in range(warmup):
-                engine.run(tensor)
-        t0 = time.perf_counter()
-        for _ in range(max(1, loop)):
-            dets, labels = engine.run(tensor)
-        t_infer = (time.perf_counter() - t0) / max(1, loop)
+            warm_up(engine, tensor, warmup)
+        dets, labels, t_infer = run_timed(engine, tensor, loop)
         infer_total += t_infer
         times["infer"].append(t_infer)
         t1 = time.perf_counter()
@@ -255,13 +256,23 @@ def run_inference(
     wall = time.perf_counter() - start
     latency = {s: latency_stats(v) for s, v in times.items()}
     summary = InferSummary(
-        engine=engine.describe(), num_images=len(items), num_inferred=done, num_resumed=resumed,
-        batch_size=batch_size, wall_s=wall, throughput_fps=_fps(done, wall), infer_fps=_fps(done, infer_total),
-        latency_ms=latency, skipped=skipped, output_dir=str(out), warmup=warmup, loop=loop,
+        engine=engine.describe(),
+        num_images=len(items),
+        num_inferred=done,
+        num_resumed=resumed,
+        batch_size=batch_size,
+        wall_s=wall,
+        throughput_fps=_fps(done, wall),
+        infer_fps=_fps(done, infer_total),
+        latency_ms=latency,
+        skipped=skipped,
+        output_dir=str(out),
+        warmup=warmup,
+        loop=loop,
     )
     perf_target = Path(perf_dir) if perf_dir else (out.parent if out.name.startswith("dumpOutput") else out)
     summary.perf_file = str(write_perf_file(perf_target / perf_file_name(batch_size, device_id), _perf_stats(summary)))
-    atomic_write_bytes(out / "summary.json", json.dumps(summary.to_dict(), indent=2).encode())
+    atomic_write_json(out / "summary.json", summary.to_dict())
     return summary
 
 
@@ -270,17 +281,28 @@ def _perf_stats(s: InferSummary) -> PerfStats:
     mean = {k: v["mean"] for k, v in lat.items()}
     per_img_infer = mean["infer"] / s.batch_size if s.batch_size else 0.0
     return PerfStats(
-        batch_size=s.batch_size, e2e_fps=s.throughput_fps, e2e_latency_ms=s.wall_s * 1000.0,
-        interface_fps=s.infer_fps, infer_fps=s.infer_fps, infer_latency_ms=per_img_infer,
-        read_fps=_fps(1, mean["read"] / 1000.0), read_latency_ms=mean["read"],
-        preprocess_fps=_fps(1, mean["preprocess"] / 1000.0), preprocess_latency_ms=mean["preprocess"],
-        post_fps=_fps(1, mean["postprocess"] / 1000.0), post_latency_ms=mean["postprocess"],
+        batch_size=s.batch_size,
+        e2e_fps=s.throughput_fps,
+        e2e_latency_ms=s.wall_s * 1000.0,
+        interface_fps=s.infer_fps,
+        infer_fps=s.infer_fps,
+        infer_latency_ms=per_img_infer,
+        read_fps=_fps(1, mean["read"] / 1000.0),
+        read_latency_ms=mean["read"],
+        preprocess_fps=_fps(1, mean["preprocess"] / 1000.0),
+        preprocess_latency_ms=mean["preprocess"],
+        post_fps=_fps(1, mean["postprocess"] / 1000.0),
+        post_latency_ms=mean["postprocess"],
     )
+
+
+def _no_advance(n: int = 1) -> None:
+    return None
 
 
 class _null_bar:
     def __enter__(self) -> Callable[[int], None]:
-        return lambda n=1: None
+        return _no_advance
 
     def __exit__(self, *exc: object) -> None:
         return None

@@ -142,15 +142,12 @@ def label_to_category(ann: AnnotationSource, num_classes: int = 80) -> list[int]
     cat_ids = sorted(c["id"] for c in load_annotations(ann)["categories"])
     if len(cat_ids) != num_classes:
         raise FcosError(
-            f"the model has {num_classes} classes but the annotation file lists {len(cat_ids)} "
-            "categories; they must match for a non-COCO-80 model"
+            f"the model has {num_classes} classes but the annotation file lists {len(cat_ids)} categories; they must match for a non-COCO-80 model"
         )
     return cat_ids
 
 
-def detections_to_coco(
-    image_id: int, labels: np.ndarray, dets: np.ndarray, cat_ids: list[int]
-) -> list[dict[str, Any]]:
+def detections_to_coco(image_id: int, labels: np.ndarray, dets: np.ndarray, cat_ids: list[int]) -> list[dict[str, Any]]:
     """COCO result entries of one image; padded rows (label -1 or score 0) are dropped.
 
     ``dets`` rows are x1, y1, x2, y2, score in original-image pixels; the JSON bbox is
@@ -259,6 +256,4 @@ def find_annotation_file(annotations_path: str | os.PathLike) -> Path:
         return candidates[0]
     if not candidates:
         raise FcosError(f"no instances_val2017.json or instances_*.json in {path}")
-    raise FcosError(
-        f"several instances_*.json in {path} ({', '.join(c.name for c in candidates)}); pass the file itself"
-    )
+    raise FcosError(f"several instances_*.json in {path} ({', '.join(c.name for c in candidates)}); pass the file itself")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -29,7 +30,7 @@ import numpy as np
 from fcos_offline.data.dumps import NUM_DETS, read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
 from fcos_offline.data.letterbox import RULES, boxes_to_original, letterbox_for
-from fcos_offline.data.preprocess import atomic_write_bytes, read_image
+from fcos_offline.data.preprocess import read_image
 from fcos_offline.errors import BadFileError, FcosError
 from fcos_offline.evaluate.coco import (
     COCO80_NAMES,
@@ -40,6 +41,7 @@ from fcos_offline.evaluate.coco import (
     label_to_category,
     load_annotations,
 )
+from fcos_offline.io import atomic_write_bytes
 from fcos_offline.progress import progress_bar, warn
 
 RESULTS_FILE = "bbox_results.json"
@@ -102,11 +104,12 @@ def postprocess(
     cat_ids = label_to_category(data, len(names))
     unknown = [c for c in data["categories"] if c["id"] not in set(cat_ids)]
     if unknown:
-        warn(f"{ann_file}: {len(unknown)} categor{'y' if len(unknown) == 1 else 'ies'} the model does not predict "
-             f"(first: id {unknown[0]['id']} {unknown[0].get('name', '')!r}); their ground truth counts as missed (AP 0)")
+        warn(
+            f"{ann_file}: {len(unknown)} categor{'y' if len(unknown) == 1 else 'ies'} the model does not predict "
+            f"(first: id {unknown[0]['id']} {unknown[0].get('name', '')!r}); their ground truth counts as missed (AP 0)"
+        )
     if not data["annotations"]:
-        warn(f"{ann_file}: no annotations; mAP is undefined (-1, COCO's 'no ground truth'), detections are still "
-             f"written to {RESULTS_FILE}")
+        warn(f"{ann_file}: no annotations; mAP is undefined (-1, COCO's 'no ground truth'), detections are still written to {RESULTS_FILE}")
     sizes: dict[str, InfoEntry] = {Path(e.path).stem: e for e in read_info(test_annotation)}
     skipped: list[BadFileError] = []
     dumps = read_dumps(bin_data_path, num_dets=num_dets, net_out_num=net_out_num, skipped=skipped)
@@ -159,8 +162,10 @@ def postprocess(
             f"annotation file (first: {size_mismatch[0]}); boxes use the .info size"
         )
     if missing:
-        warn(f"{len(missing)} annotated image(s) have no usable dumps and count as having no detections "
-             f"(first: {missing[0]}; all in {SUMMARY_FILE} 'missing_dump_files')")
+        warn(
+            f"{len(missing)} annotated image(s) have no usable dumps and count as having no detections "
+            f"(first: {missing[0]}; all in {SUMMARY_FILE} 'missing_dump_files')"
+        )
 
     _write_json(out_dir / RESULTS_FILE, results)
     metrics = evaluate_bbox(data, results)

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from fcos_offline.errors import FcosError
-from fcos_offline.evaluate.match import MatchStats, match_batches
 from fcos_offline.export.metadata import encode_metadata, raw_output_names
+from fcos_offline.model.checkpoint import ModelOverrides, load_model
+from fcos_offline.model.fcos import FCOS
+from fcos_offline.model.match import MatchStats, match_batches
 from fcos_offline.model.postprocess import FCOSDetector, FCOSPostProcess
 
 
@@ -40,8 +42,12 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON view."""
         return {
-            "path": self.path, "post_path": self.post_path, "shape": list(self.shape), "batch": self.batch,
-            "opset": self.opset, "verify": self.verify.to_dict() if self.verify else None,
+            "path": self.path,
+            "post_path": self.post_path,
+            "shape": list(self.shape),
+            "batch": self.batch,
+            "opset": self.opset,
+            "verify": self.verify.to_dict() if self.verify else None,
         }
 
 
@@ -80,8 +86,15 @@ def _torch_export(module, args: tuple, path: Path, input_names, output_names, dy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), input_names=input_names, output_names=output_names,
-            dynamic_axes=dynamic_axes or None, opset_version=opset, dynamo=False, do_constant_folding=True,
+            module,
+            args,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes or None,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
         )
 
 
@@ -100,7 +113,7 @@ class RawHead(torch.nn.Module):
 class PostOnly(torch.nn.Module):
     """Post-processing alone: flat raw outputs -> (dets, labels) on a fixed canvas."""
 
-    def __init__(self, network: torch.nn.Module, canvas_hw: tuple[int, int]) -> None:
+    def __init__(self, network: FCOS, canvas_hw: tuple[int, int]) -> None:
         super().__init__()
         self.post = FCOSPostProcess(network.cfg.post, network.cfg.head.strides)
         self.canvas_hw = canvas_hw
@@ -131,8 +144,11 @@ def export_onnx(
     num_levels = len(network.cfg.head.strides)
     max_per_img = network.cfg.post.max_per_img
     extra = {
-        "input_shape": [height, width], "batch": "dynamic" if dynamic_batch else batch_size,
-        "class_names": class_names, "nms_in_graph": nms, "source": source,
+        "input_shape": [height, width],
+        "batch": "dynamic" if dynamic_batch else batch_size,
+        "class_names": class_names,
+        "nms_in_graph": nms,
+        "source": source,
         "preprocess": {"color": "BGR", "mean": [102.9801, 115.9465, 122.7717], "std": [1.0, 1.0, 1.0], "pad": "centred zero"},
     }
     post_path: Path | None = None
@@ -155,8 +171,9 @@ def export_onnx(
             _attach_metadata(post_path, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img)
     _attach_metadata(output, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img if nms else None)
     stats = verify_export(network, output, post_path, example.numpy()) if verify else None
-    result = ExportResult(str(output), str(post_path) if post_path else None, (height, width),
-                          "dynamic" if dynamic_batch else str(batch_size), opset, stats)
+    result = ExportResult(
+        str(output), str(post_path) if post_path else None, (height, width), "dynamic" if dynamic_batch else str(batch_size), opset, stats
+    )
     if stats is not None and stats.match_rate < 0.999:
         raise FcosError(
             f"export verification failed: ONNX Runtime matched {stats.match_rate:.2%} of PyTorch's detections "
@@ -185,3 +202,49 @@ def verify_export(network, model_path: Path, post_path: Path | None, images: np.
         ref_dets, ref_labels = FCOSDetector(network).eval()(torch.from_numpy(images))
     dets, labels = run_onnx_detector(model_path, images, post_path)
     return match_batches(ref_dets.numpy(), ref_labels.numpy(), dets, labels)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    shape: tuple[int, int] = (800, 1333),
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+    nms: bool = True,
+    verify: bool = True,
+    overrides: ModelOverrides | None = None,
+) -> dict[str, Any]:
+    """Load ``checkpoint`` and export it; returns the export summary (with verification numbers).
+
+    The model is written beside ``output`` under a temporary name and renamed into place only
+    after it verified: a failed export never replaces an existing good model.
+    """
+    import errno
+    import os
+
+    from fcos_offline.errors import DiskFullError
+
+    network, ckpt = load_model(checkpoint, overrides)
+    out = Path(output)
+    tmp = out.with_name(f".{out.stem}.part{os.getpid()}.onnx")
+    tmp_post = tmp.with_name(tmp.name[: -len(".onnx")] + ".post.onnx")
+    try:
+        canvas = (int(shape[0]), int(shape[1]))
+        result = export_onnx(
+            network, tmp, canvas, batch_size, dynamic_batch, opset, nms, verify, class_names=ckpt.class_names, source=str(checkpoint)
+        )
+        os.replace(tmp, out)
+        result.path = str(out)
+        if result.post_path:
+            post = out.with_name(out.name[: -len(out.suffix)] + ".post.onnx")
+            os.replace(tmp_post, post)
+            result.post_path = str(post)
+    except OSError as exc:  # e.g. a full disk: no half-written model is left behind
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(output, "the partial model was removed") from None
+        raise FcosError(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_post.unlink(missing_ok=True)
+    return result.to_dict()

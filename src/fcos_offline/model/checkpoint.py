@@ -30,7 +30,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from fcos_offline.errors import BadFileError, FcosError
 from fcos_offline.model.config import (
@@ -38,7 +38,9 @@ from fcos_offline.model.config import (
     BackboneConfig,
     FCOSConfig,
     HeadConfig,
+    InputAdapter,
     NeckConfig,
+    PostRule,
     default_post_config,
 )
 
@@ -80,9 +82,9 @@ class LoadedCheckpoint:
         weight/bias not for torchvision files (buffers there), but for mmdet files (parameters)."""
         frozen_bn = re.compile(r"^backbone\..*(\.bn\d+|bn1|\.downsample\.1)\.(weight|bias)$")
         return sum(
-            int(t.numel()) for k, t in self.state_dict.items()
-            if not k.endswith(("running_mean", "running_var"))
-            and not (self.format == "torchvision" and frozen_bn.match(k))
+            int(t.numel())
+            for k, t in self.state_dict.items()
+            if not k.endswith(("running_mean", "running_var")) and not (self.format == "torchvision" and frozen_bn.match(k))
         )
 
 
@@ -92,10 +94,10 @@ class LoadedCheckpoint:
 def _placeholder(name: str) -> type:
     module, _, qual = name.rpartition(".")
 
-    def _init(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN001
+    def _init(self, *args: Any, **kwargs: Any) -> None:
         self.args, self.kwargs = args, kwargs
 
-    def _setstate(self, state: Any) -> None:  # noqa: ANN001
+    def _setstate(self, state: Any) -> None:
         self.state = state
 
     return type(qual, (), {"__module__": module, "__qualname__": qual, "__init__": _init, "__setstate__": _setstate})
@@ -129,7 +131,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
             if module.split(".")[0] in _DANGEROUS_MODULES or (module == "builtins" and attr in _DANGEROUS_BUILTINS):
                 raise BadFileError(path, f"refused: the pickle would call {name} when loaded (never executed)") from None
             placeholders[name] = _placeholder(name)
-        except Exception as exc:  # noqa: BLE001 - torch.load on a non-checkpoint raises RuntimeError, KeyError, IndexError…
+        except Exception as exc:
             raise BadFileError(path, f"not a readable PyTorch checkpoint (truncated or wrong file type: {_first_line(exc)})") from None
     raise BadFileError(path, "too many unknown pickled types")
 
@@ -196,7 +198,9 @@ def detect_format(sd: dict[str, Any]) -> str:
     if any(k.startswith("bbox_head.") for k in keys) and any(k.startswith("backbone.") for k in keys):
         return "mmdet"
     sample = ", ".join(keys[:5]) or "(no tensors)"
-    raise FcosError(f"not an FCOS checkpoint: expected mmdet 'backbone./neck./bbox_head.' or torchvision 'backbone.body./head.' keys, found: {sample}")
+    raise FcosError(
+        f"not an FCOS checkpoint: expected mmdet 'backbone./neck./bbox_head.' or torchvision 'backbone.body./head.' keys, found: {sample}"
+    )
 
 
 # --------------------------------------------------------------------------- shapes -> config
@@ -227,8 +231,11 @@ def infer_architecture(sd: dict[str, Any]) -> tuple[BackboneConfig, NeckConfig, 
         last = "conv3" if bottleneck else "conv2"
         outs.append(_shape(sd, f"backbone.layer{s}.0.{last}.weight")[0])
     backbone = BackboneConfig(
-        stage_blocks=tuple(blocks), stage_planes=tuple(planes), stage_out_channels=tuple(outs),
-        stem_channels=stem, block="bottleneck" if bottleneck else "basic",
+        stage_blocks=tuple(blocks),
+        stage_planes=tuple(planes),
+        stage_out_channels=tuple(outs),
+        stem_channels=stem,
+        block="bottleneck" if bottleneck else "basic",
     )
     n_lat = _count(sd, r"neck\.lateral_convs\.(\d+)\.")
     lat_in = tuple(_shape(sd, f"neck.lateral_convs.{i}.conv.weight")[1] for i in range(n_lat))
@@ -238,7 +245,7 @@ def infer_architecture(sd: dict[str, Any]) -> tuple[BackboneConfig, NeckConfig, 
     except ValueError:
         raise FcosError(f"FPN lateral input channels {lat_in} do not match the backbone's stage outputs {tuple(outs)}") from None
     num_outs = _count(sd, r"neck\.fpn_convs\.(\d+)\.")
-    extra_on = "output"
+    extra_on: Literal["output", "input"] = "output"
     if num_outs > n_lat and _shape(sd, f"neck.fpn_convs.{n_lat}.conv.weight")[1] != fpn_out:
         extra_on = "input"
     neck = NeckConfig(in_channels=lat_in, out_channels=fpn_out, start_level=start, num_outs=num_outs, extra_on=extra_on)
@@ -248,10 +255,14 @@ def infer_architecture(sd: dict[str, Any]) -> tuple[BackboneConfig, NeckConfig, 
     head_in = _shape(sd, "bbox_head.cls_convs.0.conv.weight")[1] if stacked else feat
     n_scales = _count(sd, r"bbox_head\.scales\.(\d+)\.")
     head = HeadConfig(
-        num_classes=_shape(sd, "bbox_head.conv_cls.weight")[0], in_channels=head_in, feat_channels=feat,
-        stacked_convs=stacked, norm="gn" if gn else "none",
+        num_classes=_shape(sd, "bbox_head.conv_cls.weight")[0],
+        in_channels=head_in,
+        feat_channels=feat,
+        stacked_convs=stacked,
+        norm="gn" if gn else "none",
         conv_bias=(not stacked) or "bbox_head.cls_convs.0.conv.bias" in sd,
-        strides=tuple(8 * 2**i for i in range(num_outs)), use_scale=n_scales > 0,
+        strides=tuple(8 * 2**i for i in range(num_outs)),
+        use_scale=n_scales > 0,
     )
     if gn:
         head.gn_groups = 32 if feat % 32 == 0 else max(g for g in range(1, feat + 1) if feat % g == 0 and g <= 32)
@@ -301,7 +312,7 @@ def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def rule_for_version(version: str | None) -> tuple[str, str]:
+def rule_for_version(version: str | None) -> tuple[PostRule, str]:
     """The post-processing rule the mmdet version that wrote a file uses, and why."""
     m = re.match(r"\s*(\d+)\.(\d+)", (version or "").replace(".x", ".0", 1))  # "3.x (mmengine …)" too
     if not m:
@@ -332,7 +343,7 @@ def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -
     obj, ignored = read_checkpoint_file(path)
     if not isinstance(obj, dict):
         raise BadFileError(path, f"holds a {type(obj).__name__}, not a state dict or {{'state_dict', 'meta'}} checkpoint")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    meta = cast("dict[str, Any]", obj.get("meta") if isinstance(obj.get("meta"), dict) else {})
     sd = obj.get("state_dict", obj.get("model", obj))
     if not isinstance(sd, dict):
         raise BadFileError(path, "its 'state_dict' is not a dict of tensors")
@@ -355,7 +366,7 @@ def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -
         settings: dict[str, Any] = {}
         for k in ("style", "norm_on_bbox", "centerness_on_reg", "extra_on", "rule"):
             sources[k] = "torchvision layout"
-        adapter = "torchvision"
+        adapter: InputAdapter = "torchvision"
     else:
         settings = settings_from_meta(meta)
         backbone.style = settings.get("style", "caffe")
@@ -382,12 +393,19 @@ def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -
             raise FcosError(f"unknown post-processing rule '{overrides.rule}' (choose from {', '.join(POST_RULES)})")
         base = default_post_config(overrides.rule)  # type: ignore[arg-type]
         if fmt == "mmdet" and overrides.rule.startswith("mmdet"):  # keep the file's test_cfg numbers
-            base = dataclasses.replace(base, nms_pre=post.nms_pre, max_per_img=post.max_per_img,
-                                       score_thr=post.score_thr, iou_thr=post.iou_thr)
+            base = dataclasses.replace(base, nms_pre=post.nms_pre, max_per_img=post.max_per_img, score_thr=post.score_thr, iou_thr=post.iou_thr)
         post = base
         sources["rule"] = "flag"
-    for name, target in (("style", backbone), ("norm_on_bbox", head), ("centerness_on_reg", head), ("extra_on", neck),
-                         ("score_thr", post), ("nms_pre", post), ("iou_thr", post), ("max_per_img", post)):
+    for name, target in (
+        ("style", backbone),
+        ("norm_on_bbox", head),
+        ("centerness_on_reg", head),
+        ("extra_on", neck),
+        ("score_thr", post),
+        ("nms_pre", post),
+        ("iou_thr", post),
+        ("max_per_img", post),
+    ):
         value = getattr(overrides, name)
         if value is not None:
             setattr(target, name, value)
@@ -448,3 +466,22 @@ def describe_depth(cfg: FCOSConfig) -> str:
     """'ResNet-50'-style name from the block counts."""
     per_block = 3 if cfg.backbone.block == "bottleneck" else 2
     return f"ResNet-{per_block * sum(cfg.backbone.stage_blocks) + 2}"
+
+
+def inspect_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -> dict[str, Any]:
+    """Everything inferred about a checkpoint, as a JSON-able dict (loads and checks every tensor)."""
+    ckpt = load_checkpoint(path, overrides)
+    build_model(ckpt)  # proves every tensor is used and every shape fits
+    cfg = ckpt.config
+    return {
+        "path": ckpt.path,
+        "format": ckpt.format,
+        "mmdet_version": ckpt.sources.get("mmdet_version"),
+        "depth": describe_depth(cfg),
+        "num_classes": cfg.head.num_classes,
+        "num_params": ckpt.num_params,
+        "config": cfg.to_dict(),
+        "sources": ckpt.sources,
+        "class_names": ckpt.class_names,
+        "ignored_pickled_objects": ckpt.ignored_objects,
+    }

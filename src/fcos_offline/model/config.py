@@ -94,7 +94,7 @@ class FCOSConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FCOSConfig":
+    def from_dict(cls, data: dict) -> FCOSConfig:
         """Inverse of :meth:`to_dict` (lists become tuples)."""
 
         def _tuples(d: dict) -> dict:

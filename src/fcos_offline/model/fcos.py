@@ -21,6 +21,11 @@ from fcos_offline.model.config import BackboneConfig, FCOSConfig, HeadConfig, Ne
 class FrozenBatchNorm2d(nn.Module):
     """Inference-only BatchNorm with mmdet's (textbook) or torchvision's arithmetic order."""
 
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, channels: int, eps: float = 1e-5, impl: str = "mmdet") -> None:
         super().__init__()
         self.eps = eps
@@ -98,9 +103,7 @@ class ResNet(nn.Module):
         block_cls = Bottleneck if cfg.block == "bottleneck" else BasicBlock
         in_ch = cfg.stem_channels
         self.stage_names: list[str] = []
-        for i, (n_blocks, planes, out_ch) in enumerate(
-            zip(cfg.stage_blocks, cfg.stage_planes, cfg.stage_out_channels)
-        ):
+        for i, (n_blocks, planes, out_ch) in enumerate(zip(cfg.stage_blocks, cfg.stage_planes, cfg.stage_out_channels)):
             stride = 1 if i == 0 else 2
             blocks = [block_cls(in_ch if b == 0 else out_ch, planes, out_ch, stride if b == 0 else 1, cfg) for b in range(n_blocks)]
             name = f"layer{i + 1}"
@@ -121,8 +124,15 @@ class ConvModule(nn.Module):
     """mmcv-style conv -> optional GroupNorm -> optional ReLU (keys ``conv.*``, ``gn.*``)."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, *,
-        bias: bool = True, gn_groups: int = 0, relu: bool = False,
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        stride: int = 1,
+        *,
+        bias: bool = True,
+        gn_groups: int = 0,
+        relu: bool = False,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=bias)
@@ -186,8 +196,7 @@ class FCOSHead(nn.Module):
 
         def branch() -> nn.ModuleList:
             return nn.ModuleList(
-                ConvModule(cfg.in_channels if i == 0 else cfg.feat_channels, cfg.feat_channels, 3,
-                           bias=cfg.conv_bias, gn_groups=groups, relu=True)
+                ConvModule(cfg.in_channels if i == 0 else cfg.feat_channels, cfg.feat_channels, 3, bias=cfg.conv_bias, gn_groups=groups, relu=True)
                 for i in range(cfg.stacked_convs)
             )
 
@@ -225,6 +234,9 @@ class FCOSHead(nn.Module):
 
 class TorchvisionInput(nn.Module):
     """Maps the recipe's BGR caffe-mean input to torchvision's RGB ImageNet-normalised input."""
+
+    mul: Tensor
+    add: Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -21,10 +21,12 @@ pixels, zero rows after the last detection) and ``labels [B,K]`` int64 (−1 aft
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
-from fcos_offline.model.config import PostConfig
+from fcos_offline.model.config import FCOSConfig, PostConfig
 
 
 def level_points(h: int, w: int, stride: int, rule: str, canvas_hw: tuple[int, int]) -> Tensor:
@@ -100,11 +102,11 @@ class _NonMaxSuppression(torch.autograd.Function):
     """Greedy NMS in eager mode; ONNX ``NonMaxSuppression`` when exported."""
 
     @staticmethod
-    def forward(ctx, boxes: Tensor, scores: Tensor, max_total: int, iou_thr: float, score_thr: float) -> Tensor:  # noqa: ANN001
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_total: int, iou_thr: float, score_thr: float) -> Tensor:
         return greedy_nms(boxes, scores, iou_thr, score_thr, max_total)
 
     @staticmethod
-    def symbolic(g, boxes, scores, max_total: int, iou_thr: float, score_thr: float):  # noqa: ANN001
+    def symbolic(g, boxes, scores, max_total: int, iou_thr: float, score_thr: float):
         # Per class, ONNX keeps up to max_total boxes: a superset of what a global top-max_total needs.
         return g.op(
             "NonMaxSuppression",
@@ -148,9 +150,7 @@ class FCOSPostProcess(nn.Module):
         self.post = post
         self.strides = strides
 
-    def forward(
-        self, cls_logits: list[Tensor], dists: list[Tensor], ctr_logits: list[Tensor], canvas_hw: tuple[int, int]
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, cls_logits: list[Tensor], dists: list[Tensor], ctr_logits: list[Tensor], canvas_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         if self.post.rule == "mmdet2":
             boxes, scores = self._point_candidates(cls_logits, dists, ctr_logits, canvas_hw)
         else:
@@ -214,7 +214,7 @@ class FCOSDetector(nn.Module):
     def __init__(self, network: nn.Module, post: PostConfig | None = None) -> None:
         super().__init__()
         self.network = network
-        self.postprocess = FCOSPostProcess(post or network.cfg.post, network.cfg.head.strides)
+        self.postprocess = FCOSPostProcess(post or cast(FCOSConfig, network.cfg).post, cast(FCOSConfig, network.cfg).head.strides)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         cls_logits, dists, ctr_logits = self.network(images)

@@ -29,9 +29,9 @@ def plot_pr_curves(pr_curves_json: str | Path, out_png: str | Path, title: str) 
             curves.append(precision)
             ax.plot(recall, precision, lw=1, alpha=0.6, label=str(curve.get("name", curve.get("category_id"))))
     if curves:
-        import numpy as np
-
         import warnings
+
+        import numpy as np
 
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" where no class has a curve
@@ -39,7 +39,7 @@ def plot_pr_curves(pr_curves_json: str | Path, out_png: str | Path, title: str) 
         ax.plot(recall, mean, "k", lw=2.5, label="mean over classes")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
+    _, labels = ax.get_legend_handles_labels()
     if len(labels) <= 16:
         ax.legend(fontsize=7, loc="lower left")
     out = Path(out_png)

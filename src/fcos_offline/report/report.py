@@ -21,28 +21,42 @@ def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for e in offline:
         on = online.get(e["batch_size"])
-        rows.append({
-            "model": f"{e['engine']} {e['precision']} bs{e['batch_size']}",
-            "online_mAP": on["bbox_mAP"] if on else None, "offline_mAP": e["bbox_mAP"],
-            "delta_mAP": (e["bbox_mAP"] - on["bbox_mAP"]) if on else None,
-            "AP50": e["bbox_mAP_50"], "AP75": e["bbox_mAP_75"],
-            "online_fps": on["fps"] if on else None, "offline_fps": e["fps"],
-            "p50_ms": e["latency_ms_p50"], "p99_ms": e["latency_ms_p99"], "dumps": e["dumps"],
-        })
+        rows.append(
+            {
+                "model": f"{e['engine']} {e['precision']} bs{e['batch_size']}",
+                "online_mAP": on["bbox_mAP"] if on else None,
+                "offline_mAP": e["bbox_mAP"],
+                "delta_mAP": (e["bbox_mAP"] - on["bbox_mAP"]) if on else None,
+                "AP50": e["bbox_mAP_50"],
+                "AP75": e["bbox_mAP_75"],
+                "online_fps": on["fps"] if on else None,
+                "offline_fps": e["fps"],
+                "p50_ms": e["latency_ms_p50"],
+                "p99_ms": e["latency_ms_p99"],
+                "dumps": e["dumps"],
+            }
+        )
     return rows
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     """The recipe's results table, filled in (mAP in percent)."""
     t = Table(title=title)
-    for col in ("model", "online mAP (PyTorch)", "offline mAP (engine)", "Δ mAP", "AP50", "AP75",
-                "online fps", "offline fps", "p50 ms", "p99 ms"):
+    for col in ("model", "online mAP (PyTorch)", "offline mAP (engine)", "Δ mAP", "AP50", "AP75", "online fps", "offline fps", "p50 ms", "p99 ms"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
-        t.add_row(r["model"], _pct(r["online_mAP"]), _pct(r["offline_mAP"]),
-                  "—" if r["delta_mAP"] is None else f"{100 * r['delta_mAP']:+.2f}", _pct(r["AP50"]), _pct(r["AP75"]),
-                  "—" if r["online_fps"] is None else f"{r['online_fps']:.2f}", f"{r['offline_fps']:.2f}",
-                  f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}")
+        t.add_row(
+            r["model"],
+            _pct(r["online_mAP"]),
+            _pct(r["offline_mAP"]),
+            "—" if r["delta_mAP"] is None else f"{100 * r['delta_mAP']:+.2f}",
+            _pct(r["AP50"]),
+            _pct(r["AP75"]),
+            "—" if r["online_fps"] is None else f"{r['online_fps']:.2f}",
+            f"{r['offline_fps']:.2f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+        )
     Console(width=max(Console().width, 150)).print(t)
 
 
@@ -50,13 +64,13 @@ def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[s
     verify = context["export"].get("verify")
     check = f"{verify['match_rate']:.2%} of PyTorch's detections matched by ONNX Runtime" if verify else "not run"
     lines = [
-        "# fcos-offline run report", "",
+        "# fcos-offline run report",
+        "",
         f"- checkpoint: `{context['checkpoint']}`{' (embedded demo)' if context['demo'] else ''}",
         f"- data: `{context['images']}` ({context['num_images']} images), annotations `{context['annotations']}`",
         f"- input canvas: {context['shape'][0]}x{context['shape'][1]}; inputs {'streamed from images' if context['streaming'] else 'from .bin files'}",
         f"- ONNX: `{context['onnx']}`; export check: {check}",
-        f"- machine: {context['cpu']} ({context['cores']} cores); versions: "
-        + ", ".join(f"{k} {v}" for k, v in context["versions"].items() if v),
+        f"- machine: {context['cpu']} ({context['cores']} cores); versions: " + ", ".join(f"{k} {v}" for k, v in context["versions"].items() if v),
         "",
         "| model | online mAP (PyTorch) | offline mAP (engine) | Δ mAP | AP50 | AP75 | online fps | offline fps | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -64,10 +78,16 @@ def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[s
     for r in rows:
         delta = "—" if r["delta_mAP"] is None else f"{100 * r['delta_mAP']:+.2f}"
         online_fps = "—" if r["online_fps"] is None else f"{r['online_fps']:.2f}"
-        lines.append(f"| {r['model']} | {_pct(r['online_mAP'])} | {_pct(r['offline_mAP'])} | {delta} | {_pct(r['AP50'])} | "
-                     f"{_pct(r['AP75'])} | {online_fps} | {r['offline_fps']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
-    lines += ["", "mAP in percent here; report.json stores fractions. fps = images/s end to end (decode, preprocess, "
-              "inference, dump writing); p50/p99 = per-image end-to-end latency.", ""]
+        lines.append(
+            f"| {r['model']} | {_pct(r['online_mAP'])} | {_pct(r['offline_mAP'])} | {delta} | {_pct(r['AP50'])} | "
+            f"{_pct(r['AP75'])} | {online_fps} | {r['offline_fps']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        )
+    lines += [
+        "",
+        "mAP in percent here; report.json stores fractions. fps = images/s end to end (decode, preprocess, "
+        "inference, dump writing); p50/p99 = per-image end-to-end latency.",
+        "",
+    ]
     for name, path in plots.items():
         lines += [f"## {name}", "", f"![{name}]({path})", ""]
     if vis:
@@ -116,7 +136,7 @@ def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, A
         if src.is_dir():
             vis_out.mkdir(exist_ok=True)
             for f in sorted(src.glob("*.jpg"))[:vis_images]:
-                from fcos_offline.data.preprocess import atomic_write_bytes
+                from fcos_offline.io import atomic_write_bytes
 
                 atomic_write_bytes(vis_out / f.name, f.read_bytes())
                 vis.append(f"detections/{f.name}")
@@ -129,7 +149,7 @@ def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, A
         "plots": list(plots.values()),
         "detections": vis,
     }
-    from fcos_offline.data.preprocess import atomic_write_bytes
+    from fcos_offline.io import atomic_write_bytes
 
     atomic_write_bytes(root / "report.json", json.dumps(report, indent=2).encode())
     atomic_write_bytes(root / "report.md", _markdown(rows, context, plots, vis).encode())

@@ -21,10 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fcos_offline.data.dataset import (
+    EvalSet,
+    InputItem,
+    class_names_for,
+    demo_split,
+    prepare_eval_set,
+    resolve_source,
+)
+from fcos_offline.demo import DEMO_CHECKPOINT
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.progress import info, warn
+from fcos_offline.progress import info
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "fcos_demo.pth"
+#: the engine of the recipe's "online" baseline: PyTorch eager on the checkpoint
+ONLINE_ENGINE = "torch"
 
 
 @dataclass
@@ -68,7 +78,7 @@ class WorkdirLock:
     def __init__(self, root: Path) -> None:
         self.path = root / ".lock"
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -95,138 +105,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _prepare_data(opts: RunOptions, paths: _Paths, demo: bool) -> tuple[Path, Path]:
-    """Image folder and annotation file (a subset when ``num_images`` limits the run)."""
-    from fcos_offline.evaluate.coco import find_annotation_file
-
-    if demo:
-        from fcos_offline.demo.synthetic import DEMO_VAL_IMAGES, DEMO_VAL_SEED, make_demo_data
-
-        n = opts.num_images or opts.demo_images or DEMO_VAL_IMAGES
-        data_root = paths.root / "data"
-        marker = data_root / f".done_{n}_{DEMO_VAL_SEED}"
-        if not marker.exists():
-            shutil.rmtree(data_root, ignore_errors=True)
-            info(f"generating {n} demo images (seed {DEMO_VAL_SEED}) in {data_root}")
-            make_demo_data(data_root, split="val", num_images=n, seed=DEMO_VAL_SEED)
-            marker.touch()
-        return data_root / "val2017", find_annotation_file(data_root / "annotations")
-    if opts.coco:
-        coco = Path(opts.coco)
-        images = next((coco / d for d in ("val2017", "images/val2017", "images") if (coco / d).is_dir()), None)
-        if images is None:
-            raise FcosError(f"{coco}: expected a val2017/ image folder inside")
-        ann = find_annotation_file(coco / "annotations")
-    else:
-        if not (opts.images and opts.annotations):
-            raise UsageError("give --coco DIR, or both --images DIR and --annotations FILE (or nothing, for the demo)")
-        images, ann = Path(opts.images), find_annotation_file(opts.annotations)
-    if opts.num_images:
-        from fcos_offline.evaluate.coco import load_annotations
-
-        data = load_annotations(ann)
-        keep = sorted(data["images"], key=lambda i: i["file_name"])[: opts.num_images]
-        ids = {i["id"] for i in keep}
-        data["images"] = keep
-        data["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in ids]
-        subset = paths.sub("annotations") / f"subset_{opts.num_images}.json"
-        _write_atomic(subset, json.dumps(data))
-        ann = subset
-    return Path(images), Path(ann)
-
-
-def _image_items(images: Path, ann_file: Path, missing: list[str] | None = None):
-    from fcos_offline.engine.infer import InputItem
-    from fcos_offline.evaluate.coco import load_annotations
-
-    data = load_annotations(ann_file)
-    items = []
-    for img in sorted(data["images"], key=lambda i: i["file_name"]):
-        p = images / img["file_name"]
-        if not p.is_file():
-            warn(f"annotated image {p} is missing; it counts as having no detections")
-            if missing is not None:
-                missing.append(str(p))
-            continue
-        items.append(InputItem(p.stem, str(p), "image"))
-    return items
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from fcos_offline.data.preprocess import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
-
-
-def _read_stamp(stamp: Path) -> dict[str, Any]:
-    """The export stamp, or {} when absent or unreadable (then the model is exported again)."""
-    try:
-        data = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) and "result" in data else {}
-
-
-def _write_info_files(items, paths: _Paths, shape: tuple[int, int], write_bins: bool):
-    """``fcos_jpeg.info`` always; ``.bin`` tensors + ``fcos.info`` with ``write_bins``."""
+def _bin_items(eval_set: EvalSet, paths: _Paths, shape: tuple[int, ...]) -> list[InputItem]:
+    """The recipe's ``.bin`` tensors and ``fcos.info`` (``--write-bins``); items read from them."""
     from fcos_offline.data.info import make_info
-    from fcos_offline.engine.infer import InputItem
-
-    listing = paths.sub("lists")
-    jpg_info = listing / "fcos_jpeg.info"
-    image_dir = paths.sub("lists", "images")
-    for item in items:  # the info maker lists a folder: link exactly the run's images into one
-        link = image_dir / Path(item.path).name
-        if not link.exists():
-            os.symlink(os.path.abspath(item.path), link)
-    make_info("jpg", image_dir, jpg_info)
-    if not write_bins:
-        return jpg_info, items
     from fcos_offline.data.preprocess import preprocess_folder
 
     bin_dir = paths.root / "val2017_bin"
-    preprocess_folder(image_dir, bin_dir, shape[0], shape[1])
-    bin_info = listing / "fcos.info"
-    make_info("bin", bin_dir, bin_info, width=shape[1], height=shape[0])
-    bin_items = [InputItem(Path(i.path).stem, str(bin_dir / f"{Path(i.path).stem}.bin"), "bin") for i in items]
-    return jpg_info, [b for b in bin_items if Path(b.path).is_file()]
-
-
-def _export(checkpoint: Path, paths: _Paths, shape: tuple[int, int], overrides) -> tuple[Path, dict[str, Any]]:
-    from fcos_offline.export.metadata import read_metadata
-
-    onnx_path = paths.sub("model") / "model.onnx"
-    stamp = paths.root / "model" / "export.json"
-    key = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime, "shape": list(shape),
-           "overrides": overrides.__dict__ if overrides else None}
-    previous = _read_stamp(stamp)
-    if onnx_path.is_file() and previous.get("key") == key:
-        info(f"reusing {onnx_path}")
-        return onnx_path, previous["result"]
-    stamp.unlink(missing_ok=True)  # the model file is rewritten below: never reuse a half-written one
-    from fcos_offline.export.cli import export_checkpoint
-
-    info(f"exporting {checkpoint} -> {onnx_path} ({shape[0]}x{shape[1]}, dynamic batch)")
-    result = export_checkpoint(str(checkpoint), str(onnx_path), shape, dynamic_batch=True, overrides=overrides)
-    result["metadata_class_names"] = read_metadata(onnx_path).get("class_names")
-    _write_atomic(stamp, json.dumps({"key": key, "result": result}))
-    return onnx_path, result
-
-
-def _class_names(from_meta: list[str] | None, onnx_path: Path, ann_file: Path) -> list[str] | None:
-    """Names for the model's labels: its own, COCO's (80 or torchvision's 91), else the annotation file's."""
-    from fcos_offline.evaluate.coco import coco91_names, load_annotations
-    from fcos_offline.export.metadata import read_metadata
-
-    if from_meta:
-        return from_meta
-    num_classes = read_metadata(onnx_path)["config"]["head"]["num_classes"]
-    if num_classes == 80:
-        return None
-    if num_classes == 91:
-        return coco91_names()
-    cats = sorted(load_annotations(ann_file)["categories"], key=lambda c: c["id"])
-    return [c["name"] for c in cats] if len(cats) == num_classes else [str(i) for i in range(num_classes)]
+    shutil.rmtree(bin_dir, ignore_errors=True)  # tensors of exactly this set and canvas
+    preprocess_folder(eval_set.jpg_info.parent / "images", bin_dir, shape[0], shape[1])
+    make_info("bin", bin_dir, paths.sub("lists") / "fcos.info", width=shape[1], height=shape[0])
+    bin_items = [InputItem(i.stem, str(bin_dir / f"{i.stem}.bin"), "bin") for i in eval_set.items]
+    return [b for b in bin_items if Path(b.path).is_file()]
 
 
 def _evaluate(dump_dir: Path, eval_dir: Path, jpg_info: Path, ann_file: Path, shape, class_names, show: bool) -> dict[str, Any]:
@@ -257,10 +146,51 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _result_key(model: Path, engine: str, bs: int, opts: RunOptions, eval_set: EvalSet, shape: tuple[int, int]) -> str:
+    """Everything that determines a configuration's dumps: model bytes, engine options, canvas, exact inputs."""
+    from fcos_offline.io import file_digest, json_digest
+
+    files = [model] if model.is_file() else sorted(p for p in model.iterdir() if p.is_file())
+    return json_digest(
+        {
+            "model": [file_digest(f) for f in files],
+            "engine": engine,
+            "batch_size": bs,
+            "precision": opts.precision,
+            "threads": opts.threads,
+            "shape": list(shape),
+            "overrides": opts.overrides.__dict__ if opts.overrides else None,
+            "inputs": eval_set.digest,
+            "write_bins": opts.write_bins,
+        }
+    )
+
+
+def _fresh_result_dir(root: Path, key: str) -> Path:
+    """The dump folder of one configuration; emptied when it holds another key's dumps."""
+    from fcos_offline.io import atomic_write_json
+
+    stamp = root / "key.json"
+    dump_dir = root / "dumpOutput_device0"
+    try:
+        previous = json.loads(stamp.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous != key and root.exists():
+        if previous is not None or any(root.iterdir()):
+            info(f"recomputing {root.name}: model, canvas, settings or images changed since its dumps were written")
+        shutil.rmtree(root)
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, {"key": key})
+    return dump_dir
+
+
 def run(opts: RunOptions) -> dict[str, Any]:
     """Run the whole recipe; returns the report dict (also written to ``report.json``)."""
-    from fcos_offline.engine.backends import EngineOptions, open_engine
+    from fcos_offline.engine.backends import EngineOptions, open_engine, resolve_model
     from fcos_offline.engine.infer import run_inference
+    from fcos_offline.export.cache import cached_export
+    from fcos_offline.export.metadata import read_metadata
 
     demo = not (opts.checkpoint or opts.coco or opts.images)
     if not demo and not opts.checkpoint:
@@ -273,65 +203,99 @@ def run(opts: RunOptions) -> dict[str, Any]:
     if not checkpoint.is_file():
         raise FcosError(f"{checkpoint}: no such checkpoint")
     if demo:
-        from fcos_offline.demo.synthetic import DEMO_CANVAS
+        from fcos_offline.demo.synthetic import (
+            DEMO_CANVAS,
+            DEMO_VAL_IMAGES,
+            DEMO_VAL_SEED,
+        )
 
-        shape = tuple(opts.shape or DEMO_CANVAS)
+        shape: tuple[int, int] = opts.shape or DEMO_CANVAS
     else:
-        shape = tuple(opts.shape or (800, 1333))
+        shape = opts.shape or (800, 1333)
     root = Path(opts.workdir or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     root.mkdir(parents=True, exist_ok=True)
     paths = _Paths(root)
     with WorkdirLock(root):
-        images, ann_file = _prepare_data(opts, paths, demo)
-        missing_images: list[str] = []
-        items = _image_items(images, ann_file, missing_images)
-        if not items:
-            raise FcosError(f"no images to run in {images}")
-        jpg_info, run_items = _write_info_files(items, paths, shape, opts.write_bins)
-        onnx_path, export_result = _export(checkpoint, paths, shape, opts.overrides)
-        class_names = _class_names(export_result.get("metadata_class_names"), onnx_path, ann_file)
+        if demo:
+            n = opts.num_images or opts.demo_images or DEMO_VAL_IMAGES
+            data_root = demo_split(paths.root / "data", "val", n, DEMO_VAL_SEED)
+            images, ann = data_root / "val2017", data_root / "annotations" / "instances_val2017.json"
+        else:
+            images, ann = resolve_source(opts.coco, opts.images, opts.annotations)
+        eval_set = prepare_eval_set(paths.sub("lists"), images, ann, opts.num_images, demo)
+        ann_file, jpg_info = eval_set.ann_file, eval_set.jpg_info
+        run_items = _bin_items(eval_set, paths, shape) if opts.write_bins else eval_set.items
+        onnx_path, export_result = cached_export(checkpoint, paths.sub("model"), shape, opts.overrides)
+        class_names = export_result.get("metadata_class_names") or class_names_for(read_metadata(onnx_path), ann_file)
         offline_model, engines, model_precision = onnx_path, opts.engines, None
         if opts.model:  # a convert/tune artifact (or another ONNX/IR) replaces the exported model offline
-            from fcos_offline.engine.backends import resolve_model
-
             artifact = resolve_model(opts.model).artifact
             offline_model = Path(opts.model)
-            engines = (artifact["engine"],) if artifact.get("engine") else opts.engines
-            model_precision = artifact.get("precision")
+            engines = (artifact.engine,) if artifact else opts.engines
+            model_precision = artifact.precision if artifact else None
         configs = [("offline", e, b) for e in engines for b in opts.batch_sizes]
         if opts.online:
-            configs += [("online", "torch", b) for b in opts.batch_sizes]
+            configs += [("online", ONLINE_ENGINE, b) for b in opts.batch_sizes]
         entries = []
         first_eval = True
         for mode, engine_name, bs in configs:
             tag = f"{mode}_{engine_name}_bs{bs}"
-            model = checkpoint if engine_name == "torch" else offline_model
-            engine = open_engine(model, EngineOptions(engine_name, "cpu", opts.threads,
-                                                      "fp32" if engine_name == "torch" else opts.precision, bs),
-                                 shape, opts.overrides)
-            dump_dir = paths.sub("result", tag, "dumpOutput_device0")
-            s = run_inference(engine, run_items, dump_dir, bs, resume=True, perf_dir=dump_dir.parent)
+            online = mode == "online"  # the online baseline runs the checkpoint itself, in fp32
+            model = checkpoint if online else offline_model
+            options = EngineOptions(engine_name, "cpu", opts.threads, "fp32" if online else opts.precision, bs)
+            dump_dir = _fresh_result_dir(paths.root / "result" / tag, _result_key(model, engine_name, bs, opts, eval_set, shape))
+            with open_engine(model, options, shape, opts.overrides) as engine:
+                s = run_inference(engine, run_items, dump_dir, bs, resume=True, perf_dir=dump_dir.parent)
+                described = engine.describe()
             ev = _evaluate(dump_dir, paths.sub("eval", tag), jpg_info, ann_file, shape, class_names, show=first_eval)
             first_eval = False
             lat = s.latency_ms
-            entries.append({
-                "mode": mode, "engine": engine_name,
-                "precision": (model_precision if mode == "offline" and model_precision else
-                              engine.describe().get("execution_precision", engine.options.precision)),
-                "batch_size": bs, "bbox_mAP": ev["bbox_mAP"], "bbox_mAP_50": ev["bbox_mAP_50"], "bbox_mAP_75": ev["bbox_mAP_75"],
-                "fps": s.throughput_fps, "engine_fps": s.infer_fps,
-                "latency_ms_p50": lat["e2e"]["median"], "latency_ms_p99": lat["e2e"]["p99"],
-                "infer_latency_ms_p50": lat["infer"]["median"], "infer_latency_ms_p99": lat["infer"]["p99"],
-                "num_images": s.num_images - len(s.skipped), "resumed": s.num_resumed, "skipped": s.skipped + ev.get("skipped", []),
-                "engine_info": s.engine, "dumps": str(dump_dir), "perf_file": s.perf_file, "eval": str(paths.root / "eval" / tag),
-            })
+            entries.append(
+                {
+                    "mode": mode,
+                    "engine": engine_name,
+                    "precision": model_precision if mode == "offline" and model_precision else described["execution_precision"],
+                    "batch_size": bs,
+                    "bbox_mAP": ev["bbox_mAP"],
+                    "bbox_mAP_50": ev["bbox_mAP_50"],
+                    "bbox_mAP_75": ev["bbox_mAP_75"],
+                    "fps": s.throughput_fps,
+                    "engine_fps": s.infer_fps,
+                    "latency_ms_p50": lat["e2e"]["median"],
+                    "latency_ms_p99": lat["e2e"]["p99"],
+                    "infer_latency_ms_p50": lat["infer"]["median"],
+                    "infer_latency_ms_p99": lat["infer"]["p99"],
+                    "num_images": s.num_images - len(s.skipped),
+                    "resumed": s.num_resumed,
+                    "skipped": eval_set.missing + s.skipped + ev.get("skipped", []),
+                    "engine_info": s.engine,
+                    "dumps": str(dump_dir),
+                    "perf_file": s.perf_file,
+                    "eval": str(paths.root / "eval" / tag),
+                }
+            )
         from fcos_offline.report.report import write_report
 
-        report = write_report(paths.root, entries, {
-            "checkpoint": str(checkpoint), "demo": demo, "images": str(images), "annotations": str(ann_file),
-            "shape": list(shape), "num_images": len(items), "export": export_result, "onnx": str(onnx_path),
-            "offline_model": str(offline_model),
-            "streaming": not opts.write_bins, "versions": _versions(), "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "missing_images": missing_images,
-        }, opts.vis_images)
+        report = write_report(
+            paths.root,
+            entries,
+            {
+                "checkpoint": str(checkpoint),
+                "demo": demo,
+                "images": str(images),
+                "annotations": str(ann_file),
+                "shape": list(shape),
+                "num_images": len(eval_set.items) + len(eval_set.missing),
+                "export": export_result,
+                "onnx": str(onnx_path),
+                "offline_model": str(offline_model),
+                "streaming": not opts.write_bins,
+                "versions": _versions(),
+                "cpu": _cpu_name(),
+                "cores": os.cpu_count(),
+                "missing_images": [m["path"] for m in eval_set.missing],
+                "missing_image_problems": eval_set.missing,
+            },
+            opts.vis_images,
+        )
     return report

@@ -25,14 +25,14 @@ tensors never sit in memory at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +121,7 @@ def float_by_design(model_path: str | os.PathLike) -> dict[str, Any]:
         "postprocess_ops": ops,
         "head_nodes": head,
         "summary": f"/postprocess/* ({len(post)} nodes: sigmoid, decode, top-k, NMS) and the head's Scale/exp "
-                   f"({len(head)} nodes) always run in float",
+        f"({len(head)} nodes) always run in float",
     }
 
 
@@ -135,7 +135,7 @@ class ImageTensors:
         if not paths:
             raise FcosError("no calibration images")
         self.paths = [str(p) for p in paths]
-        self.canvas_hw = tuple(canvas_hw)
+        self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -219,7 +219,7 @@ def preprocess_for_ort(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     try:
         quant_pre_process(str(src), str(tmp), skip_symbolic_shape=True)
         os.replace(tmp, dst)
-    except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, never a blocker
+    except Exception as exc:
         logging.getLogger(__name__).info("quant_pre_process failed (%s); quantizing the model as exported", exc)
         tmp.unlink(missing_ok=True)
         shutil.copy(src, dst)
@@ -240,7 +240,12 @@ def ort_quantize(
     float or switching the integer types does not re-run calibration.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -248,11 +253,9 @@ def ort_quantize(
     excluded = set(float_nodes)
     # the Add / pooling / up-sampling nodes a float conv feeds go float too (else its output stays int8)
     float_outputs = {n.output[0] for n in model.graph.node if n.name in excluded}
-    excluded |= {n.name for n in model.graph.node if n.op_type in ("Add", "MaxPool", "Resize", "Relu")
-                 and any(i in float_outputs for i in n.input)}
+    excluded |= {n.name for n in model.graph.node if n.op_type in ("Add", "MaxPool", "Resize", "Relu") and any(i in float_outputs for i in n.input)}
     ours = any(n.name.startswith("/network/") for n in model.graph.node)
-    nodes = [n.name for n in model.graph.node
-             if n.op_type in config.op_types and n.name not in excluded and (not ours or is_network_node(n.name))]
+    nodes = [n.name for n in model.graph.node if n.op_type in config.op_types and n.name not in excluded and (not ours or is_network_node(n.name))]
     qtypes = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
     if config.method not in methods:
@@ -275,11 +278,17 @@ def ort_quantize(
     root.setLevel(logging.ERROR)  # quantize_static logs its advice through the root logger
     try:
         quantize_static(
-            str(src), str(dst), reader,
+            str(src),
+            str(dst),
+            reader,
             quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
-            activation_type=qtypes[config.activation_type], weight_type=qtypes[config.weight_type],
-            nodes_to_quantize=nodes, calibrate_method=methods[config.method], extra_options=extra,
+            op_types_to_quantize=list(config.op_types),
+            per_channel=config.per_channel,
+            activation_type=qtypes[config.activation_type],
+            weight_type=qtypes[config.weight_type],
+            nodes_to_quantize=nodes,
+            calibrate_method=methods[config.method],
+            extra_options=extra,
             calibration_cache_path=cache,
         )
     finally:
@@ -302,23 +311,7 @@ class NncfConfig:
 
     def tag(self) -> str:
         """Short stable id, e.g. ``nncf-performance``."""
-        return (f"nncf-{self.preset}" + ("" if self.fast_bias_correction else "-bc")
-                + ("-mm" if self.activation_ranges == "minmax" else ""))
-
-
-def openvino_ir(src_onnx: str | os.PathLike, dst_xml: str | os.PathLike) -> Path:
-    """The ONNX model as OpenVINO IR (float weights) with the ONNX metadata beside it (``.meta.json``)."""
-    ov = require("openvino", "openvino")
-    from fcos_offline.export.metadata import read_metadata
-
-    dst = Path(dst_xml)
-    if dst.is_file() and dst.with_suffix(".bin").is_file():
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    model = ov.convert_model(str(src_onnx))
-    ov.save_model(model, str(dst), compress_to_fp16=False)
-    dst.with_suffix(".meta.json").write_text(json.dumps(read_metadata(src_onnx)))
-    return dst
+        return f"nncf-{self.preset}" + ("" if self.fast_bias_correction else "-bc") + ("-mm" if self.activation_ranges == "minmax" else "")
 
 
 _OV_FOLLOWERS = ("Add", "Interpolate", "MaxPool", "Concat")
@@ -332,7 +325,7 @@ def _ov_ignored_names(model, onnx_nodes: Iterable[str]) -> list[str]:
     names: list[str] = []
     for op in model.get_ordered_ops():
         name = op.get_friendly_name()
-        base = name[: -len("/WithoutBiases")] if name.endswith("/WithoutBiases") else name
+        base = name.removesuffix("/WithoutBiases")
         if base not in wanted or op.get_type_name() not in ("Convolution", "GroupConvolution"):
             continue
         names.append(name)
@@ -354,6 +347,7 @@ def nncf_quantize(
     """``nncf.quantize`` of the OpenVINO model; ``float_nodes`` (ONNX conv names) stay float."""
     ov = require("openvino", "openvino")
     nncf = require("nncf", "tune")
+    from fcos_offline.engine.backends.openvino import save_ir
     from fcos_offline.export.metadata import read_metadata
 
     nncf.set_log_level(logging.ERROR)
@@ -376,13 +370,16 @@ def nncf_quantize(
         # which clips the large activations box regression relies on
         advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
     quantized = nncf.quantize(
-        model, nncf.Dataset(images), preset=preset, target_device=nncf.TargetDevice.CPU,
+        model,
+        nncf.Dataset(images),
+        preset=preset,
+        target_device=nncf.TargetDevice.CPU,
         subset_size=min(len(images), config.subset_size or len(images)),
-        fast_bias_correction=config.fast_bias_correction, ignored_scope=ignored, advanced_parameters=advanced,
+        fast_bias_correction=config.fast_bias_correction,
+        ignored_scope=ignored,
+        advanced_parameters=advanced,
     )
-    ov.save_model(quantized, str(dst))  # FakeQuantize weights are stored as int8
-    dst.with_suffix(".meta.json").write_text(json.dumps(read_metadata(src_onnx)))
-    return dst
+    return save_ir(quantized, dst, read_metadata(Path(src_onnx)))  # FakeQuantize weights are stored as int8
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -411,6 +408,8 @@ def layer_sensitivity(
     import onnxruntime as ort
     from onnx import numpy_helper
 
+    from fcos_offline.engine.backends.onnxruntime import optimization_level
+
     qmodel = onnx.load(str(probe_qdq))
     fmodel = onnx.load(str(fp32_onnx))
     producers = {o: n for n in qmodel.graph.node for o in n.output}
@@ -438,7 +437,7 @@ def layer_sensitivity(
         if t not in have:
             qmodel.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = optimization_level("disable")
     sess = ort.InferenceSession(qmodel.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del qmodel, fmodel
     input_name = sess.get_inputs()[0].name

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fcos_offline.cli import add_flag
+from fcos_offline.cli.common import SIDE, add_flag, number
+from fcos_offline.data.letterbox import RULES
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError
 
 
@@ -44,17 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
              help="output folder (default ./detection-results/)")  # fmt: skip
     add_flag(p, "--annotations-path", default="/opt/npu/coco/annotations", metavar="PATH",
              help="annotation folder or instances_*.json file (default /opt/npu/coco/annotations)")  # fmt: skip
-    add_flag(p, "--net-input-height", type=int, default=800, metavar="H", help="canvas height (default 800)")
-    add_flag(p, "--net-input-width", type=int, default=1333, metavar="W", help="canvas width (default 1333)")
-    add_flag(p, "--net-out-num", type=int, default=None, metavar="N",
+    add_flag(p, "--net-input-height", type=SIDE, default=800, metavar="H", help="canvas height (default 800)")
+    add_flag(p, "--net-input-width", type=SIDE, default=1333, metavar="W", help="canvas width (default 1333)")
+    add_flag(p, "--net-out-num", type=number(int, 2, 64), default=None, metavar="N",
              help="read labels from _{N-2}.bin and dets from _{N-1}.bin like the recipe (3: _1/_2); "
                   "default: detect the naming by file size")  # fmt: skip
-    add_flag(p, "--pad-rule", choices=("exact", "recipe"), default="exact",
+    add_flag(p, "--pad-rule", choices=RULES, default="exact",
              help="inverse letterbox: exact inverse of the preprocess (default) or the recipe's "
                   "float-pad / scalar-scale formula (matches Huawei's numbers)")  # fmt: skip
     add_flag(p, "--show-det-obj", "--ifShowDetObj", action="store_true",
              help="draw detections (score >= --show-score-thr) on the images into DIR/vis/")  # fmt: skip
-    add_flag(p, "--show-score-thr", type=float, default=0.3, metavar="S", help="score threshold for drawing (0.3)")
+    add_flag(p, "--show-score-thr", type=number(float, 0.0, 1.0), default=0.3, metavar="S", help="score threshold for drawing (0.3)")
     add_flag(p, "--class-names", metavar="FILE",
              help="text file, one class name per line, for a non-COCO-80 model (default: the 80 COCO classes)")  # fmt: skip
     p.set_defaults(func=_postprocess)
@@ -74,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     q.add_argument("path", help="perf .txt file or summary.json")
-    add_flag(q, "--chips", type=int, default=4, metavar="N",
+    add_flag(q, "--chips", type=number(int, 1, 1024), default=4, metavar="N",
              help="devices per card for the recipe's number (default 4, Ascend 310)")  # fmt: skip
     q.set_defaults(func=_parse)
 
@@ -111,7 +112,7 @@ def _postprocess(args: argparse.Namespace) -> int:
 
 
 def _parse(args: argparse.Namespace) -> int:
-    from fcos_offline.evaluate.perf import describe, parse_file
+    from fcos_offline.data.perf import describe, parse_file
 
     for line in describe(parse_file(args.path, chips=args.chips)):
         print(line)

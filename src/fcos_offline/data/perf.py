@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcos_offline.data.preprocess import atomic_write_bytes
 from fcos_offline.errors import FcosError
+from fcos_offline.io import atomic_write_bytes
 
 RECIPE_FIELD_INDEX = 7
 CHIPS_PER_310_CARD = 4
@@ -184,14 +184,8 @@ def describe(result: dict[str, Any]) -> list[str]:
     lines = [result["path"]]
     if "interface_fps" in result:
         bs = result["batch_size"] if result["batch_size"] is not None else "?"
-        lines.append(
-            f"310 bs{bs} fps:{result['recipe_fps']:.3f}  "
-            f"(recipe table: Interface throughputRate x {result['chips']} chips)"
-        )
-        lines.append(
-            f"one device: {result['interface_fps']:.3f} fps model only (Interface throughputRate), "
-            f"{result['e2e_fps']:.3f} fps end to end"
-        )
+        lines.append(f"310 bs{bs} fps:{result['recipe_fps']:.3f}  (recipe table: Interface throughputRate x {result['chips']} chips)")
+        lines.append(f"one device: {result['interface_fps']:.3f} fps model only (Interface throughputRate), {result['e2e_fps']:.3f} fps end to end")
         return lines
     if isinstance(result.get("engine"), dict):
         lines.append(f"engine: {_fps_text(result['engine'])}")

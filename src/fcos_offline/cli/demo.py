@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from fcos_offline.cli import add_flag
+from fcos_offline.cli.common import (
+    BATCH,
+    COUNT,
+    POSITIVE_INT,
+    SIDE,
+    THREADS,
+    add_flag,
+    number,
+)
 from fcos_offline.errors import EXIT_OK, UsageError
 
 
@@ -26,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_flag(m, "--out", required=True, metavar="DIR", help="dataset root (created if missing)")
     add_flag(m, "--split", default="val", help="split name: images go to <split>2017/ (default val)")
-    add_flag(m, "--num-images", type=int, default=100, metavar="N", help="number of images (default 100)")
-    add_flag(m, "--seed", type=int, default=1000, help="random seed (default 1000, the demo's val seed)")
+    add_flag(m, "--num-images", type=number(int, 1, 1_000_000), default=100, metavar="N", help="number of images (default 100)")
+    add_flag(m, "--seed", type=COUNT, default=1000, help="random seed (default 1000, the demo's val seed)")
     m.set_defaults(func=_make_demo_data)
 
     t = sub.add_parser(
@@ -44,18 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_flag(t, "--out", required=True, metavar="PATH", help="checkpoint to write (.pth)")
-    add_flag(t, "--iters", type=int, default=3200, metavar="N", help="optimizer steps (default 3200)")
-    add_flag(t, "--batch-size", type=int, default=4, metavar="N", help="images per step (default 4)")
-    add_flag(t, "--train-images", type=int, default=1600, metavar="N", help="train split size (default 1600)")
-    add_flag(t, "--lr", type=float, default=1e-3, help="AdamW peak learning rate (default 1e-3)")
-    add_flag(t, "--seed", type=int, default=0, help="train split seed and weight-init seed (default 0)")
-    add_flag(t, "--val-seed", type=int, default=1000, help="val split seed (default 1000)")
-    add_flag(t, "--val-images", type=int, default=100, metavar="N", help="val images (default 100)")
+    add_flag(t, "--iters", type=POSITIVE_INT, default=3200, metavar="N", help="optimizer steps (default 3200)")
+    add_flag(t, "--batch-size", type=BATCH, default=4, metavar="N", help="images per step (default 4)")
+    add_flag(t, "--train-images", type=POSITIVE_INT, default=1600, metavar="N", help="train split size (default 1600)")
+    add_flag(t, "--lr", type=number(float, 0.0, 1.0, low_open=True), default=1e-3, help="AdamW peak learning rate (default 1e-3)")
+    add_flag(t, "--seed", type=COUNT, default=0, help="train split seed and weight-init seed (default 0)")
+    add_flag(t, "--val-seed", type=COUNT, default=1000, help="val split seed (default 1000)")
+    add_flag(t, "--val-images", type=POSITIVE_INT, default=100, metavar="N", help="val images (default 100)")
     add_flag(t, "--val-dir", metavar="DIR", help="keep the val split here (default: a temporary folder)")
-    add_flag(t, "--model-input-height", type=int, default=320, metavar="H", help="canvas height (default 320)")
-    add_flag(t, "--model-input-width", type=int, default=512, metavar="W", help="canvas width (default 512)")
-    add_flag(t, "--threads", type=int, default=1,
-             help="torch threads (default 1: on a busy 2-core machine two OpenMP threads spin-wait on each other)")
+    add_flag(t, "--model-input-height", type=SIDE, default=320, metavar="H", help="canvas height (default 320)")
+    add_flag(t, "--model-input-width", type=SIDE, default=512, metavar="W", help="canvas width (default 512)")
+    add_flag(
+        t, "--threads", type=THREADS, default=1, help="torch threads (default 1: on a busy 2-core machine two OpenMP threads spin-wait on each other)"
+    )
     t.set_defaults(func=_train_demo)
 
 
@@ -81,13 +90,20 @@ def _train_demo(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     result = train_demo(
-        args.out, iters=args.iters, batch_size=args.batch_size, train_images=args.train_images, lr=args.lr, seed=args.seed,
-        val_seed=args.val_seed, val_images=args.val_images, val_dir=args.val_dir,
-        canvas_hw=(args.model_input_height, args.model_input_width), threads=args.threads,
+        args.out,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        train_images=args.train_images,
+        lr=args.lr,
+        seed=args.seed,
+        val_seed=args.val_seed,
+        val_images=args.val_images,
+        val_dir=args.val_dir,
+        canvas_hw=(args.model_input_height, args.model_input_width),
+        threads=args.threads,
     )
     stats = result["eval"]["stats"]
     names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-    print(f"saved {result['out']} after {result['iters']} steps ({result['images_seen']} images) "
-          f"in {result['train_seconds'] / 60:.1f} min")
+    print(f"saved {result['out']} after {result['iters']} steps ({result['images_seen']} images) in {result['train_seconds'] / 60:.1f} min")
     print("bbox " + "  ".join(f"{n} {v:.3f}" for n, v in zip(names, stats)))
     return EXIT_OK

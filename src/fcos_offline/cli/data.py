@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fcos_offline.cli import add_flag
+from fcos_offline.cli.common import SIDE, THREADS, add_flag
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
 
 _EXITS = "exit codes: 0 ok, 1 failed (nothing usable written), 2 usage error, 3 done but some files skipped"
@@ -26,15 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "all cores. Unreadable, empty or truncated images are skipped and listed.\n\n"
             "example:\n"
             "  fcos-offline preprocess --image_src_path=/opt/npu/coco/val2017 \\\n"
-            "      --bin_file_path=val2017_bin --model_input_height=800 --model_input_width=1333\n\n"
-            + _EXITS
+            "      --bin_file_path=val2017_bin --model_input_height=800 --model_input_width=1333\n\n" + _EXITS
         ),
     )
     add_flag(p, "--image-src-path", required=True, metavar="DIR", help="folder of images")
     add_flag(p, "--bin-file-path", required=True, metavar="DIR", help="output folder (created if missing)")
-    add_flag(p, "--model-input-height", type=int, default=800, metavar="H", help="canvas height (default 800)")
-    add_flag(p, "--model-input-width", type=int, default=1333, metavar="W", help="canvas width (default 1333)")
-    add_flag(p, "--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
+    add_flag(p, "--model-input-height", type=SIDE, default=800, metavar="H", help="canvas height (default 800)")
+    add_flag(p, "--model-input-width", type=SIDE, default=1333, metavar="W", help="canvas width (default 1333)")
+    add_flag(p, "--workers", type=THREADS, default=None, metavar="N", help="processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 
     g = sub.add_parser(
@@ -59,9 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("mode", choices=("bin", "jpg"), help="bin or jpg")
     g.add_argument("src", help="folder to list")
     g.add_argument("out", help="the .info file to write")
-    g.add_argument("width", type=int, nargs="?", help="canvas width (bin mode only)")
-    g.add_argument("height", type=int, nargs="?", help="canvas height (bin mode only)")
-    add_flag(g, "--workers", type=int, default=None, metavar="N", help="jpg mode processes (default: all cores)")
+    g.add_argument("width", type=SIDE, nargs="?", help="canvas width (bin mode only)")
+    g.add_argument("height", type=SIDE, nargs="?", help="canvas height (bin mode only)")
+    add_flag(g, "--workers", type=THREADS, default=None, metavar="N", help="jpg mode processes (default: all cores)")
     g.set_defaults(func=_get_info)
 
 

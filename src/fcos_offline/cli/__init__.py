@@ -1,7 +1,9 @@
 """The one CLI, ``fcos-offline <verb>``: each verb is a thin shell over a library function.
 
-Verb modules register their sub-parsers here; heavy libraries (torch, openvino) are imported
-inside the handlers so ``fcos-offline --help`` and the offline verbs never need torch.
+One module per verb group registers its sub-parsers (``model``: inspect; ``export``; ``data``:
+preprocess, get-info; ``engine``: infer, convert; ``evaluate``: postprocess, parse; ``run``;
+``tune``; ``demo``). The library never imports this package. Heavy libraries (torch, openvino)
+are imported inside the library calls, so ``--help`` and the offline verbs never need torch.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from fcos_offline import __version__
 from fcos_offline.errors import EXIT_FAILED, EXIT_USAGE, FcosError
@@ -17,28 +20,17 @@ from fcos_offline.errors import EXIT_FAILED, EXIT_USAGE, FcosError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def add_flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> argparse.Action:
-    """Add an option under its hyphenated names plus the recipe's underscore spellings."""
-    spellings: list[str] = []
-    for name in names:
-        variants = [name]
-        if name.startswith("--"):
-            variants.append("--" + name[2:].replace("-", "_"))
-        spellings.extend(v for v in variants if v not in spellings)
-    return parser.add_argument(*spellings, **kwargs)
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (what was wrong, and where to read more), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from fcos_offline.data import cli as data_cli
-    from fcos_offline.demo import cli as demo_cli
-    from fcos_offline.engine import cli as engine_cli
-    from fcos_offline.evaluate import cli as evaluate_cli
-    from fcos_offline.export import cli as export_cli
-    from fcos_offline.model import cli as model_cli
-    from fcos_offline.report import cli as report_cli
-    from fcos_offline.tune import cli as tune_cli
+    from fcos_offline.cli import data, demo, engine, evaluate, export, model, run, tune
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fcos-offline",
         description=(
             "FCOS from a PyTorch checkpoint to fast, verified offline inference.\n\n"
@@ -60,7 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fcos-offline {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
-    for module in (model_cli, export_cli, data_cli, engine_cli, evaluate_cli, report_cli, tune_cli, demo_cli):
+    for module in (model, export, data, engine, evaluate, run, tune, demo):
         module.register(sub)
     return parser
 
@@ -72,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if debug:
         argv.remove("--debug")
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed its usage line (exit 2) or the help (exit 0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     args.debug = debug
     if not getattr(args, "func", None):
         parser.print_help()
@@ -97,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"fcos-offline {args.verb}: error:{where or ' OSError'}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
-    except Exception as exc:  # noqa: BLE001 - last-resort one-line report
+    except Exception as exc:
         if debug:
             raise
         print(

@@ -40,8 +40,12 @@ def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def match_detections(
-    dets_a: np.ndarray, labels_a: np.ndarray, dets_b: np.ndarray, labels_b: np.ndarray,
-    iou_thr: float = 0.999, score_tol: float = 1e-4,
+    dets_a: np.ndarray,
+    labels_a: np.ndarray,
+    dets_b: np.ndarray,
+    labels_b: np.ndarray,
+    iou_thr: float = 0.999,
+    score_tol: float = 1e-4,
 ) -> MatchStats:
     """Greedy one-to-one matching by score order: same label, IoU > ``iou_thr``, |Δscore| <= tol.
 
@@ -72,6 +76,11 @@ def match_batches(dets_a: np.ndarray, labels_a: np.ndarray, dets_b: np.ndarray, 
     total = MatchStats(0, 0, 0, 0.0, 0.0)
     for i in range(len(dets_a)):
         s = match_detections(dets_a[i], labels_a[i], dets_b[i], labels_b[i], **kw)
-        total = MatchStats(total.num_ref + s.num_ref, total.num_other + s.num_other, total.matched + s.matched,
-                           max(total.max_box_err, s.max_box_err), max(total.max_score_err, s.max_score_err))
+        total = MatchStats(
+            total.num_ref + s.num_ref,
+            total.num_other + s.num_other,
+            total.matched + s.matched,
+            max(total.max_box_err, s.max_box_err),
+            max(total.max_score_err, s.max_score_err),
+        )
     return total

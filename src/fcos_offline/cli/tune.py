@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from fcos_offline.cli.common import (
+    BATCH,
+    COUNT,
+    POSITIVE_INT,
+    SIDE,
+    THREADS,
+    add_flag,
+    number,
+)
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
+from fcos_offline.tune.quantize import CALIB_METHODS
+from fcos_offline.tune.space import TUNE_ENGINES
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -13,12 +24,26 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from fcos_offline.tune.search import TuneOptions, format_table, tune
 
     opts = TuneOptions(
-        model=args.model, coco=args.coco, images=args.images, annotations=args.annotations, output=args.output,
-        calib_images=args.calib_images, eval_images=args.eval_images, max_map_drop=args.max_map_drop,
-        batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads) if args.threads else None,
-        engines=tuple(args.engines), calib_methods=tuple(args.calib_methods), time_budget=args.time_budget,
-        bench_runs=args.bench_runs, bench_seconds=args.bench_seconds, shape=tuple(args.shape) if args.shape else None,
-        fresh=args.fresh, fallback=not args.no_fallback, sweep=not args.no_sweep, max_fallback_steps=args.max_fallback_steps,
+        model=args.model,
+        coco=args.coco,
+        images=args.images,
+        annotations=args.annotations,
+        output=args.output,
+        calib_images=args.calib_images,
+        eval_images=args.eval_images,
+        max_map_drop=args.max_map_drop,
+        batch_sizes=tuple(args.batch_sizes),
+        threads=tuple(args.threads) if args.threads else None,
+        engines=tuple(args.engines),
+        calib_methods=tuple(args.calib_methods),
+        time_budget=args.time_budget,
+        bench_runs=args.bench_runs,
+        bench_seconds=args.bench_seconds,
+        shape=tuple(args.shape) if args.shape else None,
+        fresh=args.fresh,
+        fallback=not args.no_fallback,
+        sweep=not args.no_sweep,
+        max_fallback_steps=args.max_fallback_steps,
     )
     result = tune(opts)
     import sys
@@ -26,17 +51,21 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     Console(highlight=False, width=None if sys.stdout.isatty() else 180).print(format_table(result))
     chosen = result["chosen"]
     ref = result["reference"]
-    print(f"chosen: {chosen['label']}, threads {chosen['threads'] or 'auto'}, batch {chosen['batch_size']}: "
-          f"mAP {chosen['bbox_mAP']:.4f} (drop {chosen['map_drop']:+.2f} points, budget {opts.max_map_drop:g}), "
-          f"{chosen['ms_per_img']:.1f} ms/img = {ref['ms_per_img'] / chosen['ms_per_img']:.2f}x ONNX Runtime default fp32")
+    print(
+        f"chosen: {chosen['label']}, threads {chosen['threads'] or 'auto'}, batch {chosen['batch_size']}: "
+        f"mAP {chosen['bbox_mAP']:.4f} (drop {chosen['map_drop']:+.2f} points, budget {opts.max_map_drop:g}), "
+        f"{chosen['ms_per_img']:.1f} ms/img = {ref['ms_per_img'] / chosen['ms_per_img']:.2f}x ONNX Runtime default fp32"
+    )
     print(f"why: {chosen['reason']}")
     if result.get("float_by_design"):
         print(f"float by design: {result['float_by_design']['summary']}")
     for fb in result.get("fallback", []):
         added = [g for s in fb["steps"] for g in s["added"]]
         print(f"fallback for {fb['label']}: {fb.get('stopped')}; returned to float in order: {', '.join(added) or '-'}")
-    print(f"artifact: {chosen['artifact']} (run it: fcos-offline infer --model {chosen['artifact']} "
-          f"--batch-size {chosen['batch_size']} --images DIR); all trials: {opts.output}/tune.json")
+    print(
+        f"artifact: {chosen['artifact']} (run it: fcos-offline infer --model {chosen['artifact']} "
+        f"--batch-size {chosen['batch_size']} --images DIR); all trials: {opts.output}/tune.json"
+    )
     if result.get("skipped"):
         reasons = sorted({s["reason"] for s in result["skipped"]})
         print(f"{len(result['skipped'])} configuration(s) not tried: {'; '.join(reasons)}")
@@ -46,8 +75,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``tune``."""
-    from fcos_offline.cli import add_flag
-
     p = sub.add_parser(
         "tune",
         help="fastest configuration within an accuracy budget (int8/bf16, threads, batch)",
@@ -68,20 +95,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--images", help="image folder (instead of --coco; needs --annotations)")
     add_flag(p, "--annotations", help="COCO instances JSON, or a folder holding one")
     add_flag(p, "--output", default="tuned", help="work folder: tune.json, models/, best/ (default: tuned)")
-    add_flag(p, "--calib-images", type=int, help="calibration images (default 200), taken outside the eval subset (the demo: from its train split)")
-    add_flag(p, "--eval-images", type=int, help="images for mAP, the first N by file name (default 500; the demo's validation size)")
-    add_flag(p, "--max-map-drop", type=float, default=0.3, help="allowed mAP drop in points (0.3 = 0.3 mAP points, percent units)")
-    add_flag(p, "--batch-sizes", nargs="+", type=int, default=[1], help="batch sizes to try (default: 1)")
-    add_flag(p, "--threads", nargs="+", type=int, help="intra-op thread counts to try (default: all cores and half of them)")
-    add_flag(p, "--engines", nargs="+", choices=["onnxruntime", "openvino"], default=["onnxruntime", "openvino"])
-    add_flag(p, "--calib-methods", nargs="+", choices=["minmax", "percentile", "entropy"], default=["minmax", "percentile", "entropy"],
-             help="ONNX Runtime calibration methods")
-    add_flag(p, "--time-budget", type=float, help="seconds: no new trial starts after this (the choice is still saved and verified)")
-    add_flag(p, "--bench-runs", type=int, default=10, help="timed runs per configuration (median)")
-    add_flag(p, "--bench-seconds", type=float, default=20.0, help="stop timing a configuration after this many seconds (at least 3 runs)")
-    add_flag(p, "--shape", nargs=2, type=int, metavar=("H", "W"), help="canvas when --model is a checkpoint (default 800 1333; the demo's own)")
+    add_flag(
+        p,
+        "--calib-images",
+        type=POSITIVE_INT,
+        help="calibration images (default 200), taken outside the eval subset (the demo: from its train split)",
+    )
+    add_flag(p, "--eval-images", type=POSITIVE_INT, help="images for mAP, the first N by file name (default 500; the demo's validation size)")
+    add_flag(
+        p, "--max-map-drop", type=number(float, 0.0, 100.0), default=0.3, help="allowed mAP drop in points (0.3 = 0.3 mAP points, percent units)"
+    )
+    add_flag(p, "--batch-sizes", nargs="+", type=BATCH, default=[1], help="batch sizes to try (default: 1)")
+    add_flag(p, "--threads", nargs="+", type=THREADS, help="intra-op thread counts to try (default: all cores and half of them)")
+    add_flag(p, "--engines", nargs="+", choices=TUNE_ENGINES, default=list(TUNE_ENGINES))
+    add_flag(p, "--calib-methods", nargs="+", choices=CALIB_METHODS, default=list(CALIB_METHODS), help="ONNX Runtime calibration methods")
+    add_flag(
+        p,
+        "--time-budget",
+        type=number(float, 0.0, low_open=True),
+        help="seconds: no new trial starts after this (the choice is still saved and verified)",
+    )
+    add_flag(p, "--bench-runs", type=number(int, 1, 10_000), default=10, help="timed runs per configuration (median)")
+    add_flag(
+        p,
+        "--bench-seconds",
+        type=number(float, 0.0, low_open=True),
+        default=20.0,
+        help="stop timing a configuration after this many seconds (at least 3 runs)",
+    )
+    add_flag(p, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="canvas when --model is a checkpoint (default 800 1333; the demo's own)")
     add_flag(p, "--fresh", action="store_true", help="ignore the finished trials in <output>/tune.json")
     add_flag(p, "--no-fallback", action="store_true", help="do not return convolutions to float for int8 models over budget")
-    add_flag(p, "--max-fallback-steps", type=int, help="at most this many fallback steps per int8 model (default: no limit)")
+    add_flag(p, "--max-fallback-steps", type=COUNT, help="at most this many fallback steps per int8 model (default: no limit)")
     add_flag(p, "--no-sweep", action="store_true", help="do not sweep threads/batch sizes for the best configurations")
     p.set_defaults(func=_cmd_tune)

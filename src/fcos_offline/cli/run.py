@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import argparse
 
+from fcos_offline.cli.common import (
+    BATCH,
+    COUNT,
+    POSITIVE_INT,
+    SIDE,
+    THREADS,
+    add_flag,
+    add_model_flags,
+    overrides_from_args,
+)
+from fcos_offline.engine.backends import OFFLINE_ENGINES
+from fcos_offline.engine.base import PRECISIONS
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fcos_offline.model.cli import overrides_from_args
     from fcos_offline.report.run import RunOptions, run
 
     opts = RunOptions(
-        checkpoint=args.checkpoint, model=args.model, coco=args.coco, images=args.images, annotations=args.annotations,
-        shape=tuple(args.shape) if args.shape else None, batch_sizes=tuple(args.batch_sizes), engines=tuple(args.engines),
-        precision=args.precision, workdir=args.workdir, num_images=args.num_images, online=not args.no_online,
-        write_bins=args.write_bins, threads=args.threads, vis_images=args.vis_images, overrides=overrides_from_args(args),
+        checkpoint=args.checkpoint,
+        model=args.model,
+        coco=args.coco,
+        images=args.images,
+        annotations=args.annotations,
+        shape=tuple(args.shape) if args.shape else None,
+        batch_sizes=tuple(args.batch_sizes),
+        engines=tuple(args.engines),
+        precision=args.precision,
+        workdir=args.workdir,
+        num_images=args.num_images,
+        online=not args.no_online,
+        write_bins=args.write_bins,
+        threads=args.threads,
+        vis_images=args.vis_images,
+        overrides=overrides_from_args(args),
     )
     report = run(opts)
     skipped = sum(len(e["skipped"]) for e in report["entries"]) + len(report.get("missing_images") or [])
@@ -24,9 +47,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``run``."""
-    from fcos_offline.cli import add_flag
-    from fcos_offline.model.cli import add_model_flags
-
     p = sub.add_parser(
         "run",
         help="the whole recipe in one command (no arguments: the embedded demo, about a minute)",
@@ -43,21 +63,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flag(p, "--checkpoint", help="FCOS checkpoint (mmdet or torchvision); default: the embedded demo model")
-    add_flag(p, "--model", help="run the offline engines on this artifact ('convert' or 'tune' output folder, .onnx or .xml) "
-             "instead of the checkpoint's export; the online baseline still runs the checkpoint")
+    add_flag(
+        p,
+        "--model",
+        help="run the offline engines on this artifact ('convert' or 'tune' output folder, .onnx or .xml) "
+        "instead of the checkpoint's export; the online baseline still runs the checkpoint",
+    )
     add_flag(p, "--coco", help="COCO folder with val2017/ and annotations/instances_val2017.json")
     add_flag(p, "--images", help="image folder (instead of --coco; needs --annotations)")
     add_flag(p, "--annotations", help="COCO instances JSON, or a folder holding one")
-    add_flag(p, "--shape", nargs=2, type=int, metavar=("H", "W"), help="input canvas (default 800 1333; the demo's own for the demo)")
-    add_flag(p, "--batch-sizes", nargs="+", type=int, default=[1, 4], help="batch sizes to run (default: 1 4)")
-    add_flag(p, "--engines", nargs="+", choices=["onnxruntime", "openvino"], default=["onnxruntime", "openvino"],
-             help="offline engines (default: onnxruntime openvino)")
-    add_flag(p, "--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32", help="offline execution precision (default fp32)")
-    add_flag(p, "--threads", type=int, help="engine threads (default: all cores)")
+    add_flag(p, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="input canvas (default 800 1333; the demo's own for the demo)")
+    add_flag(p, "--batch-sizes", nargs="+", type=BATCH, default=[1, 4], help="batch sizes to run (default: 1 4)")
+    add_flag(
+        p, "--engines", nargs="+", choices=OFFLINE_ENGINES, default=list(OFFLINE_ENGINES), help="offline engines (default: onnxruntime openvino)"
+    )
+    add_flag(p, "--precision", choices=PRECISIONS, default="fp32", help="offline execution precision (default fp32)")
+    add_flag(p, "--threads", type=THREADS, help="engine threads (default: all cores)")
     add_flag(p, "--workdir", help="work folder (default runs/<timestamp>); rerun with the same one to reuse finished steps")
-    add_flag(p, "--num-images", type=int, help="use only the first N images (sorted by file name)")
+    add_flag(p, "--num-images", type=POSITIVE_INT, help="use only the first N images (sorted by file name)")
     add_flag(p, "--no-online", action="store_true", help="skip the online PyTorch baseline")
     add_flag(p, "--write-bins", action="store_true", help="write the recipe's .bin tensors and .info files instead of streaming")
-    add_flag(p, "--vis-images", type=int, default=4, help="images with drawn detections in the report (default 4)")
+    add_flag(p, "--vis-images", type=COUNT, default=4, help="images with drawn detections in the report (default 4)")
     add_model_flags(p)
     p.set_defaults(func=_cmd_run)

@@ -1,0 +1,126 @@
+"""Argument helpers every verb shares: recipe flag spellings, checked numbers, model and engine flags.
+
+Flag choices come from the library's constants (engines from the backend mapping, precisions,
+post-processing rules), so the CLI never repeats them. Helpers turn parsed flags into the
+library's option records: :class:`ModelOverrides` and :class:`EngineOptions` (``None`` = not given).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from fcos_offline.engine.backends import ENGINES
+from fcos_offline.engine.base import PRECISIONS, EngineOptions
+from fcos_offline.model.checkpoint import ModelOverrides
+from fcos_offline.model.config import POST_RULES
+
+ArgParser = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def add_flag(parser: ArgParser, *names: str, **kwargs: Any) -> argparse.Action:
+    """Add an option under its hyphenated names plus the recipe's underscore spellings."""
+    spellings: list[str] = []
+    for name in names:
+        variants = [name]
+        if name.startswith("--"):
+            variants.append("--" + name[2:].replace("-", "_"))
+        spellings.extend(v for v in variants if v not in spellings)
+    return parser.add_argument(*spellings, **kwargs)
+
+
+def number(kind: Callable[[str], Any], low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and checks ``low <= value <= high`` (``low < value`` if ``low_open``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if kind is float and value != value:  # NaN
+            raise argparse.ArgumentTypeError("expected a number, got NaN")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
+            hi = "" if high is None else f"<= {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(x for x in (lo, hi) if x)}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+#: the usual ranges
+POSITIVE_INT = number(int, 1)
+COUNT = number(int, 0)
+#: threads: at least one, and no more than any machine this runs on could use
+THREADS = number(int, 1, 1024)
+#: canvas sides (a model input larger than this is not an FCOS deployment)
+SIDE = number(int, 1, 16384)
+#: batch sizes
+BATCH = number(int, 1, 1024)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Overrides for what tensor shapes cannot tell (default: the checkpoint's meta, else per format)."""
+    g = parser.add_argument_group("model settings shapes cannot tell (default: checkpoint meta, else format default)")
+    add_flag(g, "--style", choices=["caffe", "pytorch"], help="ResNet style: stride on the 1x1 (caffe, mmdet default here) or the 3x3 (pytorch)")
+    add_flag(g, "--norm-on-bbox", action=argparse.BooleanOptionalAction, default=None, help="box distances as ReLU(x)*stride instead of exp(x)")
+    add_flag(
+        g,
+        "--centerness-on-reg",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="centerness from the regression branch instead of the classification branch",
+    )
+    add_flag(g, "--extra-on", choices=["output", "input"], help="FPN P6 from the P5 output (FCOS) or from C5")
+    add_flag(
+        g,
+        "--rule",
+        choices=POST_RULES,
+        help="test-time post-processing: mmdet2 = spec §7.2 (mmdet 1.x/2.x<2.18 files and files without a version), "
+        "mmdet218 = §7.3 as mmdet 2.18+ (files whose meta says so), mmdet3 = §7.3 with v3's size filter, torchvision = §10",
+    )
+    add_flag(g, "--score-thr", type=number(float, 0.0, 1.0), help="score threshold in [0, 1] (default 0.05 mmdet, 0.2 torchvision)")
+    add_flag(g, "--nms-pre", type=number(int, 1, 1_000_000), help="candidates kept per level before NMS (default 1000)")
+    add_flag(g, "--iou-thr", type=number(float, 0.0, 1.0, low_open=True), help="NMS IoU threshold in (0, 1] (default 0.5 mmdet, 0.6 torchvision)")
+    add_flag(g, "--max-per-img", type=number(int, 1, 100_000), help="detections kept per image (default 100)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> ModelOverrides:
+    """:class:`ModelOverrides` from the flags of :func:`add_model_flags`."""
+    return ModelOverrides(**{k: getattr(args, k, None) for k in ModelOverrides.__dataclass_fields__})
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, engines: tuple[str, ...] = ENGINES) -> None:
+    """--engine/--device/--threads/--precision (unset = the artifact's value, else the default)."""
+    add_flag(
+        parser,
+        "--engine",
+        choices=engines,
+        default=None,
+        help="inference engine (default: an artifact's own, else onnxruntime; torch = the online PyTorch baseline)",
+    )
+    add_flag(parser, "--device", default=None, help="cpu (default); onnxruntime: cuda, tensorrt or cann (execution providers); openvino: CPU, GPU")
+    add_flag(parser, "--threads", type=THREADS, help="intra-op threads (default: a tuned artifact's, else the engine's choice, all cores)")
+    add_flag(
+        parser,
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="execution precision (default: a tuned artifact's, else fp32); openvino honours bf16/fp16, "
+        "'auto' = the engine's default (OpenVINO picks bf16 where the CPU has it)",
+    )
+
+
+def engine_options_from_args(args: argparse.Namespace, batch_size: int | None = None) -> EngineOptions:
+    """:class:`EngineOptions` from the flags of :func:`add_engine_flags` (unset flags stay ``None``)."""
+    return EngineOptions(
+        engine=getattr(args, "engine", None),
+        device=getattr(args, "device", None),
+        threads=getattr(args, "threads", None),
+        precision=getattr(args, "precision", None),
+        batch_size=batch_size,
+    )

@@ -1,0 +1,120 @@
+"""``fcos-offline infer`` and ``fcos-offline convert``."""
+
+from __future__ import annotations
+
+import argparse
+
+from fcos_offline.cli.common import (
+    BATCH,
+    COUNT,
+    SIDE,
+    add_engine_flags,
+    add_flag,
+    add_model_flags,
+    engine_options_from_args,
+    number,
+    overrides_from_args,
+)
+from fcos_offline.data.dumps import FORMATS
+from fcos_offline.engine.backends import CONVERT_ENGINES, CONVERT_PRECISIONS, OFFLINE_ENGINES
+from fcos_offline.engine.backends.onnxruntime import ORT_OPT_LEVELS
+from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, UsageError
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from fcos_offline.engine.backends import open_engine
+    from fcos_offline.engine.infer import gather_items, run_inference
+
+    if args.checkpoint and args.engine in OFFLINE_ENGINES:
+        raise UsageError("--checkpoint runs with --engine torch; export it for other engines")
+    if args.engine is not None and args.engine not in OFFLINE_ENGINES and not args.checkpoint:
+        raise UsageError("--engine torch runs a checkpoint: give --checkpoint X.pth (and --shape H W)")
+    if args.checkpoint and args.model:
+        raise UsageError("give --model or --checkpoint, not both")
+    model = args.checkpoint or args.model
+    if not model:
+        raise UsageError("give --model (ONNX file, OpenVINO .xml or convert folder), or --checkpoint with --engine torch")
+    engine = open_engine(model, engine_options_from_args(args, args.batch_size), tuple(args.shape) if args.shape else None, overrides_from_args(args))
+    with engine:
+        items = gather_items(args.images, args.input_info)
+        s = run_inference(
+            engine,
+            items,
+            args.output,
+            args.batch_size,
+            args.output_format,
+            args.warmup,
+            args.loop,
+            args.resume,
+            args.workers,
+            args.device_id,
+            args.perf_dir,
+        )
+    lat = s.latency_ms
+    print(
+        f"{s.num_inferred} images inferred ({s.num_resumed} resumed, {len(s.skipped)} skipped) with "
+        f"{s.engine['engine']} {s.engine['version']} bs{s.batch_size}: {s.throughput_fps:.2f} img/s end to end, "
+        f"{s.infer_fps:.2f} img/s in the engine; infer latency p50 {lat['infer']['median']:.1f} ms, p99 {lat['infer']['p99']:.1f} ms per batch"
+    )
+    print(f"dumps in {s.output_dir}; perf file {s.perf_file}; summary {s.output_dir}/summary.json")
+    return EXIT_SKIPS if s.skipped else EXIT_OK
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from fcos_offline.engine.convert import convert
+
+    art = convert(args.model, args.engine, args.output, args.batch_size, args.precision, args.opt_level)
+    print(
+        f"wrote {args.output}/{art.model_file} ({art.engine} {art.engine_version}, batch {art.batch_size}, "
+        f"input {art.input_shape}, {art.precision}); run it with: fcos-offline infer --model {args.output}"
+    )
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``infer`` and ``convert``."""
+    p = sub.add_parser(
+        "infer",
+        help="offline inference: dumps <stem>_1.bin (labels) / <stem>_2.bin (dets) + perf file",
+        description="Run a model over preprocessed .bin tensors (--input-info bin-mode .info, the recipe's flow) or "
+        "straight from images (--images DIR or a jpg-mode .info: decoding and preprocessing overlap with inference "
+        "in worker processes, no .bin written). Writes per image <stem>_1.bin (labels int64 [100]) and <stem>_2.bin "
+        "(dets float32 [100,5]) or .npy, the vendor perf file perf_vision_batchsize_{B}_device_{N}.txt and summary.json "
+        "(throughput; latency min/mean/median/p90/p99 per stage). Dumps are written atomically; --resume skips "
+        "images whose dumps are complete. Exit 3 when some inputs were skipped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_flag(p, "--model", "--om-path", dest="model", help="ONNX file, OpenVINO .xml, or a 'convert' output folder")
+    add_flag(p, "--checkpoint", help="checkpoint for --engine torch (the online baseline)")
+    add_engine_flags(p)
+    add_flag(p, "--batch-size", type=BATCH, default=1, help="images per engine call; the last partial batch is padded for static models")
+    add_flag(p, "--images", help="folder of images (streaming mode)")
+    add_flag(p, "--input-info", "--input-text-path", dest="input_info", help="recipe .info file (bin mode or jpg mode)")
+    add_flag(p, "--output", "--output-dir", dest="output", default="result/dumpOutput_device0", help="dump folder")
+    add_flag(p, "--output-binary", action="store_true", help="write raw .bin dumps (the default; accepted for the recipe)")
+    add_flag(p, "--output-format", choices=FORMATS, default="bin", help="dump format")
+    add_flag(p, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="input canvas for --engine torch (others read it from the model)")
+    add_flag(p, "--warmup", type=number(int, 0, 1000), default=1, help="untimed runs of the first batch")
+    add_flag(p, "--loop", type=number(int, 1, 100_000), default=1, help="timed repetitions of every batch (the vendor tools' -loop)")
+    add_flag(p, "--resume", action="store_true", help="skip images whose dumps are already complete")
+    add_flag(p, "--workers", type=number(int, 0, 1024), help="preprocessing worker processes (0 = in-process; default 1 when streaming)")
+    add_flag(p, "--device-id", type=COUNT, default=0, help="N in perf_vision_batchsize_{B}_device_{N}.txt")
+    add_flag(p, "--perf-dir", help="where the perf file goes (default: the dump folder's parent for dumpOutput_*, else the dump folder)")
+    add_model_flags(p)
+    p.set_defaults(func=_cmd_infer)
+
+    c = sub.add_parser(
+        "convert",
+        help="ONNX -> engine artifact for a fixed batch (ORT optimised model, OpenVINO IR)",
+        description="The recipe's ATC step on real engines: fix the batch size, apply the engine's graph "
+        "optimisations and save an artifact folder (model + artifact.json) that 'infer --model FOLDER' accepts. "
+        "TensorRT runs through onnxruntime-gpu's TensorRT provider: infer --engine onnxruntime --device tensorrt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_flag(c, "--model", required=True, help="exported .onnx file")
+    add_flag(c, "--engine", choices=CONVERT_ENGINES, default=CONVERT_ENGINES[0])
+    add_flag(c, "--batch-size", type=BATCH, default=1)
+    add_flag(c, "--precision", choices=CONVERT_PRECISIONS, default="fp32", help="stored precision (openvino fp16 compresses weights)")
+    add_flag(c, "--opt-level", choices=ORT_OPT_LEVELS, default="all", help="onnxruntime graph optimisation level")
+    add_flag(c, "--output", required=True, help="artifact folder to write")
+    c.set_defaults(func=_cmd_convert)

@@ -1,0 +1,62 @@
+"""``fcos-offline inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fcos_offline.cli.common import add_model_flags, overrides_from_args
+from fcos_offline.errors import EXIT_OK
+from fcos_offline.model.checkpoint import inspect_checkpoint
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    info = inspect_checkpoint(args.checkpoint, overrides_from_args(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    cfg = info["config"]
+    b, n, h, p = cfg["backbone"], cfg["neck"], cfg["head"], cfg["post"]
+    table = Table(title=f"{info['path']}", show_header=False)
+    rows = [
+        ("format", f"{info['format']}" + (f" (mmdet {info['mmdet_version']})" if info["mmdet_version"] else "")),
+        (
+            "backbone",
+            f"{info['depth']} {b['block']}, {b['style']} style, stem {b['stem_channels']}, blocks {b['stage_blocks']}, widths {b['stage_out_channels']}",
+        ),
+        ("neck", f"FPN in {n['in_channels']} -> {n['out_channels']} x {n['num_outs']} levels, extras on {n['extra_on']}"),
+        (
+            "head",
+            f"{h['stacked_convs']} convs x {h['feat_channels']} ch, norm {h['norm']}, scale {h['use_scale']}, "
+            f"{'ReLU*stride' if h['norm_on_bbox'] else 'exp'} boxes, centerness on {'reg' if h['centerness_on_reg'] else 'cls'}",
+        ),
+        ("classes", str(info["num_classes"])),
+        ("strides", str(h["strides"])),
+        ("post-processing", f"{p['rule']}: nms_pre {p['nms_pre']}, score_thr {p['score_thr']}, iou {p['iou_thr']}, max {p['max_per_img']}"),
+        ("parameters", f"{info['num_params']:,}"),
+        ("settings from", ", ".join(f"{k}: {v}" for k, v in info["sources"].items() if k != "mmdet_version")),
+    ]
+    if info["ignored_pickled_objects"]:
+        rows.append(("ignored pickled objects", ", ".join(info["ignored_pickled_objects"])))
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``inspect``."""
+    p = sub.add_parser(
+        "inspect",
+        help="show what a checkpoint holds (format, depth, widths, classes, head options)",
+        description="Load an mmdet (v1/v2/v3) or torchvision FCOS checkpoint safely (weights_only) and print the "
+        "architecture inferred from its tensor shapes, the settings taken from its meta config or defaults, and "
+        "its parameter count. Fails with one line if a key is missing or unexpected.",
+    )
+    p.add_argument("checkpoint", help="a .pth file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_model_flags(p)
+    p.set_defaults(func=_cmd_inspect)

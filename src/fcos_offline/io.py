@@ -1,0 +1,127 @@
+"""File writes that never leave a torn file, and reads that never run away.
+
+Every file fcos-offline writes goes through :func:`atomic_write_bytes` (temporary name, then
+``os.replace``) or :func:`atomic_folder` (a ``.part`` folder renamed into place), so an
+interrupted run leaves either the old file or the new one. A full disk becomes
+:class:`~fcos_offline.errors.DiskFullError` naming the file; other write failures a one-line
+:class:`~fcos_offline.errors.FcosError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fcos_offline.errors import DiskFullError, FcosError
+
+#: the most bytes a text or JSON input may have before we refuse to read it
+MAX_TEXT_BYTES = 2 << 30
+
+
+def translate_os_error(path: object, exc: OSError) -> FcosError:
+    """The one-line error for a failed write of ``path``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(path, exc.strerror or "")
+    return FcosError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview) -> None:
+    """Write ``payload`` to ``path`` via a temporary name and ``os.replace`` (no torn files).
+
+    The temporary file is removed on failure and an existing ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.part{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise translate_os_error(path, exc) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int | None = 2) -> None:
+    """:func:`atomic_write_bytes` for a JSON document."""
+    atomic_write_bytes(path, json.dumps(payload, indent=indent).encode())
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh ``<path>.part`` folder; on success it replaces ``path`` whole.
+
+    On failure the partial folder is removed and an existing ``path`` is left untouched.
+    """
+    final = Path(path)
+    tmp = final.with_name(final.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise translate_os_error(final, exc) from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_text_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what: str = "file") -> str:
+    """The text of ``path``, refusing files (or devices) larger than ``limit`` bytes."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except IsADirectoryError:
+        raise FcosError(f"{p}: is a folder, expected a {what}") from None
+    except OSError as exc:
+        raise FcosError(f"cannot read {p}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise FcosError(f"{p}: larger than {limit:,} bytes; not a {what} this tool reads")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise FcosError(f"{p}: not UTF-8 text (expected a {what})") from None
+
+
+def read_json_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what: str = "JSON file") -> Any:
+    """A JSON document from ``path`` (size-bounded); a malformed file is one line naming it."""
+    text = read_text_bounded(path, limit, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FcosError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_digest(payload: Any) -> str:
+    """A short stable digest of a JSON-able value (keys sorted)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

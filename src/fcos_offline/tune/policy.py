@@ -1,0 +1,87 @@
+"""The search policy: pure functions over trial records (no engine, no files).
+
+Which configurations get an accuracy fallback, which are swept, which are re-timed, and which
+one is chosen — all decided from measured :class:`Trial` records, so the policy is testable
+without any engine installed.
+"""
+
+from __future__ import annotations
+
+from fcos_offline.tune.store import Trial
+
+
+def within_budget(map_drop: float, budget: float) -> bool:
+    """A drop (mAP points) within the budget (points), with float slack."""
+    return map_drop <= budget + 1e-9
+
+
+def choose(trials: list[Trial], budget: float, reference: Trial) -> tuple[Trial, str]:
+    """The fastest trial within the budget (ties: the smaller drop), with the reason in words."""
+    ok = [t for t in trials if t.status == "ok"]
+    within = [t for t in ok if t.within_budget]
+    if not within:
+        return reference, "nothing else holds the budget: the reference configuration"
+    best = min(within, key=lambda t: (t.ms_per_img, t.map_drop))
+    rejected = sorted((t for t in ok if not t.within_budget and t.ms_per_img < best.ms_per_img), key=lambda t: t.ms_per_img)
+    reason = (
+        f"fastest of {len(within)} measured configurations within the {budget:g}-point mAP budget "
+        f"({len(ok)} measured): {best.ms_per_img:.1f} ms/img, {best.speedup_vs_reference:.2f}x ONNX Runtime's "
+        f"default fp32 ({reference.ms_per_img:.1f} ms/img), mAP {best.bbox_mAP:.4f} vs {reference.bbox_mAP:.4f} "
+        f"(drop {best.map_drop:+.2f} points)"
+    )
+    if best.candidate.float_groups:
+        groups = best.candidate.float_groups
+        reason += f"; {len(groups)} conv group(s) kept float by the accuracy fallback: {', '.join(groups)}"
+    if rejected:
+        r = rejected[0]
+        reason += f"; faster but over budget: {r.label} ({r.ms_per_img:.1f} ms/img, drop {r.map_drop:+.2f} points)"
+    return best, reason
+
+
+def fallback_bases(trials: list[Trial]) -> list[tuple[Trial, list[Trial]]]:
+    """Per engine/quantizer family over budget: (its most accurate near-fastest model, the family), fastest family first.
+
+    Only main-phase int8 trials (no float groups, default threads) that measured their own mAP count.
+    """
+    over = [
+        t
+        for t in trials
+        if t.candidate.quantized and not t.candidate.float_groups and not t.within_budget and t.candidate.threads is None and t.accuracy_from == t.key
+    ]
+    families: dict[tuple[str, str], list[Trial]] = {}
+    for t in over:
+        families.setdefault((t.candidate.engine, t.candidate.kind), []).append(t)
+    out = []
+    for ts in sorted(families.values(), key=lambda ts: min(t.ms_per_img for t in ts)):
+        fastest = min(t.ms_per_img for t in ts)
+        base = min((t for t in ts if t.ms_per_img <= 1.1 * fastest), key=lambda t: t.map_drop)
+        out.append((base, ts))
+    return out
+
+
+def fallback_worthwhile(trials: list[Trial], family: list[Trial]) -> bool:
+    """Is returning convs to float worth trying, or is something within budget about as fast already?"""
+    best_within = min((t.ms_per_img for t in trials if t.within_budget), default=float("inf"))
+    return best_within > 1.1 * min(t.ms_per_img for t in family)
+
+
+def best_float_ms(trials: list[Trial]) -> float | None:
+    """The fastest float configuration within the budget (a fallback that is not faster has no point)."""
+    return min((t.ms_per_img for t in trials if t.within_budget and not t.candidate.quantized), default=None)
+
+
+def sweep_bases(trials: list[Trial], top: int) -> list[Trial]:
+    """The fastest ``top`` configurations within the budget, one per accuracy id."""
+    bases: list[Trial] = []
+    seen: set[str] = set()
+    for t in sorted((t for t in trials if t.within_budget), key=lambda t: t.ms_per_img):
+        if t.accuracy_id not in seen:
+            seen.add(t.accuracy_id)
+            bases.append(t)
+    return bases[:top]
+
+
+def finalists(trials: list[Trial], reference_key: str, top: int) -> list[Trial]:
+    """The fastest ``top`` within the budget by their first measurement (the reference excluded)."""
+    within = [t for t in trials if t.within_budget and t.key != reference_key]
+    return sorted(within, key=lambda t: t.first_ms)[:top]

@@ -1,0 +1,190 @@
+"""The search space: typed candidate configurations, and the one place build tags are encoded and parsed.
+
+A candidate is an engine, a *build* of the model (``fp32``, ``ort-qdq:<tag>`` = ONNX Runtime
+static QDQ, ``nncf:<tag>`` = NNCF post-training quantization for OpenVINO), the precision the
+engine runs the remaining float ops in, the conv groups returned to float by the accuracy
+fallback, threads, inter-op threads, batch size and ONNX Runtime's optimisation level.
+
+Build tags: ``u8s8-minmax-pc[-keepact][-qop]`` (activation type + weight type, calibration
+method, per-channel, options) and ``performance|mixed[-bc][-mm]`` (NNCF preset, full bias
+correction, global min/max ranges). Everything here is pure: no engine library is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from fcos_offline.engine.backends import OFFLINE_ENGINES
+from fcos_offline.errors import FcosError
+from fcos_offline.tune.quantize import CALIB_METHODS, NncfConfig, OrtQuantConfig
+
+#: the engines tune searches over (the offline ones)
+TUNE_ENGINES = OFFLINE_ENGINES
+#: the ORT int8 build whose convs ONNX Runtime fuses into QLinearConv on x86
+ORT_QDQ_DEFAULT = "u8s8-minmax-pc"
+BUILD_KINDS = ("fp32", "ort-qdq", "nncf")
+
+
+def parse_build(build: str) -> tuple[str, str]:
+    """``"nncf:performance"`` -> (``"nncf"``, ``"performance"``); ``"fp32"`` -> (``"fp32"``, ``""``)."""
+    kind, _, tag = build.partition(":")
+    if kind not in BUILD_KINDS or (kind == "fp32") != (tag == ""):
+        raise FcosError(f"unknown build {build!r} (expected fp32, ort-qdq:<tag> or nncf:<tag>)")
+    return kind, tag
+
+
+def ort_config(tag: str) -> OrtQuantConfig:
+    """``u8s8-minmax-pc`` -> :class:`OrtQuantConfig`."""
+    parts = tag.split("-")
+    if len(parts) < 3 or len(parts[0]) != 4 or parts[1] not in CALIB_METHODS or parts[2] not in ("pc", "pt"):
+        raise FcosError(f"bad ONNX Runtime build tag {tag!r} (expected e.g. u8s8-minmax-pc)")
+    types, method, gran = parts[:3]
+    return OrtQuantConfig(
+        method=method,
+        activation_type=types[:2],
+        weight_type=types[2:],
+        per_channel=gran == "pc",
+        keep_activations="keepact" in parts[3:],
+        quant_format="qoperator" if "qop" in parts[3:] else "qdq",
+    )
+
+
+def nncf_config(tag: str) -> NncfConfig:
+    """``performance-bc-mm`` -> :class:`NncfConfig` (``bc``: full bias correction instead of the fast one;
+    ``mm``: global min/max activation ranges)."""
+    parts = tag.split("-")
+    if parts[0] not in ("performance", "mixed") or not set(parts[1:]) <= {"bc", "mm"}:
+        raise FcosError(f"bad NNCF build tag {tag!r} (expected performance|mixed[-bc][-mm])")
+    return NncfConfig(preset=parts[0], fast_bias_correction="bc" not in parts[1:], activation_ranges="minmax" if "mm" in parts[1:] else "mean_minmax")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration: how the model is built and how the engine runs it."""
+
+    engine: str  # onnxruntime | openvino
+    build: str  # "fp32" | "ort-qdq:<tag>" | "nncf:<tag>"
+    exec_precision: str = "fp32"  # engine precision option: fp32 | bf16 | auto
+    float_groups: tuple[str, ...] = ()
+    threads: int | None = None
+    inter_op_threads: int | None = None
+    batch_size: int = 1
+    opt_level: str = "all"
+
+    def __post_init__(self) -> None:
+        parse_build(self.build)
+        object.__setattr__(self, "float_groups", tuple(self.float_groups))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Candidate:
+        """From its JSON form in tune.json."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    @property
+    def model_id(self) -> str:
+        """Names the model file (build + the conv groups returned to float)."""
+        base = self.build.replace(":", "-")
+        if not self.float_groups:
+            return base
+        digest = hashlib.sha1("\n".join(sorted(self.float_groups)).encode()).hexdigest()[:8]
+        return f"{base}+float{len(self.float_groups)}-{digest}"
+
+    @property
+    def quantized(self) -> bool:
+        """An int8 build?"""
+        return self.build != "fp32"
+
+    @property
+    def kind(self) -> str:
+        """fp32, ort-qdq or nncf."""
+        return parse_build(self.build)[0]
+
+    @property
+    def engine_precision(self) -> str:
+        """The precision option the engine is opened with (ONNX Runtime runs its graph as built)."""
+        return "fp32" if self.engine == "onnxruntime" else self.exec_precision
+
+    @property
+    def accuracy_id(self) -> str:
+        """Configurations with the same accuracy id compute the same numbers (threads/batch aside)."""
+        opt = f"|{self.opt_level}" if self.engine == "onnxruntime" and self.quantized else ""
+        return f"{self.engine}|{self.model_id}|{self.exec_precision}{opt}"
+
+    @property
+    def key(self) -> str:
+        """The trial's cache key in tune.json."""
+        t = "auto" if self.threads is None else str(self.threads)
+        inter = f"+{self.inter_op_threads}" if self.inter_op_threads else ""
+        opt = f"|opt-{self.opt_level}" if self.engine == "onnxruntime" else ""
+        return f"{self.engine}|{self.model_id}|{self.exec_precision}|t{t}{inter}|bs{self.batch_size}{opt}"
+
+    def main_form(self, base_batch: int) -> Candidate:
+        """The configuration as the main phase tries it (threads/batch/opt level at their defaults)."""
+        return dataclasses.replace(self, threads=None, batch_size=base_batch, opt_level="all", inter_op_threads=None)
+
+    def label(self) -> str:
+        """Short human description for tables and logs."""
+        if not self.quantized:
+            what = {"fp32": "fp32", "bf16": "bf16", "auto": "default"}[self.exec_precision]
+        else:
+            kind, tag = parse_build(self.build)
+            rest = "" if self.engine == "onnxruntime" else f", {self.exec_precision} rest"
+            what = f"int8 {kind} {tag}{rest}"
+        if self.float_groups:
+            what += f", {len(self.float_groups)} groups float"
+        return f"{self.engine} {what}"
+
+
+def quant_description(cand: Candidate) -> dict[str, Any] | None:
+    """How an int8 build was made (recorded in the artifact)."""
+    if not cand.quantized:
+        return None
+    kind, tag = parse_build(cand.build)
+    if kind == "ort-qdq":
+        cfg = ort_config(tag)
+        return {"tool": "onnxruntime.quantization.quantize_static", "format": cfg.quant_format.upper(), **dataclasses.asdict(cfg)}
+    return {
+        "tool": "nncf.quantize",
+        "target_device": "CPU",
+        "ignored_scope": "post-processing, head Scale/exp, float_nodes",
+        **dataclasses.asdict(nncf_config(tag)),
+    }
+
+
+def candidate_list(engines: tuple[str, ...], calib_methods: tuple[str, ...], base_batch: int, only: tuple[str, ...] | None = None) -> list[Candidate]:
+    """The main candidates, most promising first (threads/batch at their defaults).
+
+    OpenVINO int8 models run their remaining float ops in f32 here (the ops returned to float by
+    the fallback must really be f32); the sweep tries bf16 for them.
+    """
+    bs = base_batch
+    methods = [m for m in CALIB_METHODS if m in calib_methods]
+    cands = [Candidate("openvino", "fp32", "auto", batch_size=bs), Candidate("openvino", "nncf:performance", "fp32", batch_size=bs)]
+    cands += [Candidate("onnxruntime", f"ort-qdq:u8s8-{m}-pc", batch_size=bs) for m in methods[:1]]
+    cands += [Candidate("openvino", "fp32", "fp32", batch_size=bs), Candidate("openvino", "nncf:performance-bc-mm", "fp32", batch_size=bs)]
+    cands += [Candidate("onnxruntime", f"ort-qdq:u8s8-{m}-pc", batch_size=bs) for m in methods[1:]]
+    if methods:
+        cands += [Candidate("openvino", f"ort-qdq:u8s8-{methods[0]}-pc", "fp32", batch_size=bs)]
+    cands += [Candidate("openvino", "nncf:mixed-mm", "fp32", batch_size=bs)]
+    if methods:
+        cands += [Candidate("onnxruntime", f"ort-qdq:s8s8-{methods[0]}-pc", batch_size=bs)]  # what ORT does not fuse
+    cands.append(Candidate("openvino", "fp32", "bf16", batch_size=bs))
+    cands = [c for c in cands if c.engine in engines]
+    if only:
+        cands = [c for c in cands if c.model_id in only or f"{c.engine}/{c.model_id}/{c.exec_precision}" in only]
+    return cands
+
+
+def sweep_variants(base: Candidate, threads: list[int], batch_sizes: tuple[int, ...], nproc: int, has_bf16: bool) -> list[Candidate]:
+    """Threads x batch sizes for ``base`` (in its main form), plus ORT opt levels / inter-op or OpenVINO bf16 rest."""
+    variants = [dataclasses.replace(base, threads=th, batch_size=bs) for th in threads for bs in batch_sizes]
+    if base.engine == "onnxruntime":
+        variants += [dataclasses.replace(base, threads=threads[0], opt_level=lvl) for lvl in ("extended", "basic")]
+        if nproc >= 2:
+            variants.append(dataclasses.replace(base, threads=max(1, nproc // 2), inter_op_threads=2))
+    elif base.quantized and base.exec_precision == "fp32" and has_bf16:
+        variants.append(dataclasses.replace(base, exec_precision="bf16", threads=threads[0]))
+    return variants
