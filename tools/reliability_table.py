@@ -57,6 +57,84 @@ GROUPS: OrderedDict[str, list[str]] = OrderedDict(
             ],
         ),
         (
+            "1. Stale reuse (a reused work folder after a change)",
+            [
+                "reused --workdir after a change of canvas",
+                "reused --workdir after a change of image set",
+                "reused --workdir after a change of score threshold",
+                "checkpoint rewritten in place",
+                "infer --resume on another model's dumps",
+            ],
+        ),
+        (
+            "2. Dumps of any number of detections",
+            [
+                "dumps of 50 detections per image (recipe naming, .bin)",
+                "dumps of 5000 detections per image (recipe naming, .bin)",
+                "dumps of 50 detections per image (ais_bench naming, .bin)",
+                "dumps of 7 detections per image (recipe naming, .npy)",
+                "run --max-per-img 50",
+            ],
+        ),
+        (
+            "3. Vacuous verification",
+            [
+                "checkpoint with NaN weights",
+                "checkpoint with inf weights",
+                "checkpoint with integer weights",
+                "model without detections on the sample input",
+            ],
+        ),
+        (
+            "4. Annotations taken on trust",
+            [
+                "X.jpg and X.png in one set",
+                "repeated annotation id",
+                "box of negative size",
+                "annotation of an unlisted image",
+                "postprocess without the canvas of a 128x192 run",
+                "postprocess with a canvas other than the dumps'",
+            ],
+        ),
+        ("5. Skips reported in every mode", ["0-byte image with run --write-bins"]),
+        (
+            "6.-10. Crashes, hangs and blow-ups",
+            [
+                "export --batch-size 0",
+                "/dev/zero as the perf file",
+                "/dev/zero as the annotation file",
+                "/dev/zero as the .info file",
+                "infer --threads 1000 --batch-size 1000 on 3 images",
+                "run --batch-sizes 1000 on 3 images",
+                "tune --engines onnxruntime on a fresh output folder",
+                "PNG declaring 32000x32000 pixels",
+                "model declaring a 100000x100000 input",
+            ],
+        ),
+        (
+            "11. Numeric flags (every one is range-checked; tests enumerate the parsers)",
+            ["export --shape 0", "export --opset 99", "run --num-images -1", "run --num-images 0", "parse --chips -4"],
+        ),
+        ("12. Nothing written outside the output", ["make-demo-data --split ../../x", "failed export onto an existing model"]),
+        (
+            "13.-15. Checkpoints and files",
+            [
+                "torchvision checkpoint with num_batches_tracked",
+                "checkpoint meta holding a frozenset",
+                "checkpoint meta holding a range",
+                "checkpoint meta holding a slice",
+                "checkpoint meta holding a defaultdict",
+                "artifact.json: truncated JSON",
+                "artifact.json: list instead of object",
+                "artifact.json: model_file outside the folder",
+                "empty .info",
+                "dangling symlink in an image folder",
+                "symlink loop in an image folder",
+                "file name with a line break",
+                "Ctrl-C during streaming infer",
+            ],
+        ),
+        (
             "Fuzzed parsers (hypothesis)",
             [
                 ".info file (fuzzed bytes)",
@@ -110,6 +188,27 @@ Decisions:
 - **kill -9**: the same atomic writes mean no torn file; `run` reuses finished steps (export stamp,
   complete dumps) and a stale lock of a dead process is taken over.
 - **Two runs on one `--workdir`**: the second is refused (lock file naming the running pid).
+- **Reuse is keyed, never assumed**: the export cache by the checkpoint's bytes, canvas and model
+  settings; each configuration's dumps in `run` by the model bytes, engine options, canvas and the
+  exact image list; `infer --resume` by the engine's output key (model bytes, engine, precision,
+  canvas, settings) — resuming on another key is refused; `tune` trials by the model, data and
+  calibration digests. A change recomputes and says so.
+- **Dumps of any K** detections per image are read: the labels/dets pair's sizes (8K and 20K
+  bytes) tell K. **Postprocess** takes the canvas infer recorded in the dumps' `summary.json` and
+  refuses a contradicting one.
+- **Weights** with NaN/inf or of an integer type are refused naming the tensors; export also
+  compares every raw head output with PyTorch numerically (detection matching alone can pass
+  vacuously).
+- **Annotations**: two images with one file stem (`X.jpg`, `X.png`), repeated annotation ids and
+  boxes of negative size are errors; annotations of unlisted images a warning. In `run` and `tune`
+  an annotated image that is missing or does not decode is named, skipped, listed (every entry's
+  `skipped` in report.json) and exits 3; it counts as an image without detections.
+- **Bounds**: every text/JSON input is read with a size bound and devices/pipes are refused; images
+  over 200 megapixels (`FCOS_OFFLINE_MAX_PIXELS`) are skipped before decoding; model canvases over
+  16384 per side or 64 megapixels are refused; threads are capped to the cores and batches to the
+  images present (a warning says so); every numeric flag has a range (one usage line, exit 2).
+- **Nothing outside the output**: split names are plain names; export writes a temporary file and
+  replaces the target only after verification. Ctrl-C stops with one line (workers ignore SIGINT).
 """
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any
 
 from fcos_offline.errors import DiskFullError, FcosError
 
-#: the most bytes a text or JSON input may have before we refuse to read it
-MAX_TEXT_BYTES = 2 << 30
+#: the most bytes a text or JSON input may have before we refuse to read it (COCO train annotations: 450 MB)
+MAX_TEXT_BYTES = 1 << 30
 
 
 def translate_os_error(path: object, exc: OSError) -> FcosError:
@@ -91,17 +92,22 @@ def read_text_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what
     p = Path(path)
     try:
         with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FcosError(f"{p}: not a regular file (a device, pipe or socket), expected a {what}")
+            if st.st_size > limit:
+                raise FcosError(f"{p}: {st.st_size:,} bytes, more than the {limit:,} a {what} may have")
             data = f.read(limit + 1)
     except IsADirectoryError:
         raise FcosError(f"{p}: is a folder, expected a {what}") from None
     except OSError as exc:
         raise FcosError(f"cannot read {p}: {exc.strerror or exc}") from None
-    if len(data) > limit:
+    if len(data) > limit:  # grew while we read it
         raise FcosError(f"{p}: larger than {limit:,} bytes; not a {what} this tool reads")
     try:
         return data.decode()
-    except UnicodeDecodeError:
-        raise FcosError(f"{p}: not UTF-8 text (expected a {what})") from None
+    except UnicodeDecodeError as exc:
+        raise FcosError(f"{p}: not a text {what} (byte {exc.start} is not UTF-8)") from None
 
 
 def read_json_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what: str = "JSON file") -> Any:
@@ -111,6 +117,8 @@ def read_json_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise FcosError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise FcosError(f"{path}: nested too deeply to be a {what}") from None
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:

@@ -49,6 +49,7 @@ def number(kind: Callable[[str], Any], low: float | None = None, high: float | N
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
+    parse.low, parse.high, parse.low_open = low, high, low_open  # type: ignore[attr-defined]  # read by the flag tests
     return parse
 
 

@@ -18,12 +18,12 @@ from fcos_offline.cli.common import (
 from fcos_offline.data.dumps import FORMATS
 from fcos_offline.engine.backends import CONVERT_ENGINES, CONVERT_PRECISIONS, OFFLINE_ENGINES
 from fcos_offline.engine.backends.onnxruntime import ORT_OPT_LEVELS
-from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, UsageError
+from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     from fcos_offline.engine.backends import open_engine
-    from fcos_offline.engine.infer import gather_items, run_inference
+    from fcos_offline.engine.infer import cap_batch, gather_items, run_inference
 
     if args.checkpoint and args.engine in OFFLINE_ENGINES:
         raise UsageError("--checkpoint runs with --engine torch; export it for other engines")
@@ -34,14 +34,17 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     model = args.checkpoint or args.model
     if not model:
         raise UsageError("give --model (ONNX file, OpenVINO .xml or convert folder), or --checkpoint with --engine torch")
-    engine = open_engine(model, engine_options_from_args(args, args.batch_size), tuple(args.shape) if args.shape else None, overrides_from_args(args))
-    with engine:
-        items = gather_items(args.images, args.input_info)
+    items = gather_items(args.images, args.input_info)
+    if not items:
+        raise FcosError(f"{args.input_info}: no inputs listed; nothing to infer")
+    batch_size = cap_batch(args.batch_size, len(items))
+    shape = tuple(args.shape) if args.shape else None
+    with open_engine(model, engine_options_from_args(args, batch_size), shape, overrides_from_args(args)) as engine:
         s = run_inference(
             engine,
             items,
             args.output,
-            args.batch_size,
+            batch_size,
             args.output_format,
             args.warmup,
             args.loop,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from fcos_offline.cli.common import SIDE, add_flag, number
 from fcos_offline.data.letterbox import RULES
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError
+from fcos_offline.io import read_text_bounded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +45,22 @@ def register(sub: argparse._SubParsersAction) -> None:
              help="output folder (default ./detection-results/)")  # fmt: skip
     add_flag(p, "--annotations-path", default="/opt/npu/coco/annotations", metavar="PATH",
              help="annotation folder or instances_*.json file (default /opt/npu/coco/annotations)")  # fmt: skip
-    add_flag(p, "--net-input-height", type=SIDE, default=800, metavar="H", help="canvas height (default 800)")
-    add_flag(p, "--net-input-width", type=SIDE, default=1333, metavar="W", help="canvas width (default 1333)")
+    add_flag(
+        p,
+        "--net-input-height",
+        type=SIDE,
+        default=None,
+        metavar="H",
+        help="canvas height (default: what infer recorded in the dumps' summary.json, else 800)",
+    )
+    add_flag(
+        p,
+        "--net-input-width",
+        type=SIDE,
+        default=None,
+        metavar="W",
+        help="canvas width (default: what infer recorded in the dumps' summary.json, else 1333)",
+    )
     add_flag(p, "--net-out-num", type=number(int, 2, 64), default=None, metavar="N",
              help="read labels from _{N-2}.bin and dets from _{N-1}.bin like the recipe (3: _1/_2); "
                   "default: detect the naming by file size")  # fmt: skip
@@ -81,10 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_class_names(path: str) -> list[str]:
-    try:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise FcosError(f"cannot read class names {path}: {exc.strerror or exc}") from exc
+    names = [line.strip() for line in read_text_bounded(path, 16 << 20, "class-name list").splitlines() if line.strip()]
     if not names:
         raise FcosError(f"no class names in {path}")
     return names

@@ -42,6 +42,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"verified against PyTorch with ONNX Runtime: {v['matched']}/{v['num_ref']} detections matched "
             f"({v['match_rate']:.2%}), max box error {v['max_box_err']:.2e} px, max score error {v['max_score_err']:.2e}"
         )
+    raw = summary.get("verify_raw")
+    if raw:
+        print(
+            f"raw head outputs ({raw['outputs']} tensors) match PyTorch to a relative error of {raw['max_rel_err']:.2e} "
+            f"(worst: {raw['worst_output']})"
+        )
     if args.summary:
         with open(args.summary, "w") as f:
             json.dump(summary, f, indent=2)

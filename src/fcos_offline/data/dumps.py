@@ -1,4 +1,4 @@
-"""Engine output dumps: per image ``labels`` int64 [N] and ``dets`` float32 [N, 5] (N = 100).
+"""Engine output dumps: per image ``labels`` int64 [N] and ``dets`` float32 [N, 5] (N = max_per_img, 100 by default).
 
 ``dets`` rows are x1, y1, x2, y2, score in input-canvas pixels; after the last detection
 ``labels`` is -1 and ``dets`` rows are zero.
@@ -15,7 +15,8 @@ numpy (``fmt="npy"``)    ``<stem>_labels.npy``   ``<stem>_dets.npy``     us
 
 ``.bin`` files are raw little-endian arrays (``tofile``). ``_1`` means labels in one naming and
 dets in the other, so by default :func:`read_dumps` decides by byte size: labels are
-``8 * N`` bytes (800), dets ``20 * N`` bytes (2000). With ``net_out_num`` (the recipe's flag)
+``8 * N`` bytes (800 for N = 100), dets ``20 * N`` bytes (2000): any N is read, the pair's sizes
+tell it (a model exported with ``max_per_img=50`` dumps 400 + 1000 bytes). With ``net_out_num`` (the recipe's flag)
 it reads labels from ``_{net_out_num-2}`` and dets from ``_{net_out_num-1}`` and checks sizes.
 
 Writes are atomic (temporary name, then ``os.replace``), so an interrupted run never leaves a
@@ -70,20 +71,31 @@ def write_dumps(out_dir: str | os.PathLike, stem: str, labels: np.ndarray, dets:
     return labels_path, dets_path
 
 
-def dumps_complete(out_dir: str | os.PathLike, stem: str, fmt: str = "bin", num_dets: int = NUM_DETS) -> bool:
-    """Whether both dump files of ``stem`` exist with the right sizes."""
+def pair_size(labels_bytes: int, dets_bytes: int) -> int | None:
+    """K when ``labels_bytes``/``dets_bytes`` are a labels (int64 x K) and dets (float32 x K x 5) pair, else None."""
+    if labels_bytes > 0 and labels_bytes % 8 == 0 and dets_bytes * 2 == labels_bytes * 5:
+        return labels_bytes // 8
+    return None
+
+
+def dumps_complete(out_dir: str | os.PathLike, stem: str, fmt: str = "bin", num_dets: int | None = None) -> bool:
+    """Whether both dump files of ``stem`` exist as a consistent pair (of ``num_dets`` detections, if given)."""
     labels_path, dets_path = dump_paths(out_dir, stem, fmt)
+    if not (labels_path.is_file() and dets_path.is_file()):
+        return False
     if fmt == "bin":
-        return (
-            labels_path.is_file() and dets_path.is_file() and labels_path.stat().st_size == 8 * num_dets and dets_path.stat().st_size == 20 * num_dets
-        )
+        k = pair_size(labels_path.stat().st_size, dets_path.stat().st_size)
+        return k is not None and (num_dets is None or k == num_dets)
     try:
-        return np.load(labels_path, mmap_mode="r").size == num_dets and np.load(dets_path, mmap_mode="r").size == 5 * num_dets
+        k = np.load(labels_path, mmap_mode="r").size
+        return bool(np.load(dets_path, mmap_mode="r").size == 5 * k and k > 0 and (num_dets is None or k == num_dets))
     except Exception:
         return False
 
 
-def _size_text(num_dets: int) -> str:
+def _size_text(num_dets: int | None) -> str:
+    if num_dets is None:
+        return "labels are int64 x K = 8K bytes, dets float32 x K x 5 = 20K bytes, for the same K"
     return f"labels are int64 x {num_dets} = {8 * num_dets} bytes, dets float32 x {num_dets} x 5 = {20 * num_dets} bytes"
 
 
@@ -106,7 +118,7 @@ def _finite(path: Path, dets: np.ndarray) -> np.ndarray:
     return dets
 
 
-def _load_npy(path: Path, role: str, num_dets: int) -> np.ndarray:
+def _load_npy(path: Path, role: str, num_dets: int | None) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -115,33 +127,31 @@ def _load_npy(path: Path, role: str, num_dets: int) -> np.ndarray:
         ) from None
     if not isinstance(arr, np.ndarray):  # np.load also opens .npz archives
         raise BadFileError(path, "not a .npy array (an .npz archive?)")
-    want = num_dets if role == "labels" else 5 * num_dets
+    k = num_dets if num_dets is not None else (arr.size if role == "labels" else arr.size // 5)
+    want = k if role == "labels" else 5 * k
     kind_ok = arr.dtype.kind in "iu" if role == "labels" else arr.dtype.kind == "f"
-    if arr.size != want or not kind_ok:
+    if arr.size != want or k < 1 or not kind_ok:
         raise BadFileError(path, f"{arr.dtype} {arr.shape}, expected {role} ({_size_text(num_dets)})")
     if role == "labels":
-        return arr.reshape(num_dets).astype(np.int64)
-    return _finite(path, arr.reshape(num_dets, 5).astype(np.float32))
+        return arr.reshape(k).astype(np.int64)
+    return _finite(path, arr.reshape(k, 5).astype(np.float32))
 
 
-def _pair_by_size(stem: str, group: dict[int, Path], num_dets: int) -> tuple[Path, Path]:
-    roles: dict[str, Path] = {}
-    sizes = {8 * num_dets: "labels", 20 * num_dets: "dets"}
-    for _, path in sorted(group.items()):
-        role = sizes.get(path.stat().st_size)
-        if role is None:
-            raise BadFileError(path, f"{path.stat().st_size} bytes fits neither dump ({_size_text(num_dets)})")
-        if role in roles:
-            raise BadFileError(path, f"two {role}-sized files for {stem}: {roles[role].name} and {path.name}")
-        roles[role] = path
-    for role in ("labels", "dets"):
-        if role not in roles:
-            found = ", ".join(p.name for p in group.values())
-            raise BadFileError(group[min(group)], f"no {role} dump for {stem} (found {found})")
-    return roles["labels"], roles["dets"]
+def _pair_by_size(stem: str, group: dict[int, Path], num_dets: int | None) -> tuple[Path, Path, int]:
+    """(labels, dets, K): the two files whose sizes make a labels/dets pair (of ``num_dets``, if given)."""
+    if len(group) != 2:
+        found = ", ".join(p.name for p in group.values())
+        if len(group) < 2:
+            raise BadFileError(group[min(group)], f"no pair of dumps for {stem} (found {found})")
+        raise BadFileError(group[min(group)], f"{len(group)} dump files for {stem} ({found}); give net_out_num to choose")
+    a, b = sorted(group.values(), key=lambda p: p.stat().st_size)
+    k = pair_size(a.stat().st_size, b.stat().st_size)
+    if k is None or (num_dets is not None and k != num_dets):
+        raise BadFileError(a, f"{a.stat().st_size} and {b.stat().st_size} bytes ({a.name}, {b.name}) are not a dump pair ({_size_text(num_dets)})")
+    return a, b, k
 
 
-def _pair_by_index(stem: str, group: dict[int, Path], net_out_num: int, num_dets: int) -> tuple[Path, Path]:
+def _pair_by_index(stem: str, group: dict[int, Path], net_out_num: int, num_dets: int | None) -> tuple[Path, Path, int]:
     wanted = {"labels": net_out_num - 2, "dets": net_out_num - 1}
     hint = "omit net_out_num to detect the naming (recipe _1/_2 or ais_bench _0/_1) by size"
     for role, idx in wanted.items():
@@ -152,14 +162,15 @@ def _pair_by_index(stem: str, group: dict[int, Path], net_out_num: int, num_dets
                 f"no {stem}_{idx}.bin ({role}, net_out_num={net_out_num}); found {found}; {hint}",
             )
     labels_path, dets_path = group[wanted["labels"]], group[wanted["dets"]]
-    if labels_path.stat().st_size != 8 * num_dets or dets_path.stat().st_size != 20 * num_dets:
+    k = pair_size(labels_path.stat().st_size, dets_path.stat().st_size)
+    if k is None or (num_dets is not None and k != num_dets):
         raise BadFileError(labels_path, f"sizes do not match net_out_num={net_out_num} ({_size_text(num_dets)}); {hint}")
-    return labels_path, dets_path
+    return labels_path, dets_path, k
 
 
 def read_dumps(
     directory: str | os.PathLike,
-    num_dets: int = NUM_DETS,
+    num_dets: int | None = None,
     net_out_num: int | None = None,
     skipped: list[BadFileError] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -202,10 +213,10 @@ def read_dumps(
     for stem, group in bins.items():
         try:
             if net_out_num is None:
-                labels_path, dets_path = _pair_by_size(stem, group, num_dets)
+                labels_path, dets_path, k = _pair_by_size(stem, group, num_dets)
             else:
-                labels_path, dets_path = _pair_by_index(stem, group, net_out_num, num_dets)
-            result[stem] = (_load_bin(labels_path, "labels", num_dets), _load_bin(dets_path, "dets", num_dets))
+                labels_path, dets_path, k = _pair_by_index(stem, group, net_out_num, num_dets)
+            result[stem] = (_load_bin(labels_path, "labels", k), _load_bin(dets_path, "dets", k))
         except BadFileError as exc:
             fail(exc)
     for stem, roles in npys.items():
@@ -215,10 +226,8 @@ def read_dumps(
             missing = {"labels", "dets"} - roles.keys()
             if missing:
                 raise BadFileError(next(iter(roles.values())), f"no {missing.pop()} .npy for {stem}")
-            result[stem] = (
-                _load_npy(roles["labels"], "labels", num_dets),
-                _load_npy(roles["dets"], "dets", num_dets),
-            )
+            labels = _load_npy(roles["labels"], "labels", num_dets)
+            result[stem] = (labels, _load_npy(roles["dets"], "dets", labels.shape[0]))
         except BadFileError as exc:
             fail(exc)
     return dict(sorted(result.items()))

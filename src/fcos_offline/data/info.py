@@ -14,15 +14,17 @@ path is the folder as given joined with the file name.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from fcos_offline.data.preprocess import list_images, parallel_map, read_image
 from fcos_offline.errors import BadFileError, FcosError
-from fcos_offline.io import atomic_write_bytes
+from fcos_offline.io import atomic_write_bytes, read_text_bounded
 
 MODES = ("bin", "jpg")
+_LINE_BREAK = re.compile(r"[\r\n]")
 
 
 class InfoEntry(NamedTuple):
@@ -84,7 +86,14 @@ def make_info(
         if not bins:
             raise FcosError(f"no .bin files in {src}")
         for p in bins:
-            size = p.stat().st_size
+            if _LINE_BREAK.search(p.name):
+                summary.bad.append(BadFileError(p, "file name holds a line break; an .info line cannot list it"))
+                continue
+            try:
+                size = p.stat().st_size
+            except OSError as exc:
+                summary.bad.append(BadFileError(p, f"cannot read ({exc.strerror or exc})"))
+                continue
             if size != expected:
                 summary.bad.append(BadFileError(p, f"{size} bytes, expected {expected} (float32 3x{height}x{width})"))
             else:
@@ -93,6 +102,8 @@ def make_info(
         paths = [os.path.join(str(src_dir), p.name) for p in list_images(src)]
         if not paths:
             raise FcosError(f"no images (.jpg/.jpeg/.png/.bmp) in {src}")
+        summary.bad += [BadFileError(p, "file name holds a line break; an .info line cannot list it") for p in paths if _LINE_BREAK.search(p)]
+        paths = [p for p in paths if not _LINE_BREAK.search(p)]
         for path, w, h, problem in parallel_map(_image_size, paths, len(paths), workers, "image sizes"):
             if problem is None:
                 found.append((path, w, h))
@@ -111,12 +122,7 @@ def read_info(path: str | os.PathLike) -> list[InfoEntry]:
 
     Paths may contain spaces (the last two fields are the sizes); blank lines are ignored.
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise FcosError(f"cannot read info file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise FcosError(f"{path}: not a text .info file (byte {exc.start} is not UTF-8)") from None
+    text = read_text_bounded(path, 256 << 20, ".info file")
     entries: list[InfoEntry] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

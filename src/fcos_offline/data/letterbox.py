@@ -129,3 +129,17 @@ def boxes_to_original(boxes_xyxy: np.ndarray, lb: Letterbox, rule: str = "exact"
     out[:, [0, 2]] = (out[:, [0, 2]] - off_x) / div_x
     out[:, [1, 3]] = (out[:, [1, 3]] - off_y) / div_y
     return out
+
+
+#: the largest canvas side and area a model may declare (a 100000x100000 input is a broken file)
+MAX_CANVAS_SIDE = 16384
+MAX_CANVAS_PIXELS = 64_000_000
+
+
+def check_canvas(path: object, height: int, width: int) -> tuple[int, int]:
+    """A sane input canvas, or one line saying why not."""
+    if height < 1 or width < 1 or height > MAX_CANVAS_SIDE or width > MAX_CANVAS_SIDE or height * width > MAX_CANVAS_PIXELS:
+        raise FcosError(
+            f"{path}: input canvas {height}x{width} is out of range (1..{MAX_CANVAS_SIDE} per side, at most {MAX_CANVAS_PIXELS:,} pixels)"
+        )
+    return height, width

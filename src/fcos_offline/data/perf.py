@@ -25,7 +25,6 @@ per stage) and ``postprocess``'s (``bbox_mAP``...).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fcos_offline.errors import FcosError
-from fcos_offline.io import atomic_write_bytes
+from fcos_offline.io import atomic_write_bytes, read_json_bounded, read_text_bounded
 
 RECIPE_FIELD_INDEX = 7
 CHIPS_PER_310_CARD = 4
@@ -111,12 +110,7 @@ def _batch_size_from_name(path: Path) -> int | None:
 def parse_perf(path: str | os.PathLike, chips: int = CHIPS_PER_310_CARD) -> dict[str, Any]:
     """Read a benchmark perf file into ``{stages, batch_size, e2e_fps, interface_fps, recipe_fps, chips}``."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise FcosError(f"cannot read perf file {p}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise FcosError(f"{p}: not a text perf file (byte {exc.start} is not UTF-8)") from None
+    text = read_text_bounded(p, 16 << 20, "perf file")
     stages: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
         match = _LINE.match(line)
@@ -149,14 +143,7 @@ def parse_perf(path: str | os.PathLike, chips: int = CHIPS_PER_310_CARD) -> dict
 def parse_summary(path: str | os.PathLike) -> dict[str, Any]:
     """Read the fps/latency (infer) or mAP (postprocess) parts of one of our summary.json files."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except OSError as exc:
-        raise FcosError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FcosError(f"{p} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise FcosError(f"{p} is nested too deeply to be a summary") from None
+    data = read_json_bounded(p, 256 << 20, "summary")
     if not isinstance(data, dict) or not ({"throughput_fps", "bbox_mAP"} & data.keys()):
         raise FcosError(f"{p}: no 'throughput_fps' (infer summary) or 'bbox_mAP' (postprocess summary)")
     for key in ("throughput_fps", "infer_fps", "bbox_mAP", "bbox_mAP_50", "bbox_mAP_75"):

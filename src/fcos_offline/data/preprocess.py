@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +38,9 @@ from fcos_offline.progress import progress_bar
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 MEAN_BGR = (102.9801, 115.9465, 122.7717)
 STD_BGR = (1.0, 1.0, 1.0)
+#: decoding limits (see :func:`read_image`)
+DEFAULT_MAX_PIXELS = 200_000_000
+MAX_IMAGE_BYTES = 1 << 30
 _MEAN32 = np.array(MEAN_BGR, dtype=np.float32).reshape(3, 1, 1)
 
 T = TypeVar("T")
@@ -60,14 +65,62 @@ def _truncation_problem(data: bytes) -> str | None:
     return None
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image as BGR uint8 HxWx3, exactly like ``cv2.imread(path, cv2.IMREAD_COLOR)``."""
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG, PNG or BMP header declares, read before any pixel is decoded (None: unknown)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"BM" and len(data) >= 26:
+        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(int.from_bytes(data[22:26], "little", signed=True))
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in _JPEG_SOF:
+                return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 2 if marker != 0xFF else 1
+                continue
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) we decode: ``FCOS_OFFLINE_MAX_PIXELS``, default 200 megapixels."""
     try:
-        data = Path(path).read_bytes()
+        return int(os.environ.get("FCOS_OFFLINE_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image as BGR uint8 HxWx3, exactly like ``cv2.imread(path, cv2.IMREAD_COLOR)``.
+
+    Refused before decoding: anything but a regular file, files over 1 GiB, and images whose
+    header declares more than :func:`max_image_pixels` pixels (a 32000x32000 PNG of a few bytes
+    would otherwise take 3 GB and seconds to decode).
+    """
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise BadFileError(path, "not a regular file (a device, pipe or socket)")
+            if st.st_size > MAX_IMAGE_BYTES:
+                raise BadFileError(path, f"{st.st_size:,} bytes, more than the {MAX_IMAGE_BYTES:,} an image may have")
+            data = f.read()
     except OSError as exc:
         raise BadFileError(path, f"cannot read ({exc.strerror or exc})") from exc
     if not data:
         raise BadFileError(path, "empty file (0 bytes)")
+    size = declared_size(data)
+    limit = max_image_pixels()
+    if size is not None and size[0] * size[1] > limit:
+        raise BadFileError(path, f"declares {size[0]}x{size[1]} pixels, more than the limit of {limit:,} (set FCOS_OFFLINE_MAX_PIXELS to raise it)")
     problem = _truncation_problem(data)
     if problem:
         raise BadFileError(path, problem)
@@ -95,12 +148,16 @@ def preprocess_image(img_bgr: np.ndarray, canvas_h: int, canvas_w: int) -> tuple
 
 
 def list_images(src_dir: str | os.PathLike) -> list[Path]:
-    """Image files (.jpg/.jpeg/.png/.bmp, any case) directly in ``src_dir``, sorted by file name."""
+    """Image files (.jpg/.jpeg/.png/.bmp, any case) directly in ``src_dir``, sorted by file name.
+
+    Entries that only look like images (a dangling or looping symlink, a device) are listed too,
+    so that reading them fails with a line that names them instead of their vanishing silently.
+    """
     src = Path(src_dir)
     if not src.is_dir():
         raise FcosError(f"image folder not found: {src}")
     return sorted(
-        (p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        (p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()),
         key=lambda p: p.name,
     )
 
@@ -123,7 +180,8 @@ def parallel_map(func: Callable[[T], R], items: Iterable[T], total: int, workers
 
 
 def _single_threaded_worker() -> None:
-    """One OpenCV thread per worker process: the pool already uses every core."""
+    """One OpenCV thread per worker process (the pool already uses every core); Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any, cast
 
 import cv2
 import numpy as np
+
+from fcos_offline.errors import FcosError
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
 MIN_SIDE, MAX_SIDE = 200, 640
@@ -197,6 +200,8 @@ def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50
     """
     if num_images < 1:
         raise ValueError("num_images must be >= 1")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+        raise FcosError(f"split name {split!r}: use letters, digits, '_' and '-' only (it names the folder <split>2017 inside the output)")
     start = time.perf_counter()
     out = Path(out_dir)
     image_dir = out / f"{split}2017"

@@ -19,13 +19,14 @@ artifact's recorded engine options > the built-in default. ``None`` in
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from fcos_offline.data.letterbox import check_canvas as check_canvas
 from fcos_offline.errors import FcosError
 
 if TYPE_CHECKING:
@@ -63,6 +64,20 @@ class EngineConfig:
     def options(self) -> EngineOptions:
         """The same values as explicit options (for recording in an artifact)."""
         return EngineOptions(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def cap_threads(config: EngineConfig) -> EngineConfig:
+    """Threads beyond this machine's cores only add contention: cap them (and say so)."""
+    from fcos_offline.progress import warn
+
+    cores = cpu_count()
+    changes: dict[str, Any] = {}
+    for name in ("threads", "inter_op_threads"):
+        value = getattr(config, name)
+        if value is not None and value > cores:
+            warn(f"--{name.replace('_', '-')} {value} is more than the {cores} core(s) this process may use; using {cores}")
+            changes[name] = cores
+    return replace(config, **changes) if changes else config
 
 
 def resolve_options(given: EngineOptions, recorded: EngineOptions | None = None) -> EngineConfig:
@@ -147,6 +162,31 @@ class Engine:
             "model": str(self.source.path),
         }
 
+    def output_key(self) -> str:
+        """A digest of everything that determines this engine's detections for a given input.
+
+        Model bytes (and its post graph), engine and version, device, real precision, canvas and
+        the model settings; not threads or batch size, which do not change results.
+        """
+        from fcos_offline.io import file_digest, json_digest
+
+        files = [self.source.path] + ([self.source.post_path] if self.source.post_path else [])
+        return json_digest(
+            {
+                "files": [file_digest(f) for f in files],
+                "engine": self.name,
+                "version": self.version(),
+                "device": self.config.device,
+                "precision": self.execution_precision(),
+                "input_hw": list(self.input_hw),
+                "settings": self.model_settings(),
+            }
+        )
+
+    def model_settings(self) -> dict[str, Any]:
+        """Settings applied on top of the model file (none for exported models; the torch engine's config)."""
+        return {}
+
     def close(self) -> None:
         """Release the engine's sessions (idempotent)."""
         self._post = None
@@ -224,20 +264,6 @@ def detector_outputs(path: Path, outputs: list[tuple[str, bool, list[Any] | None
         f"{path}: the model's outputs ({desc}) are not an FCOS detector's: expected 'dets' float [B,K,5] and "
         "'labels' int [B,K] (by these names, or any two outputs of those types)"
     )
-
-
-#: the largest canvas side and area a model may declare (a 100000x100000 input is a broken file)
-MAX_CANVAS_SIDE = 16384
-MAX_CANVAS_PIXELS = 64_000_000
-
-
-def check_canvas(path: Path | str, height: int, width: int) -> tuple[int, int]:
-    """A sane input canvas, or one line saying why not."""
-    if height < 1 or width < 1 or height > MAX_CANVAS_SIDE or width > MAX_CANVAS_SIDE or height * width > MAX_CANVAS_PIXELS:
-        raise FcosError(
-            f"{path}: input canvas {height}x{width} is out of range (1..{MAX_CANVAS_SIDE} per side, at most {MAX_CANVAS_PIXELS:,} pixels)"
-        )
-    return height, width
 
 
 def static_dims(path: Path, shape: list[Any]) -> tuple[int | None, tuple[int, int]]:

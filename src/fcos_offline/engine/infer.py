@@ -87,8 +87,10 @@ def load_item(item: InputItem, canvas_hw: tuple[int, int]) -> tuple[InputItem, n
 
 
 def _worker_init() -> None:
-    import cv2
+    """One OpenCV thread per worker; Ctrl-C is handled by the parent (no worker traceback)."""
+    import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
 
 
@@ -127,6 +129,40 @@ class _Loader:
                 yield (*result, submitted)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+STAMP = ".fcos-dumps.json"
+
+
+def _check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
+    """Dumps are reused (``--resume``) only when the same model and settings made them.
+
+    ``out/.fcos-dumps.json`` records :meth:`Engine.output_key`; resuming on another key is
+    refused, and a fresh run into a folder holding another key's dumps says so.
+    """
+    key = engine.output_key()
+    stamp = out / STAMP
+    try:
+        previous = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    has_dumps = any(p.suffix in (".bin", ".npy") for p in out.iterdir())
+    if previous != key and has_dumps:
+        if resume:
+            raise FcosError(
+                f"{out} holds dumps made by another model, engine, precision or canvas (or by an unknown run); "
+                "--resume would mix them with this run's: use a fresh --output, or drop --resume to overwrite"
+            )
+        warn(f"{out} already holds dumps from another run; images of this run are overwritten, any others are left as they are")
+    atomic_write_json(stamp, {"key": key, "engine": engine.name, "model": str(engine.source.path)})
+
+
+def cap_batch(batch_size: int, num_images: int) -> int:
+    """A batch larger than the images present only allocates padding: cap it (and say so)."""
+    if 0 < num_images < batch_size:
+        warn(f"batch size {batch_size} is more than the {num_images} image(s) to run; using {num_images}")
+        return num_images
+    return batch_size
 
 
 def latency_stats(values_s: list[float]) -> dict[str, float]:
@@ -196,6 +232,7 @@ def run_inference(
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})[:3]
         raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(dup)}")
+    _check_dump_folder(out, engine, resume)
     todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
     resumed = len(items) - len(todo)
     previous = out / "summary.json"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from fcos_offline.errors import FcosError
+from fcos_offline.io import read_json_bounded
+from fcos_offline.progress import warn
 
 COCO80_CATEGORY_IDS: tuple[int, ...] = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27,
@@ -58,15 +59,7 @@ def load_annotations(ann: AnnotationSource) -> dict:
     """The annotation JSON as a dict (a dict passes through)."""
     if isinstance(ann, dict):
         return ann
-    try:
-        with open(ann) as f:
-            data = json.load(f)
-    except OSError as exc:
-        raise FcosError(f"cannot read annotation file {ann}: {exc.strerror or exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FcosError(f"annotation file {ann} is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise FcosError(f"annotation file {ann} is nested too deeply to be COCO instances JSON") from None
+    data = read_json_bounded(ann, what="COCO annotation file")
     check_instances(data, ann)
     return data
 
@@ -85,7 +78,8 @@ def check_instances(data: Any, ann: object = "annotations") -> None:
     Checked: a JSON object with ``images`` (``id`` int, ``file_name`` string), ``annotations``
     (``id``, ``image_id``, ``category_id`` ints, ``bbox`` 4 finite numbers; ``area`` a number and
     ``iscrowd`` 0/1 when present) and ``categories`` (``id`` int, ``name`` string) lists; image
-    and category ids unique. (An annotation may name an image or category that is not listed.)
+    and category ids unique; annotation ids unique and box sizes not negative. An annotation of an
+    image that is not listed is ignored by COCO's evaluation: a warning names the first.
     """
     if not isinstance(data, dict):
         raise FcosError(f"annotation file {ann} holds a JSON {type(data).__name__}, not a COCO instances object")
@@ -112,6 +106,7 @@ def check_instances(data: Any, ann: object = "annotations") -> None:
         if cat["id"] in seen:
             raise bad("categories", i, f"repeats category id {cat['id']}")
         seen.add(cat["id"])
+    ann_ids: set[int] = set()
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict) or not all(_is_int(a.get(k)) for k in ("id", "image_id", "category_id")):
             raise bad("annotations", i, "needs integer 'id', 'image_id' and 'category_id'")
@@ -122,6 +117,18 @@ def check_instances(data: Any, ann: object = "annotations") -> None:
             raise bad("annotations", i, f"has area {a['area']!r}, not a number")
         if "iscrowd" in a and a["iscrowd"] not in (0, 1):
             raise bad("annotations", i, f"has iscrowd {a['iscrowd']!r}, not 0 or 1")
+        if box[2] < 0 or box[3] < 0:
+            raise bad("annotations", i, f"has a box of negative size (w {box[2]}, h {box[3]})")
+        if a["id"] in ann_ids:
+            raise bad("annotations", i, f"repeats annotation id {a['id']} (COCO's index would keep only one of them)")
+        ann_ids.add(a["id"])
+    image_ids = {img["id"] for img in data["images"]}
+    orphans = [a for a in data["annotations"] if a["image_id"] not in image_ids]
+    if orphans:
+        warn(
+            f"annotation file {ann}: {len(orphans)} annotation(s) of images not listed in 'images' (first: id {orphans[0]['id']}, "
+            f"image_id {orphans[0]['image_id']}); COCO's evaluation ignores them"
+        )
 
 
 def coco91_names() -> list[str]:

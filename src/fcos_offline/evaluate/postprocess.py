@@ -27,7 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fcos_offline.data.dumps import NUM_DETS, read_dumps
+from fcos_offline.data.dumps import read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
 from fcos_offline.data.letterbox import RULES, boxes_to_original, letterbox_for
 from fcos_offline.data.preprocess import read_image
@@ -41,7 +41,7 @@ from fcos_offline.evaluate.coco import (
     label_to_category,
     load_annotations,
 )
-from fcos_offline.io import atomic_write_bytes
+from fcos_offline.io import atomic_write_bytes, read_json_bounded
 from fcos_offline.progress import progress_bar, warn
 
 RESULTS_FILE = "bbox_results.json"
@@ -76,19 +76,44 @@ def _draw(image: np.ndarray, labels: np.ndarray, boxes: np.ndarray, names: list[
     return image
 
 
+DEFAULT_CANVAS = (800, 1333)
+
+
+def dump_canvas(dump_dir: str | os.PathLike, height: int | None, width: int | None) -> tuple[int, int]:
+    """The canvas the dumps' boxes are in: given, else recorded by ``infer`` in ``summary.json``, else 800x1333.
+
+    A given canvas that contradicts the recorded one is an error: every box would be mapped back wrong.
+    """
+    recorded = None
+    summary = Path(dump_dir) / "summary.json"
+    if summary.is_file():
+        try:
+            hw = read_json_bounded(summary, 256 << 20, "summary")["engine"]["input_hw"]
+            recorded = (int(hw[0]), int(hw[1]))
+        except (FcosError, KeyError, TypeError, ValueError, IndexError):
+            recorded = None
+    given = (height or (recorded or DEFAULT_CANVAS)[0], width or (recorded or DEFAULT_CANVAS)[1])
+    if recorded is not None and given != recorded:
+        raise FcosError(
+            f"{dump_dir}: the dumps were made on a {recorded[0]}x{recorded[1]} canvas (its summary.json) but "
+            f"{given[0]}x{given[1]} was given; boxes would be mapped back wrong (drop --net-input-height/-width)"
+        )
+    return given
+
+
 def postprocess(
     bin_data_path: str | os.PathLike,
     test_annotation: str | os.PathLike,
     det_results_path: str | os.PathLike,
     annotations_path: str | os.PathLike,
-    net_input_height: int = 800,
-    net_input_width: int = 1333,
+    net_input_height: int | None = None,
+    net_input_width: int | None = None,
     net_out_num: int | None = None,
     pad_rule: str = "exact",
     show: bool = False,
     class_names: Sequence[str] | None = None,
     show_score_thr: float = 0.3,
-    num_dets: int = NUM_DETS,
+    num_dets: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate engine dumps against COCO annotations; write and return the summary (see module doc).
 
@@ -98,6 +123,7 @@ def postprocess(
     """
     if pad_rule not in RULES:
         raise FcosError(f"pad_rule must be one of {RULES}, got {pad_rule!r}")
+    net_input_height, net_input_width = dump_canvas(bin_data_path, net_input_height, net_input_width)
     ann_file = find_annotation_file(annotations_path)
     data = load_annotations(ann_file)
     names = list(COCO80_NAMES if class_names is None else class_names)
@@ -110,6 +136,14 @@ def postprocess(
         )
     if not data["annotations"]:
         warn(f"{ann_file}: no annotations; mAP is undefined (-1, COCO's 'no ground truth'), detections are still written to {RESULTS_FILE}")
+    by_stem: dict[str, str] = {}
+    for img in data["images"]:
+        stem = Path(img["file_name"]).stem
+        if by_stem.setdefault(stem, img["file_name"]) != img["file_name"]:
+            raise FcosError(
+                f"{ann_file}: images {by_stem[stem]} and {img['file_name']} share the name {stem!r}; dumps are named "
+                "by file stem, so one image's detections would be credited to both"
+            )
     sizes: dict[str, InfoEntry] = {Path(e.path).stem: e for e in read_info(test_annotation)}
     skipped: list[BadFileError] = []
     dumps = read_dumps(bin_data_path, num_dets=num_dets, net_out_num=net_out_num, skipped=skipped)

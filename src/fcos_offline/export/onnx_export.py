@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcos_offline.errors import FcosError
+from fcos_offline.data.letterbox import check_canvas
+from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.export.metadata import encode_metadata, raw_output_names
 from fcos_offline.model.checkpoint import ModelOverrides, load_model
 from fcos_offline.model.fcos import FCOS
@@ -38,6 +39,7 @@ class ExportResult:
     batch: str
     opset: int
     verify: MatchStats | None
+    verify_raw: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON view."""
@@ -48,6 +50,7 @@ class ExportResult:
             "batch": self.batch,
             "opset": self.opset,
             "verify": self.verify.to_dict() if self.verify else None,
+            "verify_raw": self.verify_raw,
         }
 
 
@@ -135,6 +138,9 @@ def export_onnx(
     source: str | None = None,
 ) -> ExportResult:
     """Export ``network`` (an eval-mode :class:`FCOS`) and check it with ONNX Runtime."""
+    if batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    check_canvas("export", *shape)
     if opset < 11:
         raise FcosError(f"opset {opset} is too old: NonMaxSuppression/TopK as used need opset >= 11")
     height, width = shape
@@ -170,14 +176,21 @@ def export_onnx(
             _torch_export(PostOnly(network, (height, width)), flat, post_path, names, ["dets", "labels"], post_axes, opset)
             _attach_metadata(post_path, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img)
     _attach_metadata(output, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img if nms else None)
+    raw = verify_raw_head(network, output, nms, example, opset) if verify else None
     stats = verify_export(network, output, post_path, example.numpy()) if verify else None
     result = ExportResult(
-        str(output), str(post_path) if post_path else None, (height, width), "dynamic" if dynamic_batch else str(batch_size), opset, stats
+        str(output),
+        str(post_path) if post_path else None,
+        (height, width),
+        "dynamic" if dynamic_batch else str(batch_size),
+        opset,
+        stats,
+        raw,
     )
     if stats is not None and stats.match_rate < 0.999:
         raise FcosError(
             f"export verification failed: ONNX Runtime matched {stats.match_rate:.2%} of PyTorch's detections "
-            f"(max box error {stats.max_box_err:.3g}px, max score error {stats.max_score_err:.3g}); file kept at {output}"
+            f"(max box error {stats.max_box_err:.3g}px, max score error {stats.max_score_err:.3g})"
         )
     return result
 
@@ -194,6 +207,44 @@ def run_onnx_detector(model_path: str | Path, images: np.ndarray, post_path: str
     feeds = {i.name: o for i, o in zip(post.get_inputs(), outs)}
     dets, labels = post.run(None, feeds)
     return dets, labels
+
+
+#: the largest relative error (max |ORT - torch| / max |torch|) a raw head output may have after export
+RAW_RTOL = 1e-3
+
+
+def verify_raw_head(network: FCOS, model_path: Path, nms: bool, example: torch.Tensor, opset: int) -> dict[str, Any]:
+    """The head's raw outputs (cls, reg, centerness per level), PyTorch vs ONNX Runtime, compared numerically.
+
+    Detection matching alone passes vacuously when neither side detects anything (e.g. NaN
+    weights); this check does not. Non-finite outputs are an error naming them.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    names = raw_output_names(len(network.cfg.head.strides))
+    with torch.no_grad():
+        ref = [t.numpy() for level in zip(*network(example)) for t in level]
+    bad = [n for n, r in zip(names, ref) if not np.isfinite(r).all()]
+    if bad:
+        raise FcosError(f"the network's raw outputs hold NaN/inf ({', '.join(bad[:6])}): its weights cannot produce detections")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = model_path
+        if nms:  # the exported graph ends in NMS: export the raw head alone for the comparison
+            raw_path = Path(tmp) / "raw.onnx"
+            with torch.no_grad():
+                _torch_export(RawHead(network), (example,), raw_path, ["input"], names, {}, opset)
+        session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
+        outs = session.run(names, {session.get_inputs()[0].name: example.numpy()})
+    errors = {n: float(np.abs(o - r).max() / (np.abs(r).max() + 1e-6)) for n, o, r in zip(names, outs, ref)}
+    worst = max(errors, key=lambda n: errors[n])
+    if not np.isfinite(errors[worst]) or errors[worst] > RAW_RTOL:
+        raise FcosError(
+            f"export verification failed: ONNX Runtime's raw head output {worst} differs from PyTorch's by "
+            f"{errors[worst]:.3g} (relative; at most {RAW_RTOL:g} allowed)"
+        )
+    return {"outputs": len(names), "max_rel_err": errors[worst], "worst_output": worst}
 
 
 def verify_export(network, model_path: Path, post_path: Path | None, images: np.ndarray) -> MatchStats:

@@ -91,6 +91,39 @@ class LoadedCheckpoint:
 # --------------------------------------------------------------------------- file reading
 
 
+def _plain_dict(*_: Any) -> dict[Any, Any]:
+    """A ``defaultdict`` in a meta dict loads as a plain dict (its factory is never called)."""
+    return {}
+
+
+def _plain_list(*_: Any) -> list[Any]:
+    """A ``deque`` in a meta dict loads as a list (its items are appended by the unpickler)."""
+    return []
+
+
+#: plain data types torch's weights-only loader refuses by default but that run no code when built:
+#: pickled name -> what torch.serialization.safe_globals gets for it
+_INERT_TYPES: dict[str, Any] = {
+    **{
+        f"{prefix}{t.__name__}": (t, f"builtins.{t.__name__}")
+        for t in (frozenset, range, slice, list, dict, set, tuple, int, float, str, bool, bytes)
+        for prefix in ("", "builtins.")
+    },
+    "collections.defaultdict": (_plain_dict, "collections.defaultdict"),
+    "collections.deque": (_plain_list, "collections.deque"),
+}
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """torch's error in one line, without its advice to load unsafely (never what we do)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if match:
+        return f"its pickle holds {match.group(1)}, which this tool does not load"
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "")
+    return line[:200] or type(exc).__name__
+
+
 def _placeholder(name: str) -> type:
     module, _, qual = name.rpartition(".")
 
@@ -117,22 +150,26 @@ def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
     if magic != b"PK" and magic[:1] != b"\x80":  # torch files are zip archives or (legacy) pickles
         raise BadFileError(path, "not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     placeholders: dict[str, type] = {}
+    inert: list[Any] = []  # plain data types a meta dict may hold: loaded as what they are
     for _ in range(64):
         try:
-            with torch.serialization.safe_globals(list(placeholders.values())):
+            with torch.serialization.safe_globals([*inert, *placeholders.values()]):
                 return torch.load(path, map_location="cpu", weights_only=True), sorted(placeholders)
         except pickle.UnpicklingError as exc:
-            match = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(exc))
-            if not match or match.group(1) in placeholders:
-                raise BadFileError(path, f"not a loadable checkpoint ({_first_line(exc)})") from None
+            match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if not match or match.group(1) in placeholders or _INERT_TYPES.get(match.group(1)) in inert:
+                raise BadFileError(path, f"not a loadable checkpoint ({_torch_reason(exc)})") from None
             name = match.group(1)
+            if name in _INERT_TYPES:
+                inert.append(_INERT_TYPES[name])
+                continue
             module, _, attr = name.rpartition(".")
             module = module or "builtins"  # torch reports builtins bare ("GLOBAL eval")
             if module.split(".")[0] in _DANGEROUS_MODULES or (module == "builtins" and attr in _DANGEROUS_BUILTINS):
                 raise BadFileError(path, f"refused: the pickle would call {name} when loaded (never executed)") from None
             placeholders[name] = _placeholder(name)
         except Exception as exc:
-            raise BadFileError(path, f"not a readable PyTorch checkpoint (truncated or wrong file type: {_first_line(exc)})") from None
+            raise BadFileError(path, f"not a readable PyTorch checkpoint (truncated or wrong file type: {_torch_reason(exc)})") from None
     raise BadFileError(path, "too many unknown pickled types")
 
 
@@ -155,6 +192,8 @@ def _map_torchvision(sd: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     n_lat = len({k.split(".")[3] for k in sd if k.startswith("backbone.fpn.inner_blocks.")})
     for key, value in sd.items():
+        if key.endswith("num_batches_tracked"):  # BN training counters: torchvision's FrozenBatchNorm2d drops them too
+            continue
         new = key
         if key.startswith("backbone.body."):
             new = "backbone." + key[len("backbone.body.") :]
@@ -338,7 +377,19 @@ def _mmdet_version(meta: dict[str, Any]) -> str | None:
 
 
 def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -> LoadedCheckpoint:
-    """Read a checkpoint file, map its keys and infer the full :class:`FCOSConfig`."""
+    """Read a checkpoint file, map its keys and infer the full :class:`FCOSConfig`.
+
+    Whatever is wrong with the file is one error naming it (never a bare KeyError/IndexError).
+    """
+    try:
+        return _load_checkpoint(path, overrides)
+    except FcosError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise BadFileError(path, f"not an FCOS checkpoint this tool understands ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -> LoadedCheckpoint:
     overrides = overrides or ModelOverrides()
     obj, ignored = read_checkpoint_file(path)
     if not isinstance(obj, dict):
@@ -438,6 +489,26 @@ def build_model(ckpt: LoadedCheckpoint):
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in ckpt.state_dict.items() if v.shape != expected[k].shape]
     if wrong:
         raise FcosError(f"{ckpt.path}: tensor shapes do not fit: {'; '.join(wrong[:5])}")
+    not_float = [
+        f"{k} ({str(v.dtype).removeprefix('torch.')})"
+        for k, v in ckpt.state_dict.items()
+        if expected[k].is_floating_point() and not v.is_floating_point()
+    ]
+    if not_float:
+        raise FcosError(
+            f"{ckpt.path}: {len(not_float)} weight tensor(s) are not floating point, so not trained weights: "
+            f"{', '.join(not_float[:5])}{' …' if len(not_float) > 5 else ''}"
+        )
+    non_finite = [
+        f"{k} ({int((~v.isfinite()).sum())} of {v.numel()})"
+        for k, v in ckpt.state_dict.items()
+        if v.is_floating_point() and not bool(v.isfinite().all())
+    ]
+    if non_finite:
+        raise FcosError(
+            f"{ckpt.path}: {len(non_finite)} tensor(s) hold NaN/inf values (a diverged or corrupted checkpoint): "
+            f"{', '.join(non_finite[:5])}{' …' if len(non_finite) > 5 else ''}"
+        )
     model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()}, strict=True)
     return model.eval()
 
@@ -445,7 +516,12 @@ def build_model(ckpt: LoadedCheckpoint):
 def load_model(path: str | Path, overrides: ModelOverrides | None = None):
     """Checkpoint file -> (eval-mode :class:`FCOS`, :class:`LoadedCheckpoint`)."""
     ckpt = load_checkpoint(path, overrides)
-    return build_model(ckpt), ckpt
+    try:
+        return build_model(ckpt), ckpt
+    except FcosError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise BadFileError(path, f"cannot build an FCOS from it ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def mmdet_state_dict(model, head_names: str = "conv", with_num_batches_tracked: bool = True) -> dict[str, Any]:

@@ -188,7 +188,7 @@ def _fresh_result_dir(root: Path, key: str) -> Path:
 def run(opts: RunOptions) -> dict[str, Any]:
     """Run the whole recipe; returns the report dict (also written to ``report.json``)."""
     from fcos_offline.engine.backends import EngineOptions, open_engine, resolve_model
-    from fcos_offline.engine.infer import run_inference
+    from fcos_offline.engine.infer import cap_batch, run_inference
     from fcos_offline.export.cache import cached_export
     from fcos_offline.export.metadata import read_metadata
 
@@ -233,9 +233,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
             offline_model = Path(opts.model)
             engines = (artifact.engine,) if artifact else opts.engines
             model_precision = artifact.precision if artifact else None
-        configs = [("offline", e, b) for e in engines for b in opts.batch_sizes]
+        batch_sizes = list(dict.fromkeys(cap_batch(b, len(run_items)) for b in opts.batch_sizes))
+        configs = [("offline", e, b) for e in engines for b in batch_sizes]
         if opts.online:
-            configs += [("online", ONLINE_ENGINE, b) for b in opts.batch_sizes]
+            configs += [("online", ONLINE_ENGINE, b) for b in batch_sizes]
         entries = []
         first_eval = True
         for mode, engine_name, bs in configs:

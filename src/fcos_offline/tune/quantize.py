@@ -215,6 +215,7 @@ def preprocess_for_ort(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     dst = Path(dst)
     if dst.is_file():
         return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".part")
     try:
         quant_pre_process(str(src), str(tmp), skip_symbolic_shape=True)

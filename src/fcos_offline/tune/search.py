@@ -55,6 +55,7 @@ from fcos_offline.data.dataset import (
 from fcos_offline.engine.artifact import Artifact, read_artifact, write_artifact
 from fcos_offline.engine.backends import EngineOptions, backend, open_engine
 from fcos_offline.engine.base import Engine
+from fcos_offline.engine.infer import cap_batch
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.io import atomic_folder, file_digest
 from fcos_offline.progress import info, warn
@@ -232,7 +233,7 @@ class Tuner:
             val = demo_split(data_dir / "demo_val", "val", n_eval, DEMO_VAL_SEED)
             train = demo_split(data_dir / "demo_train", "train", n_calib, DEMO_TRAIN_SEED)
             eval_set = prepare_eval_set(data_dir / "eval", val / "val2017", val / "annotations" / "instances_val2017.json", n_eval, demo=True)
-            calib = [str(p) for p in list_images(train / "train2017")][:n_calib]
+            calib = [str(p) for p in list_images(train / "train2017") if p.is_file()][:n_calib]
             description = (
                 f"demo: {n_eval} validation images (seed {DEMO_VAL_SEED}), {n_calib} calibration images from the train split (seed {DEMO_TRAIN_SEED})"
             )
@@ -243,7 +244,7 @@ class Tuner:
             if len(eval_set.items) + len(eval_set.missing) < n_eval:
                 warn(f"only {len(eval_set.items)} annotated images available for evaluation (asked for {n_eval})")
             eval_paths = {it.path for it in eval_set.items} | {m["path"] for m in eval_set.missing}
-            calib = [str(p) for p in list_images(images_dir) if str(p) not in eval_paths][:n_calib]
+            calib = [str(p) for p in list_images(images_dir) if p.is_file() and str(p) not in eval_paths][:n_calib]
             if len(calib) < n_calib:
                 extra = [it.path for it in eval_set.items][: n_calib - len(calib)]
                 if extra:
@@ -690,6 +691,10 @@ class Tuner:
             warn(f"{self.source} has a fixed batch of {fixed}: tuning batch size {fixed} only (export with --dynamic-export for more)")
             self.opts = dataclasses.replace(self.opts, batch_sizes=(fixed,))
         self.data = self._prepare_data(demo, metadata, (int(canvas[0]), int(canvas[1])))
+        n_items = len(self.data.eval_set.items)
+        if max(self.opts.batch_sizes) > n_items:
+            capped = tuple(dict.fromkeys(cap_batch(b, n_items) for b in self.opts.batch_sizes))
+            self.opts = dataclasses.replace(self.opts, batch_sizes=capped)
         self.context = self._context()
         skipped = self.state.skipped
         self.state = load_state(self.out / TUNE_FILE, self.context, self.opts.max_map_drop, self.opts.fresh)

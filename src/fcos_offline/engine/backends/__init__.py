@@ -19,6 +19,7 @@ from fcos_offline.engine.base import (
     EngineConfig,
     EngineOptions,
     ModelSource,
+    cap_threads,
     resolve_options,
 )
 from fcos_offline.errors import FcosError, UsageError
@@ -120,7 +121,7 @@ def open_engine(
         recorded = replace(artifact.engine_options or EngineOptions(), engine=artifact.engine, batch_size=None)
     elif source.kind == "checkpoint":
         recorded = EngineOptions(engine="torch")
-    config = resolve_options(options, recorded)
+    config = cap_threads(resolve_options(options, recorded))
     chosen = backend(config.engine)
     if source.kind not in chosen.MODEL_KINDS:
         if source.kind == "checkpoint":

@@ -66,6 +66,9 @@ class TorchEngine(Engine):
     def execution_precision(self) -> str:
         return "fp32"
 
+    def model_settings(self) -> dict[str, Any]:
+        return dict(self.checkpoint.config.to_dict())
+
     def version(self) -> str:
         return version()
 
