@@ -76,7 +76,7 @@ def test_wrong_size_is_a_clear_error_and_can_be_skipped(tmp_path):
     write_dumps(tmp_path, "good", labels, dets)
     (tmp_path / "bad_1.bin").write_bytes(bytes(800))
     (tmp_path / "bad_2.bin").write_bytes(bytes(1999))
-    with pytest.raises(BadFileError, match="1999 bytes fits neither") as info:
+    with pytest.raises(BadFileError, match="1999 bytes fits neither dump") as info:
         read_dumps(tmp_path)
     assert info.value.path.endswith("bad_2.bin")
     assert "800 bytes" in str(info.value) and "2000 bytes" in str(info.value)
@@ -100,7 +100,8 @@ def test_unpaired_and_misnamed_files(tmp_path):
     assert "no dets dump for lonely" in problems["lonely_1.bin"]
     assert "not a dump name" in problems["input.bin"]
     assert "no labels .npy for half" in problems["half_dets.npy"]
-    assert "(99,)" in problems["wrong_labels.npy"]
+    # any K is read: 99 labels are valid, so the dets (100 rows) are the file that does not fit
+    assert "(100, 5)" in problems["wrong_dets.npy"] and "x 99" in problems["wrong_dets.npy"]
 
 
 def test_dumps_complete_detects_partial(tmp_path):

@@ -193,11 +193,11 @@ def test_bin_mode_jpg_mode_and_streaming_dumps_are_identical(reference, runs, mo
         valid = labels >= 0
         assert np.all(dets[valid, 4] > 0) and np.all(dets[~valid] == 0) and np.all(labels[~valid] == -1)
         assert np.all(dets[valid, 2] <= CANVAS[1]) and np.all(dets[valid, 3] <= CANVAS[0])
-    # streaming wrote no intermediate tensor anywhere: only dumps, summary and perf file, images untouched
+    # streaming wrote no intermediate tensor anywhere: only dumps, summary, perf file and the dumps' key, images untouched
     assert sorted(p.name for p in images.iterdir()) == listing_before
     for out in (reference, jpg_out):
         extra = {p.name for p in out.iterdir()} - set(ref)
-        assert extra == {"summary.json", "perf_vision_batchsize_1_device_0.txt"}, extra
+        assert extra == {"summary.json", "perf_vision_batchsize_1_device_0.txt", ".fcos-dumps.json"}, extra
     # the bin flow measured no preprocessing, the streaming flows did, per image
     assert summary(bin_out)["latency_ms"]["preprocess"]["count"] == 0
     assert summary(reference)["latency_ms"]["preprocess"]["count"] == NUM_IMAGES
@@ -393,6 +393,7 @@ def test_resume_redoes_only_missing_or_torn_dumps(reference, model, images, tmp_
     names = sorted(stems(images))
     for name, data in ref.items():
         (out / name).write_bytes(data)
+    (out / ".fcos-dumps.json").write_bytes((reference / ".fcos-dumps.json").read_bytes())  # the same model's run was interrupted
     (out / f"{names[0]}_2.bin").unlink()  # labels written, dets not: killed between the two files
     (out / f"{names[1]}_1.bin").write_bytes(ref[f"{names[1]}_1.bin"][:300])  # torn by a non-atomic writer
     (out / f"{names[2]}_1.bin").unlink()

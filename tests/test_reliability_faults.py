@@ -460,7 +460,7 @@ def test_injected_enospc_preprocess_and_get_info(data, full_disk, tmp_path, caps
 def test_injected_enospc_infer_then_resume(tiny, data, reference, full_disk, tmp_path, capsys) -> None:
     out_dir = tmp_path / "dumps"
     args = ["infer", "--model", tiny.onnx, "--images", data.images, "--output", out_dir, "--workers", 0]
-    disk = full_disk(9)  # 4 whole pairs and a lone labels file, then the disk is full
+    disk = full_disk(10)  # the dumps' key, 4 whole pairs and a lone labels file, then the disk is full
     code, out, err = cli(capsys, *args)
     assert_clean(code, out, err, 1, Path(disk.failed[0]).name.split(".part")[0])
     record(

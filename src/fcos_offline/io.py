@@ -101,7 +101,7 @@ def read_text_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what
     except IsADirectoryError:
         raise FcosError(f"{p}: is a folder, expected a {what}") from None
     except OSError as exc:
-        raise FcosError(f"cannot read {p}: {exc.strerror or exc}") from None
+        raise FcosError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     if len(data) > limit:  # grew while we read it
         raise FcosError(f"{p}: larger than {limit:,} bytes; not a {what} this tool reads")
     try:

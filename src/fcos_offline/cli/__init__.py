@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from fcos_offline.cli import data, demo, engine, evaluate, export, model, run, tune
+    from fcos_offline.cli import compare, data, demo, engine, evaluate, export, model, run, tune
 
     parser = _Parser(
         prog="fcos-offline",
@@ -44,7 +44,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "  postprocess           dumps -> COCO bbox mAP (class-wise) + summary.json\n"
             "  parse                 fps from a perf file or summary.json\n"
             "  run                   all of the above in one command (default: embedded demo)\n"
-            "  tune                  fastest configuration within an accuracy budget\n\n"
+            "  tune                  fastest configuration within an accuracy budget\n"
+            "  compare A B           where and why two models (or dump sets) stop matching, down to the layer\n\n"
             "Exit codes: 0 ok, 1 failed, 2 usage error, 3 completed with skips."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -52,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fcos-offline {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
-    for module in (model, export, data, engine, evaluate, run, tune, demo):
+    for module in (model, export, data, engine, evaluate, run, tune, compare, demo):
         module.register(sub)
     return parser
 

@@ -22,6 +22,7 @@ from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from fcos_offline.data.dataset import InputItem
     from fcos_offline.engine.backends import open_engine
     from fcos_offline.engine.infer import cap_batch, gather_items, run_inference
 
@@ -34,12 +35,16 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     model = args.checkpoint or args.model
     if not model:
         raise UsageError("give --model (ONNX file, OpenVINO .xml or convert folder), or --checkpoint with --engine torch")
-    items = gather_items(args.images, args.input_info)
-    if not items:
-        raise FcosError(f"{args.input_info}: no inputs listed; nothing to infer")
-    batch_size = cap_batch(args.batch_size, len(items))
+    try:  # counted first (the batch is capped to them), reported after the model's own problems
+        items: list[InputItem] | None = gather_items(args.images, args.input_info)
+        items_error = None if items else FcosError(f"{args.input_info}: no inputs listed; nothing to infer")
+    except FcosError as exc:
+        items, items_error = None, exc
+    batch_size = cap_batch(args.batch_size, len(items)) if items else args.batch_size
     shape = tuple(args.shape) if args.shape else None
     with open_engine(model, engine_options_from_args(args, batch_size), shape, overrides_from_args(args)) as engine:
+        if items_error is not None or items is None:
+            raise items_error or FcosError("no inputs")
         s = run_inference(
             engine,
             items,

@@ -36,6 +36,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         online=not args.no_online,
         write_bins=args.write_bins,
+        compare=args.compare,
         threads=args.threads,
         vis_images=args.vis_images,
         overrides=overrides_from_args(args),
@@ -82,6 +83,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--workdir", help="work folder (default runs/<timestamp>); rerun with the same one to reuse finished steps")
     add_flag(p, "--num-images", type=POSITIVE_INT, help="use only the first N images (sorted by file name)")
     add_flag(p, "--no-online", action="store_true", help="skip the online PyTorch baseline")
+    add_flag(
+        p,
+        "--compare",
+        action="store_true",
+        help="compare the offline dumps with the online baseline's, image by image "
+        "(compare.json and a section in report.md; see 'fcos-offline compare')",
+    )
     add_flag(p, "--write-bins", action="store_true", help="write the recipe's .bin tensors and .info files instead of streaming")
     add_flag(p, "--vis-images", type=COUNT, default=4, help="images with drawn detections in the report (default 4)")
     add_model_flags(p)

@@ -139,16 +139,26 @@ def _load_npy(path: Path, role: str, num_dets: int | None) -> np.ndarray:
 
 def _pair_by_size(stem: str, group: dict[int, Path], num_dets: int | None) -> tuple[Path, Path, int]:
     """(labels, dets, K): the two files whose sizes make a labels/dets pair (of ``num_dets``, if given)."""
-    if len(group) != 2:
-        found = ", ".join(p.name for p in group.values())
-        if len(group) < 2:
-            raise BadFileError(group[min(group)], f"no pair of dumps for {stem} (found {found})")
+    found = ", ".join(p.name for p in group.values())
+    if len(group) == 1:
+        (only,) = group.values()
+        size = only.stat().st_size
+        missing = "dets" if size % 20 or size == 8 * (num_dets or NUM_DETS) else "labels"
+        raise BadFileError(only, f"no {missing} dump for {stem} (found {found})")
+    if len(group) > 2:
         raise BadFileError(group[min(group)], f"{len(group)} dump files for {stem} ({found}); give net_out_num to choose")
     a, b = sorted(group.values(), key=lambda p: p.stat().st_size)
-    k = pair_size(a.stat().st_size, b.stat().st_size)
-    if k is None or (num_dets is not None and k != num_dets):
-        raise BadFileError(a, f"{a.stat().st_size} and {b.stat().st_size} bytes ({a.name}, {b.name}) are not a dump pair ({_size_text(num_dets)})")
-    return a, b, k
+    sa, sb = a.stat().st_size, b.stat().st_size
+    k = pair_size(sa, sb)
+    if k is not None and (num_dets is None or k == num_dets):
+        return a, b, k
+    if sa % 8 == 0 and sa > 0 and (num_dets is None or sa == 8 * num_dets):
+        raise BadFileError(
+            b,
+            f"{sb} bytes fits neither dump: beside {a.name} ({sa} bytes, labels of {sa // 8}) dets are "
+            f"{20 * (sa // 8)} bytes ({_size_text(num_dets or sa // 8)})",
+        )
+    raise BadFileError(a, f"{sa} bytes fits neither dump ({_size_text(num_dets)})")
 
 
 def _pair_by_index(stem: str, group: dict[int, Path], net_out_num: int, num_dets: int | None) -> tuple[Path, Path, int]:

@@ -122,7 +122,7 @@ def read_info(path: str | os.PathLike) -> list[InfoEntry]:
 
     Paths may contain spaces (the last two fields are the sizes); blank lines are ignored.
     """
-    text = read_text_bounded(path, 256 << 20, ".info file")
+    text = read_text_bounded(path, 256 << 20, "info file")
     entries: list[InfoEntry] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -59,7 +59,7 @@ def load_annotations(ann: AnnotationSource) -> dict:
     """The annotation JSON as a dict (a dict passes through)."""
     if isinstance(ann, dict):
         return ann
-    data = read_json_bounded(ann, what="COCO annotation file")
+    data = read_json_bounded(ann, what="annotation file")
     check_instances(data, ann)
     return data
 

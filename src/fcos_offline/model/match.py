@@ -27,7 +27,8 @@ class MatchStats:
         return {**asdict(self), "match_rate": self.match_rate}
 
 
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a [N,4+]`` with every box of ``b [M,4+]`` (identical zero-area boxes: 1)."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
     inter = np.clip(rb - lt, 0, None).prod(-1)
@@ -55,7 +56,7 @@ def match_detections(
     a, la, b, lb = dets_a[keep_a], labels_a[keep_a], dets_b[keep_b], labels_b[keep_b]
     if len(a) == 0 or len(b) == 0:
         return MatchStats(len(a), len(b), 0, 0.0, 0.0)
-    iou = _iou_matrix(a, b)
+    iou = iou_matrix(a, b)
     ok = (la[:, None] == lb[None, :]) & (iou > iou_thr) & (np.abs(a[:, None, 4] - b[None, :, 4]) <= score_tol)
     used = np.zeros(len(b), dtype=bool)
     matched, box_err, score_err = 0, 0.0, 0.0

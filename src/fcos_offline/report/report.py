@@ -92,7 +92,34 @@ def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[s
         lines += [f"## {name}", "", f"![{name}]({path})", ""]
     if vis:
         lines += ["## detections", ""] + [f"![{Path(v).stem}]({v})" for v in vis] + [""]
+    if context.get("compare"):
+        lines += compare_section(context["compare"])
     return "\n".join(lines)
+
+
+def compare_section(c: dict[str, Any]) -> list[str]:
+    """``report.md``'s section for ``run --compare`` (offline vs online dumps, from compare.json)."""
+    o = c["overall"]
+    lines = [
+        "## compare: offline vs online",
+        "",
+        f"A (online, the reference): `{c['a']['path']}`; B (offline): `{c['b']['path']}`.",
+        "",
+        f"- {o['images']} images: {o['matched']} of {o['detections_a']} / {o['detections_b']} detections matched "
+        f"(same label, IoU >= {o['iou_thr']:g}; {100 * o['match_rate']:.2f}%), only in A {o['only_a']}, only in B {o['only_b']}",
+        f"- score error max {o['score_err_max']:.2e} (p99 {o['score_err_p99']:.2e}); box error max {o['box_err_px_max']:.2f} px "
+        f"(p99 {o['box_err_px_p99']:.2f})",
+        f"- {'within' if c['within_tolerance'] else 'NOT within'} tolerance (compare.json has every image)",
+    ]
+    worst = c.get("worst") or []
+    if worst:
+        lines += ["", "| image | A | B | matched | only A | only B | max Δscore | max Δbox px |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"| {w['stem']} | {w['num_a']} | {w['num_b']} | {w['matched']} | {w['only_a']} | {w['only_b']} | "
+            f"{w['max_score_err']:.2e} | {w['max_box_err']:.2f} |"
+            for w in worst[:10]
+        ]
+    return [*lines, ""]
 
 
 def _plot(plot, data: Any, out_png: Path, *args: Any) -> str:

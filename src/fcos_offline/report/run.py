@@ -56,6 +56,7 @@ class RunOptions:
     write_bins: bool = False
     threads: int | None = None
     vis_images: int = 4
+    compare: bool = False  # compare the first offline configuration's dumps with the online baseline's
     overrides: Any = None
     demo_images: int | None = None
 
@@ -275,6 +276,15 @@ def run(opts: RunOptions) -> dict[str, Any]:
                     "eval": str(paths.root / "eval" / tag),
                 }
             )
+        comparison = None
+        if opts.compare:
+            online_entry = next((e for e in entries if e["mode"] == "online"), None)
+            offline_entry = next((e for e in entries if e["mode"] == "offline"), None)
+            if online_entry is None or offline_entry is None:
+                raise UsageError("--compare needs an offline engine and the online baseline (drop --no-online)")
+            from fcos_offline.compare.run import compare_dump_folders
+
+            comparison = compare_dump_folders(Path(online_entry["dumps"]), Path(offline_entry["dumps"]), paths.root / "compare")
         from fcos_offline.report.report import write_report
 
         report = write_report(
@@ -296,6 +306,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 "cores": os.cpu_count(),
                 "missing_images": [m["path"] for m in eval_set.missing],
                 "missing_image_problems": eval_set.missing,
+                "compare": comparison,
             },
             opts.vis_images,
         )

@@ -1,0 +1,121 @@
+"""Final outputs of two runs, image by image: which detections match, and by how much they differ.
+
+A detection of A matches one of B when the labels are equal and their IoU is at least
+``iou_thr``; pairs are formed greedily in A's score order, each B detection used once. For the
+matched pairs the score error and the box error (largest coordinate difference, canvas pixels)
+are collected; the rest are "only in A" / "only in B".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fcos_offline.model.match import iou_matrix
+
+Dumps = dict[str, tuple[np.ndarray, np.ndarray]]  # stem -> (labels [K], dets [K,5])
+
+
+@dataclass
+class ImageComparison:
+    """One image: detections matched and the errors of the matched pairs."""
+
+    stem: str
+    num_a: int
+    num_b: int
+    matched: int
+    max_score_err: float = 0.0
+    max_box_err: float = 0.0
+    score_errs: list[float] = field(default_factory=list, repr=False)
+    box_errs: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def only_a(self) -> int:
+        """Detections of A without a partner in B."""
+        return self.num_a - self.matched
+
+    @property
+    def only_b(self) -> int:
+        """Detections of B without a partner in A."""
+        return self.num_b - self.matched
+
+    @property
+    def match_rate(self) -> float:
+        """Matched / the larger side (1.0 when both are empty)."""
+        return 1.0 if self.num_a == self.num_b == 0 else self.matched / max(self.num_a, self.num_b)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON view (without the per-pair lists)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("score_errs", "box_errs")}
+        return {**out, "only_a": self.only_a, "only_b": self.only_b, "match_rate": self.match_rate}
+
+
+def compare_image(stem: str, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], iou_thr: float) -> ImageComparison:
+    """Match one image's detections (padding rows, label < 0, are ignored)."""
+    la, da = a[0][a[0] >= 0], a[1][a[0] >= 0]
+    lb, db = b[0][b[0] >= 0], b[1][b[0] >= 0]
+    result = ImageComparison(stem, len(la), len(lb), 0)
+    if len(la) == 0 or len(lb) == 0:
+        return result
+    iou = iou_matrix(da, db)
+    ok = (la[:, None] == lb[None, :]) & (iou >= iou_thr)
+    used = np.zeros(len(lb), dtype=bool)
+    for i in np.argsort(-da[:, 4], kind="stable"):
+        cand = np.flatnonzero(ok[i] & ~used)
+        if len(cand) == 0:
+            continue
+        j = cand[np.argmax(iou[i, cand])]
+        used[j] = True
+        result.matched += 1
+        result.score_errs.append(float(abs(da[i, 4] - db[j, 4])))
+        result.box_errs.append(float(np.abs(da[i, :4] - db[j, :4]).max()))
+    result.max_score_err = max(result.score_errs, default=0.0)
+    result.max_box_err = max(result.box_errs, default=0.0)
+    return result
+
+
+@dataclass
+class OutputComparison:
+    """Every image of two dump sets compared, plus the overall figures."""
+
+    images: list[ImageComparison]
+    only_in_a_set: list[str]  # stems dumped by A only
+    only_in_b_set: list[str]
+    iou_thr: float
+
+    def overall(self) -> dict[str, Any]:
+        """Totals, match rate and score/box error max and p99 over every matched pair."""
+        score = np.array([e for im in self.images for e in im.score_errs]) if self.images else np.zeros(0)
+        box = np.array([e for im in self.images for e in im.box_errs]) if self.images else np.zeros(0)
+        num_a = sum(im.num_a for im in self.images)
+        num_b = sum(im.num_b for im in self.images)
+        matched = sum(im.matched for im in self.images)
+        return {
+            "images": len(self.images),
+            "detections_a": num_a,
+            "detections_b": num_b,
+            "matched": matched,
+            "only_a": num_a - matched,
+            "only_b": num_b - matched,
+            "match_rate": 1.0 if num_a == num_b == 0 else matched / max(num_a, num_b),
+            "score_err_max": float(score.max()) if score.size else 0.0,
+            "score_err_p99": float(np.percentile(score, 99)) if score.size else 0.0,
+            "box_err_px_max": float(box.max()) if box.size else 0.0,
+            "box_err_px_p99": float(np.percentile(box, 99)) if box.size else 0.0,
+            "images_only_in_a": self.only_in_a_set,
+            "images_only_in_b": self.only_in_b_set,
+            "iou_thr": self.iou_thr,
+        }
+
+    def worst(self, n: int) -> list[ImageComparison]:
+        """The ``n`` images that differ most: unmatched detections first, then the largest score error."""
+        ranked = sorted(self.images, key=lambda im: (im.only_a + im.only_b, im.max_score_err, im.max_box_err), reverse=True)
+        return [im for im in ranked[:n] if im.only_a + im.only_b or im.max_score_err or im.max_box_err]
+
+
+def compare_dumps(a: Dumps, b: Dumps, iou_thr: float = 0.5) -> OutputComparison:
+    """Compare the images both sides dumped; the others are listed."""
+    common = sorted(set(a) & set(b))
+    return OutputComparison([compare_image(s, a[s], b[s], iou_thr) for s in common], sorted(set(a) - set(b)), sorted(set(b) - set(a)), iou_thr)

@@ -1,0 +1,157 @@
+"""``fcos-offline compare``: same model vs itself, a perturbed copy found at the right layer, int8 vs fp32 with
+tune's sensitivity signal, dump folders in two namings, checkpoint vs ONNX, and ``run --compare``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fcos_offline.cli import main
+from fcos_offline.demo import DEMO_CHECKPOINT
+
+CANVAS = (320, 512)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> SimpleNamespace:
+    """The shipped demo model exported to ONNX, 8 validation images with annotations, 8 calibration images."""
+    from fcos_offline.demo.synthetic import make_demo_data
+    from fcos_offline.export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("compare")
+    onnx_path = root / "demo.onnx"
+    export_checkpoint(DEMO_CHECKPOINT, onnx_path, CANVAS, dynamic_batch=True)
+    make_demo_data(root / "val", "val", 8, seed=1000)
+    make_demo_data(root / "calib", "train", 8, seed=0)
+    return SimpleNamespace(
+        root=root, onnx=onnx_path, images=root / "val" / "val2017", ann=root / "val" / "annotations", calib=root / "calib" / "train2017"
+    )
+
+
+def _compare(tmp_path: Path, a: object, b: object, *extra: object) -> tuple[int, dict]:
+    out = tmp_path / "cmp"
+    code = main(["compare", str(a), str(b), "--output", str(out), *map(str, extra)])
+    return code, json.loads((out / "compare.json").read_text())
+
+
+def test_a_model_against_itself_matches_everything(demo, tmp_path, capsys) -> None:
+    code, c = _compare(tmp_path, demo.onnx, demo.onnx, "--images", demo.images, "--annotations", demo.ann, "--layers")
+    o = c["overall"]
+    assert code == 0 and c["within_tolerance"]
+    assert o["matched"] == o["detections_a"] == o["detections_b"] > 100 and o["only_a"] == o["only_b"] == 0
+    assert o["score_err_max"] == 0.0 and o["box_err_px_max"] == 0.0
+    assert c["delta_mAP"] == 0.0 and c["a"]["mAP"]["bbox_mAP"] > 0.3  # a real detector: mAP as a fraction
+    tensors = c["layers"]["tensors"]
+    assert len(tensors) > 30 and c["layers"]["first_divergence"] is None
+    assert all(t["max_abs"] == 0.0 and t["cosine"] == pytest.approx(1.0) for t in tensors)
+    labels = [t["label"] for t in tensors]
+    assert labels.index("backbone.conv1") < labels.index("neck.fpn_convs.0.conv @P3") < labels.index("bbox_head.conv_cls @P3")
+    assert {f"bbox_head.conv_cls @P{p}" for p in range(3, 8)} <= set(labels)  # head maps per level
+    assert "within tolerance" in capsys.readouterr().out
+
+
+def _perturbed_copy(src: Path, dst: Path, node: str, factor: float = 1.5) -> None:
+    """``src`` with one conv node's weights scaled (a private copy of the shared head weight for that level only)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    conv = next(n for n in model.graph.node if n.name == node)
+    init = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    scaled = numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), name=init.name + "_perturbed")
+    model.graph.initializer.append(scaled)
+    conv.input[1] = scaled.name
+    onnx.save(model, str(dst))
+
+
+def test_a_perturbed_head_conv_at_p4_is_named_as_the_first_divergence(demo, tmp_path, capsys) -> None:
+    node = "/network/bbox_head/cls_convs.1/conv_1/Conv"  # the second cls conv, on level P4 only
+    perturbed = tmp_path / "perturbed.onnx"
+    _perturbed_copy(demo.onnx, perturbed, node)
+    code, c = _compare(tmp_path, demo.onnx, perturbed, "--images", demo.images, "--layers", "--num-images", 4)
+    first = c["layers"]["first_divergence"]
+    assert code == 1 and not c["within_tolerance"]
+    assert first["tensor"] == node + "_output_0" and first["label"] == "bbox_head.cls_convs.1.conv @P4"
+    before = [t for t in c["layers"]["tensors"][: [t["tensor"] for t in c["layers"]["tensors"]].index(first["tensor"])]]
+    assert before and all(t["within"] and t["max_abs"] == 0.0 for t in before)  # everything before it is identical
+    others = [t for t in c["layers"]["tensors"] if "@P3" in t["label"] or "@P5" in t["label"]]
+    assert others and all(t["max_abs"] == 0.0 for t in others)  # the other levels are untouched
+    out = capsys.readouterr().out
+    assert "first divergence: bbox_head.cls_convs.1.conv @P4" in out and "NOT within tolerance" in out
+
+
+def test_int8_against_fp32_reports_tunes_sensitivity_signal(demo, tmp_path, capsys) -> None:
+    """The int8 model tune probes with: compare's per-group signal is tune's own, computed on the same images."""
+    from fcos_offline.data.preprocess import list_images
+    from fcos_offline.tune import quantize as q
+    from fcos_offline.tune.space import ORT_QDQ_DEFAULT, ort_config
+
+    calib = [str(p) for p in list_images(demo.calib)]
+    images = q.ImageTensors(calib, CANVAS)
+    pre = q.preprocess_for_ort(demo.onnx, tmp_path / "pre.onnx")
+    probe = tmp_path / "probe" / "model.onnx"
+    q.ort_quantize(pre, probe, images, ort_config(f"{ORT_QDQ_DEFAULT}-keepact"), cache_dir=tmp_path / "cal")
+    groups = q.conv_groups(pre)
+    tune_scores = {g: v["score"] for g, v in q.layer_sensitivity(pre, probe, images, groups, 4).items()}
+    tune_order = [g.name for g in q.fallback_order(groups, tune_scores)]
+
+    code, c = _compare(tmp_path, pre, probe, "--images", demo.calib, "--layers", "--layer-images", 4, "--num-images", 8)
+    assert code == 1  # int8 differs from fp32
+    sens = c["quantization_sensitivity"]
+    assert sens["order"][:8] == sorted(tune_scores, key=lambda g: -tune_scores[g])[:8]
+    # the groups tune returns to float first (the head's last convs, then by this signal) are the compare table's worst
+    worst_by_signal = [g for g in tune_order if not g.startswith("bbox_head.conv_")][:5]
+    assert worst_by_signal == [g for g in sens["order"] if not g.startswith("bbox_head.conv_")][:5]
+    assert c["layers"]["first_divergence"] is not None and c["overall"]["match_rate"] > 0.5
+    assert "most quantization-sensitive conv groups" in capsys.readouterr().out
+
+
+def test_two_dump_folders_in_the_two_namings_give_the_models_report(demo, tmp_path) -> None:
+    from fcos_offline.data.info import make_info
+
+    a_dir = tmp_path / "a"
+    assert main(["infer", "--model", str(demo.onnx), "--images", str(demo.images), "--output", str(a_dir), "--workers", "0"]) == 0
+    ais = tmp_path / "ais"  # the same dumps in ais_bench's 0-based naming (labels _0, dets _1)
+    ais.mkdir()
+    for p in a_dir.glob("*_1.bin"):
+        shutil.copy(p, ais / p.name.replace("_1.bin", "_0.bin"))
+    for p in a_dir.glob("*_2.bin"):
+        shutil.copy(p, ais / p.name.replace("_2.bin", "_1.bin"))
+    info = tmp_path / "jpg.info"
+    make_info("jpg", demo.images, info, workers=1)
+    code, dumps_report = _compare(tmp_path / "d", a_dir, ais, "--annotations", demo.ann, "--info", info)
+    code_models, models_report = _compare(tmp_path / "m", demo.onnx, demo.onnx, "--images", demo.images, "--annotations", demo.ann)
+    assert code == code_models == 0
+    keys = ("images", "detections_a", "detections_b", "matched", "only_a", "only_b", "score_err_max", "box_err_px_max")
+    assert {k: dumps_report["overall"][k] for k in keys} == {k: models_report["overall"][k] for k in keys}
+    assert dumps_report["a"]["mAP"] == models_report["a"]["mAP"] == dumps_report["b"]["mAP"]
+
+
+def test_checkpoint_against_onnx_and_pictures(demo, tmp_path) -> None:
+    code, c = _compare(tmp_path, DEMO_CHECKPOINT, demo.onnx, "--images", demo.images, "--num-images", 4, "--draw", 2)
+    o = c["overall"]
+    assert code == 0 and o["match_rate"] == 1.0 and o["score_err_max"] < 1e-4
+    assert c["a"]["kind"] == "checkpoint" and c["a"]["canvas"] == list(CANVAS)  # the canvas came from the ONNX side
+    assert len(c["pictures"]) == 2 and all(Path(p).is_file() for p in c["pictures"])
+
+
+def test_usage_errors(demo, tmp_path, capsys) -> None:
+    assert main(["compare", str(demo.onnx), str(demo.onnx), "--output", str(tmp_path / "x")]) == 2  # models need --images
+    assert main(["compare", str(demo.onnx), str(tmp_path / "nothing"), "--images", str(demo.images)]) == 1
+    err = capsys.readouterr().err
+    assert "--images" in err and "nothing" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_run_compare_writes_a_report_section(tmp_path) -> None:
+    from fcos_offline.report.run import RunOptions, run
+
+    report = run(RunOptions(workdir=str(tmp_path / "w"), num_images=4, batch_sizes=(2,), engines=("onnxruntime",), compare=True, vis_images=0))
+    c = json.loads((tmp_path / "w" / "compare" / "compare.json").read_text())
+    assert c["within_tolerance"] and c["overall"]["matched"] > 0 and report["compare"]["overall"] == c["overall"]
+    assert "## compare: offline vs online" in (tmp_path / "w" / "report.md").read_text()
