@@ -125,3 +125,20 @@ def engine_options_from_args(args: argparse.Namespace, batch_size: int | None = 
         precision=getattr(args, "precision", None),
         batch_size=batch_size,
     )
+
+
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """--ray [ADDRESS] and the actor pool's size (pip install 'fcos-offline[ray]')."""
+    g = parser.add_argument_group("distributed (Ray Data; pip install 'fcos-offline[ray]')")
+    add_flag(
+        g,
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: alone, a local cluster sized to this machine; or a cluster address (ray://head:10001, host:6379)",
+    )
+    add_flag(g, "--ray-actors", type=number(int, 1, 100_000), default=1, help="engine actors, one engine each (default 1)")
+    add_flag(g, "--ray-cpus-per-actor", type=number(float, 0.0, 1024, low_open=True), default=1.0, help="CPUs per actor (default 1)")
+    add_flag(g, "--ray-gpus-per-actor", type=number(float, 0.0, 64), default=0.0, help="GPUs per actor (default 0)")

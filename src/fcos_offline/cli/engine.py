@@ -11,6 +11,7 @@ from fcos_offline.cli.common import (
     add_engine_flags,
     add_flag,
     add_model_flags,
+    add_ray_flags,
     engine_options_from_args,
     number,
     overrides_from_args,
@@ -21,10 +22,26 @@ from fcos_offline.engine.backends.onnxruntime import ORT_OPT_LEVELS
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
 
 
+def _inputs(args: argparse.Namespace) -> list:
+    """--images (a folder, a file:// URL, or, with --ray, any fsspec URL) or --input-info."""
+    from fcos_offline.engine.infer import gather_items
+
+    if args.images and "://" in args.images:
+        from fcos_offline.engine.distributed import list_remote_images, local_path
+
+        local = local_path(args.images)
+        if local is not None:
+            return gather_items(local, None)
+        if not args.ray:
+            raise UsageError(f"{args.images}: reading images from a URL needs --ray (or mount it and give the path)")
+        return list_remote_images(args.images)
+    return gather_items(args.images, args.input_info)
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
     from fcos_offline.data.dataset import InputItem
     from fcos_offline.engine.backends import open_engine
-    from fcos_offline.engine.infer import cap_batch, gather_items, run_inference
+    from fcos_offline.engine.infer import cap_batch, run_inference
 
     if args.checkpoint and args.engine in OFFLINE_ENGINES:
         raise UsageError("--checkpoint runs with --engine torch; export it for other engines")
@@ -36,28 +53,52 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     if not model:
         raise UsageError("give --model (ONNX file, OpenVINO .xml or convert folder), or --checkpoint with --engine torch")
     try:  # counted first (the batch is capped to them), reported after the model's own problems
-        items: list[InputItem] | None = gather_items(args.images, args.input_info)
+        items: list[InputItem] | None = _inputs(args)
         items_error = None if items else FcosError(f"{args.input_info}: no inputs listed; nothing to infer")
     except FcosError as exc:
         items, items_error = None, exc
     batch_size = cap_batch(args.batch_size, len(items)) if items else args.batch_size
     shape = tuple(args.shape) if args.shape else None
-    with open_engine(model, engine_options_from_args(args, batch_size), shape, overrides_from_args(args)) as engine:
+    options = engine_options_from_args(args, batch_size)
+    if args.ray:
+        from fcos_offline.engine.distributed import run_inference_ray
+
         if items_error is not None or items is None:
             raise items_error or FcosError("no inputs")
-        s = run_inference(
-            engine,
+        s = run_inference_ray(
+            model,
+            options,
             items,
             args.output,
             batch_size,
             args.output_format,
-            args.warmup,
-            args.loop,
             args.resume,
-            args.workers,
+            args.ray,
+            args.ray_actors,
+            args.ray_cpus_per_actor,
+            args.ray_gpus_per_actor,
+            shape,
+            overrides_from_args(args),
             args.device_id,
             args.perf_dir,
         )
+    else:
+        with open_engine(model, options, shape, overrides_from_args(args)) as engine:
+            if items_error is not None or items is None:
+                raise items_error or FcosError("no inputs")
+            s = run_inference(
+                engine,
+                items,
+                args.output,
+                batch_size,
+                args.output_format,
+                args.warmup,
+                args.loop,
+                args.resume,
+                args.workers,
+                args.device_id,
+                args.perf_dir,
+            )
     lat = s.latency_ms
     print(
         f"{s.num_inferred} images inferred ({s.num_resumed} resumed, {len(s.skipped)} skipped) with "
@@ -107,6 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--resume", action="store_true", help="skip images whose dumps are already complete")
     add_flag(p, "--workers", type=number(int, 0, 1024), help="preprocessing worker processes (0 = in-process; default 1 when streaming)")
     add_flag(p, "--device-id", type=COUNT, default=0, help="N in perf_vision_batchsize_{B}_device_{N}.txt")
+    add_ray_flags(p)
     add_flag(p, "--perf-dir", help="where the perf file goes (default: the dump folder's parent for dumpOutput_*, else the dump folder)")
     add_model_flags(p)
     p.set_defaults(func=_cmd_infer)

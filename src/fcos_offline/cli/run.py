@@ -12,6 +12,7 @@ from fcos_offline.cli.common import (
     THREADS,
     add_flag,
     add_model_flags,
+    add_ray_flags,
     overrides_from_args,
 )
 from fcos_offline.engine.backends import OFFLINE_ENGINES
@@ -37,6 +38,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         online=not args.no_online,
         write_bins=args.write_bins,
         compare=args.compare,
+        ray=args.ray,
+        ray_actors=args.ray_actors,
+        ray_cpus_per_actor=args.ray_cpus_per_actor,
+        ray_gpus_per_actor=args.ray_gpus_per_actor,
         threads=args.threads,
         vis_images=args.vis_images,
         overrides=overrides_from_args(args),
@@ -92,5 +97,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_flag(p, "--write-bins", action="store_true", help="write the recipe's .bin tensors and .info files instead of streaming")
     add_flag(p, "--vis-images", type=COUNT, default=4, help="images with drawn detections in the report (default 4)")
+    add_ray_flags(p)
     add_model_flags(p)
     p.set_defaults(func=_cmd_run)

@@ -130,21 +130,34 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return img
 
 
-def preprocess_image(img_bgr: np.ndarray, canvas_h: int, canvas_w: int) -> tuple[np.ndarray, Letterbox]:
-    """Letterbox and normalise one BGR uint8 image into a float32 [3, H, W] tensor (spec §8.2).
+def letterbox_uint8(img_bgr: np.ndarray, canvas_h: int, canvas_w: int) -> tuple[np.ndarray, Letterbox]:
+    """The first half of :func:`preprocess_image`: the image resized to fit the canvas (uint8) and its placement.
 
-    Resize with ``cv2.INTER_LINEAR`` on uint8 (what ``mmcv.imresize`` does), subtract the BGR
-    mean in float32 (std is 1), zero padding around the centred image, channels first.
+    Resize with ``cv2.INTER_LINEAR`` on uint8, which is what ``mmcv.imresize`` does.
     """
     if img_bgr.ndim != 3 or img_bgr.shape[2] != 3 or img_bgr.dtype != np.uint8:
         raise ValueError(f"expected a BGR uint8 HxWx3 image, got {img_bgr.dtype} {img_bgr.shape}")
     h, w = img_bgr.shape[:2]
     lb = letterbox_for(w, h, canvas_h, canvas_w)
-    resized = cv2.resize(img_bgr, (lb.new_w, lb.new_h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(img_bgr, (lb.new_w, lb.new_h), interpolation=cv2.INTER_LINEAR), lb
+
+
+def to_input_tensor(resized: np.ndarray, pad_top: int, pad_left: int, canvas_h: int, canvas_w: int) -> np.ndarray:
+    """The second half: subtract the BGR mean in float32 (std is 1), zero padding around, channels first."""
     out = np.zeros((3, canvas_h, canvas_w), dtype=np.float32)
-    region = out[:, lb.pad_top : lb.pad_top + lb.new_h, lb.pad_left : lb.pad_left + lb.new_w]
+    region = out[:, pad_top : pad_top + resized.shape[0], pad_left : pad_left + resized.shape[1]]
     np.subtract(resized.transpose(2, 0, 1), _MEAN32, out=region)
-    return out, lb
+    return out
+
+
+def preprocess_image(img_bgr: np.ndarray, canvas_h: int, canvas_w: int) -> tuple[np.ndarray, Letterbox]:
+    """Letterbox and normalise one BGR uint8 image into a float32 [3, H, W] tensor (spec §8.2).
+
+    :func:`letterbox_uint8` then :func:`to_input_tensor`; a distributed run does the first half in
+    a CPU task and the second in the engine's actor (uint8 travels, bit-identical result).
+    """
+    resized, lb = letterbox_uint8(img_bgr, canvas_h, canvas_w)
+    return to_input_tensor(resized, lb.pad_top, lb.pad_left, canvas_h, canvas_w), lb
 
 
 def list_images(src_dir: str | os.PathLike) -> list[Path]:

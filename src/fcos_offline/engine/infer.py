@@ -134,7 +134,7 @@ class _Loader:
 STAMP = ".fcos-dumps.json"
 
 
-def _check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
+def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
     """Dumps are reused (``--resume``) only when the same model and settings made them.
 
     ``out/.fcos-dumps.json`` records :meth:`Engine.output_key`; resuming on another key is
@@ -198,13 +198,14 @@ class InferSummary:
     perf_file: str = ""
     warmup: int = 0
     loop: int = 1
+    distributed: dict[str, Any] | None = None  # a Ray run: cluster, actors, per-actor throughput and latency
 
     def to_dict(self) -> dict[str, Any]:
         """JSON view."""
         return dict(self.__dict__)
 
 
-def _fps(count: int, seconds: float) -> float:
+def fps(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
 
 
@@ -232,7 +233,7 @@ def run_inference(
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})[:3]
         raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(dup)}")
-    _check_dump_folder(out, engine, resume)
+    check_dump_folder(out, engine, resume)
     todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
     resumed = len(items) - len(todo)
     previous = out / "summary.json"
@@ -299,21 +300,26 @@ def run_inference(
         num_resumed=resumed,
         batch_size=batch_size,
         wall_s=wall,
-        throughput_fps=_fps(done, wall),
-        infer_fps=_fps(done, infer_total),
+        throughput_fps=fps(done, wall),
+        infer_fps=fps(done, infer_total),
         latency_ms=latency,
         skipped=skipped,
         output_dir=str(out),
         warmup=warmup,
         loop=loop,
     )
+    return write_summary(summary, out, device_id, perf_dir)
+
+
+def write_summary(summary: InferSummary, out: Path, device_id: int = 0, perf_dir: str | os.PathLike | None = None) -> InferSummary:
+    """The vendor perf file (beside ``dumpOutput_*`` folders, else in ``out``) and ``summary.json``."""
     perf_target = Path(perf_dir) if perf_dir else (out.parent if out.name.startswith("dumpOutput") else out)
-    summary.perf_file = str(write_perf_file(perf_target / perf_file_name(batch_size, device_id), _perf_stats(summary)))
+    summary.perf_file = str(write_perf_file(perf_target / perf_file_name(summary.batch_size, device_id), perf_stats(summary)))
     atomic_write_json(out / "summary.json", summary.to_dict())
     return summary
 
 
-def _perf_stats(s: InferSummary) -> PerfStats:
+def perf_stats(s: InferSummary) -> PerfStats:
     lat = s.latency_ms
     mean = {k: v["mean"] for k, v in lat.items()}
     per_img_infer = mean["infer"] / s.batch_size if s.batch_size else 0.0
@@ -324,11 +330,11 @@ def _perf_stats(s: InferSummary) -> PerfStats:
         interface_fps=s.infer_fps,
         infer_fps=s.infer_fps,
         infer_latency_ms=per_img_infer,
-        read_fps=_fps(1, mean["read"] / 1000.0),
+        read_fps=fps(1, mean["read"] / 1000.0),
         read_latency_ms=mean["read"],
-        preprocess_fps=_fps(1, mean["preprocess"] / 1000.0),
+        preprocess_fps=fps(1, mean["preprocess"] / 1000.0),
         preprocess_latency_ms=mean["preprocess"],
-        post_fps=_fps(1, mean["postprocess"] / 1000.0),
+        post_fps=fps(1, mean["postprocess"] / 1000.0),
         post_latency_ms=mean["postprocess"],
     )
 

@@ -57,6 +57,10 @@ class RunOptions:
     threads: int | None = None
     vis_images: int = 4
     compare: bool = False  # compare the first offline configuration's dumps with the online baseline's
+    ray: str | None = None  # run every configuration on Ray ("auto": a local cluster; else a cluster address)
+    ray_actors: int = 1
+    ray_cpus_per_actor: float = 1.0
+    ray_gpus_per_actor: float = 0.0
     overrides: Any = None
     demo_images: int | None = None
 
@@ -246,9 +250,29 @@ def run(opts: RunOptions) -> dict[str, Any]:
             model = checkpoint if online else offline_model
             options = EngineOptions(engine_name, "cpu", opts.threads, "fp32" if online else opts.precision, bs)
             dump_dir = _fresh_result_dir(paths.root / "result" / tag, _result_key(model, engine_name, bs, opts, eval_set, shape))
-            with open_engine(model, options, shape, opts.overrides) as engine:
-                s = run_inference(engine, run_items, dump_dir, bs, resume=True, perf_dir=dump_dir.parent)
-                described = engine.describe()
+            if opts.ray:
+                from fcos_offline.engine.distributed import run_inference_ray
+
+                s = run_inference_ray(
+                    model,
+                    options,
+                    run_items,
+                    str(dump_dir),
+                    bs,
+                    resume=True,
+                    address=opts.ray,
+                    actors=opts.ray_actors,
+                    cpus_per_actor=opts.ray_cpus_per_actor,
+                    gpus_per_actor=opts.ray_gpus_per_actor,
+                    shape=shape,
+                    overrides=opts.overrides,
+                    perf_dir=dump_dir.parent,
+                )
+                described = s.engine
+            else:
+                with open_engine(model, options, shape, opts.overrides) as engine:
+                    s = run_inference(engine, run_items, dump_dir, bs, resume=True, perf_dir=dump_dir.parent)
+                    described = engine.describe()
             ev = _evaluate(dump_dir, paths.sub("eval", tag), jpg_info, ann_file, shape, class_names, show=first_eval)
             first_eval = False
             lat = s.latency_ms

@@ -1,0 +1,299 @@
+"""Offline inference on a Ray cluster (Ray Data): the same inputs, engines, dumps and summary as a local run.
+
+The pipeline, streamed with Ray Data's backpressure:
+
+1. the inputs are listed (a folder of images or an ``.info``; local paths or fsspec URLs);
+2. **CPU tasks** decode and letterbox each image: the exact preprocessing of a local run, split
+   after the resize (:func:`~fcos_offline.data.preprocess.letterbox_uint8`) so that only uint8
+   travels through the object store;
+3. **an actor pool** (``actors``, each with ``cpus_per_actor`` / ``gpus_per_actor``) holds one
+   engine per actor, finishes the preprocessing (:func:`~fcos_offline.data.preprocess.to_input_tensor`,
+   bit-identical), runs a batch and writes each image's dumps atomically (temporary name, rename);
+4. the driver counts finished images (progress bar with images/s across the cluster) and writes
+   the perf file and ``summary.json`` with overall and per-actor throughput and latency.
+
+The model reaches the workers **by path**: on one machine (and on clusters whose nodes share a
+filesystem — NFS, a mounted bucket) every actor opens the same file; the object store is not used
+for the model. Dumps go to the output path, which every node must be able to write.
+
+Faults: a killed worker process is restarted by Ray and its batch retried (Ray Data's defaults, relied on:
+decode tasks ``max_retries=-1``, actors ``max_restarts=-1``, ``max_task_retries=-1``; lost blocks are rebuilt from lineage); the dumps of
+a retried batch are rewritten whole, so every dump ends identical. A rerun after the driver died
+skips images whose dumps are complete (the ``--resume`` rule, checked against the dumps' key).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fcos_offline.data.dataset import InputItem
+from fcos_offline.engine.base import EngineOptions
+from fcos_offline.errors import FcosError, UsageError, require
+from fcos_offline.progress import progress_bar, warn
+
+_NO_REGION = np.array([-1, -1, -1, -1], np.int64)
+
+
+def local_path(path_or_url: str) -> str | None:
+    """A plain path or a ``file://`` URL as a local path; None for other fsspec URLs."""
+    if "://" not in path_or_url:
+        return path_or_url
+    scheme, _, rest = path_or_url.partition("://")
+    return rest if scheme == "file" else None
+
+
+def _read_bytes(path_or_url: str) -> bytes:
+    local = local_path(path_or_url)
+    if local is not None:
+        with open(local, "rb") as f:
+            return f.read()
+    fsspec = require("fsspec", "ray")
+    with fsspec.open(path_or_url, "rb") as f:
+        return bytes(f.read())
+
+
+def list_remote_images(url: str) -> list[InputItem]:
+    """Images (by extension, file-name order) under an fsspec URL."""
+    from fcos_offline.data.preprocess import IMAGE_EXTENSIONS
+
+    fsspec = require("fsspec", "ray")
+    fs, root = fsspec.core.url_to_fs(url)
+    names = sorted((p for p in fs.ls(root, detail=False) if Path(p).suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: Path(p).name)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return [InputItem(Path(p).stem, f"{protocol}://{p}" if protocol not in ("file", "local") else p, "image") for p in names]
+
+
+def _load_row(row: dict[str, Any], canvas: tuple[int, int]) -> dict[str, Any]:
+    """CPU task: decode + letterbox one image to uint8 on the canvas (a ``.bin`` input is left to the actor)."""
+    import cv2
+
+    from fcos_offline.data.preprocess import letterbox_uint8, read_image
+    from fcos_offline.errors import BadFileError
+
+    t0 = time.perf_counter()
+    placed = np.zeros((canvas[0], canvas[1], 3), np.uint8)
+    region, problem = _NO_REGION, ""
+    if row["kind"] == "image":
+        try:
+            local = local_path(row["path"])
+            if local is not None:
+                img = read_image(local)
+            else:
+                data = np.frombuffer(_read_bytes(row["path"]), np.uint8)
+                decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
+                if decoded is None:
+                    raise BadFileError(row["path"], "not a decodable image (OpenCV cannot read it)")
+                img = decoded
+            resized, lb = letterbox_uint8(img, *canvas)
+            placed[lb.pad_top : lb.pad_top + lb.new_h, lb.pad_left : lb.pad_left + lb.new_w] = resized
+            region = np.array([lb.pad_top, lb.pad_left, lb.new_h, lb.new_w], np.int64)
+        except BadFileError as exc:
+            problem = exc.problem
+        except FcosError as exc:
+            problem = str(exc)
+        except (OSError, cv2.error) as exc:
+            problem = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+    return {**row, "image": placed, "region": region, "problem": problem, "load_s": time.perf_counter() - t0}
+
+
+class _EngineActor:
+    """One engine per actor: finish preprocessing, run a batch, write its dumps."""
+
+    def __init__(
+        self, model: str, options: EngineOptions, shape: tuple[int, int] | None, overrides: Any, output: str, fmt: str, canvas: tuple[int, int]
+    ) -> None:
+        from fcos_offline.engine.backends import open_engine
+
+        self.engine = open_engine(model, options, shape, overrides)
+        self.output, self.fmt, self.canvas = output, fmt, canvas
+        self.actor = f"{os.uname().nodename}:{os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from fcos_offline.data.dumps import write_dumps
+        from fcos_offline.data.preprocess import to_input_tensor
+        from fcos_offline.engine.infer import load_item
+
+        n = len(batch["stem"])
+        problems = [str(p) for p in batch["problem"]]
+        tensors, rows = [], []
+        for i in range(n):
+            if problems[i]:
+                continue
+            top, left, h, w = (int(v) for v in batch["region"][i])
+            if top < 0:  # a .bin input: the recipe's preprocessed tensor, read here
+                item = InputItem(str(batch["stem"][i]), str(batch["path"][i]), "bin")
+                _, tensor, problem, _, _ = load_item(item, self.canvas)
+                if problem is not None or tensor is None:
+                    problems[i] = problem or "unreadable"
+                    continue
+            else:
+                tensor = to_input_tensor(batch["image"][i][top : top + h, left : left + w], top, left, *self.canvas)
+            tensors.append(tensor)
+            rows.append(i)
+        infer_s = np.zeros(n)
+        if tensors:
+            t0 = time.perf_counter()
+            dets, labels = self.engine.run(np.stack(tensors))
+            elapsed = time.perf_counter() - t0
+            out = Path(local_path(self.output) or self.output)
+            for k, i in enumerate(rows):
+                write_dumps(out, str(batch["stem"][i]), labels[k], dets[k], self.fmt)
+                infer_s[i] = elapsed / len(rows)
+        return {
+            "stem": batch["stem"],
+            "path": batch["path"],
+            "problem": np.array(problems, dtype=object),
+            "load_s": batch["load_s"],
+            "infer_s": infer_s,
+            "actor": np.array([self.actor] * n, dtype=object),
+            "done_at": np.full(n, time.time()),
+        }
+
+
+def _init_ray(address: str) -> Any:
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's own warnings (our progress bar reports)
+    ray = require("ray", "ray")
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False, "ignore_reinit_error": True}
+        if address == "auto":
+            ray.init(**kwargs)  # a local cluster sized to this machine (or RAY_ADDRESS's, when set)
+        else:
+            ray.init(address=address, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.verbose_stats_logs = False
+    for name in ("ray", "ray.data"):  # Ray Data configures its loggers on import: quiet them after
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return ray
+
+
+def run_inference_ray(
+    model: str | os.PathLike,
+    options: EngineOptions,
+    items: list[InputItem],
+    output_dir: str,
+    batch_size: int = 1,
+    fmt: str = "bin",
+    resume: bool = False,
+    address: str = "auto",
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    shape: tuple[int, int] | None = None,
+    overrides: Any = None,
+    device_id: int = 0,
+    perf_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> Any:
+    """Distributed :func:`~fcos_offline.engine.infer.run_inference`; returns its :class:`InferSummary` (with ``distributed``)."""
+    from dataclasses import replace
+
+    from fcos_offline.data.dumps import dumps_complete
+    from fcos_offline.engine.backends import open_engine
+    from fcos_offline.engine.infer import InferSummary, check_dump_folder, fps, latency_stats, write_summary
+
+    if batch_size < 1 or actors < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0:
+        raise UsageError("--batch-size and --ray-actors must be >= 1, --ray-cpus-per-actor > 0, --ray-gpus-per-actor >= 0")
+    out_local = local_path(str(output_dir))
+    if out_local is None:
+        raise UsageError(f"{output_dir}: dumps are written to a local or shared path (or file:// URL); mount the store first")
+    out = Path(out_local)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = [i.stem for i in items]
+    if len(set(stems)) != len(stems):
+        raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(sorted({s for s in stems if stems.count(s) > 1})[:3])}")
+    options = replace(options, batch_size=batch_size)
+    with open_engine(model, options, shape, overrides) as engine:  # the driver checks the model once and keys the dumps
+        canvas = engine.input_hw
+        described = engine.describe()
+        check_dump_folder(out, engine, resume)
+    todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
+    ray = _init_ray(address)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    start = time.perf_counter()
+    skipped: list[dict[str, str]] = []
+    per_actor: dict[str, list[float]] = {}
+    load_s: list[float] = []
+    done_at: list[float] = []
+    if todo:
+        ds = ray.data.from_items(
+            [{"stem": i.stem, "path": i.path, "kind": i.kind} for i in todo], override_num_blocks=max(1, min(len(todo), 8 * actors))
+        )
+        ds = ds.map(_load_row, fn_kwargs={"canvas": canvas}, num_cpus=0.5)
+        ds = ds.map_batches(
+            _EngineActor,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None,
+            fn_constructor_kwargs={
+                "model": str(model),
+                "options": options,
+                "shape": shape,
+                "overrides": overrides,
+                "output": str(out),
+                "fmt": fmt,
+                "canvas": canvas,
+            },
+        )
+        bar = progress_bar(len(todo), f"infer {described['engine']} bs{batch_size} on Ray ({actors} actor(s), {len(nodes)} node(s))")
+        with bar as advance:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for path, problem, l_s, i_s, actor, t in zip(
+                    batch["path"], batch["problem"], batch["load_s"], batch["infer_s"], batch["actor"], batch["done_at"]
+                ):
+                    if problem:
+                        warn(f"skipped {path}: {problem}")
+                        skipped.append({"path": str(path), "problem": str(problem)})
+                    else:
+                        per_actor.setdefault(str(actor), []).append(float(i_s))
+                        load_s.append(float(l_s))
+                        done_at.append(float(t))
+                    advance(1)
+    wall = time.perf_counter() - start
+    done = sum(len(v) for v in per_actor.values())
+    infer_all = [s for v in per_actor.values() for s in v]
+    latency = {
+        "read": latency_stats(load_s),
+        "preprocess": latency_stats([]),
+        "infer": latency_stats([s * batch_size for s in infer_all]),
+        "postprocess": latency_stats([]),
+        "e2e": latency_stats([]),
+    }
+    summary = InferSummary(
+        engine=described,
+        num_images=len(items),
+        num_inferred=done,
+        num_resumed=len(items) - len(todo),
+        batch_size=batch_size,
+        wall_s=wall,
+        throughput_fps=fps(done, wall),
+        infer_fps=fps(done, sum(infer_all) / max(1, len(per_actor))),
+        latency_ms=latency,
+        skipped=skipped,
+        output_dir=str(out),
+        warmup=0,
+        loop=1,
+        distributed={
+            "framework": f"ray {ray.__version__}",
+            "address": address,
+            "nodes": len(nodes),
+            "actors": actors,
+            "cpus_per_actor": cpus_per_actor,
+            "gpus_per_actor": gpus_per_actor,
+            "model_transport": "shared path",
+            "per_actor": {
+                a: {"images": len(v), "engine_img_per_s": fps(len(v), sum(v)), "latency_ms": latency_stats(v)} for a, v in per_actor.items()
+            },
+        },
+    )
+    if not todo and resume and (out / "summary.json").is_file():
+        warn(f"every dump in {out} was complete: nothing to run")
+    return write_summary(summary, out, device_id, perf_dir)

@@ -1,0 +1,212 @@
+"""``infer --ray`` / ``run --ray`` on a local two-node Ray cluster started by the test.
+
+The distributed run must give the local streaming run's dumps byte for byte, survive a worker
+killed mid-run and a driver killed mid-run (rerun with ``--resume``), and name bad images (exit 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+
+from fcos_offline.cli import main  # noqa: E402
+
+NUM_IMAGES = 40
+
+
+def _console() -> list[str]:
+    exe = Path(sys.executable).with_name("fcos-offline")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "fcos_offline"]
+
+
+def _dumps(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.bin"))}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head node and one worker node, one CPU each, as separate processes on this machine."""
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c
+    if ray.is_initialized():
+        ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> SimpleNamespace:
+    """The demo model (ONNX), 40 demo images, and the local streaming run's dumps (the reference)."""
+    from fcos_offline.demo import DEMO_CHECKPOINT
+    from fcos_offline.demo.synthetic import DEMO_CANVAS, make_demo_data
+    from fcos_offline.export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("ray")
+    onnx_path = root / "demo.onnx"
+    export_checkpoint(DEMO_CHECKPOINT, onnx_path, DEMO_CANVAS, dynamic_batch=True)
+    make_demo_data(root / "d", "val", NUM_IMAGES, seed=1000)
+    images = root / "d" / "val2017"
+    local = root / "local"
+    assert main(["infer", "--model", str(onnx_path), "--images", str(images), "--output", str(local), "--batch-size", "4"]) == 0
+    return SimpleNamespace(root=root, onnx=onnx_path, images=images, ann=root / "d" / "annotations", local=local)
+
+
+def _ray_args(data, cluster, out: Path, *extra: str) -> list[str]:
+    return [
+        "infer",
+        "--model",
+        str(data.onnx),
+        "--images",
+        str(data.images),
+        "--output",
+        str(out),
+        "--batch-size",
+        "4",
+        "--ray",
+        cluster.address,
+        "--ray-actors",
+        "2",
+        "--ray-cpus-per-actor",
+        "0.5",
+        *extra,
+    ]
+
+
+def test_ray_dumps_are_the_local_runs_byte_for_byte(data, cluster, tmp_path) -> None:
+    out = tmp_path / "ray"
+    assert main(_ray_args(data, cluster, out)) == 0
+    assert _dumps(out) == _dumps(data.local) and len(_dumps(out)) == 2 * NUM_IMAGES
+    summary = json.loads((out / "summary.json").read_text())
+    dist = summary["distributed"]
+    assert dist["nodes"] == 2 and dist["actors"] == 2 and summary["num_inferred"] == NUM_IMAGES
+    assert sum(a["images"] for a in dist["per_actor"].values()) == NUM_IMAGES
+    assert all(a["latency_ms"]["p99"] > 0 for a in dist["per_actor"].values())
+    assert (out / "perf_vision_batchsize_4_device_0.txt").is_file()
+    # and the same mAP through postprocess
+    from fcos_offline.data.info import make_info
+    from fcos_offline.evaluate.postprocess import postprocess
+
+    make_info("jpg", data.images, tmp_path / "jpg.info", workers=1)
+    maps = [postprocess(d, tmp_path / "jpg.info", tmp_path / f"e{i}", data.ann)["bbox_mAP"] for i, d in enumerate((data.local, out))]
+    assert maps[0] == maps[1] > 0.3
+
+
+def test_file_urls_for_inputs_and_outputs(data, cluster, tmp_path) -> None:
+    out = tmp_path / "url"
+    args = [
+        "infer",
+        "--model",
+        str(data.onnx),
+        "--images",
+        data.images.as_uri(),
+        "--output",
+        out.as_uri(),
+        "--batch-size",
+        "4",
+        "--ray",
+        cluster.address,
+        "--ray-cpus-per-actor",
+        "0.5",
+    ]
+    assert main(args) == 0
+    assert _dumps(out) == _dumps(data.local)
+
+
+def _worker_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any("_EngineActor" in part for part in (p.info["cmdline"] or [])):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def test_a_killed_worker_is_retried_and_the_dumps_are_complete(data, cluster, tmp_path) -> None:
+    out = tmp_path / "killed_worker"
+    proc = subprocess.Popen([*_console(), *_ray_args(data, cluster, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    killed = None
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        pids = _worker_pids()
+        if pids and len(list(out.glob("*_2.bin"))) >= 4:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, stderr[-3000:]
+    assert _dumps(out) == _dumps(data.local)
+
+
+def test_a_killed_driver_then_resume_completes_identically(data, cluster, tmp_path) -> None:
+    out = tmp_path / "killed_driver"
+    proc = subprocess.Popen([*_console(), *_ray_args(data, cluster, out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("*_2.bin"))) < 8:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before the driver could be killed"
+    proc.kill()
+    proc.wait(timeout=30)
+    done = len(list(out.glob("*_2.bin")))
+    assert 8 <= done < NUM_IMAGES and not (out / "summary.json").exists()
+    assert main(_ray_args(data, cluster, out, "--resume")) == 0
+    assert _dumps(out) == _dumps(data.local)
+    assert json.loads((out / "summary.json").read_text())["num_resumed"] >= 8
+
+
+def test_bad_images_are_named_and_skipped(data, cluster, tmp_path, capsys) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(data.images, images)
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("not an image")
+    out = tmp_path / "bad"
+    args = _ray_args(data, cluster, out)
+    args[args.index("--images") + 1] = str(images)
+    capsys.readouterr()
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "empty.jpg" in err and "text.jpg" in err and "Traceback" not in err
+    skipped = {Path(s["path"]).name for s in json.loads((out / "summary.json").read_text())["skipped"]}
+    assert skipped == {"empty.jpg", "text.jpg"}
+    assert _dumps(out) == _dumps(data.local)
+
+
+def test_without_the_extra_a_one_line_hint(data, tmp_path) -> None:
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from fcos_offline.cli import main\n"
+        f"sys.exit(main(['infer', '--model', {str(data.onnx)!r}, '--images', {str(data.images)!r}, '--output', "
+        f"{str(tmp_path / 'o')!r}, '--ray']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "fcos-offline[ray]" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_run_on_ray_gives_the_local_reports_numbers(cluster, tmp_path) -> None:
+    from fcos_offline.report.run import RunOptions, run
+
+    common = dict(num_images=8, batch_sizes=(2,), engines=("onnxruntime",), online=False, vis_images=0)
+    local = run(RunOptions(workdir=str(tmp_path / "local"), **common))  # type: ignore[arg-type]
+    distributed = run(RunOptions(workdir=str(tmp_path / "ray"), ray=cluster.address, ray_cpus_per_actor=0.5, **common))  # type: ignore[arg-type]
+    assert distributed["entries"][0]["bbox_mAP"] == local["entries"][0]["bbox_mAP"] > 0.3
+    assert _dumps(Path(distributed["entries"][0]["dumps"])) == _dumps(Path(local["entries"][0]["dumps"]))
+    assert distributed["entries"][0]["engine_info"]["engine"] == "onnxruntime"
