@@ -6,10 +6,10 @@ another; the images are synthetic demo images (``--images N``). For each configu
 script prints images/s end to end, the ratio to the local streaming run measured in the same
 process, and for Ray its fixed start-up cost (cluster start, actor start and model load before
 the first dump) and its steady-state rate (images after the first dump / time since it). Every
-run's dumps are checked byte-identical to the local run's. Results: ``bench/results/ray.json``.
+run's dumps are checked byte-identical to the local run's. Results: ``bench/results/distributed.json``.
 
-    python bench/ray.py                      # 120 images, batch 4, actors 1 and 2
-    python bench/ray.py --images 400 --actors 1 2 4
+    python bench/distributed.py                      # 120 images, batch 4, actors 1 and 2
+    python bench/distributed.py --images 400 --actors 1 2 4
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ray.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
 
 
 def _dumps(folder: Path) -> dict[str, bytes]:
