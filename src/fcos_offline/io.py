@@ -26,6 +26,10 @@ from fcos_offline.errors import DiskFullError, FcosError
 MAX_TEXT_BYTES = 1 << 30
 
 
+def _a(what: str) -> str:
+    return ("an " if what[:1].lower() in "aeiou." else "a ") + what
+
+
 def translate_os_error(path: object, exc: OSError) -> FcosError:
     """The one-line error for a failed write of ``path``."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -94,20 +98,20 @@ def read_text_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what
         with open(p, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
-                raise FcosError(f"{p}: not a regular file (a device, pipe or socket), expected a {what}")
+                raise FcosError(f"{p}: not a regular file (a device, pipe or socket), expected {_a(what)}")
             if st.st_size > limit:
-                raise FcosError(f"{p}: {st.st_size:,} bytes, more than the {limit:,} a {what} may have")
+                raise FcosError(f"{p}: {st.st_size:,} bytes, more than the {limit:,} {_a(what)} may have")
             data = f.read(limit + 1)
     except IsADirectoryError:
-        raise FcosError(f"{p}: is a folder, expected a {what}") from None
+        raise FcosError(f"{p}: is a folder, expected {_a(what)}") from None
     except OSError as exc:
         raise FcosError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     if len(data) > limit:  # grew while we read it
-        raise FcosError(f"{p}: larger than {limit:,} bytes; not a {what} this tool reads")
+        raise FcosError(f"{p}: larger than {limit:,} bytes; not {_a(what)} this tool reads")
     try:
         return data.decode()
     except UnicodeDecodeError as exc:
-        raise FcosError(f"{p}: not a text {what} (byte {exc.start} is not UTF-8)") from None
+        raise FcosError(f"{p}: not text (byte {exc.start} is not UTF-8), expected {_a(what)}") from None
 
 
 def read_json_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what: str = "JSON file") -> Any:
@@ -118,7 +122,7 @@ def read_json_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what
     except json.JSONDecodeError as exc:
         raise FcosError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
-        raise FcosError(f"{path}: nested too deeply to be a {what}") from None
+        raise FcosError(f"{path}: nested too deeply to be {_a(what)}") from None
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
