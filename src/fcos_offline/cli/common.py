@@ -142,3 +142,13 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(g, "--ray-actors", type=number(int, 1, 100_000), default=1, help="engine actors, one engine each (default 1)")
     add_flag(g, "--ray-cpus-per-actor", type=number(float, 0.0, 1024, low_open=True), default=1.0, help="CPUs per actor (default 1)")
     add_flag(g, "--ray-gpus-per-actor", type=number(float, 0.0, 64), default=0.0, help="GPUs per actor (default 0)")
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where there is one and its help does not state it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)

@@ -8,6 +8,7 @@ from fcos_offline.cli.common import (
     BATCH,
     COUNT,
     SIDE,
+    DefaultsFormatter,
     add_engine_flags,
     add_flag,
     add_model_flags,
@@ -131,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(dets float32 [100,5]) or .npy, the vendor perf file perf_vision_batchsize_{B}_device_{N}.txt and summary.json "
         "(throughput; latency min/mean/median/p90/p99 per stage). Dumps are written atomically; --resume skips "
         "images whose dumps are complete. Exit 3 when some inputs were skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_flag(p, "--model", "--om-path", dest="model", help="ONNX file, OpenVINO .xml, or a 'convert' output folder")
     add_flag(p, "--checkpoint", help="checkpoint for --engine torch (the online baseline)")
@@ -159,11 +160,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The recipe's ATC step on real engines: fix the batch size, apply the engine's graph "
         "optimisations and save an artifact folder (model + artifact.json) that 'infer --model FOLDER' accepts. "
         "TensorRT runs through onnxruntime-gpu's TensorRT provider: infer --engine onnxruntime --device tensorrt.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_flag(c, "--model", required=True, help="exported .onnx file")
-    add_flag(c, "--engine", choices=CONVERT_ENGINES, default=CONVERT_ENGINES[0])
-    add_flag(c, "--batch-size", type=BATCH, default=1)
+    add_flag(c, "--engine", choices=CONVERT_ENGINES, default=CONVERT_ENGINES[0], help="engine to build the artifact for")
+    add_flag(c, "--batch-size", type=BATCH, default=1, help="the artifact's fixed batch size")
     add_flag(c, "--precision", choices=CONVERT_PRECISIONS, default="fp32", help="stored precision (openvino fp16 compresses weights)")
     add_flag(c, "--opt-level", choices=ORT_OPT_LEVELS, default="all", help="onnxruntime graph optimisation level")
     add_flag(c, "--output", required=True, help="artifact folder to write")

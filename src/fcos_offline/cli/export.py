@@ -7,6 +7,7 @@ import json
 
 from fcos_offline.cli.common import (
     SIDE,
+    DefaultsFormatter,
     add_flag,
     add_model_flags,
     number,
@@ -64,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "zero pad); outputs 'dets' float32 [B,100,5] (x1,y1,x2,y2,score in canvas pixels) and 'labels' int64 "
         "[B,100] (-1 padding). The export runs the ONNX model on a sample input against PyTorch and fails "
         "if detections do not match.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     add_flag(p, "--checkpoint", required=True, help="mmdet or torchvision FCOS .pth")
     add_flag(p, "--output", "--output-file", dest="output", required=True, help="ONNX file to write")
