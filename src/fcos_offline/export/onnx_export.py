@@ -213,30 +213,49 @@ def run_onnx_detector(model_path: str | Path, images: np.ndarray, post_path: str
 RAW_RTOL = 1e-3
 
 
+_HEAD_CONVS = ("conv_cls", "conv_reg", "conv_centerness")
+
+
 def verify_raw_head(network: FCOS, model_path: Path, nms: bool, example: torch.Tensor, opset: int) -> dict[str, Any]:
-    """The head's raw outputs (cls, reg, centerness per level), PyTorch vs ONNX Runtime, compared numerically.
+    """The head's raw maps (cls, reg, centerness convolutions per level), PyTorch vs ONNX Runtime, compared numerically.
 
     Detection matching alone passes vacuously when neither side detects anything (e.g. NaN
-    weights); this check does not. Non-finite outputs are an error naming them.
+    weights); this check does not. The exported graph's own head convolutions are read out (one
+    run, no second export); non-finite maps are an error naming them.
     """
-    import tempfile
-
+    import onnx
     import onnxruntime as ort
 
-    names = raw_output_names(len(network.cfg.head.strides))
-    with torch.no_grad():
-        ref = [t.numpy() for level in zip(*network(example)) for t in level]
+    levels = len(network.cfg.head.strides)
+    captured: dict[str, list[np.ndarray]] = {name: [] for name in _HEAD_CONVS}
+    hooks = [
+        getattr(network.bbox_head, name).register_forward_hook(lambda _m, _i, out, name=name: captured[name].append(out.detach().numpy()))
+        for name in _HEAD_CONVS
+    ]
+    try:
+        with torch.no_grad():
+            network(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    names = [f"{name.removeprefix('conv_').replace('centerness', 'ctr')}_{lvl}" for lvl in range(levels) for name in _HEAD_CONVS]
+    ref = [captured[name][lvl] for lvl in range(levels) for name in _HEAD_CONVS]
     bad = [n for n, r in zip(names, ref) if not np.isfinite(r).all()]
     if bad:
         raise FcosError(f"the network's raw outputs hold NaN/inf ({', '.join(bad[:6])}): its weights cannot produce detections")
-    with tempfile.TemporaryDirectory() as tmp:
-        raw_path = model_path
-        if nms:  # the exported graph ends in NMS: export the raw head alone for the comparison
-            raw_path = Path(tmp) / "raw.onnx"
-            with torch.no_grad():
-                _torch_export(RawHead(network), (example,), raw_path, ["input"], names, {}, opset)
-        session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
-        outs = session.run(names, {session.get_inputs()[0].name: example.numpy()})
+    model = onnx.load(str(model_path))
+    tensors: dict[str, list[str]] = {name: [] for name in _HEAD_CONVS}
+    for node in model.graph.node:
+        for name in _HEAD_CONVS:
+            if node.op_type == "Conv" and node.input[1] == f"network.bbox_head.{name}.weight":
+                tensors[name].append(node.output[0])
+    if any(len(v) != levels for v in tensors.values()):
+        raise FcosError(f"{model_path}: the head's convolutions are not where export put them; cannot verify the raw outputs")
+    wanted = [tensors[name][lvl] for lvl in range(levels) for name in _HEAD_CONVS]
+    for t in wanted:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = session.run(wanted, {session.get_inputs()[0].name: example.numpy()})
     errors = {n: float(np.abs(o - r).max() / (np.abs(r).max() + 1e-6)) for n, o, r in zip(names, outs, ref)}
     worst = max(errors, key=lambda n: errors[n])
     if not np.isfinite(errors[worst]) or errors[worst] > RAW_RTOL:
