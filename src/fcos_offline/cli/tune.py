@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from fcos_offline.cli.common import (
     BATCH,
@@ -21,7 +22,7 @@ from fcos_offline.tune.space import TUNE_ENGINES
 def _cmd_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fcos_offline.tune.search import TuneOptions, format_table, tune
+    from fcos_offline.tune.search import TuneOptions, tune
 
     opts = TuneOptions(
         model=args.model,
@@ -71,6 +72,53 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"{len(result['skipped'])} configuration(s) not tried: {'; '.join(reasons)}")
         return EXIT_SKIPS
     return EXIT_OK
+
+
+def format_table(result: dict[str, Any]) -> Any:
+    """A rich Table of every trial (the chosen one marked)."""
+    from rich.table import Table
+
+    chosen_key = (result.get("chosen") or {}).get("key")
+    table = Table(title=f"tune: {len(result['trials'])} configurations (budget {result['settings']['max_map_drop']:g} mAP points)")
+    for col, just in (
+        ("", "left"),
+        ("engine", "left"),
+        ("precision", "left"),
+        ("quantization", "left"),
+        ("float", "right"),
+        ("threads", "right"),
+        ("batch", "right"),
+        ("mAP", "right"),
+        ("Δ mAP", "right"),
+        ("ms/img", "right"),
+        ("img/s", "right"),
+        ("speedup", "right"),
+        ("size MB", "right"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for t in sorted(result["trials"], key=lambda t: t["ms_per_img"]):
+        c = t["candidate"]
+        quant = "-" if c["build"] == "fp32" else c["build"].replace("ort-qdq:", "ORT QDQ ").replace("nncf:", "NNCF ")
+        prec = t["precision"] + (f" (+{t['float_precision']})" if t.get("float_precision") else "")
+        threads = f"{t['threads_effective']}" + ("" if t["threads"] else "*") + (f"+{t['inter_op_threads']}io" if t.get("inter_op_threads") else "")
+        opt = f" opt-{t['ort_opt_level']}" if t["engine"] == "onnxruntime" and t["ort_opt_level"] != "all" else ""
+        mark = "→" if t["key"] == chosen_key else ("" if t["within_budget"] else "✗")
+        table.add_row(
+            mark,
+            t["engine"] + opt,
+            prec,
+            quant,
+            str(len(t["float_groups"])) if t["float_groups"] else "",
+            threads,
+            str(t["batch_size"]),
+            f"{t['bbox_mAP']:.4f}",
+            f"{t['map_drop']:+.2f}",
+            f"{t['ms_per_img']:.1f}",
+            f"{t['img_per_s']:.2f}",
+            f"{t['speedup_vs_reference']:.2f}x",
+            f"{t['size_mb']:.1f}",
+        )
+    return table
 
 
 def register(sub: argparse._SubParsersAction) -> None:

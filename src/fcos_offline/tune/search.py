@@ -39,36 +39,25 @@ import hashlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fcos_offline.data.dataset import (
-    EvalSet,
-    class_names_for,
-    demo_split,
-    prepare_eval_set,
-    resolve_source,
-)
 from fcos_offline.engine.artifact import Artifact, read_artifact, write_artifact
 from fcos_offline.engine.backends import EngineOptions, backend, open_engine
 from fcos_offline.engine.base import Engine
 from fcos_offline.engine.infer import cap_batch
-from fcos_offline.errors import FcosError, UsageError
+from fcos_offline.errors import FcosError
 from fcos_offline.io import atomic_folder, file_digest
 from fcos_offline.progress import info, warn
 from fcos_offline.tune import policy
-from fcos_offline.tune.quantize import CALIB_METHODS
+from fcos_offline.tune.builds import ModelBuilder, model_size_mb
+from fcos_offline.tune.inputs import TuneOptions, prepare_data, prepare_model, validate
 from fcos_offline.tune.space import (
     ORT_QDQ_DEFAULT,
-    TUNE_ENGINES,
     Candidate,
     candidate_list,
-    nncf_config,
-    ort_config,
-    parse_build,
     quant_description,
     sweep_variants,
 )
@@ -82,72 +71,11 @@ from fcos_offline.tune.store import (
 
 BEST_DIR = "best"
 
-__all__ = ["BEST_DIR", "TUNE_FILE", "TuneOptions", "Tuner", "format_table", "tune"]
-
-
-@dataclass
-class TuneOptions:
-    """Everything ``tune`` needs; with no model and no data it tunes the demo model on the demo data."""
-
-    model: str | None = None
-    coco: str | None = None
-    images: str | None = None
-    annotations: str | None = None
-    output: str = "tuned"
-    calib_images: int | None = None  # default 200
-    eval_images: int | None = None  # default 500 (the demo's validation size for the demo)
-    max_map_drop: float = 0.3
-    batch_sizes: tuple[int, ...] = (1,)
-    threads: tuple[int, ...] | None = None  # default: all cores and half of them
-    engines: tuple[str, ...] = TUNE_ENGINES
-    calib_methods: tuple[str, ...] = CALIB_METHODS
-    time_budget: float | None = None
-    bench_runs: int = 10
-    bench_seconds: float = 20.0
-    warmup: int = 2
-    sensitivity_images: int = 4
-    shape: tuple[int, int] | None = None  # canvas when exporting a checkpoint (demo: the demo canvas)
-    fresh: bool = False
-    sweep_top: int = 2
-    confirm_top: int = 3  # re-time the reference and this many finalists, interleaved (0: off)
-    candidates: tuple[str, ...] | None = None  # restrict the candidate list (see tune.space.candidate_list)
-    fallback: bool = True
-    max_fallback_steps: int | None = None  # None: until the budget holds or no speedup is left
-    sweep: bool = True
-    demo_checkpoint: str | None = None  # default: fcos_offline.demo.DEMO_CHECKPOINT
-
-
-@dataclass
-class _Data:
-    eval_set: EvalSet
-    calib_paths: list[str]
-    canvas: tuple[int, int]
-    class_names: list[str] | None
-    description: str
+__all__ = ["BEST_DIR", "TUNE_FILE", "TuneOptions", "Tuner", "tune"]
 
 
 def _now() -> float:
     return time.perf_counter()
-
-
-def _model_size_mb(path: Path) -> float:
-    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
-    return sum(p.stat().st_size for p in files if p.is_file()) / 2**20
-
-
-class _quiet_stdout:
-    """Silence libraries that print (ORT's histogram calibrators) while keeping our stderr progress."""
-
-    def __enter__(self) -> _quiet_stdout:
-        import contextlib
-        import io
-
-        self._ctx = contextlib.redirect_stdout(io.StringIO())
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(None, None, None)
 
 
 class Tuner:
@@ -162,101 +90,10 @@ class Tuner:
         self.float_by_design: dict[str, Any] | None = None
         self.chosen: dict[str, Any] | None = None
         self._bench_inputs: np.ndarray | None = None
-        self._images: Any = None
         self._has_bf16: bool | None = None
         self.ref_key = ""
         self.nproc = os.cpu_count() or 1
         self.base_batch = 1
-
-    # ------------------------------------------------------------------ setup
-
-    def _validate(self) -> None:
-        o = self.opts
-        if o.max_map_drop < 0:
-            raise UsageError("--max-map-drop must be >= 0 (mAP points)")
-        if not o.batch_sizes or any(b < 1 for b in o.batch_sizes):
-            raise UsageError("batch sizes must be >= 1")
-        if o.threads and any(t < 1 for t in o.threads):
-            raise UsageError("--threads values must be >= 1")
-        for n, v in (("--calib-images", o.calib_images), ("--eval-images", o.eval_images)):
-            if v is not None and v < 1:
-                raise UsageError(f"{n} must be >= 1")
-        if o.time_budget is not None and o.time_budget <= 0:
-            raise UsageError("--time-budget must be > 0 seconds")
-        bad = [e for e in o.engines if e not in TUNE_ENGINES]
-        if bad:
-            raise UsageError(f"unknown engine(s) {', '.join(bad)} (choose {', '.join(TUNE_ENGINES)})")
-        bad = [m for m in o.calib_methods if m not in CALIB_METHODS]
-        if bad:
-            raise UsageError(f"unknown calibration method(s) {', '.join(bad)} (choose from {', '.join(CALIB_METHODS)})")
-        demo = not (o.model or o.coco or o.images)
-        if not demo and not o.model:
-            raise UsageError("--coco/--images need --model (the demo model only fits the demo data)")
-        if o.model and not (o.coco or o.images):
-            raise UsageError("--model needs data: --coco DIR (or --images DIR and --annotations FILE)")
-        if o.images and not o.annotations:
-            raise UsageError("--images needs --annotations")
-
-    def _prepare_model(self, demo: bool) -> Path:
-        """The ONNX model to tune (exported from a checkpoint, or the demo model, when needed)."""
-        from fcos_offline.demo import DEMO_CHECKPOINT
-        from fcos_offline.demo.synthetic import DEMO_CANVAS
-        from fcos_offline.export.cache import cached_export
-
-        if demo:
-            ckpt = Path(self.opts.demo_checkpoint or DEMO_CHECKPOINT)
-            if not ckpt.is_file():
-                raise FcosError(f"{ckpt}: the demo model is missing; give --model and --coco to tune your own model")
-            shape = tuple(self.opts.shape or DEMO_CANVAS)
-        else:
-            src = Path(self.opts.model).resolve()  # type: ignore[arg-type]
-            if not src.is_file():
-                raise FcosError(f"{src}: no such model file")
-            if src.suffix.lower() == ".onnx":
-                return src
-            if src.suffix.lower() not in (".pth", ".pt", ".ckpt"):
-                raise UsageError(f"{src}: tune takes an exported .onnx (dynamic batch preferred) or a checkpoint")
-            ckpt, shape = src, tuple(self.opts.shape or (800, 1333))
-        onnx_path, _ = cached_export(ckpt, self.out / "work", shape)  # type: ignore[arg-type]
-        return onnx_path.resolve()
-
-    def _prepare_data(self, demo: bool, metadata: dict[str, Any], canvas: tuple[int, int]) -> _Data:
-        from fcos_offline.data.preprocess import list_images
-
-        data_dir = self.out / "work" / "data"
-        o = self.opts
-        if demo:
-            from fcos_offline.demo import DEMO_TRAIN_SEED
-            from fcos_offline.demo.synthetic import DEMO_VAL_IMAGES, DEMO_VAL_SEED
-
-            n_eval, n_calib = o.eval_images or DEMO_VAL_IMAGES, o.calib_images or 200
-            val = demo_split(data_dir / "demo_val", "val", n_eval, DEMO_VAL_SEED)
-            train = demo_split(data_dir / "demo_train", "train", n_calib, DEMO_TRAIN_SEED)
-            eval_set = prepare_eval_set(data_dir / "eval", val / "val2017", val / "annotations" / "instances_val2017.json", n_eval, demo=True)
-            calib = [str(p) for p in list_images(train / "train2017") if p.is_file()][:n_calib]
-            description = (
-                f"demo: {n_eval} validation images (seed {DEMO_VAL_SEED}), {n_calib} calibration images from the train split (seed {DEMO_TRAIN_SEED})"
-            )
-        else:
-            n_eval, n_calib = o.eval_images or 500, o.calib_images or 200
-            images_dir, ann = resolve_source(o.coco, o.images, o.annotations)
-            eval_set = prepare_eval_set(data_dir / "eval", images_dir, ann, n_eval)
-            if len(eval_set.items) + len(eval_set.missing) < n_eval:
-                warn(f"only {len(eval_set.items)} annotated images available for evaluation (asked for {n_eval})")
-            eval_paths = {it.path for it in eval_set.items} | {m["path"] for m in eval_set.missing}
-            calib = [str(p) for p in list_images(images_dir) if p.is_file() and str(p) not in eval_paths][:n_calib]
-            if len(calib) < n_calib:
-                extra = [it.path for it in eval_set.items][: n_calib - len(calib)]
-                if extra:
-                    warn(f"only {len(calib)} images outside the eval subset; calibration also uses {len(extra)} eval images")
-                calib += extra
-            description = (
-                f"{images_dir}: first {n_eval} annotated images (by file name) for mAP; {len(calib)} calibration "
-                "images (not in the eval subset where possible)"
-            )
-        for m in eval_set.missing:
-            self.state.skip(m["path"], m["problem"])
-        return _Data(eval_set, calib, canvas, class_names_for(metadata, eval_set.ann_file), description)
 
     def _context(self) -> dict[str, Any]:
         return {
@@ -275,13 +112,6 @@ class Tuner:
         """Seconds before the time budget runs out (inf without one)."""
         return float("inf") if self.deadline is None else self.deadline - _now()
 
-    def _images_for_calibration(self) -> Any:
-        from fcos_offline.tune.quantize import ImageTensors
-
-        if self._images is None:
-            self._images = ImageTensors(self.data.calib_paths, self.data.canvas)
-        return self._images
-
     def _bench_batch(self, batch_size: int) -> np.ndarray:
         from fcos_offline.data.preprocess import preprocess_image, read_image
 
@@ -291,42 +121,6 @@ class Tuner:
             self._bench_inputs = np.stack([preprocess_image(read_image(items[i % len(items)].path), *self.data.canvas)[0] for i in range(batch_size)])
         assert self._bench_inputs is not None
         return self._bench_inputs[:batch_size]
-
-    def _model_file(self, cand: Candidate) -> Path:
-        """Build (or reuse) the model file of ``cand``."""
-        from fcos_offline.engine.backends.openvino import onnx_to_ir
-        from fcos_offline.tune import quantize as q
-
-        models = self.out / "models"
-        models.mkdir(parents=True, exist_ok=True)
-        kind, tag = parse_build(cand.build)
-        if kind == "fp32":
-            return self.source if cand.engine == "onnxruntime" else onnx_to_ir(self.source, models / "openvino-fp32" / "model.xml")
-        folder = models / cand.model_id
-        nodes = self._nodes_of(cand.float_groups)
-        float_note = f", {len(nodes)} conv nodes float" if nodes else ""
-        if kind == "ort-qdq":
-            dst = folder / "model.onnx"
-            if not dst.is_file():
-                pre = q.preprocess_for_ort(self.source, models / "ort-preprocessed.onnx")
-                info(f"  quantizing with onnxruntime quantize_static ({tag}{float_note})")
-                with _quiet_stdout():
-                    q.ort_quantize(pre, dst, self._images_for_calibration(), ort_config(tag), nodes, cache_dir=self.out / "work" / "calibration")
-            return dst
-        dst = folder / "model.xml"
-        if not (dst.is_file() and dst.with_suffix(".bin").is_file()):
-            info(f"  quantizing with nncf.quantize ({tag}{float_note})")
-            with _quiet_stdout():
-                q.nncf_quantize(self.source, dst, self._images_for_calibration(), nncf_config(tag), nodes)
-        return dst
-
-    def _nodes_of(self, groups: tuple[str, ...]) -> list[str]:
-        from fcos_offline.tune.quantize import conv_groups
-
-        if not groups:
-            return []
-        by_name = {g.name: g for g in conv_groups(self.source)}
-        return [n for name in groups for n in by_name[name].nodes]
 
     def _open(self, cand: Candidate, model: Path) -> Engine:
         options = EngineOptions(cand.engine, "cpu", cand.threads, cand.engine_precision, cand.batch_size, cand.opt_level, cand.inter_op_threads)
@@ -412,7 +206,7 @@ class Tuner:
         )
         t0 = _now()
         try:
-            model = self._model_file(cand)
+            model = self.builder.model_file(cand)
             build_s = _now() - t0
             with self._open(cand, model) as engine:
                 t1 = _now()
@@ -440,14 +234,14 @@ class Tuner:
             precision="int8" if cand.quantized else executed,
             float_precision=executed if cand.quantized else None,
             threads_effective=cand.threads or self.nproc,
-            float_nodes=self._nodes_of(cand.float_groups),
+            float_nodes=self.builder.float_nodes(cand.float_groups),
             bbox_mAP=bbox_map,
             map_drop=drop,
             ms_per_img=speed["ms_per_img"],
             img_per_s=speed["img_per_s"],
             bench_runs=int(speed["runs"]),
             speedup_vs_reference=ref_ms / speed["ms_per_img"] if speed["ms_per_img"] > 0 else 0.0,
-            size_mb=_model_size_mb(model),
+            size_mb=model_size_mb(model),
             model=os.path.relpath(model, self.out) if self.out.resolve() in model.resolve().parents else str(model),
             accuracy_from=accuracy_from,
             build_s=build_s,
@@ -471,9 +265,9 @@ class Tuner:
         n = min(self.opts.sensitivity_images, len(self.data.calib_paths))
         info(f"measuring per-layer quantization noise (ONNX Runtime QDQ probe, {n} calibration images)")
         pre = q.preprocess_for_ort(self.source, self.out / "models" / "ort-preprocessed.onnx")
-        probe = self._model_file(Candidate("onnxruntime", f"ort-qdq:{ORT_QDQ_DEFAULT}-keepact"))
+        probe = self.builder.model_file(Candidate("onnxruntime", f"ort-qdq:{ORT_QDQ_DEFAULT}-keepact"))
         groups = q.conv_groups(pre)
-        detail = q.layer_sensitivity(pre, probe, self._images_for_calibration(), groups, n)
+        detail = q.layer_sensitivity(pre, probe, self.builder.images(), groups, n)
         scores = {k: v["score"] for k, v in detail.items()}
         self.state.sensitivity = {
             "method": f"relative MSE of each conv's quantized input (ONNX Runtime {ORT_QDQ_DEFAULT} QDQ probe, {n} calibration "
@@ -584,7 +378,7 @@ class Tuner:
             return
         info(f"re-timing the reference and {len(chosen) - 1} finalist(s), interleaved")
         rounds, per_round = 3, max(1, self.opts.bench_runs // 3)
-        engines = [self._open(t.candidate, self._model_file(t.candidate)) for t in chosen]
+        engines = [self._open(t.candidate, self.builder.model_file(t.candidate)) for t in chosen]
         try:
             timings = time_interleaved(
                 [(e, self._bench_batch(t.candidate.batch_size)) for e, t in zip(engines, chosen)], rounds, per_round, max(1, self.opts.warmup)
@@ -611,7 +405,7 @@ class Tuner:
 
         cand = trial.candidate
         best = self.out / BEST_DIR
-        model = self._model_file(cand)  # rebuilt if its files were removed
+        model = self.builder.model_file(cand)  # rebuilt if its files were removed
         with atomic_folder(best) as tmp:
             if model.suffix == ".xml":
                 shutil.copy(model, tmp / "model.xml")
@@ -679,10 +473,10 @@ class Tuner:
         from fcos_offline.export.metadata import read_metadata
         from fcos_offline.tune.quantize import float_by_design
 
-        self._validate()
+        validate(self.opts)
         self.out.mkdir(parents=True, exist_ok=True)
         demo = not (self.opts.model or self.opts.coco or self.opts.images)
-        self.source = self._prepare_model(demo)
+        self.source = prepare_model(self.opts, self.out, demo)
         metadata = read_metadata(self.source)
         dims = onnx.load(str(self.source), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
         canvas = tuple(metadata.get("input_shape") or (dims[2].dim_value, dims[3].dim_value))
@@ -690,7 +484,10 @@ class Tuner:
             fixed = dims[0].dim_value
             warn(f"{self.source} has a fixed batch of {fixed}: tuning batch size {fixed} only (export with --dynamic-export for more)")
             self.opts = dataclasses.replace(self.opts, batch_sizes=(fixed,))
-        self.data = self._prepare_data(demo, metadata, (int(canvas[0]), int(canvas[1])))
+        self.data = prepare_data(self.opts, self.out, demo, metadata, (int(canvas[0]), int(canvas[1])))
+        for m in self.data.eval_set.missing:
+            self.state.skip(m["path"], m["problem"])
+        self.builder = ModelBuilder(self.source, self.out, self.data.calib_paths, self.data.canvas)
         n_items = len(self.data.eval_set.items)
         if max(self.opts.batch_sizes) > n_items:
             capped = tuple(dict.fromkeys(cap_batch(b, n_items) for b in self.opts.batch_sizes))
@@ -753,53 +550,6 @@ class Tuner:
         self.chosen = chosen
         self.save()
         return dict(json.loads((self.out / TUNE_FILE).read_text()))
-
-
-def format_table(result: dict[str, Any]) -> Any:
-    """A rich Table of every trial (the chosen one marked)."""
-    from rich.table import Table
-
-    chosen_key = (result.get("chosen") or {}).get("key")
-    table = Table(title=f"tune: {len(result['trials'])} configurations (budget {result['settings']['max_map_drop']:g} mAP points)")
-    for col, just in (
-        ("", "left"),
-        ("engine", "left"),
-        ("precision", "left"),
-        ("quantization", "left"),
-        ("float", "right"),
-        ("threads", "right"),
-        ("batch", "right"),
-        ("mAP", "right"),
-        ("Δ mAP", "right"),
-        ("ms/img", "right"),
-        ("img/s", "right"),
-        ("speedup", "right"),
-        ("size MB", "right"),
-    ):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for t in sorted(result["trials"], key=lambda t: t["ms_per_img"]):
-        c = t["candidate"]
-        quant = "-" if c["build"] == "fp32" else c["build"].replace("ort-qdq:", "ORT QDQ ").replace("nncf:", "NNCF ")
-        prec = t["precision"] + (f" (+{t['float_precision']})" if t.get("float_precision") else "")
-        threads = f"{t['threads_effective']}" + ("" if t["threads"] else "*") + (f"+{t['inter_op_threads']}io" if t.get("inter_op_threads") else "")
-        opt = f" opt-{t['ort_opt_level']}" if t["engine"] == "onnxruntime" and t["ort_opt_level"] != "all" else ""
-        mark = "→" if t["key"] == chosen_key else ("" if t["within_budget"] else "✗")
-        table.add_row(
-            mark,
-            t["engine"] + opt,
-            prec,
-            quant,
-            str(len(t["float_groups"])) if t["float_groups"] else "",
-            threads,
-            str(t["batch_size"]),
-            f"{t['bbox_mAP']:.4f}",
-            f"{t['map_drop']:+.2f}",
-            f"{t['ms_per_img']:.1f}",
-            f"{t['img_per_s']:.2f}",
-            f"{t['speedup_vs_reference']:.2f}x",
-            f"{t['size_mb']:.1f}",
-        )
-    return table
 
 
 def tune(opts: TuneOptions) -> dict[str, Any]:

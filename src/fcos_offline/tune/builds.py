@@ -1,0 +1,69 @@
+"""Each candidate's model file: built once under ``<output>/models`` (quantized with its float groups), then reused."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+from fcos_offline.progress import info
+from fcos_offline.tune import quantize as q
+from fcos_offline.tune.space import Candidate, nncf_config, ort_config, parse_build
+
+
+def model_size_mb(path: Path) -> float:
+    """Size of a model file (an OpenVINO IR with its weights)."""
+    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+    return sum(p.stat().st_size for p in files if p.is_file()) / 2**20
+
+
+class ModelBuilder:
+    """Builds (or reuses) the model file of each candidate from the fp32 ONNX ``source``."""
+
+    def __init__(self, source: Path, out: Path, calib_paths: list[str], canvas: tuple[int, int]) -> None:
+        self.source, self.out = source, out
+        self.calib_paths, self.canvas = calib_paths, canvas
+        self._images: q.ImageTensors | None = None
+        self._groups: dict[str, q.ConvGroup] | None = None
+
+    def images(self) -> q.ImageTensors:
+        """The calibration images (preprocessed once, lazily)."""
+        if self._images is None:
+            self._images = q.ImageTensors(self.calib_paths, self.canvas)
+        return self._images
+
+    def float_nodes(self, groups: tuple[str, ...]) -> list[str]:
+        """The ONNX conv nodes of the named conv groups (returned to float by the fallback)."""
+        if not groups:
+            return []
+        if self._groups is None:
+            self._groups = {g.name: g for g in q.conv_groups(self.source)}
+        return [n for name in groups for n in self._groups[name].nodes]
+
+    def model_file(self, cand: Candidate) -> Path:
+        """Build (or reuse) the model file of ``cand``."""
+        from fcos_offline.engine.backends.openvino import onnx_to_ir
+
+        models = self.out / "models"
+        models.mkdir(parents=True, exist_ok=True)
+        kind, tag = parse_build(cand.build)
+        if kind == "fp32":
+            return self.source if cand.engine == "onnxruntime" else onnx_to_ir(self.source, models / "openvino-fp32" / "model.xml")
+        folder = models / cand.model_id
+        nodes = self.float_nodes(cand.float_groups)
+        float_note = f", {len(nodes)} conv nodes float" if nodes else ""
+        quiet = contextlib.redirect_stdout(io.StringIO())  # ORT's histogram calibrators print; our progress is on stderr
+        if kind == "ort-qdq":
+            dst = folder / "model.onnx"
+            if not dst.is_file():
+                pre = q.preprocess_for_ort(self.source, models / "ort-preprocessed.onnx")
+                info(f"  quantizing with onnxruntime quantize_static ({tag}{float_note})")
+                with quiet:
+                    q.ort_quantize(pre, dst, self.images(), ort_config(tag), nodes, cache_dir=self.out / "work" / "calibration")
+            return dst
+        dst = folder / "model.xml"
+        if not (dst.is_file() and dst.with_suffix(".bin").is_file()):
+            info(f"  quantizing with nncf.quantize ({tag}{float_note})")
+            with quiet:
+                q.nncf_quantize(self.source, dst, self.images(), nncf_config(tag), nodes)
+        return dst
