@@ -17,7 +17,7 @@ import json
 import os
 import platform
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,6 @@ class RunOptions:
 @dataclass
 class _Paths:
     root: Path
-    images: Path = field(init=False)
-    ann_file: Path = field(init=False)
 
     def sub(self, *parts: str) -> Path:
         p = self.root.joinpath(*parts)
