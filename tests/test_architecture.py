@@ -72,7 +72,7 @@ def test_one_mapping_drives_dispatch_and_cli_choices() -> None:
 
     for name, module in BACKENDS.items():
         assert module.NAME == name
-        for attr in ("EXTRA", "PRECISIONS", "CONVERT_PRECISIONS", "MODEL_KINDS", "available", "version", "convert", "load"):
+        for attr in ("EXTRA", "PRECISIONS", "CONVERT_PRECISIONS", "CONVERT_FROM", "MODEL_KINDS", "available", "version", "convert", "load"):
             assert hasattr(module, attr), (name, attr)
     infer = _build_parser()._subparsers._group_actions[0].choices["infer"]  # type: ignore[union-attr]
     engine_action = next(a for a in infer._actions if "--engine" in a.option_strings)
@@ -89,7 +89,7 @@ def test_no_literal_engine_dispatch_outside_the_backends() -> None:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare) and any(
-                isinstance(c, ast.Constant) and c.value in ("openvino", "torch") for c in [node.left, *node.comparators]
+                isinstance(c, ast.Constant) and c.value in ("openvino", "torch", "inductor") for c in [node.left, *node.comparators]
             ):
                 pytest.fail(f"{rel}:{node.lineno} compares with an engine name")
 
@@ -122,10 +122,11 @@ def test_explicit_precision_fp32_overrides_a_tuned_bf16_artifact(tiny_onnx: Path
     """A tune artifact recorded bf16; ``infer --precision fp32`` must run fp32 (flag > artifact)."""
     pytest.importorskip("openvino")
     from fcos_offline.cli import main
+    from fcos_offline.engine.base import ConvertRequest
     from fcos_offline.engine.convert import convert
 
     art_dir = tmp_path / "tuned"
-    art = convert(tiny_onnx, "openvino", art_dir, batch_size=1)
+    art = convert(tiny_onnx, "openvino", art_dir, ConvertRequest(batch_size=1))
     write_artifact(art_dir, replace(art, tuned=True, engine_options=EngineOptions(engine="openvino", threads=1, precision="bf16")))
     images = tmp_path / "images"
     from fcos_offline.demo.synthetic import make_demo_data

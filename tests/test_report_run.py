@@ -112,6 +112,7 @@ def test_usage_errors(capsys) -> None:
 
 def test_run_takes_a_converted_artifact(tmp_path: Path) -> None:
     """--model: the offline engines run a 'convert'/'tune' artifact; its engine comes from artifact.json."""
+    from fcos_offline.engine.base import ConvertRequest
     from fcos_offline.engine.convert import convert
 
     sample = shared_data_dir()
@@ -119,7 +120,7 @@ def test_run_takes_a_converted_artifact(tmp_path: Path) -> None:
     common = dict(checkpoint=str(ckpt), coco=str(sample), shape=(192, 320), batch_sizes=(2,), online=False, num_images=4)
     first = run(RunOptions(**common, engines=("onnxruntime",), workdir=str(tmp_path / "a")))
     artifact = tmp_path / "ov_bs2"
-    convert(first["onnx"], "openvino", artifact, batch_size=2)
+    convert(first["onnx"], "openvino", artifact, ConvertRequest(batch_size=2))
     second = run(RunOptions(**common, model=str(artifact), workdir=str(tmp_path / "b")))
     (entry,) = second["entries"]
     assert entry["engine"] == "openvino" and second["offline_model"] == str(artifact)

@@ -102,9 +102,15 @@ def add_engine_flags(parser: argparse.ArgumentParser, engines: tuple[str, ...] =
         "--engine",
         choices=engines,
         default=None,
-        help="inference engine (default: an artifact's own, else onnxruntime; torch = the online PyTorch baseline)",
+        help="inference engine (default: an artifact's own, else onnxruntime; torch = the online PyTorch baseline; "
+        "inductor = a 'convert --engine inductor' folder)",
     )
-    add_flag(parser, "--device", default=None, help="cpu (default); onnxruntime: cuda, tensorrt or cann (execution providers); openvino: CPU, GPU")
+    add_flag(
+        parser,
+        "--device",
+        default=None,
+        help="cpu (default); torch/inductor: cuda (cuda:N); onnxruntime: cuda, tensorrt or cann (execution providers); openvino: CPU, GPU",
+    )
     add_flag(parser, "--threads", type=THREADS, help="intra-op threads (default: a tuned artifact's, else the engine's choice, all cores)")
     add_flag(
         parser,
@@ -112,6 +118,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, engines: tuple[str, ...] =
         choices=PRECISIONS,
         default=None,
         help="execution precision (default: a tuned artifact's, else fp32); openvino honours bf16/fp16, "
+        "inductor runs what it was converted to (tf32 <-> fp32 switchable on CUDA), "
         "'auto' = the engine's default (OpenVINO picks bf16 where the CPU has it)",
     )
 

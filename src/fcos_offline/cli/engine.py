@@ -111,13 +111,28 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from fcos_offline.engine.base import ConvertRequest
     from fcos_offline.engine.convert import convert
 
-    art = convert(args.model, args.engine, args.output, args.batch_size, args.precision, args.opt_level)
+    if bool(args.model) == bool(args.checkpoint):
+        raise UsageError("give --model X.onnx (onnxruntime, openvino) or --checkpoint X.pth --shape H W (inductor)")
+    request = ConvertRequest(
+        precision=args.precision,
+        batch_size=args.batch_size,
+        opt_level=args.opt_level,
+        device=args.device,
+        shape=tuple(args.shape) if args.shape else None,
+        overrides=overrides_from_args(args),
+        channels_last=args.channels_last,
+        cuda_graphs=args.cuda_graphs,
+    )
+    art = convert(args.model or args.checkpoint, args.engine, args.output, request)
     print(
         f"wrote {args.output}/{art.model_file} ({art.engine} {art.engine_version}, batch {art.batch_size}, "
         f"input {art.input_shape}, {art.precision}); run it with: fcos-offline infer --model {args.output}"
     )
+    if "compiled_vs_eager_max_rel_error" in art.settings:
+        print(f"compiled network vs eager PyTorch: worst relative error {art.settings['compiled_vs_eager_max_rel_error']:.2e}")
     return EXIT_OK
 
 
@@ -156,16 +171,39 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser(
         "convert",
-        help="ONNX -> engine artifact for a fixed batch (ORT optimised model, OpenVINO IR)",
+        help="ONNX -> engine artifact for a fixed batch (ORT optimised model, OpenVINO IR); checkpoint -> compiled PyTorch program",
         description="The recipe's ATC step on real engines: fix the batch size, apply the engine's graph "
         "optimisations and save an artifact folder (model + artifact.json) that 'infer --model FOLDER' accepts. "
+        "onnxruntime/openvino read an exported --model X.onnx. inductor (the GPU analog of ATC's .om) reads "
+        "--checkpoint X.pth --shape H W: the network is saved as a torch.export program (model.pt2, no checkpoint or "
+        "model code needed to load it), compiled once by PyTorch's inductor for --device cpu or cuda and checked "
+        "against eager PyTorch; the compile cache is kept in the folder so infer starts warm. "
         "TensorRT runs through onnxruntime-gpu's TensorRT provider: infer --engine onnxruntime --device tensorrt.",
         formatter_class=DefaultsFormatter,
     )
-    add_flag(c, "--model", required=True, help="exported .onnx file")
+    add_flag(c, "--model", help="exported .onnx file (onnxruntime, openvino)")
+    add_flag(c, "--checkpoint", help="checkpoint .pth (inductor)")
     add_flag(c, "--engine", choices=CONVERT_ENGINES, default=CONVERT_ENGINES[0], help="engine to build the artifact for")
     add_flag(c, "--batch-size", type=BATCH, default=1, help="the artifact's fixed batch size")
-    add_flag(c, "--precision", choices=CONVERT_PRECISIONS, default="fp32", help="stored precision (openvino fp16 compresses weights)")
+    add_flag(
+        c,
+        "--precision",
+        choices=CONVERT_PRECISIONS,
+        default="fp32",
+        help="stored precision: openvino fp16 compresses weights; inductor compiles fp32, bf16, or on CUDA tf32/fp16",
+    )
     add_flag(c, "--opt-level", choices=ORT_OPT_LEVELS, default="all", help="onnxruntime graph optimisation level")
     add_flag(c, "--output", required=True, help="artifact folder to write")
+    g = c.add_argument_group("inductor (a checkpoint compiled by PyTorch)")
+    add_flag(g, "--device", default="cpu", help="cpu or cuda (cuda:N): where the program is exported, compiled and run")
+    add_flag(g, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="the canvas the network is compiled for (e.g. 800 1333)")
+    add_flag(g, "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC activations (default: on for CUDA)")
+    add_flag(
+        g,
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay the static batch as a CUDA graph (default: on for CUDA)",
+    )
+    add_model_flags(c)
     c.set_defaults(func=_cmd_convert)

@@ -39,6 +39,7 @@ class Artifact:
     engine_options: EngineOptions | None = None  # recorded options (tune), applied where not given
     tuned: bool = False
     tuning: dict[str, Any] = field(default_factory=dict)  # tune's record: trial, quantization, mAP, speed
+    settings: dict[str, Any] = field(default_factory=dict)  # what the model file cannot tell (inductor: model config, layout)
     schema: int = SCHEMA
 
     @property
@@ -92,6 +93,9 @@ def read_artifact(folder: str | Path) -> Artifact:
         raise FcosError(f"{path}: engine_options must be an object")
     engine_options = EngineOptions(**{k: v for k, v in opts.items() if k in known}) if opts else None
     tuning = dict(data.get("tuning") or {})
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise FcosError(f"{path}: settings must be an object")
     if schema == 1:
         tuning.update({k: data[k] for k in _SCHEMA1_TUNING if k in data})
     try:
@@ -108,6 +112,7 @@ def read_artifact(folder: str | Path) -> Artifact:
             engine_options=engine_options,
             tuned=bool(data.get("tuned", False)),
             tuning=tuning,
+            settings=settings,
             schema=SCHEMA,
         )
     except TypeError as exc:  # pragma: no cover - guarded above

@@ -1,9 +1,10 @@
 """The engine protocol: what every backend provides, and the records that cross it.
 
 A **backend** is one module under :mod:`fcos_offline.engine.backends` (``onnxruntime``,
-``openvino``, ``torch``) that provides the :class:`Backend` protocol: its name, the pip extra
-that installs it, the precisions and devices it accepts, its version, what it can ``convert``
-an ONNX file into, and ``load`` — which opens a model and returns an :class:`Engine`.
+``openvino``, ``torch``, ``inductor``) that provides the :class:`Backend` protocol: its name, the
+pip extra that installs it, the precisions and devices it accepts, its version, what it can
+``convert`` (an ONNX file, or for ``inductor`` a checkpoint) into, and ``load`` — which opens a
+model and returns an :class:`Engine`.
 
 An **engine** runs a batch ``[b,3,H,W]`` float32 of preprocessed images and returns
 ``(dets [b,K,5] float32, labels [b,K] int64)``; it reports its version and the precision it
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from fcos_offline.engine.artifact import Artifact
     from fcos_offline.model.checkpoint import ModelOverrides
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,36 @@ def resolve_options(given: EngineOptions, recorded: EngineOptions | None = None)
     return EngineConfig(**values)
 
 
+@dataclass(frozen=True)
+class ConvertRequest:
+    """What ``convert`` was asked to build (each backend reads the fields that concern it)."""
+
+    precision: str = "fp32"
+    batch_size: int = 1
+    opt_level: str = "all"  # onnxruntime's graph optimisation level
+    device: str = "cpu"  # inductor: the device the program is exported and compiled for
+    shape: tuple[int, int] | None = None  # inductor: the canvas (H, W) of a checkpoint
+    overrides: ModelOverrides | None = None  # inductor: model settings the checkpoint cannot tell
+    channels_last: bool | None = None  # inductor: NHWC activations (None: on for CUDA)
+    cuda_graphs: bool | None = None  # inductor: replay the static batch as a CUDA graph (None: on for CUDA)
+
+
+@dataclass
+class Converted:
+    """What a backend's ``convert`` wrote: the model file and what ``artifact.json`` records about it."""
+
+    model_file: str
+    input_shape: list[int] | None = None  # [B,3,H,W] when the backend decides it (checkpoint sources)
+    settings: dict[str, Any] = field(default_factory=dict)
+    engine_options: EngineOptions | None = None
+
+
 @dataclass
 class ModelSource:
     """Where the model comes from, resolved from a path (see :func:`engine.backends.resolve_model`)."""
 
     path: Path
-    kind: str  # "onnx", "openvino-ir", "checkpoint"
+    kind: str  # "onnx", "openvino-ir", "checkpoint", "torch-export"
     post_path: Path | None = None
     artifact: Artifact | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -109,6 +134,11 @@ class Engine:
     name = "engine"
     input_hw: tuple[int, int]
     static_batch: int | None = None
+
+    @property
+    def device_input(self) -> bool:
+        """Does this engine build its input on a device (so the feed should hand it uint8 images)?"""
+        return False
 
     def __init__(self, source: ModelSource, config: EngineConfig) -> None:
         self.source = source
@@ -138,6 +168,17 @@ class Engine:
             dets.append(d[:n])
             labels.append(lab[:n])
         return np.concatenate(dets), np.concatenate(labels)
+
+    def run_letterboxed(self, images: list[np.ndarray], pads: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Letterboxed uint8 images (BGR HxWx3) placed at ``pads`` (top, left) -> detections.
+
+        The feed's form of a batch: here the float tensor is built on the host
+        (:func:`data.preprocess.to_input_tensor`); engines on a device build it there.
+        """
+        from fcos_offline.data.preprocess import to_input_tensor
+
+        h, w = self.input_hw
+        return self.run(np.stack([to_input_tensor(img, top, left, h, w) for img, (top, left) in zip(images, pads)]))
 
     def version(self) -> str:
         """The engine library's version."""
@@ -217,13 +258,14 @@ class Backend(Protocol):
     EXTRA: str  # the pip extra that installs it
     PRECISIONS: tuple[str, ...]  # execution precisions it accepts
     CONVERT_PRECISIONS: tuple[str, ...]  # stored precisions ``convert`` writes (empty: no convert)
+    CONVERT_FROM: str  # what ``convert`` reads: "onnx" (a batch-fixed ONNX file) or "checkpoint"
     MODEL_KINDS: tuple[str, ...]  # ModelSource kinds it opens
 
     def available(self) -> bool: ...
 
     def version(self) -> str: ...
 
-    def convert(self, fixed_onnx: Path, out: Path, precision: str, opt_level: str) -> str: ...
+    def convert(self, source: Path, out: Path, request: ConvertRequest) -> Converted: ...
 
     def load(self, source: ModelSource, config: EngineConfig, shape: tuple[int, int] | None, overrides: ModelOverrides | None) -> Engine: ...
 

@@ -6,6 +6,8 @@ What each engine builds is its backend's ``convert``:
 
 * ``onnxruntime``: batch fixed, graph optimisations applied offline and saved (``model.onnx``).
 * ``openvino``: OpenVINO IR (``model.xml``/``.bin``) at the fixed batch; ``fp16`` compresses the weights.
+* ``inductor``: from the checkpoint, a ``torch.export`` program compiled by PyTorch's inductor
+  (CPU or CUDA; fp32/tf32/fp16/bf16) with its compile cache (:mod:`engine.backends.inductor`).
 
 TensorRT runs through ONNX Runtime's TensorRT execution provider (``infer --engine onnxruntime
 --device tensorrt`` with ``onnxruntime-gpu``), which builds and caches its engine itself.
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fcos_offline.engine.artifact import Artifact, write_artifact
-from fcos_offline.engine.backends import CONVERT_ENGINES, backend
+from fcos_offline.engine.backends import CHECKPOINT_SUFFIXES, CONVERT_ENGINES, backend
+from fcos_offline.engine.base import Backend, ConvertRequest
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.export.metadata import read_metadata
 from fcos_offline.io import atomic_folder
@@ -34,18 +37,46 @@ def _fix_batch(model: Any, batch_size: int) -> Any:
     return model
 
 
-def convert(model: str | Path, engine: str, output: str | Path, batch_size: int = 1, precision: str = "fp32", opt_level: str = "all") -> Artifact:
-    """Convert an ONNX file into an artifact folder; returns the artifact description."""
-    import onnx
-
+def convert(model: str | Path, engine: str, output: str | Path, request: ConvertRequest | None = None) -> Artifact:
+    """Convert an ONNX file (or, for ``inductor``, a checkpoint) into an artifact folder; returns its description."""
+    request = request or ConvertRequest()
     src = Path(model)
-    if batch_size < 1:
+    if request.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if engine not in CONVERT_ENGINES:
         raise UsageError(f"convert builds artifacts for {', '.join(CONVERT_ENGINES)}, not {engine!r}")
     chosen = backend(engine)
-    if precision not in chosen.CONVERT_PRECISIONS:
-        raise UsageError(f"{engine} artifacts are stored {' or '.join(chosen.CONVERT_PRECISIONS)}, not {precision}")
+    if request.precision not in chosen.CONVERT_PRECISIONS:
+        raise UsageError(f"{engine} artifacts are stored {' or '.join(chosen.CONVERT_PRECISIONS)}, not {request.precision}")
+    if chosen.CONVERT_FROM == "checkpoint":
+        return _convert_checkpoint(src, chosen, output, request)
+    return _convert_onnx(src, chosen, output, request)
+
+
+def _convert_checkpoint(src: Path, chosen: Backend, output: str | Path, request: ConvertRequest) -> Artifact:
+    if not src.is_file() or src.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise UsageError(f"{src}: {chosen.NAME} builds from a checkpoint (--checkpoint X.pth --shape H W)")
+    with atomic_folder(output) as out:
+        done = chosen.convert(src, out, request)
+        artifact = Artifact(
+            engine=chosen.NAME,
+            model_file=done.model_file,
+            batch_size=request.batch_size,
+            input_shape=done.input_shape or [],
+            precision=request.precision,
+            engine_version=chosen.version(),
+            source=str(src),
+            engine_options=done.engine_options,
+            settings=done.settings,
+        )
+        write_artifact(out, artifact)
+    return artifact
+
+
+def _convert_onnx(src: Path, chosen: Backend, output: str | Path, request: ConvertRequest) -> Artifact:
+    import onnx
+
+    batch_size = request.batch_size
     if not src.is_file() or src.suffix.lower() != ".onnx":
         raise FcosError(f"{src}: convert takes an exported .onnx file")
     try:
@@ -70,14 +101,14 @@ def convert(model: str | Path, engine: str, output: str | Path, batch_size: int 
         if metadata.get("nms_in_graph") is False:
             post_file = "model.post.onnx"
             shutil.copy(post_src, out / post_file)
-        model_file = chosen.convert(fixed, out, precision, opt_level)
+        done = chosen.convert(fixed, out, request)
         fixed.unlink()
         artifact = Artifact(
-            engine=engine,
-            model_file=model_file,
+            engine=chosen.NAME,
+            model_file=done.model_file,
             batch_size=batch_size,
             input_shape=[d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim],
-            precision=precision,
+            precision=request.precision,
             engine_version=chosen.version(),
             source=str(src),
             post_file=post_file,

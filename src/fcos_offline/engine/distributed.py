@@ -119,7 +119,7 @@ class _EngineActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from fcos_offline.data.dumps import write_dumps
         from fcos_offline.data.preprocess import to_input_tensor
-        from fcos_offline.engine.infer import load_item
+        from fcos_offline.engine.infer import read_input
 
         n = len(batch["stem"])
         problems = [str(p) for p in batch["problem"]]
@@ -130,10 +130,11 @@ class _EngineActor:
             top, left, h, w = (int(v) for v in batch["region"][i])
             if top < 0:  # a .bin input: the recipe's preprocessed tensor, read here
                 item = InputItem(str(batch["stem"][i]), str(batch["path"][i]), "bin")
-                _, tensor, problem, _, _ = load_item(item, self.canvas)
-                if problem is not None or tensor is None:
-                    problems[i] = problem or "unreadable"
+                loaded = read_input(item, self.canvas)
+                if loaded.problem is not None:
+                    problems[i] = loaded.problem
                     continue
+                tensor = loaded.tensor(self.canvas)
             else:
                 tensor = to_input_tensor(batch["image"][i][top : top + h, left : left + w], top, left, *self.canvas)
             tensors.append(tensor)

@@ -1,9 +1,12 @@
 """Offline inference: inputs -> engine -> dumps, with per-stage timings (the vendor ``benchmark``).
 
 Inputs are a bin-mode ``.info`` (the recipe's preprocessed ``.bin`` tensors), a jpg-mode
-``.info`` or a folder of images. Images are decoded and preprocessed in worker processes that
-overlap with inference through a bounded window of pending tasks, so memory stays flat for any
-number of images and no intermediate ``.bin`` is written (streaming).
+``.info`` or a folder of images. The feed (:class:`_Feed`) decodes and letterboxes images in
+worker processes into shared memory (no pickled pixel arrays) through a bounded window, so memory
+stays flat for any number of images and no intermediate ``.bin`` is written (streaming). The
+float conversion and mean subtraction happen on the host for CPU engines and on the device for
+engines that run on one (:attr:`Engine.device_input`), with bit-identical results. Loading of
+batch k+1 (workers) and dump writing of batch k-1 (a writer thread) overlap inference of batch k.
 
 Each image's dumps are written atomically (temporary name, then rename): an interrupted run
 leaves only whole files, and ``resume=True`` skips images whose dumps are complete.
@@ -15,9 +18,10 @@ import collections
 import json
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +33,12 @@ from fcos_offline.data.dumps import dumps_complete, write_dumps
 from fcos_offline.data.perf import PerfStats, perf_file_name, write_perf_file
 from fcos_offline.data.preprocess import (
     IMAGE_EXTENSIONS,
+    letterbox_uint8,
     list_images,
-    preprocess_image,
     read_image,
+    to_input_tensor,
 )
 from fcos_offline.engine.base import Engine
-from fcos_offline.engine.timing import run_timed, warm_up
 from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.io import atomic_write_json
 from fcos_offline.progress import progress_bar, warn
@@ -59,8 +63,28 @@ def items_from_images(folder: str | os.PathLike) -> list[InputItem]:
     return [InputItem(p.stem, str(p), "image") for p in list_images(folder)]
 
 
-def load_item(item: InputItem, canvas_hw: tuple[int, int]) -> tuple[InputItem, np.ndarray | None, str | None, float, float]:
-    """Read and preprocess one input (runs in a worker): (item, tensor or None, problem, read s, prep s)."""
+@dataclass
+class Loaded:
+    """One input read by the feed: letterboxed uint8 pixels and their placement, or a ``.bin`` tensor."""
+
+    item: InputItem
+    pixels: np.ndarray | None  # uint8 HxWx3 BGR resized image (pads set), or float32 [3,H,W] (.bin); None if a problem
+    pads: tuple[int, int] | None  # (top, left) of the image on the canvas; None for a .bin tensor
+    problem: str | None
+    read_s: float
+    preprocess_s: float
+    submitted: float = 0.0
+
+    def tensor(self, canvas_hw: tuple[int, int]) -> np.ndarray:
+        """The float32 ``[3,H,W]`` input (:func:`data.preprocess.to_input_tensor` for an image)."""
+        assert self.pixels is not None
+        if self.pads is None:
+            return self.pixels
+        return to_input_tensor(self.pixels, *self.pads, *canvas_hw)
+
+
+def read_input(item: InputItem, canvas_hw: tuple[int, int]) -> Loaded:
+    """Read one input and letterbox it (an image) or check it (a ``.bin``); problems are reported, not raised."""
     t0 = time.perf_counter()
     try:
         if item.kind == "bin":
@@ -71,64 +95,112 @@ def load_item(item: InputItem, canvas_hw: tuple[int, int]) -> tuple[InputItem, n
             tensor = np.fromfile(item.path, dtype="<f4").reshape(3, *canvas_hw)
             if not np.isfinite(tensor).all():
                 raise BadFileError(item.path, f"{int((~np.isfinite(tensor)).sum())} NaN/inf values in the tensor")
-            return item, tensor, None, time.perf_counter() - t0, 0.0
+            return Loaded(item, tensor, None, None, time.perf_counter() - t0, 0.0)
         img = read_image(item.path)
         t1 = time.perf_counter()
-        tensor, _ = preprocess_image(img, *canvas_hw)
-        return item, tensor, None, t1 - t0, time.perf_counter() - t1
+        resized, lb = letterbox_uint8(img, *canvas_hw)
+        return Loaded(item, resized, (lb.pad_top, lb.pad_left), None, t1 - t0, time.perf_counter() - t1)
     except BadFileError as exc:
-        return item, None, exc.problem, time.perf_counter() - t0, 0.0
+        problem = exc.problem
     except FcosError as exc:  # e.g. an image too thin to letterbox: skipped, as preprocess_folder skips it
-        return item, None, str(exc), time.perf_counter() - t0, 0.0
+        problem = str(exc)
     except cv2.error as exc:
-        return item, None, f"OpenCV: {str(exc).strip().splitlines()[-1][:200]}", time.perf_counter() - t0, 0.0
+        problem = f"OpenCV: {str(exc).strip().splitlines()[-1][:200]}"
     except OSError as exc:
-        return item, None, exc.strerror or str(exc), time.perf_counter() - t0, 0.0
+        problem = exc.strerror or str(exc)
+    return Loaded(item, None, None, problem, time.perf_counter() - t0, 0.0)
+
+
+_ATTACHED: dict[str, SharedMemory] = {}
+
+
+def _read_into_slot(item: InputItem, canvas_hw: tuple[int, int], shm_name: str, offset: int) -> tuple[Loaded, tuple[int, ...], str]:
+    """In a worker: :func:`read_input` with the pixels written into shared memory at ``offset``; only their shape travels back."""
+    loaded = read_input(item, canvas_hw)
+    pixels, loaded.pixels = loaded.pixels, None
+    if pixels is None:
+        return loaded, (), ""
+    if shm_name not in _ATTACHED:
+        _ATTACHED[shm_name] = SharedMemory(shm_name)
+    np.ndarray(pixels.shape, pixels.dtype, buffer=_ATTACHED[shm_name].buf, offset=offset)[...] = pixels
+    return loaded, pixels.shape, pixels.dtype.str
 
 
 def _worker_init() -> None:
-    """One OpenCV thread per worker; Ctrl-C is handled by the parent (no worker traceback)."""
+    """One OpenCV thread per worker; Ctrl-C is the parent's to handle; the worker ends with its parent.
+
+    Without the last, a killed run's workers would wait forever, and with them the shared memory
+    they hold open (Python's resource tracker removes it only once every holder has gone).
+    """
+    import ctypes
     import signal
+    import sys
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-class _Loader:
-    """Bounded look-ahead over items: in-process (workers=0) or a process pool."""
+class _Feed:
+    """Bounded look-ahead over items: in-process (workers=0) or worker processes feeding shared memory.
+
+    Workers decode and letterbox into slots of one shared-memory block (a slot holds a
+    canvas-sized float32 ``.bin`` tensor or a letterboxed uint8 image); only file names and
+    shapes are pickled, and the parent copies the pixels out, freeing the slot at once.
+    """
 
     def __init__(self, items: list[InputItem], canvas_hw: tuple[int, int], workers: int, window: int) -> None:
         self.items = items
         self.canvas_hw = canvas_hw
         self.window = max(1, window)
         self.pool = None
-        if workers > 0:
+        self.shm: SharedMemory | None = None
+        self.slot_bytes = 3 * canvas_hw[0] * canvas_hw[1] * 4
+        if workers > 0 and items:
             import multiprocessing
 
+            self.shm = SharedMemory(create=True, size=self.window * self.slot_bytes)
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
 
-    def __iter__(self):
-        if self.pool is None:
+    def __iter__(self) -> Iterator[Loaded]:
+        if self.pool is None or self.shm is None:
             for item in self.items:
                 submitted = time.perf_counter()
-                yield (*load_item(item, self.canvas_hw), submitted)
+                loaded = read_input(item, self.canvas_hw)
+                loaded.submitted = submitted
+                yield loaded
             return
-        pending: collections.deque[tuple[Future, float]] = collections.deque()
+        pool, shm = self.pool, self.shm
+        free = list(range(self.window))
+        pending: collections.deque[tuple[Future, int, float]] = collections.deque()
+
+        def submit(item: InputItem) -> None:
+            slot = free.pop()
+            pending.append((pool.submit(_read_into_slot, item, self.canvas_hw, shm.name, slot * self.slot_bytes), slot, time.perf_counter()))
+
         it = iter(self.items)
         try:
             for item in it:
-                pending.append((self.pool.submit(load_item, item, self.canvas_hw), time.perf_counter()))
-                if len(pending) >= self.window:
+                submit(item)
+                if not free:
                     break
             while pending:
-                fut, submitted = pending.popleft()
-                result = fut.result()
+                fut, slot, submitted = pending.popleft()
+                loaded, shape, dtype = fut.result()
+                loaded.submitted = submitted
+                if shape:
+                    loaded.pixels = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf, offset=slot * self.slot_bytes).copy()
+                free.append(slot)
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((self.pool.submit(load_item, nxt, self.canvas_hw), time.perf_counter()))
-                yield (*result, submitted)
+                    submit(nxt)
+                yield loaded
         finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+            shm.close()
+            shm.unlink()
 
 
 STAMP = ".fcos-dumps.json"
@@ -221,7 +293,6 @@ def run_inference(
     workers: int | None = None,
     device_id: int = 0,
     perf_dir: str | os.PathLike | None = None,
-    on_batch: Callable[[list[str], np.ndarray, np.ndarray], None] | None = None,
     show_progress: bool = True,
 ) -> InferSummary:
     """Run ``engine`` over ``items`` in batches of ``batch_size`` and write one dump pair per image."""
@@ -253,44 +324,69 @@ def run_inference(
     skipped: list[dict[str, str]] = []
     done = 0
 
-    def flush(batch: list[tuple[InputItem, np.ndarray, float]], advance: Callable[[int], None]) -> None:
-        nonlocal infer_total, done
-        tensor = np.stack([b[1] for b in batch])
-        if warmup and done == 0 and not times["infer"]:
-            warm_up(engine, tensor, warmup)
-        dets, labels, t_infer = run_timed(engine, tensor, loop)
-        infer_total += t_infer
-        times["infer"].append(t_infer)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="fcos-dumps")  # writes batch k-1 while batch k runs
+    writing: Future | None = None
+
+    def write(batch: list[Loaded], dets: np.ndarray, labels: np.ndarray) -> None:
         t1 = time.perf_counter()
-        for (item, _, _), d, lab in zip(batch, dets, labels):
-            write_dumps(out, item.stem, lab, d, fmt)
-        if on_batch is not None:
-            on_batch([b[0].stem for b in batch], dets, labels)
+        for loaded, d, lab in zip(batch, dets, labels):
+            write_dumps(out, loaded.item.stem, lab, d, fmt)
         t2 = time.perf_counter()
         times["postprocess"].append((t2 - t1) / len(batch))
-        times["e2e"].extend(t2 - b[2] for b in batch)
+        times["e2e"].extend(t2 - b.submitted for b in batch)
+
+    def flush(batch: list[Loaded], advance: Callable[[int], None]) -> None:
+        nonlocal infer_total, done, writing
+        if engine.device_input and all(b.pads is not None for b in batch):
+            pixels, pads = [b.pixels for b in batch], [b.pads for b in batch]
+
+            def call() -> tuple[np.ndarray, np.ndarray]:
+                return engine.run_letterboxed(pixels, pads)  # type: ignore[arg-type]  # checked above: images, all placed
+        else:
+            tensor = np.stack([b.tensor(canvas) for b in batch])
+
+            def call() -> tuple[np.ndarray, np.ndarray]:
+                return engine.run(tensor)
+
+        if warmup and done == 0 and not times["infer"]:
+            for _ in range(warmup):
+                call()
+        t0 = time.perf_counter()
+        for _ in range(max(1, loop)):
+            dets, labels = call()
+        t_infer = (time.perf_counter() - t0) / max(1, loop)
+        infer_total += t_infer
+        times["infer"].append(t_infer)
+        if writing is not None:
+            writing.result()  # the previous batch's dumps are on disk (or its error is raised here)
+        writing = writer.submit(write, batch, dets, labels)
         done += len(batch)
         advance(len(batch))
 
     start = time.perf_counter()
-    batch: list[tuple[InputItem, np.ndarray, float]] = []
+    batch: list[Loaded] = []
     window = max(2 * batch_size, 4)
-    with progress_bar(len(todo), f"infer {engine.name} bs{batch_size}", unit="img") if show_progress else _null_bar() as advance:
-        for item, tensor, problem, t_read, t_pre, submitted in _Loader(todo, canvas, workers, window):
-            if problem is not None:
-                warn(f"skipped {item.path}: {problem}")
-                skipped.append({"path": item.path, "problem": problem})
-                advance(1)
-                continue
-            times["read"].append(t_read)
-            if item.kind == "image":
-                times["preprocess"].append(t_pre)
-            batch.append((item, tensor, submitted))
-            if len(batch) == batch_size:
+    try:
+        with progress_bar(len(todo), f"infer {engine.name} bs{batch_size}", unit="img") if show_progress else _null_bar() as advance:
+            for loaded in _Feed(todo, canvas, workers, window):
+                if loaded.problem is not None:
+                    warn(f"skipped {loaded.item.path}: {loaded.problem}")
+                    skipped.append({"path": loaded.item.path, "problem": loaded.problem})
+                    advance(1)
+                    continue
+                times["read"].append(loaded.read_s)
+                if loaded.item.kind == "image":
+                    times["preprocess"].append(loaded.preprocess_s)
+                batch.append(loaded)
+                if len(batch) == batch_size:
+                    flush(batch, advance)
+                    batch = []
+            if batch:
                 flush(batch, advance)
-                batch = []
-        if batch:
-            flush(batch, advance)
+            if writing is not None:
+                writing.result()
+    finally:
+        writer.shutdown(wait=True)
     wall = time.perf_counter() - start
     latency = {s: latency_stats(v) for s, v in times.items()}
     summary = InferSummary(

@@ -17,12 +17,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from fcos_offline.engine.backends import OFFLINE_ENGINES
+from fcos_offline.engine.backends import ONNX_ENGINES
 from fcos_offline.errors import FcosError
 from fcos_offline.tune.quantize import CALIB_METHODS, NncfConfig, OrtQuantConfig
 
 #: the engines tune searches over (the offline ones)
-TUNE_ENGINES = OFFLINE_ENGINES
+TUNE_ENGINES = ONNX_ENGINES
 #: the ORT int8 build whose convs ONNX Runtime fuses into QLinearConv on x86
 ORT_QDQ_DEFAULT = "u8s8-minmax-pc"
 BUILD_KINDS = ("fp32", "ort-qdq", "nncf")

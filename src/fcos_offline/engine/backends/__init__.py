@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fcos_offline.engine.artifact import read_artifact
-from fcos_offline.engine.backends import onnxruntime, openvino, torch
+from fcos_offline.engine.backends import inductor, onnxruntime, openvino, torch
 from fcos_offline.engine.base import (
     Backend,
     Engine,
@@ -31,10 +31,13 @@ BACKENDS: dict[str, Backend] = {
     "onnxruntime": onnxruntime,
     "openvino": openvino,
     "torch": torch,
+    "inductor": inductor,
 }
 ENGINES = tuple(BACKENDS)
 #: the engines that run exported models (everything but the online baseline)
 OFFLINE_ENGINES = tuple(name for name, b in BACKENDS.items() if "checkpoint" not in b.MODEL_KINDS)
+#: the engines that run exported ONNX models (what ``tune`` searches over)
+ONNX_ENGINES = tuple(name for name, b in BACKENDS.items() if "onnx" in b.MODEL_KINDS)
 #: the engines ``convert`` can build an artifact for
 CONVERT_ENGINES = tuple(name for name, b in BACKENDS.items() if b.CONVERT_PRECISIONS)
 #: every stored precision some backend converts to
@@ -46,6 +49,7 @@ __all__ = [
     "CONVERT_ENGINES",
     "ENGINES",
     "OFFLINE_ENGINES",
+    "ONNX_ENGINES",
     "Engine",
     "EngineConfig",
     "EngineOptions",
@@ -63,7 +67,7 @@ def backend(name: str) -> Backend:
 
 
 def resolve_model(path: str | os.PathLike) -> ModelSource:
-    """Resolve ``--model`` (ONNX file, OpenVINO .xml, artifact folder or checkpoint)."""
+    """Resolve ``--model`` (ONNX file, OpenVINO .xml, artifact folder, checkpoint or ``torch.export`` program)."""
     from fcos_offline.export.metadata import read_metadata
 
     p = Path(path)
@@ -76,6 +80,8 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
     suffix = p.suffix.lower()
     if suffix in CHECKPOINT_SUFFIXES:
         return ModelSource(p, "checkpoint", None, artifact, {})
+    if suffix == ".pt2":
+        return ModelSource(p, "torch-export", None, artifact, {})
     if suffix == ".xml":
         kind = "openvino-ir"
         meta_file = p.with_suffix(".meta.json")
@@ -89,7 +95,7 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
         except Exception as exc:
             raise FcosError(f"{p}: not a readable ONNX file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
     else:
-        raise FcosError(f"{p}: unknown model type '{suffix}' (expected .onnx, .xml, a convert folder or a .pth)")
+        raise FcosError(f"{p}: unknown model type '{suffix}' (expected .onnx, .xml, a convert folder, a .pth or a .pt2)")
     post = None
     if metadata.get("nms_in_graph") is False:
         if artifact is not None and artifact.post_file:
@@ -119,8 +125,9 @@ def open_engine(
             raise UsageError(f"{model} is a {artifact.engine} artifact; use --engine {artifact.engine}")
         # the artifact's engine and tuned options; the batch stays the caller's (the model takes any)
         recorded = replace(artifact.engine_options or EngineOptions(), engine=artifact.engine, batch_size=None)
-    elif source.kind == "checkpoint":
-        recorded = EngineOptions(engine="torch")
+    else:  # the engine that opens this kind of file, where only one does
+        openers = [name for name, b in BACKENDS.items() if source.kind in b.MODEL_KINDS]
+        recorded = EngineOptions(engine=openers[0]) if len(openers) == 1 else None
     config = cap_threads(resolve_options(options, recorded))
     chosen = backend(config.engine)
     if source.kind not in chosen.MODEL_KINDS:
@@ -128,5 +135,6 @@ def open_engine(
             raise UsageError(f"{config.engine} runs an exported model; export the checkpoint first ('fcos-offline export') or use --engine torch")
         if "checkpoint" in chosen.MODEL_KINDS:
             raise UsageError("the torch engine runs a checkpoint (--checkpoint X.pth), not an exported model")
-        raise UsageError(f"an OpenVINO .xml model runs with --engine openvino, not {config.engine}")
+        openers = [name for name, b in BACKENDS.items() if source.kind in b.MODEL_KINDS]
+        raise UsageError(f"a {source.kind} model runs with --engine {' or '.join(openers)}, not {config.engine}")
     return chosen.load(source, config, shape, overrides)

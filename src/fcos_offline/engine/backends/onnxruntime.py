@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fcos_offline.engine.base import (
+    Converted,
+    ConvertRequest,
     Engine,
     EngineConfig,
     ModelSource,
@@ -25,6 +27,7 @@ NAME: str = "onnxruntime"
 EXTRA: str = "gpu"  # the CPU build is a core dependency; [gpu] adds onnxruntime-gpu's providers
 PRECISIONS: tuple[str, ...] = ("fp32", "auto")
 CONVERT_PRECISIONS: tuple[str, ...] = ("fp32",)
+CONVERT_FROM: str = "onnx"
 MODEL_KINDS: tuple[str, ...] = ("onnx",)
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
 #: device -> execution providers, most wanted first (and the extra that provides the first)
@@ -63,20 +66,20 @@ def optimization_level(name: str) -> Any:
     return levels[name]
 
 
-def convert(fixed_onnx: Path, out: Path, precision: str, opt_level: str) -> str:
-    """Apply the graph optimisations offline and save ``model.onnx`` (metadata kept)."""
+def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
+    """Apply the graph optimisations offline to the batch-fixed ONNX ``source`` and save ``model.onnx`` (metadata kept)."""
     import onnxruntime as ort
 
     from fcos_offline.export.metadata import copy_metadata
 
-    if precision != "fp32":
+    if request.precision != "fp32":
         raise UsageError("onnxruntime artifacts are fp32; use 'fcos-offline tune' for int8")
     so = ort.SessionOptions()
-    so.graph_optimization_level = optimization_level(opt_level)
+    so.graph_optimization_level = optimization_level(request.opt_level)
     so.optimized_model_filepath = str(out / "model.onnx")
-    ort.InferenceSession(str(fixed_onnx), so, providers=["CPUExecutionProvider"])
-    copy_metadata(fixed_onnx, out / "model.onnx")
-    return "model.onnx"
+    ort.InferenceSession(str(source), so, providers=["CPUExecutionProvider"])
+    copy_metadata(source, out / "model.onnx")
+    return Converted("model.onnx")
 
 
 class OnnxRuntimeEngine(Engine):

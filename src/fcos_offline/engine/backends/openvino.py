@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fcos_offline.engine.base import (
+    Converted,
+    ConvertRequest,
     Engine,
     EngineConfig,
     ModelSource,
@@ -26,6 +28,7 @@ NAME: str = "openvino"
 EXTRA: str = "openvino"
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
 CONVERT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+CONVERT_FROM: str = "onnx"
 MODEL_KINDS: tuple[str, ...] = ("onnx", "openvino-ir")
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
@@ -60,12 +63,12 @@ def onnx_to_ir(src_onnx: Path, dst_xml: Path, compress_to_fp16: bool = False) ->
     return save_ir(ov.convert_model(str(src_onnx)), dst_xml, read_metadata(src_onnx), compress_to_fp16)
 
 
-def convert(fixed_onnx: Path, out: Path, precision: str, opt_level: str) -> str:
-    """OpenVINO IR (``model.xml``/``.bin``); ``fp16`` compresses the weights."""
-    if precision not in CONVERT_PRECISIONS:
+def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
+    """OpenVINO IR (``model.xml``/``.bin``) of the batch-fixed ONNX ``source``; ``fp16`` compresses the weights."""
+    if request.precision not in CONVERT_PRECISIONS:
         raise UsageError("openvino IR is stored fp32 or fp16; bf16 is an execution precision (infer --precision bf16)")
-    onnx_to_ir(fixed_onnx, out / "model.xml", compress_to_fp16=precision == "fp16")
-    return "model.xml"
+    onnx_to_ir(source, out / "model.xml", compress_to_fp16=request.precision == "fp16")
+    return Converted("model.xml")
 
 
 def _shape(port: Any) -> list[Any] | None:

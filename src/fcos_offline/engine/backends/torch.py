@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fcos_offline.engine.base import Engine, EngineConfig, ModelSource, check_canvas
-from fcos_offline.errors import FcosError, UsageError, require
+from fcos_offline.engine.base import Converted, ConvertRequest, Engine, EngineConfig, ModelSource, check_canvas
+from fcos_offline.engine.torch_runtime import DeviceFeed, device_info, set_fp32_mode, torch_device
+from fcos_offline.errors import UsageError, require
 
 if TYPE_CHECKING:
     from fcos_offline.model.checkpoint import ModelOverrides
@@ -18,6 +19,7 @@ NAME: str = "torch"
 EXTRA: str = "torch"
 PRECISIONS: tuple[str, ...] = ("fp32", "auto")
 CONVERT_PRECISIONS: tuple[str, ...] = ()  # runs the checkpoint; nothing to convert
+CONVERT_FROM: str = "onnx"
 MODEL_KINDS: tuple[str, ...] = ("checkpoint",)
 
 
@@ -31,9 +33,9 @@ def version() -> str:
     return str(require("torch", EXTRA).__version__)
 
 
-def convert(fixed_onnx: Path, out: Path, precision: str, opt_level: str) -> str:
+def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
     """The torch engine runs checkpoints; there is no artifact to build."""
-    raise UsageError("the torch engine runs a checkpoint directly; convert to onnxruntime or openvino")
+    raise UsageError("the torch engine runs a checkpoint directly; convert to onnxruntime, openvino or inductor")
 
 
 class TorchEngine(Engine):
@@ -52,22 +54,36 @@ class TorchEngine(Engine):
         if config.precision not in PRECISIONS:
             raise UsageError("the torch engine runs fp32 (the online reference)")
         network, self.checkpoint = load_model(source.path, overrides)
-        self.device = "cuda" if config.device.lower() == "cuda" else "cpu"
-        if self.device == "cuda" and not self._torch.cuda.is_available():
-            raise FcosError("--device cuda asked for but torch sees no CUDA device")
+        self.device = torch_device(config.device)
         self.detector: Any = FCOSDetector(network).eval().to(self.device)
         self.input_hw = check_canvas(source.path, *shape)
+        self.feed = DeviceFeed(self.device, self.input_hw)
+
+    def _detect(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        set_fp32_mode(self.device, tf32=False)  # the reference is IEEE fp32, on GPUs too
+        with self._torch.inference_mode():
+            dets, labels = self.detector(x)
+        return dets.cpu().numpy(), labels.cpu().numpy()
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        with self._torch.inference_mode():
-            dets, labels = self.detector(self._torch.from_numpy(batch).to(self.device))
-        return [dets.cpu().numpy(), labels.cpu().numpy()]
+        return list(self._detect(self._torch.from_numpy(batch).to(self.device)))
+
+    def run_letterboxed(self, images: list[np.ndarray], pads: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Letterboxed uint8 images -> detections, the float conversion done on the device."""
+        return self._detect(self.feed.batch(images, pads))
+
+    @property
+    def device_input(self) -> bool:
+        return self.device != "cpu"
 
     def execution_precision(self) -> str:
         return "fp32"
 
     def model_settings(self) -> dict[str, Any]:
         return dict(self.checkpoint.config.to_dict())
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "accelerator": device_info(self.device)}
 
     def version(self) -> str:
         return version()
