@@ -25,7 +25,7 @@ from test_engine_infer import dump_bytes, write_images
 from fcos_offline.cli import main
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.data.preprocess import preprocess_image, read_image, to_input_tensor
-from fcos_offline.engine.infer import _Feed, _read_into_slot, items_from_images, read_input
+from fcos_offline.engine.infer import Feed, _read_into_slot, items_from_images, read_input
 
 CANVAS = (128, 192)
 SIZES = [(480, 640), (640, 480), (57, 83), (300, 300), (200, 1024), (1024, 200), (128, 192), (720, 1280)]
@@ -49,7 +49,7 @@ def _shm_segments() -> set[str]:
 def test_shared_memory_feed_gives_the_in_process_pixels(setup) -> None:
     items = items_from_images(setup.images)[:10]
     before = _shm_segments()
-    feed = _Feed(items, CANVAS, workers=2, window=4)
+    feed = Feed(items, CANVAS, workers=2, window=4)
     assert feed.shm is not None and feed.pool is not None  # the worker path is what is tested
     got = list(feed)
     assert [g.item.stem for g in got] == [i.stem for i in items]  # in order
@@ -90,7 +90,7 @@ def test_bin_inputs_travel_through_shared_memory_too(setup, tmp_path) -> None:
         path = tmp_path / f"t{i}.bin"
         tensor.tofile(path)
         bins.append(InputItem(f"t{i}", str(path), "bin"))
-    got = list(_Feed(bins, CANVAS, workers=1, window=2))
+    got = list(Feed(bins, CANVAS, workers=1, window=2))
     for loaded, item in zip(got, bins):
         assert loaded.pads is None and np.array_equal(loaded.tensor(CANVAS), np.fromfile(item.path, "<f4").reshape(3, *CANVAS))
 

@@ -162,7 +162,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--warmup", type=number(int, 0, 1000), default=1, help="untimed runs of the first batch")
     add_flag(p, "--loop", type=number(int, 1, 100_000), default=1, help="timed repetitions of every batch (the vendor tools' -loop)")
     add_flag(p, "--resume", action="store_true", help="skip images whose dumps are already complete")
-    add_flag(p, "--workers", type=number(int, 0, 1024), help="preprocessing worker processes (0 = in-process; default 1 when streaming)")
+    add_flag(
+        p,
+        "--workers",
+        type=number(int, 0, 1024),
+        help="preprocessing worker processes (0 = in-process; default when streaming: 1 beside a CPU engine, up to 8 for a GPU engine)",
+    )
     add_flag(p, "--device-id", type=COUNT, default=0, help="N in perf_vision_batchsize_{B}_device_{N}.txt")
     add_ray_flags(p)
     add_flag(p, "--perf-dir", help="where the perf file goes (default: the dump folder's parent for dumpOutput_*, else the dump folder)")

@@ -31,7 +31,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         annotations=args.annotations,
         shape=tuple(args.shape) if args.shape else None,
         batch_sizes=tuple(args.batch_sizes),
-        engines=tuple(args.engines),
+        engines=tuple(args.engines) if args.engines else None,
+        device=args.device,
         precision=args.precision,
         workdir=args.workdir,
         num_images=args.num_images,
@@ -64,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluated on a synthetic validation set generated on the fly.\n\n"
         "Real data: fcos-offline run --checkpoint fcos_r50_caffe_fpn_1x_4gpu_20190516-a7cac5ff.pth "
         "--coco /opt/npu/coco --shape 800 1333 --batch-sizes 1 4 --engines onnxruntime openvino\n\n"
+        "On an NVIDIA GPU: add --device cuda (PyTorch eager online; the checkpoint compiled by inductor offline; "
+        "--precision fp16/bf16/tf32 for the compiled engine).\n\n"
         "Exit codes: 0 ok, 1 failed, 2 usage error, 3 completed but images were skipped (unreadable) or annotated "
         "images are missing (listed in report.json). A second run on a busy --workdir is refused (exit 1).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -81,7 +84,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="input canvas (default 800 1333; the demo's own for the demo)")
     add_flag(p, "--batch-sizes", nargs="+", type=BATCH, default=[1, 4], help="batch sizes to run (default: 1 4)")
     add_flag(
-        p, "--engines", nargs="+", choices=OFFLINE_ENGINES, default=list(OFFLINE_ENGINES), help="offline engines (default: onnxruntime openvino)"
+        p,
+        "--engines",
+        nargs="+",
+        choices=OFFLINE_ENGINES,
+        help="offline engines (default: onnxruntime openvino on CPU; inductor, the checkpoint compiled by PyTorch, on CUDA)",
+    )
+    add_flag(
+        p,
+        "--device",
+        default="cpu",
+        help="cpu, or cuda (cuda:N): the online baseline and the offline engines run on the GPU; report.json names it (GPU, driver, CUDA)",
     )
     add_flag(p, "--precision", choices=PRECISIONS, default="fp32", help="offline execution precision (default fp32)")
     add_flag(p, "--threads", type=THREADS, help="engine threads (default: all cores)")

@@ -1,7 +1,7 @@
 """Offline inference: inputs -> engine -> dumps, with per-stage timings (the vendor ``benchmark``).
 
 Inputs are a bin-mode ``.info`` (the recipe's preprocessed ``.bin`` tensors), a jpg-mode
-``.info`` or a folder of images. The feed (:class:`_Feed`) decodes and letterboxes images in
+``.info`` or a folder of images. The feed (:class:`Feed`) decodes and letterboxes images in
 worker processes into shared memory (no pickled pixel arrays) through a bounded window, so memory
 stays flat for any number of images and no intermediate ``.bin`` is written (streaming). The
 float conversion and mean subtraction happen on the host for CPU engines and on the device for
@@ -143,7 +143,7 @@ def _worker_init() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-class _Feed:
+class Feed:
     """Bounded look-ahead over items: in-process (workers=0) or worker processes feeding shared memory.
 
     Workers decode and letterbox into slots of one shared-memory block (a slot holds a
@@ -227,6 +227,17 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
             )
         warn(f"{out} already holds dumps from another run; images of this run are overwritten, any others are left as they are")
     atomic_write_json(stamp, {"key": key, "engine": engine.name, "model": str(engine.source.path)})
+
+
+def default_workers(engine: Engine, todo: list[InputItem]) -> int:
+    """Feed processes when none are asked for: none for a few inputs or one core; one beside a CPU
+    engine (which uses the other cores); up to 8 for an engine on a device, which leaves the cores idle."""
+    from fcos_offline.engine.base import cpu_count
+
+    cores = cpu_count()
+    if cores < 2 or len(todo) <= 2 or not any(i.kind == "image" for i in todo):
+        return 0
+    return max(1, min(8, cores - 1)) if engine.device_input else 1
 
 
 def cap_batch(batch_size: int, num_images: int) -> int:
@@ -318,7 +329,7 @@ def run_inference(
             return kept
     canvas = engine.input_hw
     if workers is None:
-        workers = 1 if any(i.kind == "image" for i in todo) and (os.cpu_count() or 1) > 1 and len(todo) > 2 else 0
+        workers = default_workers(engine, todo)
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     infer_total = 0.0
     skipped: list[dict[str, str]] = []
@@ -368,7 +379,7 @@ def run_inference(
     window = max(2 * batch_size, 4)
     try:
         with progress_bar(len(todo), f"infer {engine.name} bs{batch_size}", unit="img") if show_progress else _null_bar() as advance:
-            for loaded in _Feed(todo, canvas, workers, window):
+            for loaded in Feed(todo, canvas, workers, window):
                 if loaded.problem is not None:
                     warn(f"skipped {loaded.item.path}: {loaded.problem}")
                     skipped.append({"path": loaded.item.path, "problem": loaded.problem})

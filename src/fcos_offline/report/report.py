@@ -71,6 +71,7 @@ def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[s
         f"- input canvas: {context['shape'][0]}x{context['shape'][1]}; inputs {'streamed from images' if context['streaming'] else 'from .bin files'}",
         f"- ONNX: `{context['onnx']}`; export check: {check}",
         f"- machine: {context['cpu']} ({context['cores']} cores); versions: " + ", ".join(f"{k} {v}" for k, v in context["versions"].items() if v),
+        *_accelerator_lines(context.get("accelerator")),
         "",
         "| model | online mAP (PyTorch) | offline mAP (engine) | Δ mAP | AP50 | AP75 | online fps | offline fps | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -183,3 +184,13 @@ def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, A
     print_table(rows, f"fcos-offline results — {context['num_images']} images, {context['shape'][0]}x{context['shape'][1]}")
     print(f"report: {root / 'report.md'} and {root / 'report.json'}")
     return report
+
+
+def _accelerator_lines(acc: dict[str, Any] | None) -> list[str]:
+    """The GPU the run used, as report.md names it (nothing for a CPU run)."""
+    if not acc:
+        return []
+    return [
+        f"- device: {acc.get('device')} = {acc.get('gpu')} (compute {acc.get('capability')}, {acc.get('memory_gib')} GiB); "
+        f"CUDA {acc.get('cuda')}, cuDNN {acc.get('cudnn')}, driver {acc.get('driver')}, torch {acc.get('torch')}"
+    ]

@@ -35,6 +35,15 @@ from fcos_offline.progress import info
 
 #: the engine of the recipe's "online" baseline: PyTorch eager on the checkpoint
 ONLINE_ENGINE = "torch"
+#: the offline engines run when none are named, per device kind (ONNX Runtime's CUDA provider is opt-in: --engines)
+DEFAULT_ENGINES = {"cpu": ("onnxruntime", "openvino"), "cuda": ("inductor",)}
+
+
+def default_engines(device: str) -> tuple[str, ...]:
+    """The offline engines ``run`` uses on ``device`` when none are named (those installed here)."""
+    from fcos_offline.engine.backends import BACKENDS
+
+    return tuple(name for name in DEFAULT_ENGINES[device.lower().split(":")[0]] if BACKENDS[name].available())
 
 
 @dataclass
@@ -48,7 +57,8 @@ class RunOptions:
     annotations: str | None = None
     shape: tuple[int, int] | None = None
     batch_sizes: tuple[int, ...] = (1, 4)
-    engines: tuple[str, ...] = ("onnxruntime", "openvino")
+    engines: tuple[str, ...] | None = None  # None: default_engines(device)
+    device: str = "cpu"  # where every engine runs: cpu, or cuda for the online baseline and the GPU engines
     precision: str = "fp32"
     workdir: str | None = None
     num_images: int | None = None
@@ -149,6 +159,37 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _accelerator(device: str) -> dict[str, Any] | None:
+    """GPU name, capability, memory, CUDA/cuDNN and driver versions for a CUDA run (None on CPU)."""
+    if not device.lower().startswith("cuda"):
+        return None
+    from fcos_offline.engine.torch_runtime import device_info
+
+    return device_info(device.lower())
+
+
+def _compiled_model(checkpoint: Path, engine: str, bs: int, opts: RunOptions, shape: tuple[int, int], folder: Path) -> Path:
+    """The checkpoint compiled for ``engine`` (``convert --engine inductor``) at batch ``bs``; reused while its inputs are the same."""
+    from fcos_offline.engine.backends import backend
+    from fcos_offline.engine.base import ConvertRequest
+    from fcos_offline.engine.convert import convert
+    from fcos_offline.io import atomic_write_json, file_digest, json_digest
+
+    request = ConvertRequest(precision=opts.precision, batch_size=bs, device=opts.device, shape=shape, overrides=opts.overrides)
+    key = json_digest({"checkpoint": file_digest(checkpoint), "request": repr(request), "engine": engine, "version": backend(engine).version()})
+    out = folder / f"{engine}_bs{bs}_{opts.precision}_{opts.device.replace(':', '')}"
+    stamp = folder / f"{out.name}.key.json"
+    try:
+        if out.is_dir() and json.loads(stamp.read_text()).get("key") == key:
+            return out
+    except (OSError, ValueError, AttributeError):
+        pass
+    info(f"compiling the checkpoint for {engine} (batch {bs}, {opts.precision}, {opts.device}); reused on the next run")
+    convert(checkpoint, engine, out, request)
+    atomic_write_json(stamp, {"key": key})
+    return out
+
+
 def _result_key(model: Path, engine: str, bs: int, opts: RunOptions, eval_set: EvalSet, shape: tuple[int, int]) -> str:
     """Everything that determines a configuration's dumps: model bytes, engine options, canvas, exact inputs."""
     from fcos_offline.io import file_digest, json_digest
@@ -161,6 +202,7 @@ def _result_key(model: Path, engine: str, bs: int, opts: RunOptions, eval_set: E
             "batch_size": bs,
             "precision": opts.precision,
             "threads": opts.threads,
+            "device": opts.device,
             "shape": list(shape),
             "overrides": opts.overrides.__dict__ if opts.overrides else None,
             "inputs": eval_set.digest,
@@ -190,7 +232,7 @@ def _fresh_result_dir(root: Path, key: str) -> Path:
 
 def run(opts: RunOptions) -> dict[str, Any]:
     """Run the whole recipe; returns the report dict (also written to ``report.json``)."""
-    from fcos_offline.engine.backends import EngineOptions, open_engine, resolve_model
+    from fcos_offline.engine.backends import EngineOptions, backend, open_engine, resolve_model
     from fcos_offline.engine.infer import cap_batch, run_inference
     from fcos_offline.export.cache import cached_export
     from fcos_offline.export.metadata import read_metadata
@@ -202,6 +244,14 @@ def run(opts: RunOptions) -> dict[str, Any]:
         raise UsageError("--checkpoint needs --coco DIR (or --images and --annotations)")
     if any(b < 1 for b in opts.batch_sizes):  # usage errors first, before any file is looked at
         raise UsageError("batch sizes must be >= 1")
+    if opts.device.lower().split(":")[0] not in DEFAULT_ENGINES:
+        raise UsageError(f"run --device takes cpu or cuda (cuda:N), not {opts.device!r}")
+    engines = opts.engines or default_engines(opts.device)
+    compiled = [e for e in engines if backend(e).CONVERT_FROM == "checkpoint"]
+    if opts.device.lower().startswith("cuda") and (opts.online or compiled):  # no CUDA for torch: say so before exporting anything
+        from fcos_offline.engine.torch_runtime import torch_device
+
+        torch_device(opts.device)
     checkpoint = Path(opts.checkpoint) if opts.checkpoint else DEMO_CHECKPOINT
     if not checkpoint.is_file():
         raise FcosError(f"{checkpoint}: no such checkpoint")
@@ -230,11 +280,11 @@ def run(opts: RunOptions) -> dict[str, Any]:
         run_items = _bin_items(eval_set, paths, shape) if opts.write_bins else eval_set.items
         onnx_path, export_result = cached_export(checkpoint, paths.sub("model"), shape, opts.overrides)
         class_names = export_result.get("metadata_class_names") or class_names_for(read_metadata(onnx_path), ann_file)
-        offline_model, engines, model_precision = onnx_path, opts.engines, None
+        offline_model, model_precision = onnx_path, None
         if opts.model:  # a convert/tune artifact (or another ONNX/IR) replaces the exported model offline
             artifact = resolve_model(opts.model).artifact
             offline_model = Path(opts.model)
-            engines = (artifact.engine,) if artifact else opts.engines
+            engines = (artifact.engine,) if artifact else engines
             model_precision = artifact.precision if artifact else None
         batch_sizes = list(dict.fromkeys(cap_batch(b, len(run_items)) for b in opts.batch_sizes))
         configs = [("offline", e, b) for e in engines for b in batch_sizes]
@@ -246,7 +296,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
             tag = f"{mode}_{engine_name}_bs{bs}"
             online = mode == "online"  # the online baseline runs the checkpoint itself, in fp32
             model = checkpoint if online else offline_model
-            options = EngineOptions(engine_name, "cpu", opts.threads, "fp32" if online else opts.precision, bs)
+            if not online and not opts.model and backend(engine_name).CONVERT_FROM == "checkpoint":
+                model = _compiled_model(checkpoint, engine_name, bs, opts, shape, paths.sub("model"))
+            options = EngineOptions(engine_name, opts.device, opts.threads, "fp32" if online else opts.precision, bs)
             dump_dir = _fresh_result_dir(paths.root / "result" / tag, _result_key(model, engine_name, bs, opts, eval_set, shape))
             if opts.ray:
                 from fcos_offline.engine.distributed import run_inference_ray
@@ -326,6 +378,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 "versions": _versions(),
                 "cpu": _cpu_name(),
                 "cores": os.cpu_count(),
+                "device": opts.device,
+                "accelerator": _accelerator(opts.device),
                 "missing_images": [m["path"] for m in eval_set.missing],
                 "missing_image_problems": eval_set.missing,
                 "compare": comparison,
