@@ -26,7 +26,7 @@ from fcos_offline.engine.artifact import read_artifact
 from fcos_offline.model.checkpoint import load_checkpoint
 from fcos_offline.model.config import FCOSConfig
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,7 @@ def test_convert_writes_a_self_contained_checked_artifact(built) -> None:
     assert art.engine == "inductor" and art.model_file == "model.pt2" and (built.art / "model.pt2").is_file()
     assert art.input_shape == [2, 3, *DEMO_CANVAS] and art.batch_size == 2 and art.precision == "fp32"
     assert art.engine_options is not None and art.engine_options.device == "cpu" and art.engine_options.precision == "fp32"
+    assert art.engine_options.threads == torch.get_num_threads()  # what the compiled CPU code is specialised for
     # the post-processing config and layout the program cannot tell, as the checkpoint has them
     assert FCOSConfig.from_dict(art.settings["model"]) == load_checkpoint(DEMO_CHECKPOINT).config
     assert art.settings["channels_last"] is False and art.settings["cuda_graphs"] is False  # the CPU defaults
@@ -58,7 +59,6 @@ def test_infer_starts_warm_and_reproduces_onnxruntime(built) -> None:
     assert main(["infer", "--model", str(onnx_path), "--images", str(built.images), "--output", str(ort_out), "--batch-size", "2"]) == 0
     ind_out = built.root / "ind"
     args = ["infer", "--model", str(built.art), "--images", str(built.images), "--output", str(ind_out), "--batch-size", "2"]
-    args += ["--threads", "1"]  # as convert ran (conftest's one torch thread): inductor's CPU code depends on it
     proc = subprocess.run([sys.executable, "-m", "fcos_offline", *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     engine = json.loads((ind_out / "summary.json").read_text())["engine"]

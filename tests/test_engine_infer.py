@@ -456,6 +456,20 @@ def test_engine_usage_errors_are_one_line(model, images, tmp_path, capsys) -> No
     assert "not a readable ONNX file" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("device,extra", [("cuda", "gpu"), ("tensorrt", "gpu"), ("cann", "cann")])
+def test_missing_execution_provider_is_a_one_line_hint(device, extra, model, images, tmp_path, capsys) -> None:
+    """ONNX Runtime's CUDA / TensorRT / CANN providers: where the package that has them is absent, one line names it."""
+    import onnxruntime as ort
+
+    provider = {"cuda": "CUDA", "tensorrt": "Tensorrt", "cann": "CANN"}[device] + "ExecutionProvider"
+    if provider in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime has {provider}")
+    code = main(["infer", "--model", str(model.onnx), "--images", str(images), "--output", str(tmp_path / "o"), "--device", device])
+    assert code == 1
+    line = _one_line_error(capsys)
+    assert provider in line and f"fcos-offline[{extra}]" in line
+
+
 def test_console_script_exit_code_without_traceback(tmp_path) -> None:
     """The installed entry point, as a user runs it: one line on stderr, exit 1."""
     exe = Path(sys.executable).with_name("fcos-offline")

@@ -140,7 +140,10 @@ def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
         MODEL_FILE,
         input_shape=[request.batch_size, 3, h, w],
         settings=settings,
-        engine_options=EngineOptions(device=device, precision=request.precision),
+        # inductor's CPU code is specialised for the thread count: infer uses convert's unless told otherwise (warm start)
+        engine_options=EngineOptions(
+            device=device, precision=request.precision, threads=None if device.startswith("cuda") else torch.get_num_threads()
+        ),
     )
 
 
