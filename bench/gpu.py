@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
+from r50 import build_r50, set_candidates  # bench/r50.py: the shared random-weight FCOS-R50
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
@@ -84,7 +84,7 @@ def photo_items(folder: Path, count: int, work: Path) -> list:
 
 
 def build_model(photos: list, shape: tuple[int, int], candidates: float, work: Path) -> tuple[Path, float]:
-    """The R50 checkpoint, its cls bias shifted to give ``candidates`` pairs above 0.05 per image; (path, reached)."""
+    """The R50 checkpoint with ``candidates`` (point, class) pairs above 0.05 per photo; (path, reached)."""
     import torch
 
     from fcos_offline.data.preprocess import preprocess_image, read_image
@@ -92,16 +92,7 @@ def build_model(photos: list, shape: tuple[int, int], candidates: float, work: P
 
     calib = np.stack([preprocess_image(read_image(p.path), *shape)[0] for p in photos[:2]])
     model = build_r50(0, calib)
-    with torch.no_grad():
-        cls, _, _ = model(torch.from_numpy(calib))
-    logits = torch.cat([c.flatten() for c in cls]).sort(descending=True).values
-    threshold = float(np.log(0.05 / 0.95))  # sigmoid(x) > 0.05
-    k = int(min(len(logits) - 1, max(1, candidates * calib.shape[0])))
-    shift = threshold - float(logits[k]) + 1e-4  # the k-th largest logit lands just above the threshold
-    with torch.no_grad():
-        model.bbox_head.conv_cls.bias.add_(shift)
-        cls, _, _ = model(torch.from_numpy(calib))
-    reached = float(sum((c.sigmoid() > 0.05).sum().item() for c in cls)) / calib.shape[0]
+    reached = set_candidates(model, calib, candidates)
     path = work / "fcos_r50_random.pth"
     torch.save({"state_dict": mmdet_state_dict(model), "meta": {}}, path)
     return path, reached

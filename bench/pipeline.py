@@ -4,8 +4,8 @@
 For one model and engine configuration (default: FCOS-R50 random weights from ``bench/r50.py`` at
 800x1333, exported to ONNX, ONNX Runtime fp32), in one process and on the same machine state:
 
-1. **engine alone**: the engine timed on preprocessed batches already in memory (the library's
-   timing loop, as ``tune`` times its trials) -> images/s;
+1. **engine alone**: the engine run once over every distinct photo, preprocessed beforehand and
+   held in memory (the end-to-end inputs cycle over the same photos) -> images/s;
 2. **end to end**: ``infer --images`` over ``--images`` real photos (the COCO val2017 sample,
    repeated) through the streaming feed (decode + letterbox in worker processes, shared memory,
    dump-writer thread) -> images/s over the wall time, start-up included.
@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,20 +49,22 @@ def cpu_description() -> dict:
     return {"cpu": name, "cores": os.cpu_count(), "features": [f for f in CPU_FLAGS if f in flags]}
 
 
-def r50_onnx(work: Path, shape: tuple[int, int], photos: list) -> Path:
-    """FCOS-R50 (random weights, calibrated on the photos) exported with NMS in the graph, dynamic batch."""
+def r50_onnx(work: Path, shape: tuple[int, int], photos: list, candidates: float) -> Path:
+    """FCOS-R50 (random weights, ``candidates`` pairs above 0.05 per photo) exported with NMS in the graph, dynamic batch."""
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from r50 import build_r50
+    from r50 import build_r50, set_candidates
 
     from fcos_offline.data.preprocess import preprocess_image, read_image
     from fcos_offline.export.onnx_export import export_onnx
 
-    out = work / f"fcos_r50_random_{shape[0]}x{shape[1]}.onnx"
+    out = work / f"fcos_r50_random_{shape[0]}x{shape[1]}_{candidates:.0f}.onnx"
     if not out.is_file():
         calib = np.stack([preprocess_image(read_image(p.path), *shape)[0] for p in photos[:2]])
-        export_onnx(build_r50(0, calib), out, shape, dynamic_batch=True, verify=False)
+        model = build_r50(0, calib)
+        set_candidates(model, calib, candidates)
+        export_onnx(model, out, shape, dynamic_batch=True, verify=False)
     return out
 
 
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--images", type=int, default=100, help="inputs end to end (the photos repeated)")
     p.add_argument("--photos", default=str(DEFAULT_PHOTOS))
+    p.add_argument("--candidates", type=float, default=2000.0, help="R50: (point, class) pairs above 0.05 per photo (a trained model's range)")
     p.add_argument("--rounds", type=int, default=2, help="alternations of engine-alone and end-to-end runs (noise)")
     p.add_argument("--workdir", default=str(REPO / "bench" / "results" / "pipeline"))
     p.add_argument("--output", default=str(RESULTS))
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from fcos_offline.data.preprocess import list_images, preprocess_image, read_image
     from fcos_offline.engine.backends import EngineOptions, open_engine
     from fcos_offline.engine.infer import items_from_images, run_inference
-    from fcos_offline.engine.timing import time_engine
+    from fcos_offline.engine.timing import warm_up
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,17 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.images):
         (links / f"{i:06d}{photos[i % len(photos)].suffix}").symlink_to(photos[i % len(photos)].resolve())
     items = items_from_images(links)
-    model = Path(args.model) if args.model else r50_onnx(work, (args.shape[0], args.shape[1]), items)
+    model = Path(args.model) if args.model else r50_onnx(work, (args.shape[0], args.shape[1]), items, args.candidates)
     options = EngineOptions(engine=args.engine, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
     machine = cpu_description()
     print(f"{machine['cpu']}, {machine['cores']} cores, features: {' '.join(machine['features']) or 'none of ' + ' '.join(CPU_FLAGS)}")
     rounds = []
     with open_engine(model, options) as engine:
         canvas = engine.input_hw
-        batch = np.stack([preprocess_image(read_image(items[i % len(items)].path), *canvas)[0] for i in range(args.batch_size)])
-        runs = max(3, min(20, args.images // args.batch_size // 4))
+        distinct = len(photos)  # the end-to-end inputs cycle over these: the engine alone runs each once per pass
+        tensors = [preprocess_image(read_image(items[i].path), *canvas)[0] for i in range(min(distinct, len(items)))]
+        batches = [np.stack([tensors[(i + j) % len(tensors)] for j in range(args.batch_size)]) for i in range(0, len(tensors), args.batch_size)]
         for r in range(args.rounds):
-            alone = time_engine(engine, batch, warmup=1, runs=runs).img_per_s
+            warm_up(engine, batches[0])
+            start = time.perf_counter()
+            for b in batches:
+                engine.run(b)
+            alone = len(batches) * args.batch_size / (time.perf_counter() - start)
             out = work / "dumps"
             s = run_inference(engine, items, out, args.batch_size, show_progress=False)
             rounds.append({"engine_alone_img_s": alone, "e2e_img_s": s.throughput_fps, "in_run_engine_img_s": s.infer_fps, "wall_s": s.wall_s})

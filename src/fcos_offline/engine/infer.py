@@ -126,6 +126,10 @@ def _read_into_slot(item: InputItem, canvas_hw: tuple[int, int], shm_name: str, 
     return loaded, pixels.shape, pixels.dtype.str
 
 
+#: feed workers yield to the engine's threads when cores are short (they run ahead of it by a window)
+FEED_NICENESS = 10
+
+
 def _worker_init() -> None:
     """One OpenCV thread per worker; Ctrl-C is the parent's to handle; the worker ends with its parent.
 
@@ -138,6 +142,7 @@ def _worker_init() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
+    os.nice(FEED_NICENESS)
     if sys.platform == "linux":
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
