@@ -45,7 +45,10 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from fcos_offline.engine.infer import cap_batch, run_inference
 
     if args.checkpoint and args.engine in OFFLINE_ENGINES:
-        raise UsageError("--checkpoint runs with --engine torch; export it for other engines")
+        raise UsageError(
+            "--checkpoint runs with --engine torch; for the other engines export it ('fcos-offline export') "
+            "or compile it ('fcos-offline convert --engine inductor --checkpoint X.pth --shape H W')"
+        )
     if args.engine is not None and args.engine not in OFFLINE_ENGINES and not args.checkpoint:
         raise UsageError("--engine torch runs a checkpoint: give --checkpoint X.pth (and --shape H W)")
     if args.checkpoint and args.model:

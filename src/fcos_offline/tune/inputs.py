@@ -97,6 +97,8 @@ def prepare_model(opts: TuneOptions, out: Path, demo: bool) -> Path:
         shape = tuple(opts.shape or DEMO_CANVAS)
     else:
         src = Path(opts.model).resolve()  # type: ignore[arg-type]
+        if src.is_dir():
+            raise UsageError(f"{src}: tune takes an exported .onnx or a checkpoint, not an artifact folder (it builds its own)")
         if not src.is_file():
             raise FcosError(f"{src}: no such model file")
         if src.suffix.lower() == ".onnx":
