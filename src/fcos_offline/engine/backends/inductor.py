@@ -65,6 +65,16 @@ def _dtype(precision: str) -> Any:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
+def _check_compiler(device: str) -> None:
+    """Inductor's CPU backend compiles C++: say so plainly where no compiler is installed."""
+    import shutil
+
+    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        raise FcosError(
+            "the inductor engine compiles C++ kernels on the CPU and finds no C++ compiler: install g++ (or set CXX), or use --device cuda"
+        )
+
+
 def _check_precision(precision: str, device: str) -> None:
     if precision in GPU_ONLY and not device.startswith("cuda"):
         raise UsageError(f"{precision} is a GPU precision; on CPU the inductor engine runs fp32 or bf16")
@@ -115,6 +125,7 @@ def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
         raise UsageError("the inductor engine compiles for one canvas: give --shape H W")
     device = torch_device(request.device)
     _check_precision(request.precision, device)
+    _check_compiler(device)
     h, w = check_canvas(source, *request.shape)
     channels_last = request.channels_last if request.channels_last is not None else device.startswith("cuda")
     cuda_graphs = bool(request.cuda_graphs if request.cuda_graphs is not None else device.startswith("cuda"))
@@ -167,6 +178,7 @@ class InductorEngine(Engine):
             raise UsageError(f"{source.path.parent} was compiled for {stored}; convert again with --precision {precision}")
         self.device = torch_device(config.device)
         _check_precision(precision, self.device)
+        _check_compiler(self.device)
         self.precision = precision
         if config.threads:
             torch.set_num_threads(config.threads)
