@@ -25,7 +25,7 @@ from test_engine_infer import dump_bytes, write_images
 from fcos_offline.cli import main
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.data.preprocess import preprocess_image, read_image, to_input_tensor
-from fcos_offline.engine.infer import Feed, _read_into_slot, items_from_images, read_input
+from fcos_offline.engine.infer import SHM_PREFIX, Feed, _read_into_slot, items_from_images, read_input, remove_stale_blocks
 
 CANVAS = (128, 192)
 SIZES = [(480, 640), (640, 480), (57, 83), (300, 300), (200, 1024), (1024, 200), (128, 192), (720, 1280)]
@@ -43,7 +43,8 @@ def setup(tmp_path_factory) -> SimpleNamespace:
 
 
 def _shm_segments() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("psm_")} if Path("/dev/shm").is_dir() else set()
+    """Shared-memory blocks: the feed's own names and Python's default ones."""
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(("psm_", SHM_PREFIX))} if Path("/dev/shm").is_dir() else set()
 
 
 def test_shared_memory_feed_gives_the_in_process_pixels(setup) -> None:
@@ -51,6 +52,7 @@ def test_shared_memory_feed_gives_the_in_process_pixels(setup) -> None:
     before = _shm_segments()
     feed = Feed(items, CANVAS, workers=2, window=4)
     assert feed.shm is not None and feed.pool is not None  # the worker path is what is tested
+    assert feed.shm.name.lstrip("/") in _shm_segments()  # the block the helper watches
     got = list(feed)
     assert [g.item.stem for g in got] == [i.stem for i in items]  # in order
     for loaded in got:
@@ -128,6 +130,24 @@ def test_killed_run_leaves_no_shared_memory_and_resume_is_exact(setup, tmp_path)
     assert _shm_segments() <= before, "a killed run left shared memory behind"
     assert main(["infer", "--model", str(setup.onnx), "--images", str(setup.images), "--output", str(out), "--resume"]) == 0
     assert dump_bytes(out) == dump_bytes(reference)
+
+
+def test_blocks_of_runs_killed_with_their_process_group_are_removed_by_the_next(setup, tmp_path) -> None:
+    """No resource tracker survives ``kill -9`` of a whole process group: the next feed removes what it left."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = Path("/dev/shm") / f"{SHM_PREFIX}{gone.stdout.strip()}-deadbeef"
+    alive = Path("/dev/shm") / f"{SHM_PREFIX}{os.getpid()}-cafebabe"  # a running process's block stays
+    try:
+        stale.write_bytes(b"\0" * 4096)
+        alive.write_bytes(b"\0" * 4096)
+        list(Feed(items_from_images(setup.images)[:2], CANVAS, workers=1, window=2))
+        assert not stale.exists() and alive.exists()
+        assert remove_stale_blocks() == []  # nothing else of a dead run is left
+    finally:
+        stale.unlink(missing_ok=True)
+        alive.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- the device batch

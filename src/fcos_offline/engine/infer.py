@@ -112,6 +112,33 @@ def read_input(item: InputItem, canvas_hw: tuple[int, int]) -> Loaded:
 
 
 _ATTACHED: dict[str, SharedMemory] = {}
+#: shared-memory blocks of the feed are named ``fcos-feed-<pid>-<random>``
+SHM_PREFIX = "fcos-feed-"
+
+
+def remove_stale_blocks(shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Remove feed blocks whose run is gone; returns their names.
+
+    A run killed with its whole process group (resource tracker included, e.g. ``kill -9 -PGID``
+    or an out-of-memory kill of the group) leaves its block in ``/dev/shm``; the next run removes it.
+    """
+    removed = []
+    for path in shm_dir.glob(SHM_PREFIX + "*") if shm_dir.is_dir() else []:
+        pid_text = path.name[len(SHM_PREFIX) :].split("-")[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_into_slot(item: InputItem, canvas_hw: tuple[int, int], shm_name: str, offset: int) -> tuple[Loaded, tuple[int, ...], str]:
@@ -165,8 +192,11 @@ class Feed:
         self.slot_bytes = 3 * canvas_hw[0] * canvas_hw[1] * 4
         if workers > 0 and items:
             import multiprocessing
+            import secrets
 
-            self.shm = SharedMemory(create=True, size=self.window * self.slot_bytes)
+            remove_stale_blocks()
+            name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            self.shm = SharedMemory(name=name, create=True, size=self.window * self.slot_bytes)
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
 
     def __iter__(self) -> Iterator[Loaded]:
