@@ -289,12 +289,12 @@ def test_usage_errors(tiny, tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_demo_model_tune_within_budget(tmp_path) -> None:
-    """The shipped demo model on the demo data with the default search (timing shortened, 100 calibration images)."""
+    """The shipped demo model on the demo data with the default search (timing shortened)."""
     from fcos_offline.report.run import DEMO_CHECKPOINT
 
     if not DEMO_CHECKPOINT.is_file():
         pytest.skip("the demo model is not shipped yet")
-    result = tune(TuneOptions(output=str(tmp_path / "demo"), bench_runs=4, bench_seconds=2, threads=(2,), confirm_top=2, calib_images=100))
+    result = tune(TuneOptions(output=str(tmp_path / "demo"), bench_runs=4, bench_seconds=2, threads=(2,), confirm_top=2))
     chosen = result["chosen"]
     assert chosen["verified"] and chosen["map_drop"] <= 0.3
     assert result["reference"]["bbox_mAP"] >= 0.5  # the shipped model is a real detector on its data
