@@ -137,3 +137,14 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
 def json_digest(payload: Any) -> str:
     """A short stable digest of a JSON-able value (keys sorted)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def process_alive(pid: int) -> bool:
+    """Is a process with this pid running (ours or another user's)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -40,7 +40,7 @@ from fcos_offline.data.preprocess import (
 )
 from fcos_offline.engine.base import Engine
 from fcos_offline.errors import BadFileError, FcosError, UsageError
-from fcos_offline.io import atomic_write_json
+from fcos_offline.io import atomic_write_json, process_alive
 from fcos_offline.progress import progress_bar, warn
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "e2e")
@@ -125,20 +125,10 @@ def remove_stale_blocks(shm_dir: Path = Path("/dev/shm")) -> list[str]:
     removed = []
     for path in shm_dir.glob(SHM_PREFIX + "*") if shm_dir.is_dir() else []:
         pid_text = path.name[len(SHM_PREFIX) :].split("-")[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_into_slot(item: InputItem, canvas_hw: tuple[int, int], shm_name: str, offset: int) -> tuple[Loaded, tuple[int, ...], str]:

@@ -31,6 +31,7 @@ from fcos_offline.data.dataset import (
 )
 from fcos_offline.demo import DEMO_CHECKPOINT
 from fcos_offline.errors import FcosError, UsageError
+from fcos_offline.io import process_alive
 from fcos_offline.progress import info
 
 #: the engine of the recipe's "online" baseline: PyTorch eager on the checkpoint
@@ -96,7 +97,7 @@ class WorkdirLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             pid = self.path.read_text().strip() or "?"
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 self.path.unlink()
                 return self.__enter__()
             raise FcosError(f"{self.path.parent} is in use by another run (pid {pid}); wait for it or remove {self.path}") from None
@@ -106,16 +107,6 @@ class WorkdirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _bin_items(eval_set: EvalSet, paths: _Paths, shape: tuple[int, ...]) -> list[InputItem]:
