@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,21 +30,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
 RESULTS = REPO / "bench" / "results" / "pipeline.json"
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-
-
-def cpu_description() -> dict:
-    """The CPU's model name and the instruction-set features that decide engine speed."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "features": [f for f in CPU_FLAGS if f in flags]}
 
 
 def r50_onnx(work: Path, shape: tuple[int, int], photos: list, candidates: float) -> Path:
@@ -79,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=100, help="inputs end to end (the photos repeated)")
     p.add_argument("--photos", default=str(DEFAULT_PHOTOS))
     p.add_argument("--candidates", type=float, default=2000.0, help="R50: (point, class) pairs above 0.05 per photo (a trained model's range)")
+    p.add_argument("--workers", type=int, help="feed worker processes (default: infer's choice; 0 decodes in the engine's process)")
     p.add_argument("--rounds", type=int, default=2, help="alternations of engine-alone and end-to-end runs (noise)")
     p.add_argument("--workdir", default=str(REPO / "bench" / "results" / "pipeline"))
     p.add_argument("--output", default=str(RESULTS))
@@ -88,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fcos_offline.data.preprocess import list_images, preprocess_image, read_image
     from fcos_offline.engine.backends import EngineOptions, open_engine
+    from fcos_offline.engine.cpu import cpu_description, describe_cpu
     from fcos_offline.engine.infer import items_from_images, run_inference
     from fcos_offline.engine.timing import warm_up
 
@@ -101,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model) if args.model else r50_onnx(work, (args.shape[0], args.shape[1]), items, args.candidates)
     options = EngineOptions(engine=args.engine, precision=args.precision, threads=args.threads, batch_size=args.batch_size)
     machine = cpu_description()
-    print(f"{machine['cpu']}, {machine['cores']} cores, features: {' '.join(machine['features']) or 'none of ' + ' '.join(CPU_FLAGS)}")
+    print(describe_cpu(machine))
     rounds = []
     with open_engine(model, options) as engine:
         canvas = engine.input_hw
@@ -115,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine.run(b)
             alone = len(batches) * args.batch_size / (time.perf_counter() - start)
             out = work / "dumps"
-            s = run_inference(engine, items, out, args.batch_size, show_progress=False)
+            s = run_inference(engine, items, out, args.batch_size, show_progress=False, workers=args.workers)
             rounds.append({"engine_alone_img_s": alone, "e2e_img_s": s.throughput_fps, "in_run_engine_img_s": s.infer_fps, "wall_s": s.wall_s})
             print(
                 f"round {r + 1}: engine alone {alone:.2f} img/s, end to end {s.throughput_fps:.2f} img/s "
@@ -130,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model),
         "engine": described,
         "batch_size": args.batch_size,
+        "workers": args.workers,
         "images": len(items),
         "rounds": rounds,
         "engine_alone_img_s": alone,

@@ -25,7 +25,8 @@ from test_engine_infer import dump_bytes, write_images
 from fcos_offline.cli import main
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.data.preprocess import preprocess_image, read_image, to_input_tensor
-from fcos_offline.engine.infer import SHM_PREFIX, Feed, _read_into_slot, items_from_images, read_input, remove_stale_blocks
+from fcos_offline.engine.base import EngineConfig
+from fcos_offline.engine.infer import SHM_PREFIX, Feed, _read_into_slot, default_workers, items_from_images, read_input
 
 CANVAS = (128, 192)
 SIZES = [(480, 640), (640, 480), (57, 83), (300, 300), (200, 1024), (1024, 200), (128, 192), (720, 1280)]
@@ -42,17 +43,17 @@ def setup(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, onnx=onnx_path, images=images)
 
 
-def _shm_segments() -> set[str]:
-    """Shared-memory blocks: the feed's own names and Python's default ones."""
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(("psm_", SHM_PREFIX))} if Path("/dev/shm").is_dir() else set()
+def _shm_segments(pid: int) -> set[str]:
+    """The feed blocks process ``pid`` made (named by their maker, so parallel test workers do not mix)."""
+    prefix = f"{SHM_PREFIX}{pid}-"
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(prefix)} if Path("/dev/shm").is_dir() else set()
 
 
 def test_shared_memory_feed_gives_the_in_process_pixels(setup) -> None:
     items = items_from_images(setup.images)[:10]
-    before = _shm_segments()
     feed = Feed(items, CANVAS, workers=2, window=4)
     assert feed.shm is not None and feed.pool is not None  # the worker path is what is tested
-    assert feed.shm.name.lstrip("/") in _shm_segments()  # the block the helper watches
+    assert _shm_segments(os.getpid()) == {feed.shm.name.lstrip("/")}  # the block the helper watches
     got = list(feed)
     assert [g.item.stem for g in got] == [i.stem for i in items]  # in order
     for loaded in got:
@@ -62,7 +63,7 @@ def test_shared_memory_feed_gives_the_in_process_pixels(setup) -> None:
         assert loaded.pixels.dtype == np.uint8 and np.array_equal(loaded.pixels, ref.pixels)
         expected, _ = preprocess_image(read_image(loaded.item.path), *CANVAS)
         assert np.array_equal(loaded.tensor(CANVAS), expected)
-    assert _shm_segments() <= before  # the block is unlinked when the feed ends
+    assert not _shm_segments(os.getpid())  # the block is unlinked when the feed ends
 
 
 def test_only_shapes_cross_the_process_boundary(tmp_path) -> None:
@@ -112,7 +113,6 @@ def test_killed_run_leaves_no_shared_memory_and_resume_is_exact(setup, tmp_path)
     reference = tmp_path / "clean"
     assert main(["infer", "--model", str(setup.onnx), "--images", str(setup.images), "--output", str(reference), "--workers", "0"]) == 0
     out = tmp_path / "killed"
-    before = _shm_segments()
     args = [sys.executable, "-m", "fcos_offline", "infer", "--model", str(setup.onnx), "--images", str(setup.images)]
     args += ["--output", str(out), "--workers", "1", "--loop", "4"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -120,14 +120,15 @@ def test_killed_run_leaves_no_shared_memory_and_resume_is_exact(setup, tmp_path)
     while time.time() < deadline and proc.poll() is None and len(list(out.glob("*_2.bin"))) < 5:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
+    assert _shm_segments(proc.pid), "the run's feed block is not where the check looks"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("*_2.bin")))
     assert 0 < done < len(SIZES) * 6
     deadline = time.time() + 30  # the resource tracker removes the dead run's block
-    while time.time() < deadline and not _shm_segments() <= before:
+    while time.time() < deadline and _shm_segments(proc.pid):
         time.sleep(0.2)
-    assert _shm_segments() <= before, "a killed run left shared memory behind"
+    assert not _shm_segments(proc.pid), "a killed run left shared memory behind"
     assert main(["infer", "--model", str(setup.onnx), "--images", str(setup.images), "--output", str(out), "--resume"]) == 0
     assert dump_bytes(out) == dump_bytes(reference)
 
@@ -144,7 +145,7 @@ def test_blocks_of_runs_killed_with_their_process_group_are_removed_by_the_next(
         alive.write_bytes(b"\0" * 4096)
         list(Feed(items_from_images(setup.images)[:2], CANVAS, workers=1, window=2))
         assert not stale.exists() and alive.exists()
-        assert remove_stale_blocks() == []  # nothing else of a dead run is left
+        assert _shm_segments(os.getpid()) == {alive.name}  # the feed removed its own block too
     finally:
         stale.unlink(missing_ok=True)
         alive.unlink(missing_ok=True)
@@ -192,3 +193,28 @@ def test_torch_engine_letterboxed_path_equals_the_float_path(tmp_path) -> None:
         floats = engine.run(np.stack([to_input_tensor(i, *p, *CANVAS) for i, p in zip(images, pads)]))
         device = engine.run_letterboxed(images, pads)
     assert floats[0].tobytes() == device[0].tobytes() and floats[1].tobytes() == device[1].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("cores", "device_input", "threads", "inter_op", "expected"),
+    [
+        (2, False, None, None, 0),  # a CPU engine on every core decodes in its own process
+        (2, False, 2, None, 0),
+        (2, False, 1, 2, 0),  # 1 intra-op + 2 inter-op threads fill both cores
+        (2, False, 1, None, 1),  # a free core gets a worker
+        (16, False, 4, None, 4),  # at most 4 beside a CPU engine
+        (2, True, None, None, 1),  # an engine on a device leaves the cores to the feed
+        (16, True, None, None, 8),
+        (1, True, None, None, 0),
+    ],
+)
+def test_default_workers_leave_a_cpu_engine_its_cores(monkeypatch, cores, device_input, threads, inter_op, expected) -> None:
+    import fcos_offline.engine.base as base
+
+    monkeypatch.setattr(base, "cpu_count", lambda: cores)
+    engine = SimpleNamespace(device_input=device_input, config=EngineConfig(threads=threads, inter_op_threads=inter_op))
+    photos = [InputItem(f"img{i}", f"/x/img{i}.jpg", "image") for i in range(10)]
+    assert default_workers(engine, photos) == expected  # type: ignore[arg-type]
+    assert default_workers(engine, photos[:2]) == 0  # a few inputs: no process start-up
+    tensors = [InputItem(f"t{i}", f"/x/t{i}.bin", "bin") for i in range(10)]
+    assert default_workers(engine, tensors) == 0  # .bin tensors: nothing to decode

@@ -86,7 +86,20 @@ def test_streaming_memory_does_not_grow_with_image_count(tiny_onnx, tmp_path) ->
     for n in (50, 500):
         images = write_small_jpegs(tmp_path / f"images{n}", n, seed=n)
         out = tmp_path / f"out{n}"
-        cmd = [*_console_script(), "infer", "--model", str(tiny_onnx), "--images", str(images), "--output", str(out), "--batch-size", "2"]
+        cmd = [
+            *_console_script(),
+            "infer",
+            "--model",
+            str(tiny_onnx),
+            "--images",
+            str(images),
+            "--output",
+            str(out),
+            "--batch-size",
+            "2",
+            "--workers",
+            "1",
+        ]
         code, tree, main_rss = run_with_peak_rss(cmd, tmp_path / f"log{n}.txt")
         assert code == 0, (tmp_path / f"log{n}.txt").read_text()[-2000:]
         s = json.loads((out / "summary.json").read_text())
@@ -117,7 +130,7 @@ def _kill_tree(proc: psutil.Process) -> None:
 def test_sigkill_then_resume_gives_the_uninterrupted_dumps(tiny_onnx, tmp_path) -> None:
     n = 300
     images = write_small_jpegs(tmp_path / "images", n, seed=3)
-    base = [*_console_script(), "infer", "--model", str(tiny_onnx), "--images", str(images), "--batch-size", "2"]
+    base = [*_console_script(), "infer", "--model", str(tiny_onnx), "--images", str(images), "--batch-size", "2", "--workers", "1"]
 
     full = tmp_path / "full"
     assert subprocess.run([*base, "--output", str(full)], capture_output=True, timeout=300).returncode == 0

@@ -169,7 +169,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p,
         "--workers",
         type=number(int, 0, 1024),
-        help="preprocessing worker processes (0 = in-process; default when streaming: 1 beside a CPU engine, up to 8 for a GPU engine)",
+        help="preprocessing worker processes (0 = in-process; default: one per core a CPU engine leaves free, none when it uses them all; up to 8 for a GPU engine)",
     )
     add_flag(p, "--device-id", type=COUNT, default=0, help="N in perf_vision_batchsize_{B}_device_{N}.txt")
     add_ray_flags(p)
