@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from fcos_offline.demo import DEMO_CHECKPOINT
     from fcos_offline.demo.synthetic import DEMO_CANVAS, make_demo_data
     from fcos_offline.engine.backends import EngineOptions, open_engine
+    from fcos_offline.engine.cpu import cpu_description
     from fcos_offline.engine.distributed import run_inference_ray
     from fcos_offline.engine.infer import items_from_images, run_inference
     from fcos_offline.export.onnx_export import export_checkpoint
@@ -55,15 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         export_checkpoint(DEMO_CHECKPOINT, model, DEMO_CANVAS, dynamic_batch=True)
     make_demo_data(work / "d", "val", args.images, seed=1000)
     items = items_from_images(work / "d" / "val2017")
-    flags = (
-        sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx512", "amx", "avx2"))})
-        if Path("/proc/cpuinfo").is_file()
-        else []
-    )
     result: dict = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "cpu_flags": flags,
+        **cpu_description(),
         "images": len(items),
         "batch_size": args.batch_size,
         "runs": [],

@@ -138,14 +138,10 @@ def time_engine(name: str, files: dict[str, str], hw: tuple[int, int], batch: np
 def machine() -> dict:
     import onnxruntime
 
+    from fcos_offline.engine.cpu import cpu_description
+
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__}
-    try:
-        cpu = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), "?")
-        flags = next((line.split(":", 1)[1].split() for line in cpu.splitlines() if line.startswith("flags")), [])
-        info["cpu_bf16"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
-    except OSError:
-        pass
+    info.update(cpu_description())
     for mod in ("torch", "openvino"):
         try:
             m = __import__(mod)

@@ -147,3 +147,46 @@ def test_small_synthetic_dataset_and_annotation_lookup(tmp_path):
     assert report["classwise"][1] == {"category_id": 9, "name": "other", "AP": None}
     with pytest.raises(FcosError, match="not found"):
         find_annotation_file(tmp_path / "nope")
+
+
+def _synthetic_instances(n_images: int, seed: int = 0) -> dict:
+    """``n_images`` images of 640x480 with 6 boxes each over 3 categories."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": 640, "height": 480} for i in range(n_images)]
+    annotations = []
+    for img in images:
+        for _ in range(6):
+            w, h = rng.uniform(20, 200, 2)
+            x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": img["id"],
+                    "category_id": int(rng.integers(1, 4)),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    return {"images": images, "annotations": annotations, "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]}
+
+
+def test_map_difference_spread_is_the_half_sample_spread_of_a_drop():
+    from fcos_offline.evaluate.coco import map_difference_spread
+
+    data = _synthetic_instances(40)
+    reference = _generated_results(data, seed=0)
+    same = map_difference_spread(data, reference, reference, rounds=8)
+    assert same["difference"] == 0.0 and same["se"] == 0.0 and same["images"] == 40 and same["rounds"] == 8
+    # the candidate loses its detections on a quarter of the images: a drop that depends on which images are drawn
+    lost = {img["id"] for img in data["images"][::4]}
+    candidate = [r for r in reference if r["image_id"] not in lost]
+    spread = map_difference_spread(data, reference, candidate, rounds=12)
+    full = evaluate_bbox(data, reference)["bbox_mAP"] - evaluate_bbox(data, candidate)["bbox_mAP"]
+    assert spread["difference"] == pytest.approx(full, abs=1e-9) and full > 0.03
+    assert 0.0 < spread["se"] < full  # the images drawn matter, less than the drop itself
+    # a uniform drop (every image loses the same share) owes less to the sample than a concentrated one
+    uniform = [r for i, r in enumerate(reference) if i % 4]
+    assert map_difference_spread(data, reference, uniform, rounds=12)["se"] < spread["se"]
+    with pytest.raises(FcosError, match="at least 4 images"):
+        map_difference_spread(_synthetic_instances(3), [], [])

@@ -149,6 +149,12 @@ def test_chosen_within_budget_and_documented_fields(tuned) -> None:
     assert chosen["map_drop"] <= 0.3 and chosen["within_budget"] and chosen["verified"]
     assert abs(chosen["bbox_mAP"] - ref["bbox_mAP"]) * 100 <= 0.3
     assert chosen["reason"] and "fastest" in chosen["reason"]
+    spread = chosen["map_drop_spread"]  # how much of the drop the eval images decide
+    if chosen["key"] == ref["key"]:
+        assert spread is None and chosen["map_drop_se"] == 0.0
+    else:
+        assert spread["images"] == N_IMAGES and spread["se_points"] == chosen["map_drop_se"] >= 0.0
+        assert ("images_for_a_third_of_the_budget" in spread) == (spread["se_points"] > 0.1)
     within = [t for t in trials if t["within_budget"]]
     assert chosen["trial_bbox_mAP"] == pytest.approx(chosen["bbox_mAP"], abs=1e-6)
     assert chosen["ms_per_img"] == min(t["ms_per_img"] for t in within)
@@ -185,6 +191,25 @@ def test_fallback_returns_head_convs_to_float(tuned) -> None:
     assert quantized and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in quantized)
     assert "nncf" in " ".join(fb)  # OpenVINO int8 got its fallback too
     assert ort_fb["stopped"]
+
+
+def test_int8_float_ops_follow_the_cpus_native_bf16(tiny, tmp_path, monkeypatch) -> None:
+    """Where OpenVINO has native bf16 (AMX, AVX-512 BF16), its int8 builds and their fallback convs run bf16."""
+    monkeypatch.setattr(Tuner, "bench", _fake_bench)
+    runs = {}
+    for native in (False, True):
+        monkeypatch.setattr(Tuner, "has_bf16", lambda self, native=native: native)
+        opts = _opts(tiny, tmp_path / str(native), candidates=("ort-qdq-u8s8-minmax-pc",), max_fallback_steps=1, sweep=False, confirm_top=0)
+        runs[native] = tune(opts)
+    for native, result in runs.items():
+        rest = "bf16" if native else "fp32"
+        assert result["machine"]["openvino_int8_float_ops"] == rest and result["machine"]["cores"] >= 1
+        assert isinstance(result["machine"]["features"], list) and result["machine"]["cpu"]
+        ov = [t for t in result["trials"] if t["engine"] == "openvino"]
+        assert ov and all(t["candidate"]["exec_precision"] == rest for t in ov)
+        assert any(t["float_groups"] for t in ov)  # the fallback's float convs: in the same precision
+        ort = [t for t in result["trials"] if t["engine"] == "onnxruntime"]
+        assert ort and all(t["candidate"]["exec_precision"] == "fp32" for t in ort)
 
 
 def test_tight_budget_chooses_no_drop(tiny, tuned, monkeypatch) -> None:

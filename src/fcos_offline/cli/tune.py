@@ -52,9 +52,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     Console(highlight=False, width=None if sys.stdout.isatty() else 180).print(format_table(result))
     chosen = result["chosen"]
     ref = result["reference"]
+    measured = chosen.get("map_drop_spread")
+    spread = f" +- {measured['se_points']:.2f} (standard error, {measured['images']} images)" if measured else ""
     print(
         f"chosen: {chosen['label']}, threads {chosen['threads'] or 'auto'}, batch {chosen['batch_size']}: "
-        f"mAP {chosen['bbox_mAP']:.4f} (drop {chosen['map_drop']:+.2f} points, budget {opts.max_map_drop:g}), "
+        f"mAP {chosen['bbox_mAP']:.4f} (drop {chosen['map_drop']:+.2f}{spread} points, budget {opts.max_map_drop:g}), "
         f"{chosen['ms_per_img']:.1f} ms/img = {ref['ms_per_img'] / chosen['ms_per_img']:.2f}x ONNX Runtime default fp32"
     )
     print(f"why: {chosen['reason']}")

@@ -4,8 +4,9 @@ The search, in a work folder (``--output``):
 
 1. **Reference**: ONNX Runtime with its defaults (fp32, all graph optimisations, default threads):
    the mAP and speed every other configuration is compared with.
-2. **Candidates**, most promising first: OpenVINO's default (no precision hint; bf16 on CPUs
-   that have it), OpenVINO int8 (NNCF post-training quantization: its defaults; full bias
+2. **Candidates**, most promising first (the CPU's features are printed and recorded; OpenVINO
+   int8 builds run their float ops in bf16 where the CPU has native bf16, else fp32): OpenVINO's
+   default (no precision hint; bf16 on CPUs that have it), OpenVINO int8 (NNCF post-training quantization: its defaults; full bias
    correction with global min/max activation ranges; asymmetric activations), ONNX Runtime int8 static QDQ (``quantize_static``,
    per-channel, U8S8 — which ORT fuses into int8 kernels on x86 — and S8S8 for comparison,
    MinMax / Percentile / Entropy calibration), OpenVINO running ONNX Runtime's QDQ graph,
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import time
@@ -47,6 +49,7 @@ import numpy as np
 from fcos_offline.engine.artifact import Artifact, read_artifact, write_artifact
 from fcos_offline.engine.backends import EngineOptions, backend, open_engine
 from fcos_offline.engine.base import Engine
+from fcos_offline.engine.cpu import cpu_description, describe_cpu
 from fcos_offline.engine.infer import cap_batch
 from fcos_offline.errors import FcosError
 from fcos_offline.io import atomic_folder, file_digest
@@ -92,6 +95,7 @@ class Tuner:
         self._bench_inputs: np.ndarray | None = None
         self._has_bf16: bool | None = None
         self.ref_key = ""
+        self.machine: dict[str, Any] = {}
         self.nproc = os.cpu_count() or 1
         self.base_batch = 1
 
@@ -126,10 +130,13 @@ class Tuner:
         options = EngineOptions(cand.engine, "cpu", cand.threads, cand.engine_precision, cand.batch_size, cand.opt_level, cand.inter_op_threads)
         return open_engine(model, options)
 
-    def evaluate_engine(self, engine: Engine, batch_size: int, tag: str) -> float:
-        """COCO bbox mAP (fraction) of ``engine`` on the eval subset through infer + postprocess."""
+    def evaluate_engine(self, engine: Engine, batch_size: int, tag: str, keep: str | None = None) -> float:
+        """COCO bbox mAP (fraction) of ``engine`` on the eval subset through infer + postprocess.
+
+        ``keep``: also keep the COCO results as ``work/results/<keep>.json`` (for :meth:`drop_spread`).
+        """
         from fcos_offline.engine.infer import run_inference
-        from fcos_offline.evaluate.postprocess import postprocess
+        from fcos_offline.evaluate.postprocess import RESULTS_FILE, postprocess
 
         es = self.data.eval_set
         work = self.out / "work" / "eval" / tag
@@ -142,6 +149,9 @@ class Tuner:
         lost = [f for f in summary["missing_dump_files"] if Path(f).name not in known]
         if summary.get("skipped") or lost:
             raise FcosError(f"evaluation of {tag} skipped images: {summary.get('skipped') or lost}")
+        if keep:
+            (self.out / "work" / "results").mkdir(parents=True, exist_ok=True)
+            os.replace(work / "eval" / RESULTS_FILE, self.out / "work" / "results" / f"{keep}.json")
         shutil.rmtree(work, ignore_errors=True)
         return float(summary["bbox_mAP"])
 
@@ -180,6 +190,7 @@ class Tuner:
                 "cores": self.nproc,
             },
             "data": self.data.description,
+            "machine": self.machine,
             "model": str(self.source),
             "reference": {"key": self.ref_key, **({"bbox_mAP": ref.bbox_mAP, "ms_per_img": ref.ms_per_img} if ref else {})},
             "float_by_design": self.float_by_design,
@@ -211,7 +222,9 @@ class Tuner:
             with self._open(cand, model) as engine:
                 t1 = _now()
                 if evaluate:
-                    bbox_map, accuracy_from = self.evaluate_engine(engine, cand.batch_size, cand.key.replace("|", "_").replace("/", "_")), cand.key
+                    tag = cand.key.replace("|", "_").replace("/", "_")
+                    keep = "reference" if cand.key == self.ref_key else None
+                    bbox_map, accuracy_from = self.evaluate_engine(engine, cand.batch_size, tag, keep), cand.key
                 else:
                     bbox_map, accuracy_from = st.accuracy[cand.accuracy_id]
                 eval_s = _now() - t1
@@ -460,7 +473,39 @@ class Tuner:
     def verify_artifact(self, best: Path, batch_size: int) -> float:
         """mAP of the artifact as ``infer`` runs it (engine options from artifact.json)."""
         with open_engine(best, EngineOptions()) as engine:
-            return self.evaluate_engine(engine, batch_size, "best")
+            return self.evaluate_engine(engine, batch_size, "best", keep="best")
+
+    def drop_spread(self) -> dict[str, Any]:
+        """The standard error of the chosen artifact's mAP drop due to the eval images (in mAP points).
+
+        Computed from the reference's and the artifact's COCO results on the same images
+        (:func:`fcos_offline.evaluate.coco.map_difference_spread`); a reference evaluated by an
+        earlier run is evaluated again for its results.
+        """
+        import json
+
+        from fcos_offline.evaluate.coco import map_difference_spread
+
+        results = self.out / "work" / "results"
+        if not (results / "reference.json").is_file():
+            ref = self.state.trials[self.ref_key].candidate
+            with self._open(ref, self.builder.model_file(ref)) as engine:
+                self.evaluate_engine(engine, ref.batch_size, "reference", keep="reference")
+        reference, best = (json.loads((results / f"{name}.json").read_text()) for name in ("reference", "best"))
+        spread = map_difference_spread(self.data.eval_set.ann_file, reference, best)
+        se = 100.0 * spread["se"]
+        budget = self.opts.max_map_drop
+        out = {"se_points": se, "images": spread["images"], "rounds": spread["rounds"], "method": spread["method"]}
+        if budget > 0 and se > budget / 3:
+            # the standard error shrinks with the square root of the image count
+            needed = int(math.ceil(spread["images"] * (se / (budget / 3)) ** 2 / 100.0) * 100)
+            out["images_for_a_third_of_the_budget"] = needed
+            warn(
+                f"the eval images decide the mAP drop to +-{se:.2f} points (standard error over {spread['images']} images), "
+                f"more than a third of the {budget:g}-point budget: about {needed} images (--eval-images {needed}) would judge it to "
+                f"+-{budget / 3:.2f}"
+            )
+        return out
 
     # ------------------------------------------------------------------ main
 
@@ -503,12 +548,18 @@ class Tuner:
             + (f", time budget {self.opts.time_budget:g} s" if self.opts.time_budget else "")
         )
 
+        int8_rest = "bf16" if self.has_bf16() else "fp32"
+        self.machine = {**cpu_description(), "openvino_native_bf16": self.has_bf16(), "openvino_int8_float_ops": int8_rest}
+        info(
+            f"CPU: {describe_cpu(self.machine)}; OpenVINO int8 builds run their float ops in {int8_rest}"
+            + (" (native bf16 here)" if int8_rest == "bf16" else " (no native bf16 here)")
+        )
         self.base_batch = 1 if 1 in self.opts.batch_sizes else min(self.opts.batch_sizes)
         ref = Candidate("onnxruntime", "fp32", "fp32", batch_size=self.base_batch)
         self.ref_key = ref.key
         if self.trial(ref, note="reference: ONNX Runtime defaults") is None:
             raise FcosError("the reference configuration (ONNX Runtime fp32) failed; see the warning above")
-        for cand in candidate_list(self.opts.engines, self.opts.calib_methods, self.base_batch, self.opts.candidates):
+        for cand in candidate_list(self.opts.engines, self.opts.calib_methods, self.base_batch, self.opts.candidates, int8_rest):
             if cand.build == "fp32" and cand.exec_precision == "bf16":
                 auto = self.state.trials.get(dataclasses.replace(cand, exec_precision="auto").key)
                 if not self.has_bf16() or (auto is not None and auto.precision == "bf16"):
@@ -534,18 +585,21 @@ class Tuner:
             # its own numbers put it over budget: record them and choose again
             best_trial.bbox_mAP, best_trial.map_drop, best_trial.within_budget = verified, drop, False
             best_trial.accuracy_from = "verification"
+        spread = None if best_trial.key == self.ref_key else self.drop_spread()
         chosen = {
             **best_trial.to_dict(),
             "reason": reason,
             "trial_bbox_mAP": best_trial.bbox_mAP,
             "bbox_mAP": verified,
             "map_drop": drop,
+            "map_drop_se": spread["se_points"] if spread else 0.0,
+            "map_drop_spread": spread,
             "within_budget": ok,
             "artifact": str(best),
             "verified": True,
         }
         artifact = read_artifact(best)
-        artifact.tuning.update(bbox_mAP=verified, map_drop=drop)
+        artifact.tuning.update(bbox_mAP=verified, map_drop=drop, map_drop_se=chosen["map_drop_se"])
         write_artifact(best, artifact)
         self.chosen = chosen
         self.save()

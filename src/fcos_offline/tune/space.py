@@ -154,21 +154,26 @@ def quant_description(cand: Candidate) -> dict[str, Any] | None:
     }
 
 
-def candidate_list(engines: tuple[str, ...], calib_methods: tuple[str, ...], base_batch: int, only: tuple[str, ...] | None = None) -> list[Candidate]:
+def candidate_list(
+    engines: tuple[str, ...], calib_methods: tuple[str, ...], base_batch: int, only: tuple[str, ...] | None = None, int8_rest: str = "fp32"
+) -> list[Candidate]:
     """The main candidates, most promising first (threads/batch at their defaults).
 
-    OpenVINO int8 models run their remaining float ops in f32 here (the ops returned to float by
-    the fallback must really be f32); the sweep tries bf16 for them.
+    OpenVINO int8 models run their remaining float ops — and the convs the accuracy fallback
+    returns to float — in ``int8_rest``: ``bf16`` on CPUs with native bf16 (AVX-512 BF16, AMX),
+    where f32 is several times slower, else ``fp32`` (the sweep then tries bf16 where OpenVINO
+    has it). ONNX Runtime int8 models run their float ops in fp32.
     """
     bs = base_batch
+    rest = int8_rest
     methods = [m for m in CALIB_METHODS if m in calib_methods]
-    cands = [Candidate("openvino", "fp32", "auto", batch_size=bs), Candidate("openvino", "nncf:performance", "fp32", batch_size=bs)]
+    cands = [Candidate("openvino", "fp32", "auto", batch_size=bs), Candidate("openvino", "nncf:performance", rest, batch_size=bs)]
     cands += [Candidate("onnxruntime", f"ort-qdq:u8s8-{m}-pc", batch_size=bs) for m in methods[:1]]
-    cands += [Candidate("openvino", "fp32", "fp32", batch_size=bs), Candidate("openvino", "nncf:performance-bc-mm", "fp32", batch_size=bs)]
+    cands += [Candidate("openvino", "fp32", "fp32", batch_size=bs), Candidate("openvino", "nncf:performance-bc-mm", rest, batch_size=bs)]
     cands += [Candidate("onnxruntime", f"ort-qdq:u8s8-{m}-pc", batch_size=bs) for m in methods[1:]]
     if methods:
-        cands += [Candidate("openvino", f"ort-qdq:u8s8-{methods[0]}-pc", "fp32", batch_size=bs)]
-    cands += [Candidate("openvino", "nncf:mixed-mm", "fp32", batch_size=bs)]
+        cands += [Candidate("openvino", f"ort-qdq:u8s8-{methods[0]}-pc", rest, batch_size=bs)]
+    cands += [Candidate("openvino", "nncf:mixed-mm", rest, batch_size=bs)]
     if methods:
         cands += [Candidate("onnxruntime", f"ort-qdq:s8s8-{methods[0]}-pc", batch_size=bs)]  # what ORT does not fuse
     cands.append(Candidate("openvino", "fp32", "bf16", batch_size=bs))

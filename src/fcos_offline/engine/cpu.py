@@ -1,0 +1,46 @@
+"""What this CPU is: its name and the instruction-set features that decide which builds run fast.
+
+Engine speed on x86 depends on a handful of features: AVX2 (the baseline), AVX-512 with VNNI
+(fast int8 dot products), AVX-512 BF16 and AMX tiles (native bf16 and int8 matrix units: on such
+CPUs OpenVINO runs bf16 by default and f32 is several times slower). ``tune`` records these in
+``tune.json`` and chooses the float precision of int8 builds from them; the benchmarks print them.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+from fcos_offline.engine.base import cpu_count
+
+#: the features reported (in this order), from /proc/cpuinfo's flags
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
+    """``{"cpu": model name, "cores": usable cores, "features": [...]}`` (``cpuinfo``: the text of /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    name, flags = platform.processor() or platform.machine(), set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            name = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    return {"cpu": name, "cores": cpu_count(), "features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def native_bf16(description: dict[str, Any]) -> bool:
+    """Does the CPU compute in bf16 natively (AVX-512 BF16 or AMX)?"""
+    return bool({"avx512_bf16", "amx_bf16"} & set(description["features"]))
+
+
+def describe_cpu(description: dict[str, Any]) -> str:
+    """One line: ``AMD EPYC, 2 cores, features: avx2``."""
+    features = " ".join(description["features"]) or "none of " + " ".join(CPU_FEATURES)
+    return f"{description['cpu']}, {description['cores']} cores, features: {features}"
