@@ -3,6 +3,7 @@
 
     python bench/tune.py                                   # demo tune first (~5 min), then 800x1333 and 400x667
     python bench/tune.py --demo-tune tuned/ --sizes 800x1333 --runs 5
+    python bench/tune.py --demo-tune tuned/ --sizes 800x1333 --search     # + tune's own search on the R50
 
 The model is ``FCOS(FCOSConfig())`` — mmdet's FCOS-R50-caffe, no-GN head, 80 classes — with
 random weights whose frozen-BN statistics are set from a real forward pass and then perturbed
@@ -21,6 +22,11 @@ Configurations (one run, same machine, same input: real COCO photos preprocessed
   float (by module name) and float-op precision — with threads and batch size swept for this
   network as ``tune``'s sweep does. The recipe's mAP drop is the demo model's, measured by
   ``tune`` (eval subset through ``infer`` + ``postprocess``, verified on the saved artifact).
+
+With ``--search``, ``fcos-offline tune`` itself also runs on the R50 (candidates, threads/batch
+sweep, interleaved re-timing), over the builds that held the 0.3-point budget on the demo model
+(random weights have no mAP to keep: the budget is lifted, the demo's drop for the same build is
+reported), and its choice is compared with this run's baselines.
 
 Calibration uses the real images in ``--calib-dir`` (default: the shared COCO sample). Results go
 to ``--workdir`` (``tune_bench.json``, models reused by later runs).
@@ -41,6 +47,7 @@ from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
+DEFAULT_ANN = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "annotations" / "instances_val2017_sample.json"
 
 
 def candidates_per_image(model, x: np.ndarray) -> float:
@@ -72,6 +79,13 @@ def main(argv=None) -> int:
     p.add_argument("--demo-eval-images", type=int, default=None, help="eval images for the demo tune (default: tune's)")
     p.add_argument("--demo-checkpoint", help="demo model to tune (default: the shipped one, fcos_offline/assets/fcos_demo.pth)")
     p.add_argument("--quick", action="store_true", help="only the three headline configurations")
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="also run tune's own search on the R50 (speed decides; accuracy proxied by the demo model's trial of the same build)",
+    )
+    p.add_argument("--annotations", default=str(DEFAULT_ANN), help="--search: COCO annotations of --calib-dir (mAP is meaningless on random weights)")
+    p.add_argument("--search-eval-images", type=int, default=2, help="--search: images tune evaluates (only to run its path)")
     args = p.parse_args(argv)
 
     import torch
@@ -79,10 +93,13 @@ def main(argv=None) -> int:
     from fcos_offline.data.preprocess import list_images
     from fcos_offline.engine.backends import EngineOptions, open_engine
     from fcos_offline.engine.backends.openvino import onnx_to_ir
+    from fcos_offline.engine.cpu import cpu_description, describe_cpu
     from fcos_offline.export.onnx_export import export_onnx
     from fcos_offline.tune import quantize as q
 
     torch.set_num_threads(args.threads)
+    machine = cpu_description()
+    print(describe_cpu(machine), flush=True)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     paths = [str(p) for p in list_images(args.calib_dir)][: args.calib_images]
@@ -90,7 +107,7 @@ def main(argv=None) -> int:
         print(f"no calibration images in {args.calib_dir}", file=sys.stderr)
         return 1
     nproc = os.cpu_count() or 1
-    report: dict = {"cpu_threads": args.threads, "cores": nproc, "calibration_images": len(paths), "sizes": {}}
+    report: dict = {"machine": machine, "cpu_threads": args.threads, "cores": nproc, "calibration_images": len(paths), "sizes": {}}
     report["demo"] = demo_recipe(Path(args.demo_tune) if args.demo_tune else work / "demo", args, run=not args.demo_tune)
     recipe = report["demo"]["candidate"]
     print(
@@ -170,6 +187,17 @@ def main(argv=None) -> int:
                 group="info",
             )
         tuned = min((r for r in rows if r["group"] == "tuned"), key=lambda r: r["ms_per_img"])
+        if args.search:
+            search = r50_search(onnx_path, d, args, report["demo"])
+            search.update(vs_ort_default=ort_default / search["ms_per_img"], vs_ov_default=ov_default / search["ms_per_img"])
+            report.setdefault("search", {})[tag] = search
+            print(
+                f"[{tag}] tune's search on the R50 chose {search['label']}, threads {search['threads'] or 'auto'}, batch "
+                f"{search['batch_size']}: {search['ms_per_img']:.1f} ms/img = {search['vs_ort_default']:.2f}x ORT default, "
+                f"{search['vs_ov_default']:.2f}x OpenVINO default (this run's baselines); demo model under the same build: "
+                f"drop {search['demo_map_drop']:+.2f} points",
+                flush=True,
+            )
         ov_f32 = next((r["ms_per_img"] for r in rows if r["config"] == "OpenVINO f32"), None)
         summary = {
             "ort_default_ms": ort_default,
@@ -264,6 +292,59 @@ def demo_recipe(folder: Path, args, run: bool) -> dict:
         "eval_images": result["context"]["eval_images"],
         "reason": chosen["reason"],
         "tune_json": str(path),
+    }
+
+
+def demo_accuracy(demo: dict) -> dict[str, float]:
+    """``engine/model_id/exec_precision`` -> mAP drop on the demo model, for builds without float groups."""
+    from fcos_offline.tune.space import Candidate
+
+    drops: dict[str, float] = {}
+    for t in json.loads(Path(demo["tune_json"]).read_text())["trials"]:
+        cand = Candidate.from_dict(t["candidate"])
+        if not cand.float_groups:
+            drops[f"{cand.engine}/{cand.model_id}/{cand.exec_precision}"] = t["map_drop"]
+    return drops
+
+
+def r50_search(onnx_path: Path, d: Path, args, demo: dict) -> dict:
+    """tune's search (candidates, sweep, interleaved confirmation) on the R50 over the builds that held the demo's budget."""
+    from fcos_offline.tune.search import TuneOptions, tune
+
+    if "tune_json" not in demo:
+        raise SystemExit("--search needs the demo tune (its trials are the accuracy proxy)")
+    drops = demo_accuracy(demo)
+    budget = 0.3
+    allowed = tuple(k for k, drop in drops.items() if drop <= budget + 1e-9)
+    print(f"[search] builds within the demo's {budget}-point budget: {', '.join(allowed)}", flush=True)
+    opts = TuneOptions(
+        model=str(onnx_path),
+        images=args.calib_dir,
+        annotations=args.annotations,
+        output=str(d / "search"),
+        eval_images=args.search_eval_images,
+        calib_images=args.calib_images,
+        max_map_drop=1e9,  # accuracy is the demo model's (random weights have no mAP to keep)
+        candidates=allowed,
+        fallback=False,
+        batch_sizes=(1, 4),
+        bench_runs=args.runs,
+        bench_seconds=args.seconds,
+    )
+    result = tune(opts)
+    chosen = result["chosen"]
+    key = f"{chosen['engine']}/{chosen['candidate']['build'].replace(':', '-')}/{chosen['candidate']['exec_precision']}"
+    return {
+        "label": chosen["label"],
+        "threads": chosen["threads"],
+        "batch_size": chosen["batch_size"],
+        "ms_per_img": chosen["ms_per_img"],
+        "tune_reference_ms": result["reference"]["ms_per_img"],
+        "speedup_vs_tune_reference": chosen["speedup_vs_reference"],
+        "demo_map_drop": drops.get(key, 0.0 if chosen["candidate"]["build"] == "fp32" else float("nan")),
+        "trials": len(result["trials"]),
+        "machine": result["machine"],
+        "tune_json": str(d / "search" / "tune.json"),
     }
 
 

@@ -212,6 +212,24 @@ def test_int8_float_ops_follow_the_cpus_native_bf16(tiny, tmp_path, monkeypatch)
         assert ort and all(t["candidate"]["exec_precision"] == "fp32" for t in ort)
 
 
+def test_too_few_eval_images_for_a_spread_still_choose(tiny, tmp_path, monkeypatch) -> None:
+    """3 eval images: the drop's standard error is not measured (said so), and the int8 choice stands."""
+    monkeypatch.setattr(Tuner, "bench", _fake_bench)
+    opts = _opts(
+        tiny,
+        tmp_path / "few",
+        eval_images=3,
+        max_map_drop=100.0,
+        candidates=("onnxruntime/ort-qdq-u8s8-minmax-pc/fp32",),
+        fallback=False,
+        sweep=False,
+        confirm_top=0,
+    )
+    chosen = tune(opts)["chosen"]
+    assert chosen["precision"] == "int8" and chosen["verified"]
+    assert chosen["map_drop_se"] is None and chosen["map_drop_spread"]["images"] == 3 and chosen["map_drop_spread"]["rounds"] == 0
+
+
 def test_tight_budget_chooses_no_drop(tiny, tuned, monkeypatch) -> None:
     """Budget 0: the finished trials are reused, and the choice has no mAP drop at all."""
     monkeypatch.setattr(Tuner, "bench", _fake_bench)

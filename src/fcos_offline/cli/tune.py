@@ -53,7 +53,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     chosen = result["chosen"]
     ref = result["reference"]
     measured = chosen.get("map_drop_spread")
-    spread = f" +- {measured['se_points']:.2f} (standard error, {measured['images']} images)" if measured else ""
+    spread = (
+        f" +- {measured['se_points']:.2f} (standard error, {measured['images']} images)" if measured and measured["se_points"] is not None else ""
+    )
     print(
         f"chosen: {chosen['label']}, threads {chosen['threads'] or 'auto'}, batch {chosen['batch_size']}: "
         f"mAP {chosen['bbox_mAP']:.4f} (drop {chosen['map_drop']:+.2f}{spread} points, budget {opts.max_map_drop:g}), "

@@ -486,6 +486,10 @@ class Tuner:
 
         from fcos_offline.evaluate.coco import map_difference_spread
 
+        n = len(self.data.eval_set.items)
+        if n < 4:
+            warn(f"{n} eval image(s): too few to measure how much of the mAP drop the image sample decides (4 at least)")
+            return {"se_points": None, "images": n, "rounds": 0, "method": "not measured: fewer than 4 eval images"}
         results = self.out / "work" / "results"
         if not (results / "reference.json").is_file():
             ref = self.state.trials[self.ref_key].candidate
@@ -592,7 +596,7 @@ class Tuner:
             "trial_bbox_mAP": best_trial.bbox_mAP,
             "bbox_mAP": verified,
             "map_drop": drop,
-            "map_drop_se": spread["se_points"] if spread else 0.0,
+            "map_drop_se": spread["se_points"] if spread else 0.0,  # None: not measured (too few eval images)
             "map_drop_spread": spread,
             "within_budget": ok,
             "artifact": str(best),
