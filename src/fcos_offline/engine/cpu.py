@@ -35,11 +35,6 @@ def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
     return {"cpu": name, "cores": cpu_count(), "features": [f for f in CPU_FEATURES if f in flags]}
 
 
-def native_bf16(description: dict[str, Any]) -> bool:
-    """Does the CPU compute in bf16 natively (AVX-512 BF16 or AMX)?"""
-    return bool({"avx512_bf16", "amx_bf16"} & set(description["features"]))
-
-
 def describe_cpu(description: dict[str, Any]) -> str:
     """One line: ``AMD EPYC, 2 cores, features: avx2``."""
     features = " ".join(description["features"]) or "none of " + " ".join(CPU_FEATURES)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import shutil
 import time
@@ -56,6 +55,7 @@ from fcos_offline.io import atomic_folder, file_digest
 from fcos_offline.progress import info, warn
 from fcos_offline.tune import policy
 from fcos_offline.tune.builds import ModelBuilder, model_size_mb
+from fcos_offline.tune.evaluation import drop_spread, evaluate_engine
 from fcos_offline.tune.inputs import TuneOptions, prepare_data, prepare_model, validate
 from fcos_offline.tune.space import (
     ORT_QDQ_DEFAULT,
@@ -131,29 +131,9 @@ class Tuner:
         return open_engine(model, options)
 
     def evaluate_engine(self, engine: Engine, batch_size: int, tag: str, keep: str | None = None) -> float:
-        """COCO bbox mAP (fraction) of ``engine`` on the eval subset through infer + postprocess.
-
-        ``keep``: also keep the COCO results as ``work/results/<keep>.json`` (for :meth:`drop_spread`).
-        """
-        from fcos_offline.engine.infer import run_inference
-        from fcos_offline.evaluate.postprocess import RESULTS_FILE, postprocess
-
-        es = self.data.eval_set
-        work = self.out / "work" / "eval" / tag
-        shutil.rmtree(work, ignore_errors=True)
-        dumps = work / "dumps"
-        workers = 0 if len(es.items) <= 16 else None  # a worker process only pays off on longer runs
-        run_inference(engine, es.items, dumps, batch_size, warmup=0, perf_dir=work, workers=workers, show_progress=False)
-        summary = postprocess(dumps, es.jpg_info, work / "eval", es.ann_file, *self.data.canvas, class_names=self.data.class_names)
-        known = {Path(m["path"]).name for m in es.missing}
-        lost = [f for f in summary["missing_dump_files"] if Path(f).name not in known]
-        if summary.get("skipped") or lost:
-            raise FcosError(f"evaluation of {tag} skipped images: {summary.get('skipped') or lost}")
-        if keep:
-            (self.out / "work" / "results").mkdir(parents=True, exist_ok=True)
-            os.replace(work / "eval" / RESULTS_FILE, self.out / "work" / "results" / f"{keep}.json")
-        shutil.rmtree(work, ignore_errors=True)
-        return float(summary["bbox_mAP"])
+        """COCO bbox mAP of ``engine`` on the eval subset; ``keep``: keep its results as ``work/results/<keep>.json``."""
+        results = None if keep is None else self.out / "work" / "results" / f"{keep}.json"
+        return evaluate_engine(engine, self.data, self.out / "work" / "eval" / tag, batch_size, results)
 
     def bench(self, engine: Engine, batch_size: int) -> dict[str, float]:
         """Median ms per image over repeated runs of one batch (after warm-up): the shared timing loop."""
@@ -476,40 +456,14 @@ class Tuner:
             return self.evaluate_engine(engine, batch_size, "best", keep="best")
 
     def drop_spread(self) -> dict[str, Any]:
-        """The standard error of the chosen artifact's mAP drop due to the eval images (in mAP points).
-
-        Computed from the reference's and the artifact's COCO results on the same images
-        (:func:`fcos_offline.evaluate.coco.map_difference_spread`); a reference evaluated by an
-        earlier run is evaluated again for its results.
-        """
-        import json
-
-        from fcos_offline.evaluate.coco import map_difference_spread
-
-        n = len(self.data.eval_set.items)
-        if n < 4:
-            warn(f"{n} eval image(s): too few to measure how much of the mAP drop the image sample decides (4 at least)")
-            return {"se_points": None, "images": n, "rounds": 0, "method": "not measured: fewer than 4 eval images"}
+        """The chosen artifact's drop's standard error (:func:`fcos_offline.tune.evaluation.drop_spread`); a reference
+        evaluated by an earlier run is evaluated again for its results."""
         results = self.out / "work" / "results"
-        if not (results / "reference.json").is_file():
+        if len(self.data.eval_set.items) >= 4 and not (results / "reference.json").is_file():
             ref = self.state.trials[self.ref_key].candidate
             with self._open(ref, self.builder.model_file(ref)) as engine:
                 self.evaluate_engine(engine, ref.batch_size, "reference", keep="reference")
-        reference, best = (json.loads((results / f"{name}.json").read_text()) for name in ("reference", "best"))
-        spread = map_difference_spread(self.data.eval_set.ann_file, reference, best)
-        se = 100.0 * spread["se"]
-        budget = self.opts.max_map_drop
-        out = {"se_points": se, "images": spread["images"], "rounds": spread["rounds"], "method": spread["method"]}
-        if budget > 0 and se > budget / 3:
-            # the standard error shrinks with the square root of the image count
-            needed = int(math.ceil(spread["images"] * (se / (budget / 3)) ** 2 / 100.0) * 100)
-            out["images_for_a_third_of_the_budget"] = needed
-            warn(
-                f"the eval images decide the mAP drop to +-{se:.2f} points (standard error over {spread['images']} images), "
-                f"more than a third of the {budget:g}-point budget: about {needed} images (--eval-images {needed}) would judge it to "
-                f"+-{budget / 3:.2f}"
-            )
-        return out
+        return drop_spread(self.data, results / "reference.json", results / "best.json", self.opts.max_map_drop)
 
     # ------------------------------------------------------------------ main
 

@@ -164,8 +164,7 @@ def candidate_list(
     where f32 is several times slower, else ``fp32`` (the sweep then tries bf16 where OpenVINO
     has it). ONNX Runtime int8 models run their float ops in fp32.
     """
-    bs = base_batch
-    rest = int8_rest
+    bs, rest = base_batch, int8_rest
     methods = [m for m in CALIB_METHODS if m in calib_methods]
     cands = [Candidate("openvino", "fp32", "auto", batch_size=bs), Candidate("openvino", "nncf:performance", rest, batch_size=bs)]
     cands += [Candidate("onnxruntime", f"ort-qdq:u8s8-{m}-pc", batch_size=bs) for m in methods[:1]]
