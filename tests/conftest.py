@@ -10,6 +10,8 @@ Builders (plain functions, importable as ``from conftest import ...`` or through
 * :func:`save_mmdet_ckpt` / :func:`save_torchvision_ckpt` — write a model as an mmdet (v1 / v2
   head names, ``{'state_dict','meta'}`` or bare, ``module.`` prefix) or torchvision checkpoint.
 * :func:`shared_data_dir` — ``<repo>/../shared/data/coco-val2017-sample`` or a pytest skip.
+* :func:`pseudo_labelled_tiny` — a tiny FCOS as ONNX and demo images labelled with its own
+  confident detections (fp32 mAP near 1, so int8 error is a real mAP drop): ``tune``'s test data.
 """
 
 from __future__ import annotations
@@ -64,7 +66,15 @@ def shared_data_dir() -> Path:
 
 #: the longest modules, started first so that parallel workers (``-n auto --dist loadfile``) end
 #: together: the demo tune search alone takes 5-9 minutes on two cores
-LONGEST_FIRST = ("test_tune.py", "test_engine_distributed.py", "test_engine_inductor.py", "test_reliability_faults.py", "test_report_run.py")
+LONGEST_FIRST = (
+    "test_tune_demo.py",
+    "test_engine_distributed.py",
+    "test_tune.py",
+    "test_engine_inductor.py",
+    "test_reliability_faults.py",
+    "test_report_run.py",
+    "test_tune_holdout.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -330,3 +340,46 @@ def save_torchvision_ckpt(model, path: Path, *, old_fpn_names: bool = False) -> 
 
     torch.save(torchvision_state_dict(model, old_fpn_names=old_fpn_names), path)
     return Path(path)
+
+
+def pseudo_labelled_tiny(root: Path, num_images: int, canvas: tuple[int, int]) -> dict[str, Path]:
+    """``root/tiny.onnx`` (dynamic batch, 6 classes) and ``num_images`` demo images whose ground truth is the model's own
+    fp32 detections above score 0.5 (``root/pseudo.json``): a random model's mAP on the real labels would be ~0, and every
+    drop trivially 0."""
+    import json
+
+    import torch
+
+    from fcos_offline.data.info import make_info
+    from fcos_offline.demo.synthetic import make_demo_data
+    from fcos_offline.engine.backends import EngineOptions, open_engine
+    from fcos_offline.engine.infer import items_from_images, run_inference
+    from fcos_offline.evaluate.postprocess import postprocess
+    from fcos_offline.export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    export_onnx(make_fcos(seed=0, num_classes=6), root / "tiny.onnx", shape=canvas, dynamic_batch=True)
+    make_demo_data(root / "data", "val", num_images, seed=1000)
+    images = root / "data" / "val2017"
+    engine = open_engine(root / "tiny.onnx", EngineOptions(threads=1))
+    run_inference(engine, items_from_images(images), root / "pd", 1, workers=0, show_progress=False)
+    make_info("jpg", images, root / "jpg.info", workers=1)
+    ann = root / "data" / "annotations" / "instances_val2017.json"
+    postprocess(root / "pd", root / "jpg.info", root / "pe", ann, *canvas, class_names=[str(i) for i in range(6)])
+    results = json.loads((root / "pe" / "bbox_results.json").read_text())
+    data = json.loads(ann.read_text())
+    confident = [r for r in results if r["score"] > 0.5]
+    data["annotations"] = [
+        {
+            "id": k + 1,
+            "image_id": r["image_id"],
+            "category_id": r["category_id"],
+            "bbox": r["bbox"],
+            "area": r["bbox"][2] * r["bbox"][3],
+            "iscrowd": 0,
+        }
+        for k, r in enumerate(confident)
+    ]
+    assert len(data["annotations"]) >= 5 * num_images
+    (root / "pseudo.json").write_text(json.dumps(data))
+    return {"root": root, "model": root / "tiny.onnx", "images": images, "ann": root / "pseudo.json"}

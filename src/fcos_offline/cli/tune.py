@@ -15,6 +15,7 @@ from fcos_offline.cli.common import (
     number,
 )
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
+from fcos_offline.tune.policy import HOLDOUT_MAX_IMAGES
 from fcos_offline.tune.quantize import CALIB_METHODS
 from fcos_offline.tune.space import TUNE_ENGINES
 
@@ -32,6 +33,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         output=args.output,
         calib_images=args.calib_images,
         eval_images=args.eval_images,
+        holdout_images=args.holdout_images,
         max_map_drop=args.max_map_drop,
         batch_sizes=tuple(args.batch_sizes),
         threads=tuple(args.threads) if args.threads else None,
@@ -61,6 +63,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         f"mAP {chosen['bbox_mAP']:.4f} (drop {chosen['map_drop']:+.2f}{spread} points, budget {opts.max_map_drop:g}), "
         f"{chosen['ms_per_img']:.1f} ms/img = {ref['ms_per_img'] / chosen['ms_per_img']:.2f}x ONNX Runtime default fp32"
     )
+    held = chosen.get("holdout")
+    if held:
+        print(
+            f"held-out check: drop {held['map_drop']:+.2f} +- {held['map_drop_se'] or 0:.2f} points on {held['images']} images the search "
+            f"never saw (mAP {held['bbox_mAP']:.4f} vs {held['reference_bbox_mAP']:.4f})"
+        )
+    for c in (result.get("holdout") or {}).get("checks", []):
+        if not c["within_budget"]:
+            print(f"rejected by the held-out check: {c['label']} (drop {c['eval_map_drop']:+.2f} on the eval images, {c['map_drop']:+.2f} held out)")
     print(f"why: {chosen['reason']}")
     if result.get("float_by_design"):
         print(f"float by design: {result['float_by_design']['summary']}")
@@ -154,6 +165,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="calibration images (default 200), taken outside the eval subset (the demo: from its train split)",
     )
     add_flag(p, "--eval-images", type=POSITIVE_INT, help="images for mAP, the first N by file name (default 500; the demo's validation size)")
+    add_flag(
+        p,
+        "--holdout-images",
+        type=COUNT,
+        help="re-judge the chosen configuration's mAP drop on N images the search never saw (neither evaluated nor calibrated "
+        "on); over budget there, the next configuration is chosen and checked. Default: only when the eval images judge the "
+        "drop to worse than a third of the budget (standard error), on as many images as bring it there (at most "
+        f"{HOLDOUT_MAX_IMAGES}); 0: never",
+    )
     add_flag(
         p, "--max-map-drop", type=number(float, 0.0, 100.0), default=0.3, help="allowed mAP drop in points (0.3 = 0.3 mAP points, percent units)"
     )

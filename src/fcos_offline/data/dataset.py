@@ -13,6 +13,7 @@ in extension (``X.jpg`` and ``X.png``) would share one dump name: refused with o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.io import atomic_write_json, json_digest
+from fcos_offline.io import atomic_write_bytes, json_digest
 from fcos_offline.progress import info, warn
 
 
@@ -52,15 +53,15 @@ class EvalSet:
         return json_digest({"items": files, "ann": [str(self.ann_file), os.path.getsize(self.ann_file), os.path.getmtime(self.ann_file)]})
 
 
-def demo_split(root: Path, split: str, num_images: int, seed: int) -> Path:
-    """The synthetic demo ``split`` under ``root`` (generated once per size and seed)."""
+def demo_split(root: Path, split: str, num_images: int, seed: int, first: int = 0) -> Path:
+    """Images ``first .. first + num_images - 1`` of the synthetic demo ``split`` under ``root`` (generated once per range and seed)."""
     from fcos_offline.demo.synthetic import make_demo_data
 
-    marker = root / f".done_{split}_{num_images}_{seed}"
+    marker = root / (f".done_{split}_{num_images}_{seed}" + (f"_from{first}" if first else ""))
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
-        info(f"generating {num_images} demo {split} images (seed {seed}) in {root}")
-        make_demo_data(root, split=split, num_images=num_images, seed=seed)
+        info(f"generating {num_images} demo {split} images (seed {seed}" + (f", from image {first}" if first else "") + f") in {root}")
+        make_demo_data(root, split=split, num_images=num_images, seed=seed, first=first)
         marker.touch()
     return root
 
@@ -83,14 +84,23 @@ def resolve_source(coco: str | None = None, images: str | None = None, annotatio
 
 
 def prepare_eval_set(
-    listing: Path, images_dir: Path, ann_file: Path, num_images: int | None = None, demo: bool = False, description: str = ""
+    listing: Path,
+    images_dir: Path,
+    ann_file: Path,
+    num_images: int | None = None,
+    demo: bool = False,
+    description: str = "",
+    exclude: frozenset[str] = frozenset(),
 ) -> EvalSet:
-    """Build the :class:`EvalSet` in ``listing`` (links to exactly its images, their .info, the subset annotations)."""
+    """Build the :class:`EvalSet` in ``listing`` (links to exactly its images, their .info, the subset annotations).
+
+    ``exclude``: image paths (``str(images_dir / file_name)``) left out before the first ``num_images`` are taken.
+    """
     from fcos_offline.data.info import make_info
     from fcos_offline.evaluate.coco import load_annotations
 
     data = load_annotations(ann_file)
-    annotated = sorted(data["images"], key=lambda i: i["file_name"])
+    annotated = sorted((i for i in data["images"] if str(images_dir / i["file_name"]) not in exclude), key=lambda i: i["file_name"])
     if num_images is not None:
         annotated = annotated[:num_images]
     stems: dict[str, str] = {}
@@ -126,11 +136,13 @@ def prepare_eval_set(
     items = [InputItem(Path(n).stem, str(images_dir / n), "image") for n in sorted(usable)]
     if not items:
         raise FcosError(f"no usable annotated images in {images_dir} (annotations: {ann_file})")
-    if num_images is not None and len(annotated) < len(data["images"]):
+    if len(annotated) < len(data["images"]):
         ids = {i["id"] for i in annotated}
         subset = dict(data, images=annotated, annotations=[a for a in data.get("annotations", []) if a["image_id"] in ids])
         ann_file = listing / f"annotations_first{len(annotated)}.json"
-        atomic_write_json(ann_file, subset, indent=None)
+        text = json.dumps(subset).encode()
+        if not ann_file.is_file() or ann_file.read_bytes() != text:  # unchanged: its mtime (in the set's digest) stays
+            atomic_write_bytes(ann_file, text)
     return EvalSet(images_dir, ann_file, items, jpg_info, missing, demo, description)
 
 

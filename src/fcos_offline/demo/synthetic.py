@@ -191,15 +191,16 @@ def decode_sample(sample: Sample) -> np.ndarray:
     return cast("np.ndarray", cv2.imdecode(np.frombuffer(sample.data, dtype=np.uint8), cv2.IMREAD_COLOR))
 
 
-def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50, seed: int = 1000) -> dict:
+def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50, seed: int = 1000, first: int = 0) -> dict:
     """Write ``<out>/<split>2017/*.jpg|png`` and ``<out>/annotations/instances_<split>2017.json``.
 
-    Images are ``render_sample(seed, i)`` for ``i < num_images``, named by 12-digit id ``i + 1``.
+    Images are ``render_sample(seed, i)`` for ``first <= i < first + num_images``, named by
+    12-digit id ``i + 1`` (so a later part of a split has the same files as the whole split).
     Returns a summary: ``image_dir``, ``ann_file``, ``num_images``, ``num_annotations``,
     ``classes``, ``seconds``.
     """
-    if num_images < 1:
-        raise ValueError("num_images must be >= 1")
+    if num_images < 1 or first < 0:
+        raise ValueError("num_images must be >= 1 and first >= 0")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
         raise FcosError(f"split name {split!r}: use letters, digits, '_' and '-' only (it names the folder <split>2017 inside the output)")
     start = time.perf_counter()
@@ -210,7 +211,7 @@ def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50
     ann_dir.mkdir(parents=True, exist_ok=True)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for i in range(num_images):
+    for i in range(first, first + num_images):
         sample = render_sample(seed, i)
         image_id = i + 1
         file_name = f"{image_id:012d}{sample.ext}"

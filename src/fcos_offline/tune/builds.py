@@ -1,14 +1,20 @@
-"""Each candidate's model file: built once under ``<output>/models`` (quantized with its float groups), then reused."""
+"""Each candidate's model file: built once under ``<output>/models`` (quantized with its float groups), then reused;
+the chosen one is copied into an artifact folder."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from pathlib import Path
 
+from fcos_offline.engine.artifact import Artifact, write_artifact
+from fcos_offline.engine.backends import EngineOptions, backend
+from fcos_offline.io import atomic_folder, atomic_write_json
 from fcos_offline.progress import info
 from fcos_offline.tune import quantize as q
-from fcos_offline.tune.space import Candidate, nncf_config, ort_config, parse_build
+from fcos_offline.tune.space import Candidate, nncf_config, ort_config, parse_build, quant_description
+from fcos_offline.tune.store import Trial
 
 
 def model_size_mb(path: Path) -> float:
@@ -67,3 +73,60 @@ class ModelBuilder:
             with quiet:
                 q.nncf_quantize(self.source, dst, self.images(), nncf_config(tag), nodes)
         return dst
+
+    def save_artifact(self, trial: Trial, best: Path) -> Path:
+        """The folder ``best``: ``trial``'s model and ``artifact.json`` with its engine options (written whole)."""
+        from fcos_offline.export.metadata import read_metadata
+
+        cand = trial.candidate
+        model = self.model_file(cand)  # rebuilt if its files were removed
+        with atomic_folder(best) as tmp:
+            if model.suffix == ".xml":
+                shutil.copy(model, tmp / "model.xml")
+                shutil.copy(model.with_suffix(".bin"), tmp / "model.bin")
+                meta = model.with_suffix(".meta.json")
+                if meta.is_file():
+                    shutil.copy(meta, tmp / "model.meta.json")
+                else:
+                    atomic_write_json(tmp / "model.meta.json", read_metadata(self.source))
+                model_file = "model.xml"
+            else:
+                shutil.copy(model, tmp / "model.onnx")
+                model_file = "model.onnx"
+            post_file = None
+            if read_metadata(self.source).get("nms_in_graph") is False:
+                shutil.copy(self.source.with_name(self.source.name[: -len(".onnx")] + ".post.onnx"), tmp / "model.post.onnx")
+                post_file = "model.post.onnx"
+            artifact = Artifact(
+                engine=cand.engine,
+                model_file=model_file,
+                batch_size=cand.batch_size,
+                input_shape=[cand.batch_size, 3, *self.canvas],
+                precision=trial.precision,
+                engine_version=backend(cand.engine).version(),
+                source=str(self.source),
+                post_file=post_file,
+                dynamic_batch=True,
+                engine_options=EngineOptions(
+                    engine=cand.engine,
+                    threads=cand.threads,
+                    precision=cand.engine_precision,
+                    batch_size=cand.batch_size,
+                    ort_opt_level=cand.opt_level,
+                    inter_op_threads=cand.inter_op_threads,
+                ),
+                tuned=True,
+                tuning={
+                    "trial": trial.key,
+                    "float_precision": trial.float_precision,
+                    "quantization": quant_description(cand),
+                    "float_groups": list(cand.float_groups),
+                    "float_nodes": trial.float_nodes,
+                    "bbox_mAP": trial.bbox_mAP,
+                    "map_drop": trial.map_drop,
+                    "ms_per_img": trial.ms_per_img,
+                    "infer": f"fcos-offline infer --model {best} --batch-size {cand.batch_size} --images DIR",
+                },
+            )
+            write_artifact(tmp, artifact)
+        return best

@@ -12,7 +12,7 @@ from typing import Any
 
 from fcos_offline.engine.base import Engine
 from fcos_offline.errors import FcosError
-from fcos_offline.progress import warn
+from fcos_offline.progress import info, warn
 from fcos_offline.tune.inputs import TuneData
 
 
@@ -41,11 +41,12 @@ def evaluate_engine(engine: Engine, data: TuneData, work: Path, batch_size: int,
     return float(summary["bbox_mAP"])
 
 
-def drop_spread(data: TuneData, reference: Path, best: Path, budget: float) -> dict[str, Any]:
+def drop_spread(data: TuneData, reference: Path, best: Path, budget: float, flag: str = "--eval-images") -> dict[str, Any]:
     """The standard error (mAP points) of the drop from the ``reference`` to the ``best`` COCO results.
 
-    From :func:`fcos_offline.evaluate.coco.map_difference_spread`; warns (with the image count
-    that would do) when it exceeds a third of ``budget``. Not measured below 4 eval images.
+    From :func:`fcos_offline.evaluate.coco.map_difference_spread`; notes (with the image count
+    that would do, and the ``flag`` that sets it) when it exceeds a third of ``budget``. Not
+    measured below 4 eval images.
     """
     from fcos_offline.evaluate.coco import map_difference_spread
 
@@ -60,9 +61,21 @@ def drop_spread(data: TuneData, reference: Path, best: Path, budget: float) -> d
         # the standard error shrinks with the square root of the image count
         needed = int(math.ceil(spread["images"] * (se / (budget / 3)) ** 2 / 100.0) * 100)
         out["images_for_a_third_of_the_budget"] = needed
-        warn(
-            f"the eval images decide the mAP drop to +-{se:.2f} points (standard error over {spread['images']} images), "
-            f"more than a third of the {budget:g}-point budget: about {needed} images (--eval-images {needed}) would judge it to "
-            f"+-{budget / 3:.2f}"
+        info(
+            f"{spread['images']} images judge the mAP drop to +-{se:.2f} points (standard error), more than a third of the "
+            f"{budget:g}-point budget: about {needed} images ({flag} {needed}) would judge it to +-{budget / 3:.2f}"
         )
     return out
+
+
+def warn_if_loosely_judged(spread: dict[str, Any] | None, holdout: dict[str, Any] | None, budget: float) -> None:
+    """Warn when the images that judged the chosen drop (held-out ones where checked) leave it uncertain by more than a third of the budget."""
+    se = holdout["map_drop_se"] if holdout else (spread or {}).get("se_points")
+    if se is None or budget <= 0 or se <= budget / 3:
+        return
+    n = (holdout or spread or {})["images"]
+    more = "--holdout-images" if holdout else "--eval-images, or held-out images: --holdout-images"
+    warn(
+        f"the chosen configuration's mAP drop is judged to +-{se:.2f} points (standard error, {n} images), more than a third "
+        f"of the {budget:g}-point budget; more images ({more}) would judge it closer"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class TuneOptions:
     fresh: bool = False
     sweep_top: int = 2
     confirm_top: int = 3  # re-time the reference and this many finalists, interleaved (0: off)
+    holdout_images: int | None = None  # None: held-out check when needed (policy.holdout_size); N: always, on N images; 0: off
     candidates: tuple[str, ...] | None = None  # restrict the candidate list (see tune.space.candidate_list)
     fallback: bool = True
     max_fallback_steps: int | None = None  # None: until the budget holds or no speedup is left
@@ -67,6 +69,8 @@ def validate(o: TuneOptions) -> None:
     for n, v in (("--calib-images", o.calib_images), ("--eval-images", o.eval_images)):
         if v is not None and v < 1:
             raise UsageError(f"{n} must be >= 1")
+    if o.holdout_images is not None and o.holdout_images < 0:
+        raise UsageError("--holdout-images must be >= 0 (0: no held-out check)")
     if o.time_budget is not None and o.time_budget <= 0:
         raise UsageError("--time-budget must be > 0 seconds")
     bad = [e for e in o.engines if e not in TUNE_ENGINES]
@@ -145,3 +149,28 @@ def prepare_data(o: TuneOptions, out: Path, demo: bool, metadata: dict[str, Any]
             "images (not in the eval subset where possible)"
         )
     return TuneData(eval_set, calib, canvas, class_names_for(metadata, eval_set.ann_file), description)
+
+
+def holdout_data(o: TuneOptions, out: Path, data: TuneData, num_images: int) -> TuneData | None:
+    """Up to ``num_images`` annotated images the search never saw (neither evaluated nor calibrated on), in
+    file-name order after those; the demo's are the validation split's next images. None when there are none."""
+    from fcos_offline.evaluate.coco import load_annotations
+
+    listing = out / "work" / "holdout"
+    if data.eval_set.demo:
+        from fcos_offline.demo.synthetic import DEMO_VAL_IMAGES, DEMO_VAL_SEED
+
+        first = o.eval_images or DEMO_VAL_IMAGES
+        root = demo_split(out / "work" / "data" / "demo_holdout", "val", num_images, DEMO_VAL_SEED, first=first)
+        eval_set = prepare_eval_set(listing, root / "val2017", root / "annotations" / "instances_val2017.json", num_images, demo=True)
+        what = f"demo validation images {first + 1}-{first + num_images} (seed {DEMO_VAL_SEED})"
+    else:
+        images_dir, ann = resolve_source(o.coco, o.images, o.annotations)
+        es = data.eval_set
+        seen = frozenset({it.path for it in es.items} | {m["path"] for m in es.missing} | set(data.calib_paths))
+        left = sum(str(images_dir / i["file_name"]) not in seen for i in load_annotations(ann)["images"])
+        if left == 0:
+            return None
+        eval_set = prepare_eval_set(listing, images_dir, ann, num_images, exclude=seen)
+        what = f"{images_dir}: {min(left, num_images)} annotated images neither evaluated nor calibrated on by the search"
+    return dataclasses.replace(data, eval_set=eval_set, description=what)

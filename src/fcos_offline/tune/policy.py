@@ -7,6 +7,8 @@ without any engine installed.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fcos_offline.tune.store import Trial
 
 
@@ -85,3 +87,24 @@ def finalists(trials: list[Trial], reference_key: str, top: int) -> list[Trial]:
     """The fastest ``top`` within the budget by their first measurement (the reference excluded)."""
     within = [t for t in trials if t.within_budget and t.key != reference_key]
     return sorted(within, key=lambda t: t.first_ms)[:top]
+
+
+#: the most held-out images an automatic held-out check uses
+HOLDOUT_MAX_IMAGES = 2000
+
+
+def holdout_size(spread: dict[str, Any] | None, option: int | None) -> int:
+    """How many held-out images re-judge the chosen drop (0: no check).
+
+    ``option`` None (automatic): as many as bring the drop's standard error to a third of the
+    budget (``spread["images_for_a_third_of_the_budget"]``, present only when the eval images
+    judged it worse), at most :data:`HOLDOUT_MAX_IMAGES`; 0: never; N: always N.
+    """
+    if option is not None:
+        return option
+    return min((spread or {}).get("images_for_a_third_of_the_budget") or 0, HOLDOUT_MAX_IMAGES)
+
+
+def failed_holdout(checks: list[dict[str, Any]]) -> set[str]:
+    """The accuracy ids that failed a held-out check: every configuration computing their numbers is over budget."""
+    return {c["accuracy_id"] for c in checks if not c["within_budget"]}

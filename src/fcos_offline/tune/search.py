@@ -24,6 +24,13 @@ The search, in a work folder (``--output``):
    (model + ``artifact.json`` with its engine options, which ``infer``/``open_engine`` apply when
    not overridden) and verified: the artifact is run again through ``infer`` + ``postprocess``
    and that mAP is the one recorded in ``tune.json["chosen"]``.
+6. **Held-out check** (:meth:`Tuner.holdout_check`): the choice was made on the eval images, so its
+   drop there is biased low, and on few images loose (its standard error is measured). When that
+   error exceeds a third of the budget (or ``holdout_images`` asks for it), the drop is measured
+   again on images the search never saw (every later choice is checked on the same images);
+   over budget there, that model is out, its own fallback goes on (returning more convs to float
+   until the eval images hold the budget again), sweep and re-timing follow, and the next choice
+   is checked.
 
 Every finished trial is written to ``<output>/tune.json`` at once (keyed by configuration);
 a rerun with the same model, data and settings skips finished trials. ``time_budget`` stops
@@ -38,30 +45,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fcos_offline.engine.artifact import Artifact, read_artifact, write_artifact
-from fcos_offline.engine.backends import EngineOptions, backend, open_engine
+from fcos_offline.engine.artifact import read_artifact, write_artifact
+from fcos_offline.engine.backends import EngineOptions, open_engine
 from fcos_offline.engine.base import Engine
 from fcos_offline.engine.cpu import cpu_description, describe_cpu
 from fcos_offline.engine.infer import cap_batch
 from fcos_offline.errors import FcosError
-from fcos_offline.io import atomic_folder, file_digest
+from fcos_offline.io import file_digest
 from fcos_offline.progress import info, warn
 from fcos_offline.tune import policy
 from fcos_offline.tune.builds import ModelBuilder, model_size_mb
-from fcos_offline.tune.evaluation import drop_spread, evaluate_engine
-from fcos_offline.tune.inputs import TuneOptions, prepare_data, prepare_model, validate
+from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, warn_if_loosely_judged
+from fcos_offline.tune.inputs import TuneOptions, holdout_data, prepare_data, prepare_model, validate
 from fcos_offline.tune.space import (
     ORT_QDQ_DEFAULT,
     Candidate,
     candidate_list,
-    quant_description,
     sweep_variants,
 )
 from fcos_offline.tune.store import (
@@ -350,6 +355,19 @@ class Tuner:
                     continue
                 self.trial(v, note="sweep")
 
+    def refine(self) -> None:
+        """The phases after the candidates: fallback, sweep, re-timing; again after the held-out check rejects a
+        choice, whose own fallback then goes on until its drop holds on the eval images again."""
+        self._apply_holdout_verdicts()
+        rejected = [self.state.trials[c["key"]].candidate for c in (self.state.holdout or {}).get("checks", []) if not c["within_budget"]]
+        if self.opts.fallback:
+            for base in dict.fromkeys(dataclasses.replace(c.main_form(self.base_batch), float_groups=()) for c in rejected if c.quantized):
+                self.fallback(base, policy.best_float_ms(list(self.state.trials.values())))
+            self._run_fallbacks()
+        if self.opts.sweep:
+            self.sweep(policy.sweep_bases(list(self.state.trials.values()), self.opts.sweep_top))
+        self.confirm()
+
     def confirm(self) -> None:
         """Time the reference and the fastest configurations within the budget again, interleaved.
 
@@ -393,62 +411,7 @@ class Tuner:
 
     def save_artifact(self, trial: Trial) -> Path:
         """``<output>/best``: the chosen model and ``artifact.json`` with its engine options (written whole)."""
-        from fcos_offline.export.metadata import read_metadata
-        from fcos_offline.io import atomic_write_json
-
-        cand = trial.candidate
-        best = self.out / BEST_DIR
-        model = self.builder.model_file(cand)  # rebuilt if its files were removed
-        with atomic_folder(best) as tmp:
-            if model.suffix == ".xml":
-                shutil.copy(model, tmp / "model.xml")
-                shutil.copy(model.with_suffix(".bin"), tmp / "model.bin")
-                meta = model.with_suffix(".meta.json")
-                if meta.is_file():
-                    shutil.copy(meta, tmp / "model.meta.json")
-                else:
-                    atomic_write_json(tmp / "model.meta.json", read_metadata(self.source))
-                model_file = "model.xml"
-            else:
-                shutil.copy(model, tmp / "model.onnx")
-                model_file = "model.onnx"
-            post_file = None
-            if read_metadata(self.source).get("nms_in_graph") is False:
-                shutil.copy(self.source.with_name(self.source.name[: -len(".onnx")] + ".post.onnx"), tmp / "model.post.onnx")
-                post_file = "model.post.onnx"
-            artifact = Artifact(
-                engine=cand.engine,
-                model_file=model_file,
-                batch_size=cand.batch_size,
-                input_shape=[cand.batch_size, 3, *self.data.canvas],
-                precision=trial.precision,
-                engine_version=backend(cand.engine).version(),
-                source=str(self.source),
-                post_file=post_file,
-                dynamic_batch=True,
-                engine_options=EngineOptions(
-                    engine=cand.engine,
-                    threads=cand.threads,
-                    precision=cand.engine_precision,
-                    batch_size=cand.batch_size,
-                    ort_opt_level=cand.opt_level,
-                    inter_op_threads=cand.inter_op_threads,
-                ),
-                tuned=True,
-                tuning={
-                    "trial": trial.key,
-                    "float_precision": trial.float_precision,
-                    "quantization": quant_description(cand),
-                    "float_groups": list(cand.float_groups),
-                    "float_nodes": trial.float_nodes,
-                    "bbox_mAP": trial.bbox_mAP,
-                    "map_drop": trial.map_drop,
-                    "ms_per_img": trial.ms_per_img,
-                    "infer": f"fcos-offline infer --model {best} --batch-size {cand.batch_size} --images DIR",
-                },
-            )
-            write_artifact(tmp, artifact)
-        return best
+        return self.builder.save_artifact(trial, self.out / BEST_DIR)
 
     def verify_artifact(self, best: Path, batch_size: int) -> float:
         """mAP of the artifact as ``infer`` runs it (engine options from artifact.json)."""
@@ -464,6 +427,66 @@ class Tuner:
             with self._open(ref, self.builder.model_file(ref)) as engine:
                 self.evaluate_engine(engine, ref.batch_size, "reference", keep="reference")
         return drop_spread(self.data, results / "reference.json", results / "best.json", self.opts.max_map_drop)
+
+    def holdout_check(self, trial: Trial, spread: dict[str, Any]) -> dict[str, Any] | None:
+        """Re-judge ``trial``'s drop on images the search never saw (:func:`policy.holdout_size` says when and on how many).
+
+        The search chose ``trial`` because its drop on the eval images looked small, so that drop is
+        biased low, and on few images it is loose; held-out images give an unbiased one. None when
+        not done (not needed, turned off, out of time or out of images); else the check
+        (``within_budget`` decides).
+        """
+        h = self.state.holdout
+        done = next((c for c in (h or {}).get("checks", []) if c["accuracy_id"] == trial.accuracy_id), None)
+        if done is not None:
+            return dict(done)
+        size = h["requested"] if h else policy.holdout_size(spread, self.opts.holdout_images)
+        if size == 0:
+            return None
+        if self.time_left() <= 0:
+            self.state.skip("held-out check", "time budget")
+            return None
+        data = holdout_data(self.opts, self.out, self.data, size)
+        if data is None:
+            info("no annotated images are left outside the eval and calibration images: no held-out check")
+            return None
+        if h is None:
+            h = self.state.holdout = {"requested": size, "source": data.description, "bbox_mAP": {}, "checks": []}
+        n, maps, results = len(data.eval_set.items), h["bbox_mAP"], self.out / "work" / "results"
+        info(f"held-out check of {trial.label} on {n} images the search never saw ({data.description})")
+        kept = []
+        for t in (self.state.trials[self.ref_key], trial):
+            keep = results / ("holdout-" + t.accuracy_id.replace("|", "_").replace("/", "_") + ".json")
+            if t.accuracy_id not in maps or not keep.is_file():
+                with self._open(t.candidate, self.builder.model_file(t.candidate)) as engine:
+                    maps[t.accuracy_id] = evaluate_engine(engine, data, self.out / "work" / "eval" / "holdout", t.candidate.batch_size, keep)
+            kept.append(keep)
+        ref_map, cand_map = maps[self.state.trials[self.ref_key].accuracy_id], maps[trial.accuracy_id]
+        held = drop_spread(data, kept[0], kept[1], self.opts.max_map_drop, "--holdout-images")
+        drop = 100.0 * (ref_map - cand_map)
+        check = {
+            "key": trial.key,
+            "accuracy_id": trial.accuracy_id,
+            "label": trial.label,
+            "images": n,
+            "reference_bbox_mAP": ref_map,
+            "bbox_mAP": cand_map,
+            "map_drop": drop,
+            "map_drop_se": held["se_points"],
+            "map_drop_spread": held,
+            "eval_map_drop": trial.map_drop,
+            "within_budget": policy.within_budget(drop, self.opts.max_map_drop),
+        }
+        h["checks"].append(check)
+        self.save()
+        verdict = "holds the budget" if check["within_budget"] else "over budget: choosing again"
+        info(f"    held-out drop {drop:+.2f} points (+-{held['se_points'] or 0:.2f}; {trial.map_drop:+.2f} on the eval images): {verdict}")
+        return dict(check)
+
+    def _apply_holdout_verdicts(self) -> None:
+        failed = policy.failed_holdout((self.state.holdout or {}).get("checks", []))
+        for t in self.state.trials.values():
+            t.within_budget = t.within_budget and t.accuracy_id not in failed
 
     # ------------------------------------------------------------------ main
 
@@ -523,13 +546,10 @@ class Tuner:
                 if not self.has_bf16() or (auto is not None and auto.precision == "bf16"):
                     continue  # no bf16 here, or OpenVINO's default already runs bf16
             self.trial(cand)
-        if self.opts.fallback:
-            self._run_fallbacks()
-        if self.opts.sweep:
-            self.sweep(policy.sweep_bases(list(self.state.trials.values()), self.opts.sweep_top))
-        self.confirm()
+        self.refine()
         reference = self.state.trials[self.ref_key]
         while True:
+            self._apply_holdout_verdicts()
             best_trial, reason = policy.choose(list(self.state.trials.values()), self.opts.max_map_drop, reference)
             best = self.save_artifact(best_trial)
             info(f"verifying {best} through infer + postprocess")
@@ -538,12 +558,19 @@ class Tuner:
             if abs(verified - best_trial.bbox_mAP) > 1e-6:
                 warn(f"the artifact's mAP {verified:.4f} differs from its trial's {best_trial.bbox_mAP:.4f} (batch/threads numerics)")
             ok = policy.within_budget(drop, self.opts.max_map_drop)
-            if ok or best_trial.key == self.ref_key:
+            spread = holdout = None
+            if best_trial.accuracy_id == reference.accuracy_id:
+                break  # the reference's numbers: no drop to judge
+            if not ok:  # its own numbers put it over budget: record them and choose again
+                best_trial.bbox_mAP, best_trial.map_drop, best_trial.within_budget = verified, drop, False
+                best_trial.accuracy_from = "verification"
+                continue
+            spread = self.drop_spread()
+            holdout = self.holdout_check(best_trial, spread)
+            if holdout is None or holdout["within_budget"]:
                 break
-            # its own numbers put it over budget: record them and choose again
-            best_trial.bbox_mAP, best_trial.map_drop, best_trial.within_budget = verified, drop, False
-            best_trial.accuracy_from = "verification"
-        spread = None if best_trial.key == self.ref_key else self.drop_spread()
+            self.refine()  # over budget on unseen images: its fallback goes on from there
+        warn_if_loosely_judged(spread, holdout, self.opts.max_map_drop)
         chosen = {
             **best_trial.to_dict(),
             "reason": reason,
@@ -552,12 +579,15 @@ class Tuner:
             "map_drop": drop,
             "map_drop_se": spread["se_points"] if spread else 0.0,  # None: not measured (too few eval images)
             "map_drop_spread": spread,
+            "holdout": holdout,
             "within_budget": ok,
             "artifact": str(best),
             "verified": True,
         }
         artifact = read_artifact(best)
         artifact.tuning.update(bbox_mAP=verified, map_drop=drop, map_drop_se=chosen["map_drop_se"])
+        if holdout:
+            artifact.tuning["holdout"] = {k: holdout[k] for k in ("images", "reference_bbox_mAP", "bbox_mAP", "map_drop", "map_drop_se")}
         write_artifact(best, artifact)
         self.chosen = chosen
         self.save()

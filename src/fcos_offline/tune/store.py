@@ -98,6 +98,7 @@ class SearchState:
     accuracy: dict[str, tuple[float, str]] = field(default_factory=dict)  # accuracy id -> (mAP, key that measured it)
     sensitivity: dict[str, Any] | None = None
     confirmation: dict[str, Any] | None = None
+    holdout: dict[str, Any] | None = None  # the held-out check: {"images", "source", "bbox_mAP": {accuracy id: mAP}, "checks"}
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
@@ -137,6 +138,7 @@ def load_state(path: Path, context: dict[str, Any], budget: float, fresh: bool) 
         return SearchState()
     state.sensitivity = prev.get("sensitivity")
     state.confirmation = prev.get("confirmation")
+    state.holdout = prev.get("holdout")
     state.fallbacks = [f for f in prev.get("fallback", []) if f.get("done")]
     if state.trials:
         info(f"resuming: {len(state.trials)} finished trial(s) from {path}")
@@ -152,6 +154,7 @@ def save_state(path: Path, header: dict[str, Any], state: SearchState, extra: di
         "trials": [t.to_dict() for t in state.trials.values()],
         "fallback": state.fallbacks,
         "confirmation": state.confirmation,
+        "holdout": state.holdout,
         "skipped": state.skipped,
         **extra,
     }

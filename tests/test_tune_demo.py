@@ -1,0 +1,42 @@
+"""``fcos-offline tune`` on the shipped demo model and the demo data: the default search holds the budget.
+
+Its own module, so that the parallel test run can start it first, beside everything else.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fcos_offline.tune.search import TuneOptions, tune
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+
+@pytest.mark.slow
+def test_demo_model_tune_within_budget(tmp_path) -> None:
+    """The shipped demo model on the demo data with the default search (timing shortened), budget 0.5 points.
+
+    At 0.5 points NNCF int8 holds the budget on unseen images too (at the default 0.3 it does not:
+    0.33-0.36 points on 600 held-out images, and the search then walks its whole fallback, minutes
+    longer; README: Tuning).
+    """
+    from fcos_offline.report.run import DEMO_CHECKPOINT
+
+    if not DEMO_CHECKPOINT.is_file():
+        pytest.skip("the demo model is not shipped yet")
+    budget = 0.5
+    result = tune(TuneOptions(output=str(tmp_path / "demo"), max_map_drop=budget, bench_runs=4, bench_seconds=2, threads=(2,), confirm_top=2))
+    chosen = result["chosen"]
+    assert chosen["verified"] and chosen["map_drop"] <= budget
+    assert result["reference"]["bbox_mAP"] >= 0.5  # the shipped model is a real detector on its data
+    int8 = [t for t in result["trials"] if t["precision"] == "int8"]
+    assert {t["engine"] for t in int8} == {"onnxruntime", "openvino"}
+    assert any(t["within_budget"] for t in int8)  # some int8 configuration holds the budget (held-out images included)
+    assert chosen["speedup_vs_reference"] >= 1.0
+    spread = chosen["map_drop_spread"]
+    if spread and spread["se_points"] > budget / 3:  # 100 eval images judge the drop loosely: re-judged on unseen images
+        held = chosen["holdout"]
+        assert held["within_budget"] and held["map_drop"] <= budget
+        assert held["images"] == result["holdout"]["requested"] > spread["images"]
+        assert held["map_drop_se"] < spread["se_points"]  # more images, a tighter judgement
