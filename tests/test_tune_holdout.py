@@ -143,3 +143,33 @@ def test_holdout_size() -> None:
     assert policy.holdout_size({**needs, "images_for_a_third_of_the_budget": 50_000}, None) == policy.HOLDOUT_MAX_IMAGES
     assert policy.holdout_size(needs, 0) == 0
     assert policy.holdout_size(judged, 300) == 300
+
+
+def test_automatic_check_takes_more_images_when_its_own_spread_asks(tiny16, tmp_path, monkeypatch) -> None:
+    """Automatic size: the eval images' spread asks for 3 held-out images; those 3 judge the drop loosely
+    and ask for 6, so the check is made again on 6 (once), and that is the recorded verdict."""
+    monkeypatch.setattr(Tuner, "bench", _bench)
+    real = search_mod.drop_spread
+    asked: list[int] = []
+
+    def spread(data, reference, best, budget, flag="--eval-images"):
+        out = real(data, reference, best, budget, flag)
+        asked.append(out["images"])
+        return {**out, "se_points": budget, "images_for_a_third_of_the_budget": 3 if flag == "--eval-images" else 6}
+
+    monkeypatch.setattr(search_mod, "drop_spread", spread)
+    result = tune(_opts(tiny16, tmp_path / "grow", holdout_images=None))
+    held = result["chosen"]["holdout"]
+    assert asked == [N_EVAL, 3, 6]  # eval images, the first held-out set, the grown one (not grown again)
+    assert held["images"] == 6 == result["holdout"]["requested"] and result["holdout"]["grown"]
+    _check_record(result, held)
+
+
+def test_holdout_regrow() -> None:
+    """Once, for the automatic check only, up to the cap, and only to more images than it had."""
+    asks = {"se_points": 0.2, "images": 300, "images_for_a_third_of_the_budget": 500}
+    assert policy.holdout_regrow(asks, 300, None, grown=False) == 500
+    assert policy.holdout_regrow(asks, 300, None, grown=True) == 0
+    assert policy.holdout_regrow(asks, 300, 300, grown=False) == 0  # the user's N is kept
+    assert policy.holdout_regrow({"se_points": 0.05, "images": 300}, 300, None, grown=False) == 0
+    assert policy.holdout_regrow({**asks, "images_for_a_third_of_the_budget": 9000}, 300, None, grown=False) == policy.HOLDOUT_MAX_IMAGES

@@ -108,3 +108,12 @@ def holdout_size(spread: dict[str, Any] | None, option: int | None) -> int:
 def failed_holdout(checks: list[dict[str, Any]]) -> set[str]:
     """The accuracy ids that failed a held-out check: every configuration computing their numbers is over budget."""
     return {c["accuracy_id"] for c in checks if not c["within_budget"]}
+
+
+def holdout_regrow(held: dict[str, Any], images: int, option: int | None, grown: bool) -> int:
+    """A larger held-out set (0: keep this one): once, for the automatic check, when its own images
+    judge the drop worse than a third of the budget (``held`` is their spread)."""
+    if option is not None or grown:
+        return 0
+    needed = min(held.get("images_for_a_third_of_the_budget") or 0, HOLDOUT_MAX_IMAGES)
+    return needed if needed > images else 0

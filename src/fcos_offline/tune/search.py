@@ -27,7 +27,8 @@ The search, in a work folder (``--output``):
 6. **Held-out check** (:meth:`Tuner.holdout_check`): the choice was made on the eval images, so its
    drop there is biased low, and on few images loose (its standard error is measured). When that
    error exceeds a third of the budget (or ``holdout_images`` asks for it), the drop is measured
-   again on images the search never saw (every later choice is checked on the same images);
+   again on images the search never saw, as many as that error asks for (once more, on more,
+   when their own spread asks for more; every later choice is checked on the same images);
    over budget there, that model is out, its own fallback goes on (returning more convs to float
    until the eval images hold the budget again), sweep and re-timing follow, and the next choice
    is checked.
@@ -63,19 +64,8 @@ from fcos_offline.tune import policy
 from fcos_offline.tune.builds import ModelBuilder, model_size_mb
 from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, warn_if_loosely_judged
 from fcos_offline.tune.inputs import TuneOptions, holdout_data, prepare_data, prepare_model, validate
-from fcos_offline.tune.space import (
-    ORT_QDQ_DEFAULT,
-    Candidate,
-    candidate_list,
-    sweep_variants,
-)
-from fcos_offline.tune.store import (
-    TUNE_FILE,
-    SearchState,
-    Trial,
-    load_state,
-    save_state,
-)
+from fcos_offline.tune.space import ORT_QDQ_DEFAULT, Candidate, candidate_list, sweep_variants
+from fcos_offline.tune.store import TUNE_FILE, SearchState, Trial, load_state, save_state
 
 BEST_DIR = "best"
 
@@ -451,7 +441,8 @@ class Tuner:
             info("no annotated images are left outside the eval and calibration images: no held-out check")
             return None
         if h is None:
-            h = self.state.holdout = {"requested": size, "source": data.description, "bbox_mAP": {}, "checks": []}
+            h = self.state.holdout = {"requested": size, "grown": False, "bbox_mAP": {}, "checks": []}
+        h["source"] = data.description
         n, maps, results = len(data.eval_set.items), h["bbox_mAP"], self.out / "work" / "results"
         info(f"held-out check of {trial.label} on {n} images the search never saw ({data.description})")
         kept = []
@@ -463,6 +454,11 @@ class Tuner:
             kept.append(keep)
         ref_map, cand_map = maps[self.state.trials[self.ref_key].accuracy_id], maps[trial.accuracy_id]
         held = drop_spread(data, kept[0], kept[1], self.opts.max_map_drop, "--holdout-images")
+        more = policy.holdout_regrow(held, n, self.opts.holdout_images, h.get("grown", False))
+        if more and n == size:  # fewer than requested: no more images to take
+            info(f"    re-judging on {more} held-out images")
+            h.update(requested=more, grown=True, bbox_mAP={})
+            return self.holdout_check(trial, spread)
         drop = 100.0 * (ref_map - cand_map)
         check = {
             "key": trial.key,

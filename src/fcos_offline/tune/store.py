@@ -98,7 +98,7 @@ class SearchState:
     accuracy: dict[str, tuple[float, str]] = field(default_factory=dict)  # accuracy id -> (mAP, key that measured it)
     sensitivity: dict[str, Any] | None = None
     confirmation: dict[str, Any] | None = None
-    holdout: dict[str, Any] | None = None  # the held-out check: {"images", "source", "bbox_mAP": {accuracy id: mAP}, "checks"}
+    holdout: dict[str, Any] | None = None  # the held-out check: {"requested", "grown", "source", "bbox_mAP": {accuracy id: mAP}, "checks"}
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
