@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     print(
         f"recipe (the demo model's choice): {report['demo']['label']}, threads {recipe['threads'] or 'auto'}, "
         f"batch {recipe['batch_size']}, float groups {recipe['float_groups'] or '-'}; demo mAP drop "
-        f"{report['demo']['map_drop']:+.2f} points",
+        f"{report['demo']['map_drop']:+.2f} points{held_out(report['demo'])}",
         flush=True,
     )
     for size in args.sizes:
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     print(
         f"recipe: {dm['label']} (threads {dm['candidate']['threads'] or 'auto'}, batch {dm['candidate']['batch_size']}); "
         f"demo model under it: mAP {dm['bbox_mAP']:.4f} vs fp32 {dm['reference_mAP']:.4f}, drop {dm['map_drop']:+.2f} points "
-        f"({dm['eval_images']} eval images){'' if dm['map_drop'] <= 0.3 else '  OVER the 0.3 budget'}"
+        f"({dm['eval_images']} eval images){held_out(dm)}{'' if dm['map_drop'] <= 0.3 else '  OVER the 0.3 budget'}"
     )
     return 0
 
@@ -291,8 +291,15 @@ def demo_recipe(folder: Path, args, run: bool) -> dict:
         "demo_speedup_vs_ort_default": chosen["speedup_vs_reference"],
         "eval_images": result["context"]["eval_images"],
         "reason": chosen["reason"],
+        "holdout": chosen.get("holdout"),
         "tune_json": str(path),
     }
+
+
+def held_out(demo: dict) -> str:
+    """The demo tune's held-out check of its choice, in words ('' when it made none)."""
+    h = demo.get("holdout")
+    return f"; held out: {h['map_drop']:+.2f} +- {h['map_drop_se'] or 0:.2f} points on {h['images']} unseen images" if h else ""
 
 
 def demo_accuracy(demo: dict) -> dict[str, float]:

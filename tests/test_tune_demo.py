@@ -17,9 +17,10 @@ pytest.importorskip("nncf")
 def test_demo_model_tune_within_budget(tmp_path) -> None:
     """The shipped demo model on the demo data with the default search (timing shortened), budget 0.5 points.
 
-    At 0.5 points NNCF int8 holds the budget on unseen images too (at the default 0.3 it does not:
-    0.33-0.36 points on 600 held-out images, and the search then walks its whole fallback, minutes
-    longer; README: Tuning).
+    At 0.5 points some int8 configuration holds the budget on the eval images, and the chosen one
+    holds it on unseen images too when they are asked for (at the default 0.3 no int8 build does:
+    0.36 points on held-out images with fp32 for the float ops, 0.48 with bf16, and the search
+    walks its fallback, minutes longer; README: Tuning).
     """
     from fcos_offline.report.run import DEMO_CHECKPOINT
 
