@@ -15,19 +15,22 @@ pytest.importorskip("nncf")
 
 @pytest.mark.slow
 def test_demo_model_tune_within_budget(tmp_path) -> None:
-    """The shipped demo model on the demo data with the default search (timing shortened), budget 0.5 points.
+    """The shipped demo model on the demo data with the default search (timing shortened), budget 0.5 points,
+    on 100 eval images: they judge the drop to about +-0.2 points, so the choice is re-judged on unseen images.
 
     At 0.5 points some int8 configuration holds the budget on the eval images, and the chosen one
-    holds it on unseen images too when they are asked for (at the default 0.3 no int8 build does:
-    0.36 points on held-out images with fp32 for the float ops, 0.48 with bf16, and the search
-    walks its fallback, minutes longer; README: Tuning).
+    holds it on the unseen images too (at 0.3 on these 100 images no int8 build does: they favour
+    int8 by about 0.2 points, and the search walks its fallback, minutes longer; README: Tuning).
     """
     from fcos_offline.report.run import DEMO_CHECKPOINT
 
     if not DEMO_CHECKPOINT.is_file():
         pytest.skip("the demo model is not shipped yet")
     budget = 0.5
-    result = tune(TuneOptions(output=str(tmp_path / "demo"), max_map_drop=budget, bench_runs=4, bench_seconds=2, threads=(2,), confirm_top=2))
+    opts = TuneOptions(
+        output=str(tmp_path / "demo"), eval_images=100, max_map_drop=budget, bench_runs=4, bench_seconds=2, threads=(2,), confirm_top=2
+    )
+    result = tune(opts)
     chosen = result["chosen"]
     assert chosen["verified"] and chosen["map_drop"] <= budget
     assert result["reference"]["bbox_mAP"] >= 0.5  # the shipped model is a real detector on its data

@@ -5,9 +5,10 @@ The search, in a work folder (``--output``):
 1. **Reference**: ONNX Runtime with its defaults (fp32, all graph optimisations, default threads):
    the mAP and speed every other configuration is compared with.
 2. **Candidates**, most promising first (the CPU's features are printed and recorded; OpenVINO
-   int8 builds run their float ops in bf16 where the CPU has native bf16, else fp32): OpenVINO's
+   int8 builds run their float ops in bf16 and in fp32 where the CPU has native bf16, else fp32): OpenVINO's
    default (no precision hint; bf16 on CPUs that have it), OpenVINO int8 (NNCF post-training quantization: its defaults; full bias
-   correction with global min/max activation ranges; asymmetric activations), ONNX Runtime int8 static QDQ (``quantize_static``,
+   correction with global min/max activation ranges, with symmetric and with asymmetric activations; asymmetric activations
+   without it), ONNX Runtime int8 static QDQ (``quantize_static``,
    per-channel, U8S8 — which ORT fuses into int8 kernels on x86 — and S8S8 for comparison,
    MinMax / Percentile / Entropy calibration), OpenVINO running ONNX Runtime's QDQ graph,
    OpenVINO f32 / bf16. Each is evaluated (COCO mAP on the eval subset through the same
@@ -529,7 +530,7 @@ class Tuner:
         self.machine = {**cpu_description(), "openvino_native_bf16": self.has_bf16(), "openvino_int8_float_ops": int8_rest}
         info(
             f"CPU: {describe_cpu(self.machine)}; OpenVINO int8 builds run their float ops in {int8_rest}"
-            + (" (native bf16 here)" if int8_rest == "bf16" else " (no native bf16 here)")
+            + (" (native bf16 here), and in fp32 to compare" if int8_rest == "bf16" else " (no native bf16 here)")
         )
         self.base_batch = 1 if 1 in self.opts.batch_sizes else min(self.opts.batch_sizes)
         ref = Candidate("onnxruntime", "fp32", "fp32", batch_size=self.base_batch)
