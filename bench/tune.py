@@ -400,11 +400,10 @@ def build_recipe(recipe: dict, onnx_path: Path, pre: Path, d: Path, images) -> P
 
 
 def recipe_options(recipe: dict):
-    from fcos_offline.engine.backends import EngineOptions
     from fcos_offline.tune.space import Candidate
 
     cand = Candidate.from_dict(recipe)
-    return EngineOptions(cand.engine, "cpu", cand.threads, cand.engine_precision, cand.batch_size, cand.opt_level, cand.inter_op_threads)
+    return cand.engine_options("cpu")
 
 
 if __name__ == "__main__":

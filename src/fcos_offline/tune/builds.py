@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from fcos_offline.engine.artifact import Artifact, write_artifact
-from fcos_offline.engine.backends import EngineOptions, backend
+from fcos_offline.engine.backends import backend
 from fcos_offline.io import atomic_folder, atomic_write_json
 from fcos_offline.progress import info
 from fcos_offline.tune import quantize as q
@@ -107,14 +107,7 @@ class ModelBuilder:
                 source=str(self.source),
                 post_file=post_file,
                 dynamic_batch=True,
-                engine_options=EngineOptions(
-                    engine=cand.engine,
-                    threads=cand.threads,
-                    precision=cand.engine_precision,
-                    batch_size=cand.batch_size,
-                    ort_opt_level=cand.opt_level,
-                    inter_op_threads=cand.inter_op_threads,
-                ),
+                engine_options=cand.engine_options(),
                 tuned=True,
                 tuning={
                     "trial": trial.key,

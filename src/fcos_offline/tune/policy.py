@@ -115,5 +115,5 @@ def holdout_regrow(held: dict[str, Any], images: int, option: int | None, grown:
     judge the drop worse than a third of the budget (``held`` is their spread)."""
     if option is not None or grown:
         return 0
-    needed = min(held.get("images_for_a_third_of_the_budget") or 0, HOLDOUT_MAX_IMAGES)
+    needed = holdout_size(held, None)
     return needed if needed > images else 0

@@ -123,8 +123,7 @@ class Tuner:
         return self._bench_inputs[:batch_size]
 
     def _open(self, cand: Candidate, model: Path) -> Engine:
-        options = EngineOptions(cand.engine, "cpu", cand.threads, cand.engine_precision, cand.batch_size, cand.opt_level, cand.inter_op_threads)
-        return open_engine(model, options)
+        return open_engine(model, cand.engine_options("cpu"))
 
     def evaluate_engine(self, engine: Engine, batch_size: int, tag: str, keep: str | None = None) -> float:
         """COCO bbox mAP of ``engine`` on the eval subset; ``keep``: keep its results as ``work/results/<keep>.json``."""

@@ -17,7 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from fcos_offline.engine.backends import ONNX_ENGINES
+from fcos_offline.engine.backends import ONNX_ENGINES, EngineOptions
 from fcos_offline.errors import FcosError
 from fcos_offline.tune.quantize import CALIB_METHODS, NncfConfig, OrtQuantConfig
 
@@ -106,6 +106,10 @@ class Candidate:
     def engine_precision(self) -> str:
         """The precision option the engine is opened with (ONNX Runtime runs its graph as built)."""
         return "fp32" if self.engine == "onnxruntime" else self.exec_precision
+
+    def engine_options(self, device: str | None = None) -> EngineOptions:
+        """The options the engine runs this configuration with."""
+        return EngineOptions(self.engine, device, self.threads, self.engine_precision, self.batch_size, self.opt_level, self.inter_op_threads)
 
     @property
     def accuracy_id(self) -> str:
