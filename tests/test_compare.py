@@ -86,27 +86,27 @@ def test_a_perturbed_head_conv_at_p4_is_named_as_the_first_divergence(demo, tmp_
 
 
 def test_int8_against_fp32_reports_tunes_sensitivity_signal(demo, tmp_path, capsys) -> None:
-    """The int8 model tune probes with: compare's per-group signal is tune's own, computed on the same images."""
+    """An int8 model against its fp32 source: compare's per-group signal is tune's own, on the same images, and its
+    order is the order tune's fallback returns groups to float in."""
     from fcos_offline.data.preprocess import list_images
     from fcos_offline.tune import quantize as q
+    from fcos_offline.tune.sensitivity import fallback_order, output_sensitivity
     from fcos_offline.tune.space import ORT_QDQ_DEFAULT, ort_config
 
     calib = [str(p) for p in list_images(demo.calib)]
     images = q.ImageTensors(calib, CANVAS)
     pre = q.preprocess_for_ort(demo.onnx, tmp_path / "pre.onnx")
-    probe = tmp_path / "probe" / "model.onnx"
-    q.ort_quantize(pre, probe, images, ort_config(f"{ORT_QDQ_DEFAULT}-keepact"), cache_dir=tmp_path / "cal")
+    int8 = tmp_path / "int8" / "model.onnx"
+    q.ort_quantize(pre, int8, images, ort_config(ORT_QDQ_DEFAULT), cache_dir=tmp_path / "cal")
     groups = q.conv_groups(pre)
-    tune_scores = {g: v["score"] for g, v in q.layer_sensitivity(pre, probe, images, groups, 4).items()}
-    tune_order = [g.name for g in q.fallback_order(groups, tune_scores)]
+    tune_scores = {g: v["score"] for g, v in output_sensitivity(pre, int8, images, groups, 4).items()}
+    tune_order = [g.name for g in fallback_order(groups, tune_scores)]
 
-    code, c = _compare(tmp_path, pre, probe, "--images", demo.calib, "--layers", "--layer-images", 4, "--num-images", 8)
+    code, c = _compare(tmp_path, pre, int8, "--images", demo.calib, "--layers", "--layer-images", 4, "--num-images", 8)
     assert code == 1  # int8 differs from fp32
     sens = c["quantization_sensitivity"]
-    assert sens["order"][:8] == sorted(tune_scores, key=lambda g: -tune_scores[g])[:8]
-    # the groups tune returns to float first (the head's last convs, then by this signal) are the compare table's worst
-    worst_by_signal = [g for g in tune_order if not g.startswith("bbox_head.conv_")][:5]
-    assert worst_by_signal == [g for g in sens["order"] if not g.startswith("bbox_head.conv_")][:5]
+    assert sens["scores"] == pytest.approx(tune_scores)
+    assert sens["order"][:8] == tune_order[:8]
     assert c["layers"]["first_divergence"] is not None and c["overall"]["match_rate"] > 0.5
     assert "most quantization-sensitive conv groups" in capsys.readouterr().out
 

@@ -124,9 +124,10 @@ class CompareResult:
                 "groups": dict(sorted(group_errors(self.layers).items(), key=lambda kv: -kv[1])),
             }
         if self.sensitivity:
+            from fcos_offline.tune.sensitivity import METHOD
+
             out["quantization_sensitivity"] = {
-                "method": "tune's signal (fcos_offline.tune.quantize.layer_sensitivity): relative MSE of each conv's quantized "
-                "input plus that of its int8 weights, against A; max over FPN levels",
+                "method": "tune's signal (fcos_offline.tune.sensitivity.output_sensitivity): " + METHOD + ", against A",
                 "order": sorted(self.sensitivity, key=lambda g: -self.sensitivity[g]),
                 "scores": self.sensitivity,
             }
@@ -214,11 +215,12 @@ def _quantization_sensitivity(fp32: Path, other: Path, items: list[InputItem], c
     import onnx
 
     from fcos_offline.tune import quantize as q
+    from fcos_offline.tune.sensitivity import output_sensitivity
 
     if not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(other), load_external_data=False).graph.node):
         return {}
     images = q.ImageTensors([it.path for it in items], canvas)
-    detail = q.layer_sensitivity(fp32, other, images, q.conv_groups(fp32), len(items))
+    detail = output_sensitivity(fp32, other, images, q.conv_groups(fp32), len(items))
     return {g: float(v["score"]) for g, v in detail.items()}
 
 

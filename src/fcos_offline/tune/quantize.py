@@ -194,13 +194,10 @@ class OrtQuantConfig:
     op_types: tuple[str, ...] = ORT_OP_TYPES
     quant_format: str = "qdq"  # qdq | qoperator
     activation_symmetric: bool | None = None  # None: symmetric for s8, asymmetric for u8
-    keep_activations: bool = False  # QDQKeepRemovableActivations (the sensitivity probe)
 
     def tag(self) -> str:
         """Short stable id, e.g. ``s8s8-minmax-pc``."""
         t = f"{self.activation_type}{self.weight_type}-{self.method}" + ("-pc" if self.per_channel else "-pt")
-        if self.keep_activations:
-            t += "-keepact"
         if self.quant_format != "qdq":
             t += "-qop"
         if tuple(self.op_types) != ORT_OP_TYPES:
@@ -265,7 +262,6 @@ def ort_quantize(
     extra: dict[str, Any] = {
         "ActivationSymmetric": symmetric,
         "CalibStridedMinMax": _stride(len(images), images.canvas_hw),
-        "QDQKeepRemovableActivations": config.keep_activations,
     }
     cache = None
     if cache_dir is not None:
@@ -309,10 +305,31 @@ class NncfConfig:
     fast_bias_correction: bool = True
     subset_size: int | None = None  # None: every calibration image
     activation_ranges: str = "mean_minmax"  # NNCF's default (per-image min/max averaged) | minmax (global, like ORT's MinMax)
+    overflow_fix: bool = True  # NNCF's default: the first conv's weights in 7 bits; off for CPUs with VNNI (see vnni_cpu)
 
     def tag(self) -> str:
         """Short stable id, e.g. ``nncf-performance``."""
-        return f"nncf-{self.preset}" + ("" if self.fast_bias_correction else "-bc") + ("-mm" if self.activation_ranges == "minmax" else "")
+        return (
+            f"nncf-{self.preset}"
+            + ("" if self.fast_bias_correction else "-bc")
+            + ("-mm" if self.activation_ranges == "minmax" else "")
+            + ("" if self.overflow_fix else "-vnni")
+        )
+
+
+#: the CPU flags of an int8 dot product without the int16 intermediate that can saturate (VNNI, AMX)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def vnni_cpu(features: Iterable[str]) -> bool:
+    """Does a CPU with these flags run int8 convolutions without the saturation NNCF's overflow fix works around?
+
+    Without VNNI, x86 int8 kernels add pairs of u8 x s8 products in 16 bits, which can saturate;
+    NNCF therefore quantizes the first conv's weights to 7 bits by default (its ``overflow_fix``).
+    OpenVINO's documentation: the problem does not occur on CPUs with VNNI and later. On the demo
+    model those 7 bits are the costliest quantization in the network (the stem conv's weights).
+    """
+    return any(f in VNNI_FLAGS for f in features)
 
 
 _OV_FOLLOWERS = ("Add", "Interpolate", "MaxPool", "Concat")
@@ -362,14 +379,16 @@ def nncf_quantize(
         validate=False,
     )
     preset = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[config.preset]
-    advanced = None
-    if config.activation_ranges == "minmax":
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    advanced = AdvancedQuantizationParameters()
+    if config.activation_ranges == "minmax":
         # the global min/max over all calibration images: NNCF's default averages per-image extremes,
         # which clips the large activations box regression relies on
-        advanced = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+        advanced.activations_range_estimator_params = RangeEstimatorParametersSet.MINMAX
+    if not config.overflow_fix:
+        advanced.overflow_fix = nncf.OverflowFix.DISABLE  # every weight in 8 bits (VNNI / AMX CPUs: vnni_cpu)
     quantized = nncf.quantize(
         model,
         nncf.Dataset(images),
@@ -381,107 +400,3 @@ def nncf_quantize(
         advanced_parameters=advanced,
     )
     return save_ir(quantized, dst, read_metadata(Path(src_onnx)))  # FakeQuantize weights are stored as int8
-
-
-# --------------------------------------------------------------------------- sensitivity
-
-
-def layer_sensitivity(
-    fp32_onnx: str | os.PathLike,
-    probe_qdq: str | os.PathLike,
-    images: ImageTensors,
-    groups: list[ConvGroup],
-    num_images: int = 4,
-) -> dict[str, dict[str, float]]:
-    """Per conv group, the quantization noise its own quantizers inject (measured, ONNX Runtime).
-
-    ``probe_qdq`` is a QDQ model of ``fp32_onnx`` (quantized with ``keep_activations`` so every
-    conv input has its own QuantizeLinear -> DequantizeLinear pair). For each convolution:
-
-    * ``act``: relative mean squared error ``sum((dq - x)^2) / sum(x^2)`` between the tensor
-      entering its input quantizer and what the conv receives, over ``num_images`` calibration
-      images (run with every graph optimisation off, so the QDQ arithmetic is exact);
-    * ``weight``: the same for its dequantized weights against the fp32 weights.
-
-    A group's scores are the largest over its nodes (FPN levels); ``score = act + weight``.
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    from fcos_offline.engine.backends.onnxruntime import optimization_level
-
-    qmodel = onnx.load(str(probe_qdq))
-    fmodel = onnx.load(str(fp32_onnx))
-    producers = {o: n for n in qmodel.graph.node for o in n.output}
-    f_inits = {i.name: i for i in fmodel.graph.initializer}
-    f_convs = {n.name: n for n in fmodel.graph.node if n.op_type == "Conv"}
-    q_convs = {n.name: n for n in qmodel.graph.node if n.op_type == "Conv"}
-    act_pairs: dict[str, tuple[str, str]] = {}
-    weight_pairs: dict[str, tuple[str, np.ndarray]] = {}
-    for g in groups:
-        for name in g.nodes:
-            node = q_convs.get(name)
-            if node is None:
-                continue
-            dq = producers.get(node.input[0])
-            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                act_pairs[name] = (q.input[0], node.input[0])
-            wdq = producers.get(node.input[1])
-            fnode = f_convs.get(name)
-            if wdq is not None and wdq.op_type == "DequantizeLinear" and fnode is not None and fnode.input[1] in f_inits:
-                weight_pairs[name] = (node.input[1], numpy_helper.to_array(f_inits[fnode.input[1]]))
-    wanted = list(dict.fromkeys([t for pair in act_pairs.values() for t in pair] + [w for w, _ in weight_pairs.values()]))
-    have = {o.name for o in qmodel.graph.output}
-    for t in wanted:
-        if t not in have:
-            qmodel.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = optimization_level("disable")
-    sess = ort.InferenceSession(qmodel.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del qmodel, fmodel
-    input_name = sess.get_inputs()[0].name
-    num = dict.fromkeys(act_pairs, 0.0)
-    den = dict.fromkeys(act_pairs, 0.0)
-    weight_err: dict[str, float] = {}
-    for i in range(min(num_images, len(images))):
-        out = dict(zip(wanted, sess.run(wanted, {input_name: images[i]})))
-        for name, (x, dq) in act_pairs.items():
-            ref = out[x].astype(np.float64)
-            num[name] += float(((out[dq] - ref) ** 2).sum())
-            den[name] += float((ref**2).sum())
-        if i == 0:
-            for name, (w, ref) in weight_pairs.items():
-                ref64 = ref.astype(np.float64)
-                weight_err[name] = float(((out[w] - ref64) ** 2).sum() / max((ref64**2).sum(), 1e-30))
-        del out
-    scores: dict[str, dict[str, float]] = {}
-    for g in groups:
-        act = max((num[n] / den[n] if den.get(n) else 0.0 for n in g.nodes if n in num), default=0.0)
-        wgt = max((weight_err.get(n, 0.0) for n in g.nodes), default=0.0)
-        scores[g.name] = {"act": act, "weight": wgt, "score": act + wgt}
-    return scores
-
-
-def fallback_order(groups: list[ConvGroup], scores: dict[str, float]) -> list[ConvGroup]:
-    """Groups in the order they go back to float: the head's last convs first, then by measured error.
-
-    ``scores``: group name -> score (larger = more sensitive).
-    """
-    head = sorted((g for g in groups if g.head_final), key=lambda g: -scores.get(g.name, 0.0))
-    rest = sorted((g for g in groups if not g.head_final), key=lambda g: -scores.get(g.name, 0.0))
-    return head + rest
-
-
-def fallback_steps(order: list[ConvGroup]) -> list[list[ConvGroup]]:
-    """Cumulative float sets: the head's last convs together, then 1, 2, 4, ... more groups."""
-    n_head = sum(1 for g in order if g.head_final)
-    steps, k, size = [], n_head, 1
-    if n_head:
-        steps.append(order[:n_head])
-    while k < len(order):
-        k = min(len(order), k + size)
-        steps.append(order[:k])
-        size *= 2
-    return steps

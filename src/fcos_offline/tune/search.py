@@ -13,10 +13,10 @@ The search, in a work folder (``--output``):
    MinMax / Percentile / Entropy calibration), OpenVINO running ONNX Runtime's QDQ graph,
    OpenVINO f32 / bf16. Each is evaluated (COCO mAP on the eval subset through the same
    ``infer`` + ``postprocess`` path as the recipe) and timed.
-3. **Accuracy fallback**: for an int8 model whose mAP drop exceeds the budget, convolutions go
-   back to float — the head's last convs first, then the groups with the largest measured
-   per-layer error (:func:`fcos_offline.tune.quantize.layer_sensitivity`), 1, 2, 4, … at a time —
-   until the budget holds or the model is no faster than the best float configuration.
+3. **Accuracy fallback**: for an int8 model whose mAP drop exceeds the budget, conv groups go
+   back to float — those whose int8 alone causes the largest error at the head's outputs first
+   (:func:`fcos_offline.tune.sensitivity.output_sensitivity`), 1, 2, 4, … at a time — until the
+   budget holds or the model is no faster than the best float configuration.
 4. **Sweep**: threads, batch sizes (and ORT graph optimisation level / bf16 for an OpenVINO int8
    model's remaining float ops)
    for the fastest configurations within the budget; these reuse the accuracy of the trial that
@@ -62,9 +62,11 @@ from fcos_offline.errors import FcosError
 from fcos_offline.io import file_digest
 from fcos_offline.progress import info, warn
 from fcos_offline.tune import policy
+from fcos_offline.tune import sensitivity as sens
 from fcos_offline.tune.builds import ModelBuilder, model_size_mb
 from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, warn_if_loosely_judged
 from fcos_offline.tune.inputs import TuneOptions, holdout_data, prepare_data, prepare_model, validate
+from fcos_offline.tune.quantize import vnni_cpu
 from fcos_offline.tune.space import ORT_QDQ_DEFAULT, Candidate, candidate_list, sweep_variants
 from fcos_offline.tune.store import TUNE_FILE, SearchState, Trial, load_state, save_state
 
@@ -247,21 +249,20 @@ class Tuner:
     def _ensure_sensitivity(self) -> dict[str, float]:
         from fcos_offline.tune import quantize as q
 
-        sens = self.state.sensitivity
-        if sens and sens.get("scores"):
-            return {k: v["score"] for k, v in sens["scores"].items()}
-        n = min(self.opts.sensitivity_images, len(self.data.calib_paths))
-        info(f"measuring per-layer quantization noise (ONNX Runtime QDQ probe, {n} calibration images)")
+        done = self.state.sensitivity
+        if done and done.get("scores") and done.get("method", "").startswith(sens.METHOD):
+            return {k: v["score"] for k, v in done["scores"].items()}
+        n = sens.probe_images(self.opts.sensitivity_images, self.data.canvas, len(self.data.calib_paths))
+        info(f"measuring each conv group's int8 error at the head's outputs (ONNX Runtime {ORT_QDQ_DEFAULT} quantization, {n} calibration image(s))")
         pre = q.preprocess_for_ort(self.source, self.out / "models" / "ort-preprocessed.onnx")
-        probe = self.builder.model_file(Candidate("onnxruntime", f"ort-qdq:{ORT_QDQ_DEFAULT}-keepact"))
+        probe = self.builder.model_file(Candidate("onnxruntime", f"ort-qdq:{ORT_QDQ_DEFAULT}"))
         groups = q.conv_groups(pre)
-        detail = q.layer_sensitivity(pre, probe, self.builder.images(), groups, n)
+        detail = sens.output_sensitivity(pre, probe, self.builder.images(), groups, n)
         scores = {k: v["score"] for k, v in detail.items()}
         self.state.sensitivity = {
-            "method": f"relative MSE of each conv's quantized input (ONNX Runtime {ORT_QDQ_DEFAULT} QDQ probe, {n} calibration "
-            "images) plus that of its per-channel int8 weights, against fp32; max over FPN levels",
+            "method": f"{sens.METHOD} (ONNX Runtime {ORT_QDQ_DEFAULT} quantization, {n} calibration images)",
             "scores": detail,
-            "order": [g.name for g in q.fallback_order(groups, scores)],
+            "order": [g.name for g in sens.fallback_order(groups, scores)],
         }
         self.save()
         return scores
@@ -274,10 +275,10 @@ class Tuner:
         scores = self._ensure_sensitivity()
         groups = {g.name: g for g in q.conv_groups(self.source)}
         order = [groups[n] for n in self.state.sensitivity["order"] if n in groups]  # type: ignore[index]
-        all_steps = q.fallback_steps(order)
+        all_steps = sens.fallback_steps(order)
         steps = all_steps if self.opts.max_fallback_steps is None else all_steps[: self.opts.max_fallback_steps]
         record: dict[str, Any] = {"base": base.key, "label": base.label(), "steps": [], "done": False}
-        info(f"accuracy fallback for {base.label()}: {len(steps)} step(s) at most, head's last convs first")
+        info(f"accuracy fallback for {base.label()}: {len(steps)} step(s) at most, the largest error at the outputs first")
         result = None
         for i, step in enumerate(steps, 1):
             if self.time_left() <= 0:
@@ -526,17 +527,21 @@ class Tuner:
         )
 
         int8_rest = "bf16" if self.has_bf16() else "fp32"
-        self.machine = {**cpu_description(), "openvino_native_bf16": self.has_bf16(), "openvino_int8_float_ops": int8_rest}
+        cpu = cpu_description()
+        vnni = vnni_cpu(cpu["features"])
+        self.machine = {**cpu, "openvino_native_bf16": self.has_bf16(), "openvino_int8_float_ops": int8_rest, "nncf_overflow_fix": not vnni}
+        weights = "NNCF keeps every weight in 8 bits (VNNI: no int16 saturation)" if vnni else "NNCF's first conv weights in 7 bits (no VNNI)"
         info(
             f"CPU: {describe_cpu(self.machine)}; OpenVINO int8 builds run their float ops in {int8_rest}"
             + (" (native bf16 here), and in fp32 to compare" if int8_rest == "bf16" else " (no native bf16 here)")
+            + f"; {weights}"
         )
         self.base_batch = 1 if 1 in self.opts.batch_sizes else min(self.opts.batch_sizes)
         ref = Candidate("onnxruntime", "fp32", "fp32", batch_size=self.base_batch)
         self.ref_key = ref.key
         if self.trial(ref, note="reference: ONNX Runtime defaults") is None:
             raise FcosError("the reference configuration (ONNX Runtime fp32) failed; see the warning above")
-        for cand in candidate_list(self.opts.engines, self.opts.calib_methods, self.base_batch, self.opts.candidates, int8_rest):
+        for cand in candidate_list(self.opts.engines, self.opts.calib_methods, self.base_batch, self.opts.candidates, int8_rest, vnni):
             if cand.build == "fp32" and cand.exec_precision == "bf16":
                 auto = self.state.trials.get(dataclasses.replace(cand, exec_precision="auto").key)
                 if not self.has_bf16() or (auto is not None and auto.precision == "bf16"):

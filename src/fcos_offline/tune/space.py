@@ -5,7 +5,7 @@ static QDQ, ``nncf:<tag>`` = NNCF post-training quantization for OpenVINO), the 
 engine runs the remaining float ops in, the conv groups returned to float by the accuracy
 fallback, threads, inter-op threads, batch size and ONNX Runtime's optimisation level.
 
-Build tags: ``u8s8-minmax-pc[-keepact][-qop]`` (activation type + weight type, calibration
+Build tags: ``u8s8-minmax-pc[-qop]`` (activation type + weight type, calibration
 method, per-channel, options) and ``performance|mixed[-bc][-mm]`` (NNCF preset, full bias
 correction, global min/max ranges). Everything here is pure: no engine library is imported.
 """
@@ -47,18 +47,22 @@ def ort_config(tag: str) -> OrtQuantConfig:
         activation_type=types[:2],
         weight_type=types[2:],
         per_channel=gran == "pc",
-        keep_activations="keepact" in parts[3:],
         quant_format="qoperator" if "qop" in parts[3:] else "qdq",
     )
 
 
 def nncf_config(tag: str) -> NncfConfig:
     """``performance-bc-mm`` -> :class:`NncfConfig` (``bc``: full bias correction instead of the fast one;
-    ``mm``: global min/max activation ranges)."""
+    ``mm``: global min/max activation ranges; ``vnni``: NNCF's overflow fix off, every weight in 8 bits)."""
     parts = tag.split("-")
-    if parts[0] not in ("performance", "mixed") or not set(parts[1:]) <= {"bc", "mm"}:
-        raise FcosError(f"bad NNCF build tag {tag!r} (expected performance|mixed[-bc][-mm])")
-    return NncfConfig(preset=parts[0], fast_bias_correction="bc" not in parts[1:], activation_ranges="minmax" if "mm" in parts[1:] else "mean_minmax")
+    if parts[0] not in ("performance", "mixed") or not set(parts[1:]) <= {"bc", "mm", "vnni"}:
+        raise FcosError(f"bad NNCF build tag {tag!r} (expected performance|mixed[-bc][-mm][-vnni])")
+    return NncfConfig(
+        preset=parts[0],
+        fast_bias_correction="bc" not in parts[1:],
+        activation_ranges="minmax" if "mm" in parts[1:] else "mean_minmax",
+        overflow_fix="vnni" not in parts[1:],
+    )
 
 
 @dataclass(frozen=True)
@@ -159,9 +163,17 @@ def quant_description(cand: Candidate) -> dict[str, Any] | None:
 
 
 def candidate_list(
-    engines: tuple[str, ...], calib_methods: tuple[str, ...], base_batch: int, only: tuple[str, ...] | None = None, int8_rest: str = "fp32"
+    engines: tuple[str, ...],
+    calib_methods: tuple[str, ...],
+    base_batch: int,
+    only: tuple[str, ...] | None = None,
+    int8_rest: str = "fp32",
+    vnni: bool = False,
 ) -> list[Candidate]:
     """The main candidates, most promising first (threads/batch at their defaults).
+
+    On CPUs with VNNI or AMX (``vnni``), NNCF builds keep every weight in 8 bits (tag ``-vnni``: NNCF's
+    overflow fix off, see :func:`fcos_offline.tune.quantize.vnni_cpu`); ``only`` names builds either way.
 
     OpenVINO int8 models run their remaining float ops — and the convs the accuracy fallback
     returns to float — in ``int8_rest``: ``bf16`` on CPUs with native bf16 (AVX-512 BF16, AMX),
@@ -184,9 +196,12 @@ def candidate_list(
     cands.append(Candidate("openvino", "fp32", "bf16", batch_size=bs))
     if rest == "bf16":
         cands = [t for c in cands for t in ((c, dataclasses.replace(c, exec_precision="fp32")) if c.engine == "openvino" and c.quantized else (c,))]
+    if vnni:
+        cands = [dataclasses.replace(c, build=c.build + "-vnni") if c.kind == "nncf" else c for c in cands]
     cands = [c for c in cands if c.engine in engines]
     if only:
-        cands = [c for c in cands if c.model_id in only or f"{c.engine}/{c.model_id}/{c.exec_precision}" in only]
+        wanted = {n.replace("-vnni", "") for n in only}
+        cands = [c for c in cands if {c.model_id.replace("-vnni", ""), f"{c.engine}/{c.model_id}/{c.exec_precision}".replace("-vnni", "")} & wanted]
     return cands
 
 
