@@ -326,8 +326,8 @@ def vnni_cpu(features: Iterable[str]) -> bool:
 
     Without VNNI, x86 int8 kernels add pairs of u8 x s8 products in 16 bits, which can saturate;
     NNCF therefore quantizes the first conv's weights to 7 bits by default (its ``overflow_fix``).
-    OpenVINO's documentation: the problem does not occur on CPUs with VNNI and later. On the demo
-    model those 7 bits are the costliest quantization in the network (the stem conv's weights).
+    OpenVINO's documentation: the problem does not occur on CPUs with VNNI and later (README: Tuning
+    has what 8 bits changed on the demo model).
     """
     return any(f in VNNI_FLAGS for f in features)
 

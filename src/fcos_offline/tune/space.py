@@ -6,8 +6,8 @@ engine runs the remaining float ops in, the conv groups returned to float by the
 fallback, threads, inter-op threads, batch size and ONNX Runtime's optimisation level.
 
 Build tags: ``u8s8-minmax-pc[-qop]`` (activation type + weight type, calibration
-method, per-channel, options) and ``performance|mixed[-bc][-mm]`` (NNCF preset, full bias
-correction, global min/max ranges). Everything here is pure: no engine library is imported.
+method, per-channel, options) and ``performance|mixed[-bc][-mm][-vnni]`` (NNCF preset, full bias
+correction, global min/max ranges, every weight in 8 bits). Everything here is pure: no engine library is imported.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def candidate_list(
     cands = [c for c in cands if c.engine in engines]
     if only:
         wanted = {n.replace("-vnni", "") for n in only}
-        cands = [c for c in cands if {c.model_id.replace("-vnni", ""), f"{c.engine}/{c.model_id}/{c.exec_precision}".replace("-vnni", "")} & wanted]
+        cands = [c for c in cands if any(n.replace("-vnni", "") in wanted for n in (c.model_id, f"{c.engine}/{c.model_id}/{c.exec_precision}"))]
     return cands
 
 
