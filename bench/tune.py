@@ -249,7 +249,7 @@ def main(argv=None) -> int:
 
 DEFAULT_RECIPE = {
     "engine": "openvino",
-    "build": "nncf:performance-bc",
+    "build": "nncf:performance-bc-mm-gn",
     "exec_precision": "fp32",
     "float_groups": [],
     "threads": None,
@@ -269,7 +269,7 @@ def demo_recipe(folder: Path, args, run: bool) -> dict:
     if run and not checkpoint.is_file():
         print(f"demo model {checkpoint} not found: timing the default recipe, its accuracy is not measured")
         return {
-            "label": "openvino int8 nncf performance-bc, fp32 rest (default recipe)",
+            "label": "openvino int8 nncf performance-bc-mm-gn, fp32 rest (default recipe)",
             "candidate": DEFAULT_RECIPE,
             "bbox_mAP": float("nan"),
             "reference_mAP": float("nan"),

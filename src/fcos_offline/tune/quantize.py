@@ -6,12 +6,15 @@
   correction).
 
 Only the network is quantized: convolutions and the ops between them (ReLU, residual Add,
-max-pool, FPN nearest up-sampling) under ``/network/``. The regression ``Scale``/``exp`` of the
-head and the whole post-processing graph (``/postprocess/``: sigmoid, decode, top-k, NMS) stay in
-float by design. Convolutions can additionally be returned to float by name (the tuner's
-accuracy fallback), together with the Add / pooling / up-sampling nodes they feed (else those
-nodes' input quantizers keep the float conv's output in int8); shared head convolutions (one
-weight, five FPN levels) form one *group*.
+max-pool, FPN nearest up-sampling, the head's GroupNorm) under ``/network/``. The regression
+``Scale``/``exp`` of the head and the whole post-processing graph (``/postprocess/``: sigmoid,
+decode, top-k, NMS) stay in float by design. NNCF builds can keep the head's GroupNorm float
+(``NncfConfig.norm_float``): by default NNCF rounds both its input (the conv output it normalises)
+and its normalised output to int8.
+Convolutions can additionally be returned to float by name (the tuner's accuracy fallback),
+together with the Add / pooling / up-sampling / GroupNorm nodes they feed (else those nodes'
+input quantizers keep the float conv's output in int8); shared head convolutions (one weight,
+five FPN levels) form one *group*.
 
 ONNX Runtime on x86 only fuses QDQ convolutions into its int8 kernels (QLinearConv) with uint8
 activations (U8S8): with symmetric int8 activations (S8S8) the ReLU after a conv cannot be folded
@@ -306,6 +309,7 @@ class NncfConfig:
     subset_size: int | None = None  # None: every calibration image
     activation_ranges: str = "mean_minmax"  # NNCF's default (per-image min/max averaged) | minmax (global, like ORT's MinMax)
     overflow_fix: bool = True  # NNCF's default: the first conv's weights in 7 bits; off for CPUs with VNNI (see vnni_cpu)
+    norm_float: bool = False  # GroupNorm runs in float: its input and its normalised output unquantized (NNCF's default: int8)
 
     def tag(self) -> str:
         """Short stable id, e.g. ``nncf-performance``."""
@@ -314,6 +318,7 @@ class NncfConfig:
             + ("" if self.fast_bias_correction else "-bc")
             + ("-mm" if self.activation_ranges == "minmax" else "")
             + ("" if self.overflow_fix else "-vnni")
+            + ("-gn" if self.norm_float else "")
         )
 
 
@@ -333,12 +338,39 @@ def vnni_cpu(features: Iterable[str]) -> bool:
 
 
 _OV_FOLLOWERS = ("Add", "Interpolate", "MaxPool", "Concat")
+#: OpenVINO's GroupNorm: the exported Reshape -> InstanceNormalization -> Reshape becomes an MVN
+OV_NORM_TYPES = ("MVN", "GroupNormalization")
+
+
+def _ov_consumers(node) -> list:
+    """The OpenVINO nodes reading ``node``'s first output."""
+    return [t.get_node() for t in node.output(0).get_target_inputs()]
+
+
+def _ov_groupnorm_names(model) -> list[str]:
+    """Every GroupNorm of an OpenVINO model: the MVN (or GroupNormalization) and, through the Reshape
+    after it, the Multiply / Add of its affine, whose input quantizer rounds the normalised output."""
+    names: list[str] = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in OV_NORM_TYPES:
+            continue
+        names.append(op.get_friendly_name())
+        outs, seen = _ov_consumers(op), 0
+        while seen < len(outs):
+            node = outs[seen]
+            seen += 1
+            if node.get_type_name() in ("Multiply", "Add"):
+                names.append(node.get_friendly_name())
+            if node.get_type_name() in ("Reshape", "Multiply"):
+                outs += _ov_consumers(node)
+    return list(dict.fromkeys(names))
 
 
 def _ov_ignored_names(model, onnx_nodes: Iterable[str]) -> list[str]:
     """OpenVINO op names of ONNX conv nodes (a biased Conv is ``<name>/WithoutBiases`` + an Add
-    called ``<name>``) plus the element-wise / pooling / up-sampling ops they feed, whose input
-    quantizers would otherwise keep the float conv's output in int8."""
+    called ``<name>``) plus the element-wise / pooling / up-sampling / GroupNorm ops they feed (a
+    GroupNorm through its Reshape), whose input quantizers would otherwise keep the float conv's
+    output in int8."""
     wanted = set(onnx_nodes)
     names: list[str] = []
     for op in model.get_ordered_ops():
@@ -347,11 +379,13 @@ def _ov_ignored_names(model, onnx_nodes: Iterable[str]) -> list[str]:
         if base not in wanted or op.get_type_name() not in ("Convolution", "GroupConvolution"):
             continue
         names.append(name)
-        outs = [t.get_node() for t in op.output(0).get_target_inputs()]
-        bias = [n for n in outs if n.get_type_name() == "Add" and n.get_friendly_name() == base]
-        for b in bias:  # through the bias Add to the real consumers
-            outs += [t.get_node() for t in b.output(0).get_target_inputs()]
-        names += [n.get_friendly_name() for n in outs if n.get_type_name() in _OV_FOLLOWERS and n not in bias]
+        outs, seen = _ov_consumers(op), 0
+        while seen < len(outs):  # through the conv's bias Add and GroupNorm's Reshape to the real consumers
+            node = outs[seen]
+            seen += 1
+            if (node.get_type_name() == "Add" and node.get_friendly_name() == base) or node.get_type_name() == "Reshape":
+                outs += _ov_consumers(node)
+        names += [n.get_friendly_name() for n in outs if n.get_type_name() in (*_OV_FOLLOWERS, *OV_NORM_TYPES) and n.get_friendly_name() != base]
     return list(dict.fromkeys(names))
 
 
@@ -375,7 +409,7 @@ def nncf_quantize(
     float_nodes = list(float_nodes)
     ignored = nncf.IgnoredScope(
         patterns=[r"^/postprocess/.*", r"^/network/bbox_head/(scales\.\d+/|Cast|Exp).*"],
-        names=_ov_ignored_names(model, float_nodes),
+        names=_ov_ignored_names(model, float_nodes) + (_ov_groupnorm_names(model) if config.norm_float else []),
         validate=False,
     )
     preset = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[config.preset]
