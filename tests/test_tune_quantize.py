@@ -55,6 +55,8 @@ def test_candidates_keep_groupnorm_float_and_on_a_vnni_cpu_every_weight_in_8_bit
     assert [c.build for c in only] == ["nncf:performance-vnni-gn"]
     again = candidate_list(("openvino",), q.CALIB_METHODS, 1, only=("openvino/nncf-mixed-bc-mm-vnni/fp32",), vnni=False)
     assert [(c.build, c.exec_precision) for c in again] == [("nncf:mixed-bc-mm-gn", "fp32")]
+    named = candidate_list(("openvino",), q.CALIB_METHODS, 1, only=("nncf-performance-bc-mm-gn", "openvino/fp32/fp32"))
+    assert [c.model_id for c in named] == ["fp32", "nncf-performance-bc-mm-gn"]
     assert Candidate("openvino", "nncf:mixed-bc-mm-gn").model_id == "nncf-mixed-bc-mm-gn"
 
 
@@ -66,6 +68,7 @@ def demo_onnx(tmp_path_factory) -> tuple[Path, q.ImageTensors]:
     from fcos_offline.demo.synthetic import make_demo_data
     from fcos_offline.export.onnx_export import export_checkpoint
 
+    pytest.importorskip("nncf")
     tmp = tmp_path_factory.mktemp("demo")
     export_checkpoint(DEMO_CHECKPOINT, tmp / "demo.onnx", CANVAS, dynamic_batch=True)
     make_demo_data(tmp / "calib", "train", 4, seed=0)
@@ -75,7 +78,6 @@ def demo_onnx(tmp_path_factory) -> tuple[Path, q.ImageTensors]:
 def test_nncf_first_conv_weights_7_bits_by_default_8_bits_without_the_overflow_fix(tmp_path, demo_onnx) -> None:
     """What ``-vnni`` changes in the model: the stem conv's int8 weights span [-63, 63] with NNCF's overflow
     fix and the full [-127, 127] without; every other conv has full 8-bit weights either way."""
-    pytest.importorskip("nncf")
     import openvino as ov
 
     onnx_path, images = demo_onnx
@@ -112,19 +114,26 @@ def _groupnorm_quantizers(xml: Path) -> dict[str, tuple[int, int]]:
     return counts
 
 
+def _fake_quantizes(xml: Path) -> int:
+    import openvino as ov
+
+    return sum(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(xml).get_ordered_ops())
+
+
 def test_nncf_groupnorm_float_with_gn_and_behind_a_float_head_conv(tmp_path, demo_onnx) -> None:
     """``-gn``: no GroupNorm's input (the head conv output it normalises) or normalised output is
     quantized; without it every one is, both. A head conv the fallback returns to float takes its
     GroupNorm's input quantizer with it (else the float conv's output would still be rounded to
     int8), and only that conv's."""
-    pytest.importorskip("nncf")
     onnx_path, images = demo_onnx
-    default = _groupnorm_quantizers(q.nncf_quantize(onnx_path, tmp_path / "d" / "model.xml", images, nncf_config("performance")))
-    gn = _groupnorm_quantizers(q.nncf_quantize(onnx_path, tmp_path / "g" / "model.xml", images, nncf_config("performance-gn")))
-    assert len(default) == len(gn) == 20  # 2 cls + 2 reg convs with GroupNorm, on 5 FPN levels
+    default_xml = q.nncf_quantize(onnx_path, tmp_path / "d" / "model.xml", images, nncf_config("performance"))
+    gn_xml = q.nncf_quantize(onnx_path, tmp_path / "g" / "model.xml", images, nncf_config("performance-gn"))
+    default, gn = _groupnorm_quantizers(default_xml), _groupnorm_quantizers(gn_xml)
+    assert len(default) == len(gn) == 20  # the demo head: 2 cls + 2 reg convs with GroupNorm, on 5 FPN levels
     assert set(default.values()) == {(1, 1)} and set(gn.values()) == {(0, 0)}
+    assert _fake_quantizes(default_xml) - _fake_quantizes(gn_xml) == 40  # those two per GroupNorm, nothing else
 
     head = next(g for g in q.conv_groups(onnx_path) if g.name == "bbox_head.cls_convs.0.conv")
+    assert len(head.nodes) == 5  # one shared conv, run once per FPN level
     one = _groupnorm_quantizers(q.nncf_quantize(onnx_path, tmp_path / "f" / "model.xml", images, nncf_config("performance"), head.nodes))
     assert sorted(n for n, (before, _) in one.items() if before == 0) == sorted(head.nodes)
-    assert len(head.nodes) == 5

@@ -339,7 +339,7 @@ def vnni_cpu(features: Iterable[str]) -> bool:
 
 _OV_FOLLOWERS = ("Add", "Interpolate", "MaxPool", "Concat")
 #: OpenVINO's GroupNorm: the exported Reshape -> InstanceNormalization -> Reshape becomes an MVN
-OV_NORM_TYPES = ("MVN", "GroupNormalization")
+_OV_NORM_TYPES = ("MVN", "GroupNormalization")
 
 
 def _ov_consumers(node) -> list:
@@ -347,12 +347,18 @@ def _ov_consumers(node) -> list:
     return [t.get_node() for t in node.output(0).get_target_inputs()]
 
 
+def _reshape_to_norm(node) -> bool:
+    """A Reshape in front of a GroupNorm (the exported GroupNorm groups channels before its MVN)?"""
+    return node.get_type_name() == "Reshape" and any(c.get_type_name() in _OV_NORM_TYPES for c in _ov_consumers(node))
+
+
 def _ov_groupnorm_names(model) -> list[str]:
     """Every GroupNorm of an OpenVINO model: the MVN (or GroupNormalization) and, through the Reshape
-    after it, the Multiply / Add of its affine, whose input quantizer rounds the normalised output."""
+    after it, the Multiply / Add of its affine, whose input quantizer rounds the normalised output.
+    (Any MVN counts: an instance or layer norm would stay float too; FCOS has none.)"""
     names: list[str] = []
     for op in model.get_ordered_ops():
-        if op.get_type_name() not in OV_NORM_TYPES:
+        if op.get_type_name() not in _OV_NORM_TYPES:
             continue
         names.append(op.get_friendly_name())
         outs, seen = _ov_consumers(op), 0
@@ -383,9 +389,9 @@ def _ov_ignored_names(model, onnx_nodes: Iterable[str]) -> list[str]:
         while seen < len(outs):  # through the conv's bias Add and GroupNorm's Reshape to the real consumers
             node = outs[seen]
             seen += 1
-            if (node.get_type_name() == "Add" and node.get_friendly_name() == base) or node.get_type_name() == "Reshape":
+            if (node.get_type_name() == "Add" and node.get_friendly_name() == base) or _reshape_to_norm(node):
                 outs += _ov_consumers(node)
-        names += [n.get_friendly_name() for n in outs if n.get_type_name() in (*_OV_FOLLOWERS, *OV_NORM_TYPES) and n.get_friendly_name() != base]
+        names += [n.get_friendly_name() for n in outs if n.get_type_name() in (*_OV_FOLLOWERS, *_OV_NORM_TYPES) and n.get_friendly_name() != base]
     return list(dict.fromkeys(names))
 
 
