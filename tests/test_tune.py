@@ -142,7 +142,7 @@ def test_fallback_returns_the_groups_with_the_largest_output_error_to_float(tiny
     assert sens["order"] == sorted(sens["order"], key=lambda g: -scores.get(g, 0.0))
     assert scores[sens["order"][0]] > scores[sens["order"][-1]]
     fb = {f["base"].split("|")[0] + "|" + f["base"].split("|")[1]: f for f in result["fallback"]}
-    ort_fb = fb["onnxruntime|ort-qdq-u8s8-minmax-pc"]
+    ort_fb = fb["onnxruntime|ort-qdq-u8s8-minmax-pc-gn"]
     assert [s["float_groups"] for s in ort_fb["steps"]] == [sens["order"][:1], sens["order"][:2]][: len(ort_fb["steps"])]
     first = ort_fb["steps"][-1]
     trial = next(t for t in result["trials"] if t["key"] == first["key"])

@@ -10,7 +10,7 @@ import pytest
 
 from fcos_offline.errors import FcosError
 from fcos_offline.tune import quantize as q
-from fcos_offline.tune.space import Candidate, candidate_list, nncf_config
+from fcos_offline.tune.space import Candidate, candidate_list, nncf_config, ort_config
 
 CANVAS = (160, 256)
 
@@ -40,6 +40,8 @@ def test_nncf_tag_round_trip() -> None:
     assert nncf_config("performance-gn").tag() == "nncf-performance-gn"
     with pytest.raises(FcosError, match="bad NNCF build tag"):
         nncf_config("performance-ln")
+    ort = ort_config("u8s8-minmax-pc-gn")
+    assert ort.norm_float and ort.tag() == "u8s8-minmax-pc-gn" and not ort_config("u8s8-minmax-pc").norm_float
 
 
 def test_candidates_keep_groupnorm_float_and_on_a_vnni_cpu_every_weight_in_8_bits() -> None:
@@ -47,7 +49,7 @@ def test_candidates_keep_groupnorm_float_and_on_a_vnni_cpu_every_weight_in_8_bit
     vnni = candidate_list(("onnxruntime", "openvino"), q.CALIB_METHODS, 1, vnni=True)
     assert len(plain) == len(vnni) and any(c.kind == "nncf" for c in plain)
     for a, b in zip(plain, vnni):
-        assert a.build == (a.build.removesuffix("-gn") + "-gn" if a.kind == "nncf" else a.build)
+        assert a.build.endswith("-gn") == a.quantized  # every int8 build keeps GroupNorm float
         assert b.build == (a.build.removesuffix("-gn") + "-vnni-gn" if a.kind == "nncf" else a.build)
     assert not any(c.build.endswith("-vnni-gn") for c in plain)
     # a restriction names builds with or without the suffixes
@@ -137,3 +139,34 @@ def test_nncf_groupnorm_float_with_gn_and_behind_a_float_head_conv(tmp_path, dem
     assert len(head.nodes) == 5  # one shared conv, run once per FPN level
     one = _groupnorm_quantizers(q.nncf_quantize(onnx_path, tmp_path / "f" / "model.xml", images, nncf_config("performance"), head.nodes))
     assert sorted(n for n, (before, _) in one.items() if before == 0) == sorted(head.nodes)
+
+
+def _source(producers: dict, tensor: str):
+    """The node that computes ``tensor``, through QuantizeLinear / DequantizeLinear."""
+    node = producers.get(tensor)
+    while node is not None and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        node = producers.get(node.input[0])
+    return node
+
+
+def test_ort_gn_keeps_groupnorm_affine_float_and_every_conv_int8(tmp_path, demo_onnx) -> None:
+    """ONNX Runtime ``-gn``: no quantizer between a GroupNorm's gamma (Mul) and beta (Add), where the
+    default build has one per GroupNorm; every conv is still int8 (its output quantized for QLinearConv)."""
+    import onnx
+
+    onnx_path, images = demo_onnx
+    pre = q.preprocess_for_ort(onnx_path, tmp_path / "pre.onnx")
+    counts = {}
+    for tag in ("u8s8-minmax-pc", "u8s8-minmax-pc-gn"):
+        model = onnx.load(str(q.ort_quantize(pre, tmp_path / f"{tag}.onnx", images, ort_config(tag), cache_dir=tmp_path / "cal")))
+        producers = {o: n for n in model.graph.node for o in n.output}
+        network = [n for n in model.graph.node if n.name.startswith("/network/")]
+        affine_adds = [n for n in network if n.op_type == "Add" and (m := _source(producers, n.input[0])) is not None and m.op_type == "Mul"]
+        quantized_between = sum(producers[n.input[0]].op_type == "DequantizeLinear" for n in affine_adds)
+        convs = [n for n in network if n.op_type == "Conv"]
+        int8_convs = sum(producers[n.input[1]].op_type == "DequantizeLinear" for n in convs)
+        counts[tag] = (len(affine_adds), quantized_between, len(convs), int8_convs)
+    # the demo head: 4 GroupNorms on 5 FPN levels
+    assert counts["u8s8-minmax-pc"][:2] == (20, 20) and counts["u8s8-minmax-pc-gn"][:2] == (20, 0)
+    n_convs, int8 = counts["u8s8-minmax-pc"][2:]
+    assert n_convs == int8 > 0 and counts["u8s8-minmax-pc-gn"][2:] == (n_convs, int8)

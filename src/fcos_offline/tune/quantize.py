@@ -197,15 +197,41 @@ class OrtQuantConfig:
     op_types: tuple[str, ...] = ORT_OP_TYPES
     quant_format: str = "qdq"  # qdq | qoperator
     activation_symmetric: bool | None = None  # None: symmetric for s8, asymmetric for u8
+    norm_float: bool = False  # GroupNorm's affine unquantized (its normalised output float; see onnx_groupnorm_affine)
 
     def tag(self) -> str:
         """Short stable id, e.g. ``s8s8-minmax-pc``."""
         t = f"{self.activation_type}{self.weight_type}-{self.method}" + ("-pc" if self.per_channel else "-pt")
         if self.quant_format != "qdq":
             t += "-qop"
+        if self.norm_float:
+            t += "-gn"
         if tuple(self.op_types) != ORT_OP_TYPES:
             t += "-" + "+".join(o.lower() for o in self.op_types)
         return t
+
+
+def onnx_groupnorm_affine(model: Any) -> list[str]:
+    """The Mul / Add of each GroupNorm's affine in an ONNX graph (InstanceNormalization, Reshape, then
+    Mul by gamma and Add of beta; or a GroupNormalization op's consumers through a Reshape).
+
+    Left out of ONNX Runtime's quantization they keep the GroupNorm's normalised output float; its
+    input stays int8, because ONNX Runtime's int8 conv kernel writes an int8 output (README: Tuning).
+    """
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    names: list[str] = []
+    for norm in (n for n in model.graph.node if n.op_type in ("InstanceNormalization", "GroupNormalization")):
+        todo = list(consumers.get(norm.output[0], []))
+        while todo:
+            node = todo.pop()
+            if node.op_type in ("Mul", "Add"):
+                names.append(node.name)
+            if node.op_type in ("Reshape", "Mul"):
+                todo += consumers.get(node.output[0], [])
+    return list(dict.fromkeys(names))
 
 
 def preprocess_for_ort(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -255,6 +281,8 @@ def ort_quantize(
     # the Add / pooling / up-sampling nodes a float conv feeds go float too (else its output stays int8)
     float_outputs = {n.output[0] for n in model.graph.node if n.name in excluded}
     excluded |= {n.name for n in model.graph.node if n.op_type in ("Add", "MaxPool", "Resize", "Relu") and any(i in float_outputs for i in n.input)}
+    if config.norm_float:
+        excluded |= set(onnx_groupnorm_affine(model))
     ours = any(n.name.startswith("/network/") for n in model.graph.node)
     nodes = [n.name for n in model.graph.node if n.op_type in config.op_types and n.name not in excluded and (not ours or is_network_node(n.name))]
     qtypes = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}
