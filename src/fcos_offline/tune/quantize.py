@@ -375,6 +375,16 @@ def _ov_consumers(node) -> list:
     return [t.get_node() for t in node.output(0).get_target_inputs()]
 
 
+def _ov_reach(op, through) -> list:
+    """The nodes downstream of ``op``: its consumers, and on through every node ``through(node)`` accepts."""
+    outs, seen = _ov_consumers(op), 0
+    while seen < len(outs):
+        if through(outs[seen]):
+            outs += _ov_consumers(outs[seen])
+        seen += 1
+    return outs
+
+
 def _reshape_to_norm(node) -> bool:
     """A Reshape in front of a GroupNorm (the exported GroupNorm groups channels before its MVN)?"""
     return node.get_type_name() == "Reshape" and any(c.get_type_name() in _OV_NORM_TYPES for c in _ov_consumers(node))
@@ -389,14 +399,8 @@ def _ov_groupnorm_names(model) -> list[str]:
         if op.get_type_name() not in _OV_NORM_TYPES:
             continue
         names.append(op.get_friendly_name())
-        outs, seen = _ov_consumers(op), 0
-        while seen < len(outs):
-            node = outs[seen]
-            seen += 1
-            if node.get_type_name() in ("Multiply", "Add"):
-                names.append(node.get_friendly_name())
-            if node.get_type_name() in ("Reshape", "Multiply"):
-                outs += _ov_consumers(node)
+        affine = _ov_reach(op, lambda n: n.get_type_name() in ("Reshape", "Multiply"))
+        names += [n.get_friendly_name() for n in affine if n.get_type_name() in ("Multiply", "Add")]
     return list(dict.fromkeys(names))
 
 
@@ -413,12 +417,8 @@ def _ov_ignored_names(model, onnx_nodes: Iterable[str]) -> list[str]:
         if base not in wanted or op.get_type_name() not in ("Convolution", "GroupConvolution"):
             continue
         names.append(name)
-        outs, seen = _ov_consumers(op), 0
-        while seen < len(outs):  # through the conv's bias Add and GroupNorm's Reshape to the real consumers
-            node = outs[seen]
-            seen += 1
-            if (node.get_type_name() == "Add" and node.get_friendly_name() == base) or _reshape_to_norm(node):
-                outs += _ov_consumers(node)
+        # through the conv's bias Add and GroupNorm's Reshape to the real consumers
+        outs = _ov_reach(op, lambda n, base=base: (n.get_type_name() == "Add" and n.get_friendly_name() == base) or _reshape_to_norm(n))
         names += [n.get_friendly_name() for n in outs if n.get_type_name() in (*_OV_FOLLOWERS, *_OV_NORM_TYPES) and n.get_friendly_name() != base]
     return list(dict.fromkeys(names))
 

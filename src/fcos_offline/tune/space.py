@@ -159,12 +159,12 @@ def quant_description(cand: Candidate) -> dict[str, Any] | None:
     if kind == "ort-qdq":
         cfg = ort_config(tag)
         return {"tool": "onnxruntime.quantization.quantize_static", "format": cfg.quant_format.upper(), **dataclasses.asdict(cfg)}
+    nncf = nncf_config(tag)
     return {
         "tool": "nncf.quantize",
         "target_device": "CPU",
-        "ignored_scope": "post-processing, head Scale/exp, float_nodes"
-        + (", GroupNorm (its input stays float)" if nncf_config(tag).norm_float else ""),
-        **dataclasses.asdict(nncf_config(tag)),
+        "ignored_scope": "post-processing, head Scale/exp, float_nodes" + (", GroupNorm" if nncf.norm_float else ""),
+        **dataclasses.asdict(nncf),
     }
 
 
@@ -181,7 +181,7 @@ def candidate_list(
     NNCF builds keep the head's GroupNorm float (tag ``-gn``; on the demo model it cut the mean
     int8 drop of ``performance-bc-mm-vnni`` from 0.35 to 0.14 points with fp32 float ops and from
     0.39 to 0.13 with bf16 ones, at no cost in speed on the R50: README, Tuning); ONNX Runtime
-    builds keep its affine float (``-gn`` too; U8S8 MinMax: 0.54 to 0.35, same speed). On CPUs with
+    builds keep its affine float (``-gn`` too; U8S8 MinMax: 0.53 to 0.34, same speed). On CPUs with
     VNNI or AMX (``vnni``) they also keep every weight in 8 bits (tag ``-vnni``: NNCF's overflow fix
     off, see :func:`fcos_offline.tune.quantize.vnni_cpu`). ``only`` names builds with or without
     these suffixes.
@@ -190,8 +190,8 @@ def candidate_list(
     returns to float — in ``int8_rest``: ``bf16`` on CPUs with native bf16 (AVX-512 BF16, AMX),
     where f32 can be several times slower, each followed by its fp32 twin (on the demo model the
     mean drops with bf16 and fp32 float ops were within 0.04 points of each other, GroupNorm int8
-    or float; on Zen 4 bf16 was no faster); else ``fp32`` (the sweep then tries bf16 where OpenVINO has it). ONNX Runtime int8
-    models run their float ops in fp32.
+    or float; on Zen 4 bf16 was no faster); else ``fp32`` (the sweep then tries bf16 where
+    OpenVINO has it). ONNX Runtime int8 models run their float ops in fp32.
     """
     bs, rest = base_batch, int8_rest
     methods = [m for m in CALIB_METHODS if m in calib_methods]
@@ -212,13 +212,14 @@ def candidate_list(
     cands = [dataclasses.replace(c, build=c.build + suffix[c.kind]) for c in cands]
     cands = [c for c in cands if c.engine in engines]
     if only:
-
-        def plain(name: str) -> str:
-            return re.sub(r"-(vnni|gn)(?=[-/]|$)", "", name)
-
-        wanted = {plain(n) for n in only}
-        cands = [c for c in cands if any(plain(n) in wanted for n in (c.model_id, f"{c.engine}/{c.model_id}/{c.exec_precision}"))]
+        wanted = {_without_default_suffixes(n) for n in only}
+        cands = [c for c in cands if any(_without_default_suffixes(n) in wanted for n in (c.model_id, f"{c.engine}/{c.model_id}/{c.exec_precision}"))]
     return cands
+
+
+def _without_default_suffixes(name: str) -> str:
+    """A build name without the tags ``candidate_list`` adds (``-vnni``, ``-gn``), so either spelling names it."""
+    return re.sub(r"-(vnni|gn)(?=[-/]|$)", "", name)
 
 
 def sweep_variants(base: Candidate, threads: list[int], batch_sizes: tuple[int, ...], nproc: int, has_bf16: bool) -> list[Candidate]:
