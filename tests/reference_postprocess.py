@@ -46,8 +46,12 @@ def points_mmdet3(h: int, w: int, stride: int) -> np.ndarray:
 
 
 def points_torchvision(h: int, w: int, canvas_hw: tuple[int, int]) -> np.ndarray:
-    """§10: anchor centres (x·sw, y·sh), sw = W_pad // W_l, sh = H_pad // H_l (offset 0)."""
-    sh, sw = canvas_hw[0] // h, canvas_hw[1] // w
+    """§10: anchor centres (x·sw, y·sh), sw = W_pad // W_l, sh = H_pad // H_l (offset 0).
+
+    W_pad, H_pad: the batch tensor, the canvas zero-padded bottom/right to multiples of 32.
+    """
+    h_pad, w_pad = (int(np.ceil(n / 32)) * 32 for n in canvas_hw)
+    sh, sw = h_pad // h, w_pad // w
     pts = [(x * sw, y * sh) for y in range(h) for x in range(w)]
     return np.array(pts, dtype=F32).reshape(-1, 2)
 

@@ -254,7 +254,9 @@ def test_torchvision_input_adapter():
     caffe_mean_bgr = torch.tensor([102.9801, 115.9465, 122.7717]).reshape(1, 3, 1, 1)
     rgb01 = (bgr_minus_mean + caffe_mean_bgr).flip(1) / 255.0
     want = (rgb01 - torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
-    torch.testing.assert_close(model.input_adapter(bgr_minus_mean), want, rtol=1e-5, atol=1e-5)
+    out = model.input_adapter(bgr_minus_mean)
+    torch.testing.assert_close(out[..., :4, :5], want, rtol=1e-5, atol=1e-5)
+    assert out.shape == (1, 3, 32, 32) and not out[..., 4:, :].any() and not out[..., :, 5:].any()  # zero pad to 32
 
 
 # --------------------------------------------------------------------------- points / decode
@@ -264,10 +266,10 @@ def test_points_first_locations():
     """Stride 8: mmdet2 starts at 4 (x·s+⌊s/2⌋), mmdet3 at 4.0 ((x+0.5)·s), torchvision at 0 (spec §5, §10)."""
     p2 = level_points(3, 5, 8, "mmdet2", (24, 40))
     p3 = level_points(3, 5, 8, "mmdet3", (24, 40))
-    tv = level_points(3, 5, 8, "torchvision", (24, 40))
+    tv = level_points(4, 8, 8, "torchvision", (32, 64))
     assert p2[0].tolist() == [4, 4] and p2[1].tolist() == [12, 4] and p2[5].tolist() == [4, 12]  # row-major, x fastest
     assert p3[0].tolist() == [4.0, 4.0] and p3.dtype == torch.float32
-    assert tv[0].tolist() == [0, 0] and tv[1].tolist() == [8, 0] and tv[5].tolist() == [0, 8]
+    assert tv[0].tolist() == [0, 0] and tv[1].tolist() == [8, 0] and tv[8].tolist() == [0, 8]
     assert level_points(2, 2, 128, "mmdet2", (256, 256))[0].tolist() == [64, 64]
     # ⌊s/2⌋ vs 0.5·s only differ for odd strides
     assert level_points(1, 2, 5, "mmdet2", (5, 10))[1].tolist() == [7, 2]
@@ -284,11 +286,31 @@ def test_points_match_reference(hw, stride):
 
 
 def test_torchvision_strides_from_padded_size():
-    """H_pad 800: P6 (13 rows) stride 61, P7 (7 rows) stride 114; W 1333: P7 stride 121 (spec §10)."""
+    """Strides = padded batch size // map size (spec §10): H_pad 800 -> P6 (13 rows) 61, P7 (7 rows)
+    114; W 1333 pads to 1344 -> P3 (168 cols) 8, P6 (21 cols) 64, P7 (11 cols) 122."""
+    p3 = level_points(100, 168, 8, "torchvision", (800, 1333))
     p6 = level_points(13, 21, 64, "torchvision", (800, 1333))
     p7 = level_points(7, 11, 128, "torchvision", (800, 1333))
-    assert p6[21].tolist() == [0, 61] and p6[1].tolist() == [1333 // 21, 0]
-    assert p7[11].tolist() == [0, 114] and p7[1].tolist() == [121, 0]
+    assert p3[167].tolist() == [167 * 8, 0] and p3[168].tolist() == [0, 8]
+    assert p6[21].tolist() == [0, 61] and p6[1].tolist() == [64, 0]
+    assert p7[11].tolist() == [0, 114] and p7[1].tolist() == [122, 0]
+
+
+def test_torchvision_layout_pads_input_to_multiples_of_32():
+    """torchvision's backbone sees the batch padded bottom/right to multiples of 32 with zeros in
+    its normalised space, so the maps have its sizes (W 200 -> 224: P3 28 cols, not 25) and the
+    canvas's content gives the same features as an input already that size."""
+    model = make_fcos(layout="torchvision", num_classes=91, seed=3).eval()
+    x = torch.randn(1, 3, 160, 200) * 50
+    with torch.no_grad():
+        cls, _, _ = model(x)
+        assert [tuple(c.shape[2:]) for c in cls] == [(20, 28), (10, 14), (5, 7), (3, 4), (2, 2)]
+        # a canvas whose extra columns already map to zero after the adapter gives identical outputs
+        zero_after_adapter = -(model.input_adapter.add / model.input_adapter.mul).flip(1)
+        wide = torch.cat([x, zero_after_adapter.expand(1, 3, 160, 24)], dim=3)
+        cls_wide, _, _ = model(wide)
+    for a, b in zip(cls, cls_wide):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_decode_and_clip():

@@ -233,7 +233,11 @@ class FCOSHead(nn.Module):
 
 
 class TorchvisionInput(nn.Module):
-    """Maps the recipe's BGR caffe-mean input to torchvision's RGB ImageNet-normalised input."""
+    """Maps the recipe's BGR caffe-mean input to torchvision's RGB ImageNet-normalised input.
+
+    Then pads it with zeros bottom/right to multiples of 32 as torchvision's transform does (spec
+    §10), so the feature maps have torchvision's sizes (800x1333 -> 800x1344).
+    """
 
     mul: Tensor
     add: Tensor
@@ -248,7 +252,8 @@ class TorchvisionInput(nn.Module):
         self.register_buffer("add", ((caffe_mean_bgr.flip(0) / 255.0 - mean_rgb) / std_rgb).reshape(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.flip(1) * self.mul + self.add
+        h, w = int(x.shape[2]), int(x.shape[3])
+        return F.pad(x.flip(1) * self.mul + self.add, (0, -w % 32, 0, -h % 32))
 
 
 class FCOS(nn.Module):

@@ -29,13 +29,18 @@ from torch import Tensor, nn
 from fcos_offline.model.config import FCOSConfig, PostConfig
 
 
+def padded_to_32(n: int) -> int:
+    """``n`` rounded up to a multiple of 32: torchvision's padded batch size along one axis (spec §10)."""
+    return -(-n // 32) * 32
+
+
 def level_points(h: int, w: int, stride: int, rule: str, canvas_hw: tuple[int, int]) -> Tensor:
     """Point locations ``[h*w, 2]`` (x, y), row-major like the (H, W) flattening of the maps."""
     ys = torch.arange(h, dtype=torch.float32)
     xs = torch.arange(w, dtype=torch.float32)
-    if rule == "torchvision":
-        xs = xs * (canvas_hw[1] // w)
-        ys = ys * (canvas_hw[0] // h)
+    if rule == "torchvision":  # strides from the batch tensor torchvision pads to multiples of 32
+        xs = xs * (padded_to_32(canvas_hw[1]) // w)
+        ys = ys * (padded_to_32(canvas_hw[0]) // h)
     elif rule == "mmdet3":
         xs = (xs + 0.5) * stride
         ys = (ys + 0.5) * stride
