@@ -121,6 +121,28 @@ def test_recipe_pad_rule_is_close_but_not_exact(setup):
     assert not (tmp_path / "a" / "vis").exists()
 
 
+def test_exact_rule_clips_to_the_image_recipe_rule_does_not(setup):
+    """A box reaching into the letterbox's side band: the default clips it to the image; the
+    recipe's rule keeps it outside, as fcos_pth_postprocess.py does (spec §9: no clipping)."""
+    tmp_path, dumps, info, data, _ = setup
+    img = next(im for im in data["images"] if im["width"] > im["height"])  # side bands left and right
+    stem = Path(img["file_name"]).stem
+    lb = letterbox_for(img["width"], img["height"], CANVAS_H, CANVAS_W)
+    labels = np.full(100, -1, np.int64)
+    dets = np.zeros((100, 5), np.float32)
+    labels[0], dets[0] = 0, [lb.pad_left - 30, 100, CANVAS_W - lb.pad_left + 30, 300, 0.9]  # 30 px into each band
+    for path in dumps.glob(f"{stem}_*.bin"):
+        path.unlink()
+    write_dumps(dumps, stem, labels, dets)
+    boxes = {}
+    for rule in ("exact", "recipe"):
+        postprocess(dumps, info, tmp_path / rule, SAMPLE / "annotations", CANVAS_H, CANVAS_W, pad_rule=rule)
+        line = (tmp_path / rule / f"{stem}.txt").read_text().splitlines()[0].split(" ")
+        boxes[rule] = [float(v) for v in line[2:]]
+    assert boxes["exact"][0] == 0.0 and boxes["exact"][2] == img["width"]
+    assert boxes["recipe"][0] == pytest.approx(-30 / lb.scale, abs=1.0) and boxes["recipe"][2] == pytest.approx(img["width"] + 30 / lb.scale, abs=1.0)
+
+
 def test_bad_and_missing_dumps_exit_3(setup, capsys):
     tmp_path, dumps, info, data, _ = setup
     stems = sorted(Path(img["file_name"]).stem for img in data["images"])

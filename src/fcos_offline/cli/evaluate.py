@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--bin_data_path: recipe naming <stem>_1.bin/<stem>_2.bin, ais_bench <stem>_0.bin/\n"
             "<stem>_1.bin (told apart by size: 800 vs 2000 bytes) or <stem>_labels.npy/_dets.npy.\n"
             "Boxes go back to the original image with the sizes in --test_annotation (a jpg-mode\n"
-            ".info), are clipped to the image and evaluated with faster-coco-eval against\n"
+            ".info), are clipped to the image (not with --pad-rule recipe: the recipe does not\n"
+            "clip) and evaluated with faster-coco-eval against\n"
             "instances_val2017.json (or the only instances_*.json) in --annotations_path.\n"
             "Images with no dumps count as images without detections.\n\n"
             "writes to --det_results_path: bbox_results.json (COCO results), <stem>.txt\n"
@@ -65,8 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
              help="read labels from _{N-2}.bin and dets from _{N-1}.bin like the recipe (3: _1/_2); "
                   "default: detect the naming by file size")  # fmt: skip
     add_flag(p, "--pad-rule", choices=RULES, default="exact",
-             help="inverse letterbox: exact inverse of the preprocess (default) or the recipe's "
-                  "float-pad / scalar-scale formula (matches Huawei's numbers)")  # fmt: skip
+             help="inverse letterbox: exact inverse of the preprocess, boxes clipped to the image "
+                  "(default), or the recipe's float-pad / scalar-scale formula without clipping "
+                  "(reproduces Huawei's numbers)")  # fmt: skip
     add_flag(p, "--show-det-obj", "--ifShowDetObj", action="store_true",
              help="draw detections (score >= --show-score-thr) on the images into DIR/vis/")  # fmt: skip
     add_flag(p, "--show-score-thr", type=number(float, 0.0, 1.0), default=0.3, metavar="S", help="score threshold for drawing (0.3)")

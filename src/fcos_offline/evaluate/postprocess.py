@@ -2,7 +2,8 @@
 
 For every image of the annotation file (stem of ``file_name`` = dump stem): read its dumps, undo
 the letterbox with the image size from the jpg-mode ``.info`` (``pad_rule`` "exact" or "recipe",
-see :mod:`fcos_offline.data.letterbox`), clip to ``[0, w] x [0, h]``, drop padded rows.
+see :mod:`fcos_offline.data.letterbox`), clip to ``[0, w] x [0, h]`` ("exact" only: the recipe's
+script does not clip, so "recipe" reproduces its numbers), drop padded rows.
 Images without dumps count as images with no detections (``missing_dumps``).
 
 Files written to ``det_results_path``:
@@ -172,8 +173,9 @@ def postprocess(
                 size_mismatch.append(stem)
             lb = letterbox_for(entry.width, entry.height, net_input_height, net_input_width)
             boxes = boxes_to_original(dets, lb, pad_rule)
-            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, entry.width)
-            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, entry.height)
+            if pad_rule == "exact":  # spec §9: the recipe keeps boxes reaching into the letterbox pad
+                boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, entry.width)
+                boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, entry.height)
             try:
                 results.extend(detections_to_coco(img["id"], labels, boxes, cat_ids))
             except FcosError as exc:
