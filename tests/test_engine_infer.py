@@ -410,6 +410,31 @@ def test_resume_redoes_only_missing_or_torn_dumps(reference, model, images, tmp_
     assert set(read_dumps(out)) == set(names)  # the stray temporary file is not a dump
 
 
+def test_a_dump_folder_never_mixes_models(model, images, tmp_path, capsys) -> None:
+    """A fresh run replaces an earlier run's dumps of another model (and says so), --resume on them
+    is refused, and dumps this tool did not stamp are neither mixed in nor removed."""
+    out = tmp_path / "out"
+    two = tmp_path / "two"
+    two.mkdir()
+    for p in sorted(images.iterdir())[:2]:
+        (two / p.name).write_bytes(p.read_bytes())
+    base = ["infer", "--model", str(model.onnx), "--output", str(out), "--workers", "0"]
+    assert main([*base, "--images", str(images)]) == 0
+    assert len(read_dumps(out)) == NUM_IMAGES
+    capsys.readouterr()
+    assert main([*base, "--images", str(two), "--engine", "openvino", "--precision", "fp32"]) == 0
+    assert f"removed the {2 * NUM_IMAGES} dump files of an earlier run" in capsys.readouterr().err
+    assert set(read_dumps(out)) == set(stems(two))  # only this run's images: postprocess cannot score a mixture
+    assert main([*base, "--images", str(images), "--resume"]) == 1
+    assert "another model" in _one_line_error(capsys)
+    assert set(read_dumps(out)) == set(stems(two))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x_1.bin").write_bytes(np.zeros(100, np.int64).tobytes())
+    assert main(["infer", "--model", str(model.onnx), "--images", str(two), "--output", str(foreign)]) == 1
+    assert "another tool or an unknown run" in _one_line_error(capsys) and (foreign / "x_1.bin").is_file()
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -505,6 +530,37 @@ def test_bad_bin_in_info_is_skipped_with_exit_3(reference, model, images, tmp_pa
     assert dump_bytes(out) == dump_bytes(reference)
 
 
+def test_bins_listed_at_another_size_are_refused_not_reshaped(model, images, tmp_path, capsys) -> None:
+    """A bin-mode .info lists each tensor's width and height: a listing that contradicts the model's
+    canvas (here H and W swapped, same byte count) names the file instead of feeding a scrambled
+    tensor; when every input is unusable the run fails (exit 1), it does not 'complete with skips'."""
+    bins = tmp_path / "bins"
+    preprocess_folder(images, bins, *CANVAS, workers=1)
+    swapped = tmp_path / "swapped.info"
+    make_info("bin", bins, swapped, width=CANVAS[0], height=CANVAS[1], workers=1)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["infer", "--model", str(model.onnx), "--input-info", str(swapped), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"listed as {CANVAS[0]}x{CANVAS[1]}" in err and f"takes {CANVAS[1]}x{CANVAS[0]}" in err
+    assert "no usable inputs" in err and "Traceback" not in err and not list(out.glob("*.bin"))
+
+
+def test_model_settings_are_refused_for_an_exported_model(model, images, tmp_path, capsys) -> None:
+    """--score-thr, --rule ... and --shape only mean something for a checkpoint: an exported model has
+    them built in, so giving them is a usage error, not a silent no-op."""
+    base = ["infer", "--model", str(model.onnx), "--images", str(images), "--output", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main([*base, "--score-thr", "0.9", "--max-per-img", "5"]) == 2
+    line = _one_line_error(capsys)
+    assert "--score-thr --max-per-img" in line and "built in" in line
+    assert main([*base, "--shape", "640", "640"]) == 2
+    assert f"takes {CANVAS[0]}x{CANVAS[1]}" in _one_line_error(capsys)
+    assert main(["convert", "--model", str(model.onnx), "--rule", "torchvision", "--output", str(tmp_path / "c")]) == 2
+    assert "--rule" in _one_line_error(capsys) and not (tmp_path / "c").exists()
+    assert main([*base, "--shape", *map(str, CANVAS)]) == 0  # the model's own canvas is fine
+
+
 def test_convert_refuses_to_change_a_fixed_batch(ort_artifact4, tmp_path, capsys) -> None:
     fixed = ort_artifact4 / "model.onnx"  # batch fixed to 4
     capsys.readouterr()
@@ -517,6 +573,34 @@ def test_convert_refuses_to_change_a_fixed_batch(ort_artifact4, tmp_path, capsys
     # an artifact is only usable with its own engine
     assert main(["infer", "--model", str(ort_artifact4), "--engine", "openvino", "--images", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "--engine onnxruntime" in _one_line_error(capsys)
+
+
+def test_a_fixed_batch_artifact_runs_at_its_batch(reference, ort_artifact4, images, tmp_path) -> None:
+    """Without --batch-size, infer takes the artifact's batch (flag > artifact > default), not 1."""
+    out = tmp_path / "out"
+    assert main(["infer", "--model", str(ort_artifact4), "--images", str(images), "--output", str(out), "--workers", "0"]) == 0
+    assert summary(out)["batch_size"] == 4 and (out / "perf_vision_batchsize_4_device_0.txt").is_file()
+    assert_same_detections(read_dumps(reference), read_dumps(out), "batch-4 artifact at its own batch")
+
+
+def test_convert_never_replaces_what_is_not_an_artifact(model, tmp_path, capsys) -> None:
+    """--output may name a new folder, an empty one or an earlier artifact; a file or someone's folder
+    is refused before any work, and left as it was."""
+    theirs = tmp_path / "models"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    src = tmp_path / "fcos.onnx"
+    src.write_bytes(model.onnx.read_bytes())
+    capsys.readouterr()
+    assert main(["convert", "--model", str(src), "--output", str(theirs)]) == 2
+    assert "other files" in _one_line_error(capsys) and (theirs / "notes.txt").read_text() == "mine"
+    assert main(["convert", "--model", str(src), "--output", str(src)]) == 2
+    assert "not a folder" in _one_line_error(capsys) and src.read_bytes() == model.onnx.read_bytes()
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.old"))
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "new", tmp_path / "new"):  # the second time: an earlier artifact, replaced
+        assert main(["convert", "--model", str(src), "--output", str(out)]) == 0
+        assert (out / "artifact.json").is_file()
 
 
 def test_bad_images_are_skipped_while_streaming(reference, model, images, tmp_path, capsys) -> None:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fcos_offline.errors import DiskFullError, FcosError
+from fcos_offline.errors import DiskFullError, FcosError, UsageError
 
 #: the most bytes a text or JSON input may have before we refuse to read it (COCO train annotations: 450 MB)
 MAX_TEXT_BYTES = 1 << 30
@@ -40,9 +40,21 @@ def translate_os_error(path: object, exc: OSError) -> FcosError:
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview) -> None:
     """Write ``payload`` to ``path`` via a temporary name and ``os.replace`` (no torn files).
 
-    The temporary file is removed on failure and an existing ``path`` is left as it was.
+    The temporary file is removed on failure and an existing ``path`` is left as it was. A target
+    that is not a regular file (``/dev/stdout``, a named pipe) is written directly, never replaced.
     """
     path = Path(path)
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode) and not path.is_dir()
+    except OSError:
+        special = False
+    if special:
+        try:
+            with open(path, "wb") as f:
+                f.write(payload)
+        except OSError as exc:
+            raise translate_os_error(path, exc) from None
+        return
     tmp = path.with_name(f"{path.name}.part{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -66,12 +78,18 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int | None 
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, marker: str) -> Iterator[Path]:
     """Yield a fresh ``<path>.part`` folder; on success it replaces ``path`` whole.
 
-    On failure the partial folder is removed and an existing ``path`` is left untouched.
+    An existing ``path`` is only replaced when it is an empty folder or one holding ``marker``
+    (an earlier output of the same kind); anything else (a file, someone's folder) is refused
+    before any work starts. On failure the partial folder is removed and ``path`` is left untouched.
     """
-    final = Path(path)
+    final = Path(os.path.abspath(path))
+    if final.exists() and not final.is_dir():
+        raise UsageError(f"{path} exists and is not a folder; choose another output folder")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
+        raise UsageError(f"{path} is a folder with other files in it (no {marker}); choose a new or empty output folder")
     tmp = final.with_name(final.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -41,7 +41,7 @@ def _inputs(args: argparse.Namespace) -> list:
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     from fcos_offline.data.dataset import InputItem
-    from fcos_offline.engine.backends import open_engine
+    from fcos_offline.engine.backends import open_engine, resolve_model
     from fcos_offline.engine.infer import cap_batch, run_inference
 
     if args.checkpoint and args.engine in OFFLINE_ENGINES:
@@ -61,7 +61,10 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         items_error = None if items else FcosError(f"{args.input_info}: no inputs listed; nothing to infer")
     except FcosError as exc:
         items, items_error = None, exc
-    batch_size = cap_batch(args.batch_size, len(items)) if items else args.batch_size
+    artifact = resolve_model(model).artifact  # its batch unless --batch-size says otherwise
+    batch_size = args.batch_size or (artifact.batch_size if artifact else 1)
+    if items and (args.batch_size or artifact is None or artifact.dynamic_batch):  # a static batch is padded, not capped
+        batch_size = cap_batch(batch_size, len(items))
     shape = tuple(args.shape) if args.shape else None
     options = engine_options_from_args(args, batch_size)
     if args.ray:
@@ -110,6 +113,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         f"{s.infer_fps:.2f} img/s in the engine; infer latency p50 {lat['infer']['median']:.1f} ms, p99 {lat['infer']['p99']:.1f} ms per batch"
     )
     print(f"dumps in {s.output_dir}; perf file {s.perf_file}; summary {s.output_dir}/summary.json")
+    if s.skipped and not (s.num_inferred or s.num_resumed):
+        raise FcosError(f"no usable inputs: all {len(s.skipped)} were skipped (each named above and in {s.output_dir}/summary.json)")
     return EXIT_SKIPS if s.skipped else EXIT_OK
 
 
@@ -155,7 +160,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--model", "--om-path", dest="model", help="ONNX file, OpenVINO .xml, or a 'convert' output folder")
     add_flag(p, "--checkpoint", help="checkpoint for --engine torch (the online baseline)")
     add_engine_flags(p)
-    add_flag(p, "--batch-size", type=BATCH, default=1, help="images per engine call; the last partial batch is padded for static models")
+    add_flag(p, "--batch-size", type=BATCH, default=None,
+             help="images per engine call (default: a convert or tune folder's batch, else 1); "
+                  "the last partial batch is padded for static models")  # fmt: skip
     add_flag(p, "--images", help="folder of images (streaming mode)")
     add_flag(p, "--input-info", "--input-text-path", dest="input_info", help="recipe .info file (bin mode or jpg mode)")
     add_flag(p, "--output", "--output-dir", dest="output", default="result/dumpOutput_device0", help="dump folder")

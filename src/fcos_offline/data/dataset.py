@@ -27,11 +27,13 @@ from fcos_offline.progress import info, warn
 
 @dataclass(frozen=True)
 class InputItem:
-    """One image to infer: its stem (dump name), path, and kind (``bin`` or ``image``)."""
+    """One image to infer: its stem (dump name), path, kind (``bin`` or ``image``) and, for a
+    ``.bin`` listed in a bin-mode ``.info``, the tensor's width and height as listed."""
 
     stem: str
     path: str
     kind: str
+    listed_wh: tuple[int, int] | None = None
 
 
 @dataclass

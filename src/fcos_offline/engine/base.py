@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from fcos_offline.data.letterbox import check_canvas as check_canvas
-from fcos_offline.errors import FcosError
+from fcos_offline.errors import FcosError, UsageError
 
 if TYPE_CHECKING:
     from fcos_offline.engine.artifact import Artifact
@@ -91,6 +91,23 @@ def resolve_options(given: EngineOptions, recorded: EngineOptions | None = None)
             value = getattr(recorded, f.name)
         values[f.name] = getattr(default, f.name) if value is None else value
     return EngineConfig(**values)
+
+
+def settings_flags(overrides: ModelOverrides | None) -> list[str]:
+    """The model-setting flags ``overrides`` sets (``--score-thr`` ...): they only apply to a checkpoint."""
+    if overrides is None:
+        return []
+    return [f"--{f.name.replace('_', '-')}" for f in fields(overrides) if getattr(overrides, f.name) is not None]
+
+
+def refuse_settings(model: object, overrides: ModelOverrides | None) -> None:
+    """An exported model has its settings built in: setting them again is a usage error, not a silent no-op."""
+    given = settings_flags(overrides)
+    if given:
+        raise UsageError(
+            f"{' '.join(given)}: {model} is an exported model with its settings built in; "
+            "they apply to a checkpoint (export it again with them, or run it with --engine torch)"
+        )
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fcos_offline.engine.artifact import Artifact, write_artifact
+from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact, write_artifact
 from fcos_offline.engine.backends import CHECKPOINT_SUFFIXES, CONVERT_ENGINES, backend
-from fcos_offline.engine.base import Backend, ConvertRequest
+from fcos_offline.engine.base import Backend, ConvertRequest, refuse_settings
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.export.metadata import read_metadata
 from fcos_offline.io import atomic_folder
@@ -56,7 +56,7 @@ def convert(model: str | Path, engine: str, output: str | Path, request: Convert
 def _convert_checkpoint(src: Path, chosen: Backend, output: str | Path, request: ConvertRequest) -> Artifact:
     if not src.is_file() or src.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise UsageError(f"{src}: {chosen.NAME} builds from a checkpoint (--checkpoint X.pth --shape H W)")
-    with atomic_folder(output) as out:
+    with atomic_folder(output, ARTIFACT_FILE) as out:
         done = chosen.convert(src, out, request)
         artifact = Artifact(
             engine=chosen.NAME,
@@ -79,6 +79,7 @@ def _convert_onnx(src: Path, chosen: Backend, output: str | Path, request: Conve
     batch_size = request.batch_size
     if not src.is_file() or src.suffix.lower() != ".onnx":
         raise FcosError(f"{src}: convert takes an exported .onnx file")
+    refuse_settings(src, request.overrides)
     try:
         metadata = read_metadata(src)
         proto = onnx.load(str(src))
@@ -88,13 +89,18 @@ def _convert_onnx(src: Path, chosen: Backend, output: str | Path, request: Conve
         ) from None
     if len(proto.graph.input) != 1 or len(proto.graph.input[0].type.tensor_type.shape.dim) != 4:
         raise FcosError(f"{src}: not an FCOS model: it has {len(proto.graph.input)} inputs, expected one image batch [B,3,H,W]")
-    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    if request.shape is not None and tuple(request.shape) != (dims[2].dim_value, dims[3].dim_value):
+        raise UsageError(
+            f"--shape {request.shape[0]} {request.shape[1]}: {src} takes {dims[2].dim_value}x{dims[3].dim_value} inputs (its canvas is set at export)"
+        )
+    batch_dim = dims[0]
     if batch_dim.HasField("dim_value") and batch_dim.dim_value != batch_size:
         raise UsageError(f"{src} has a fixed batch of {batch_dim.dim_value}; export with --dynamic-export to convert to batch {batch_size}")
     post_src = src.with_name(src.name[: -len(".onnx")] + ".post.onnx")
     if metadata.get("nms_in_graph") is False and not post_src.is_file():
         raise FcosError(f"{src} was exported with --no-nms but {post_src} is missing")
-    with atomic_folder(output) as out:
+    with atomic_folder(output, ARTIFACT_FILE) as out:
         fixed = out / "fixed.onnx"
         onnx.save(_fix_batch(proto, batch_size), str(fixed))
         post_file = None

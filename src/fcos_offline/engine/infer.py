@@ -53,8 +53,10 @@ def items_from_info(info_path: str | os.PathLike) -> list[InputItem]:
     items = []
     for entry in read_info(info_path):
         p = Path(entry.path)
-        kind = "bin" if p.suffix.lower() == ".bin" else "image"
-        items.append(InputItem(p.stem, str(p), kind))
+        if p.suffix.lower() == ".bin":
+            items.append(InputItem(p.stem, str(p), "bin", (entry.width, entry.height)))
+        else:
+            items.append(InputItem(p.stem, str(p), "image"))
     return items
 
 
@@ -88,6 +90,9 @@ def read_input(item: InputItem, canvas_hw: tuple[int, int]) -> Loaded:
     t0 = time.perf_counter()
     try:
         if item.kind == "bin":
+            if item.listed_wh is not None and item.listed_wh != (canvas_hw[1], canvas_hw[0]):
+                w, h = item.listed_wh
+                raise BadFileError(item.path, f"listed as {w}x{h} (width x height) in the .info; the model takes {canvas_hw[1]}x{canvas_hw[0]}")
             expected = 3 * canvas_hw[0] * canvas_hw[1]
             size = os.path.getsize(item.path)
             if size != expected * 4:
@@ -232,10 +237,11 @@ STAMP = ".fcos-dumps.json"
 
 
 def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
-    """Dumps are reused (``--resume``) only when the same model and settings made them.
+    """A dump folder only ever holds one model's dumps: the same model and settings, or none.
 
-    ``out/.fcos-dumps.json`` records :meth:`Engine.output_key`; resuming on another key is
-    refused, and a fresh run into a folder holding another key's dumps says so.
+    ``out/.fcos-dumps.json`` records :meth:`Engine.output_key`. Resuming on another key is
+    refused; a fresh run removes the dumps an earlier run of ours left (another key) and says so;
+    dumps without our stamp (another tool's, or an unknown run's) are never mixed in nor removed.
     """
     key = engine.output_key()
     stamp = out / STAMP
@@ -243,14 +249,20 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
         previous = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
     except (OSError, ValueError, AttributeError):
         previous = None
-    has_dumps = any(p.suffix in (".bin", ".npy") for p in out.iterdir())
-    if previous != key and has_dumps:
-        if resume:
+    dumps = [p for p in out.iterdir() if p.suffix in (".bin", ".npy") and p.is_file()]
+    if previous != key and dumps:
+        if resume or previous is None:
             raise FcosError(
-                f"{out} holds dumps made by another model, engine, precision or canvas (or by an unknown run); "
-                "--resume would mix them with this run's: use a fresh --output, or drop --resume to overwrite"
+                f"{out} holds dumps made by "
+                + (
+                    "another model, engine, precision or canvas; --resume would mix them with this run's: use a fresh --output, or drop --resume to replace them"
+                    if previous
+                    else "another tool or an unknown run; use a fresh --output (or remove them)"
+                )
             )
-        warn(f"{out} already holds dumps from another run; images of this run are overwritten, any others are left as they are")
+        for p in dumps:
+            p.unlink()
+        warn(f"{out}: removed the {len(dumps)} dump files of an earlier run with another model or settings")
     atomic_write_json(stamp, {"key": key, "engine": engine.name, "model": str(engine.source.path)})
 
 

@@ -8,7 +8,7 @@ import io
 import shutil
 from pathlib import Path
 
-from fcos_offline.engine.artifact import Artifact, write_artifact
+from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact, write_artifact
 from fcos_offline.engine.backends import backend
 from fcos_offline.io import atomic_folder, atomic_write_json
 from fcos_offline.progress import info
@@ -80,7 +80,7 @@ class ModelBuilder:
 
         cand = trial.candidate
         model = self.model_file(cand)  # rebuilt if its files were removed
-        with atomic_folder(best) as tmp:
+        with atomic_folder(best, ARTIFACT_FILE) as tmp:
             if model.suffix == ".xml":
                 shutil.copy(model, tmp / "model.xml")
                 shutil.copy(model.with_suffix(".bin"), tmp / "model.bin")

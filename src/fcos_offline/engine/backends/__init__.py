@@ -20,6 +20,7 @@ from fcos_offline.engine.base import (
     EngineOptions,
     ModelSource,
     cap_threads,
+    refuse_settings,
     resolve_options,
 )
 from fcos_offline.errors import FcosError, UsageError
@@ -137,4 +138,12 @@ def open_engine(
             raise UsageError("the torch engine runs a checkpoint (--checkpoint X.pth), not an exported model")
         openers = [name for name, b in BACKENDS.items() if source.kind in b.MODEL_KINDS]
         raise UsageError(f"a {source.kind} model runs with --engine {' or '.join(openers)}, not {config.engine}")
-    return chosen.load(source, config, shape, overrides)
+    if source.kind != "checkpoint":
+        refuse_settings(model, overrides)
+    engine = chosen.load(source, config, shape, overrides)
+    if shape is not None and source.kind != "checkpoint" and tuple(shape) != tuple(engine.input_hw):
+        engine.close()
+        raise UsageError(
+            f"--shape {shape[0]} {shape[1]}: {model} takes {engine.input_hw[0]}x{engine.input_hw[1]} inputs (its canvas is set at export)"
+        )
+    return engine
