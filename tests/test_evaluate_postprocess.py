@@ -143,6 +143,35 @@ def test_exact_rule_clips_to_the_image_recipe_rule_does_not(setup):
     assert boxes["recipe"][0] == pytest.approx(-30 / lb.scale, abs=1.0) and boxes["recipe"][2] == pytest.approx(img["width"] + 30 / lb.scale, abs=1.0)
 
 
+def test_no_usable_dumps_or_a_bin_info_fail_instead_of_scoring_zero(setup, capsys):
+    """Dumps found for no annotated image (an empty folder, or --net_out_num naming other files)
+    fail with exit 1; a bin-mode .info (canvas sizes) is refused: boxes need each image's size."""
+    tmp_path, dumps, info, data, _ = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ann = f"--annotations_path={SAMPLE / 'annotations'}"
+    base = [
+        "postprocess",
+        f"--test_annotation={info}",
+        f"--det_results_path={tmp_path / 'ret'}",
+        ann,
+        f"--net_input_height={CANVAS_H}",
+        f"--net_input_width={CANVAS_W}",
+    ]
+    capsys.readouterr()
+    assert main([*base, f"--bin_data_path={empty}"]) == 1
+    assert "no usable dumps for any of the 10 annotated images" in capsys.readouterr().err
+    assert main([*base, f"--bin_data_path={dumps}", "--net_out_num=5"]) == 1  # reads _3/_4: none exist
+    assert "from --net_out_num 5" in capsys.readouterr().err
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    lines = [f"{i} {bins / (Path(img['file_name']).stem + '.bin')} {CANVAS_W} {CANVAS_H}" for i, img in enumerate(data["images"])]
+    (tmp_path / "bin.info").write_text("\n".join(lines) + "\n")
+    assert main([*base[:1], f"--test_annotation={tmp_path / 'bin.info'}", *base[2:], f"--bin_data_path={dumps}"]) == 2
+    err = capsys.readouterr().err
+    assert "bin-mode .info" in err and "get-info jpg" in err and "Traceback" not in err
+
+
 def test_bad_and_missing_dumps_exit_3(setup, capsys):
     tmp_path, dumps, info, data, _ = setup
     stems = sorted(Path(img["file_name"]).stem for img in data["images"])

@@ -32,7 +32,7 @@ from fcos_offline.data.dumps import read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
 from fcos_offline.data.letterbox import RULES, boxes_to_original, letterbox_for
 from fcos_offline.data.preprocess import read_image
-from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.evaluate.coco import (
     COCO80_NAMES,
     SUMMARY_KEYS,
@@ -146,6 +146,11 @@ def postprocess(
                 "by file stem, so one image's detections would be credited to both"
             )
     sizes: dict[str, InfoEntry] = {Path(e.path).stem: e for e in read_info(test_annotation)}
+    if sizes and all(Path(e.path).suffix.lower() == ".bin" for e in sizes.values()):
+        raise UsageError(
+            f"{test_annotation} is a bin-mode .info (tensor paths, every size the canvas); boxes go back to each "
+            "image's own size: give the jpg-mode one (fcos-offline get-info jpg IMAGES fcos_jpeg.info)"
+        )
     skipped: list[BadFileError] = []
     dumps = read_dumps(bin_data_path, num_dets=num_dets, net_out_num=net_out_num, skipped=skipped)
 
@@ -192,6 +197,12 @@ def postprocess(
                 if not cv2.imwrite(str(vis_path), picture):  # OpenCV reports no reason: a full disk, mostly
                     vis_path.unlink(missing_ok=True)
                     raise FcosError(f"cannot write {vis_path} (disk full or not writable)")
+    if images and len(missing) == len(images):
+        first = f"; first problem: {skipped[0].path}: {skipped[0].problem}" if skipped else ""
+        raise FcosError(
+            f"{bin_data_path}: no usable dumps for any of the {len(images)} annotated images (looked for <stem>_1.bin/_2.bin, "
+            f"ais_bench's _0/_1 or .npy{', from --net_out_num ' + str(net_out_num) if net_out_num else ''}){first}"
+        )
     if size_mismatch:
         warn(
             f"{len(size_mismatch)} image(s) have a different size in {test_annotation} than in the "
