@@ -147,6 +147,23 @@ def test_usage_errors(demo, tmp_path, capsys) -> None:
     assert "--images" in err and "nothing" in err and "Traceback" not in err
 
 
+def test_layers_checks_both_graphs_before_running_anything(demo, tmp_path, capsys) -> None:
+    """--layers reads ONNX graphs fed the same batch: an OpenVINO artifact or two different fixed
+    batches are refused before either side runs; one fixed batch is what both graphs get."""
+    arts = {}
+    for name, engine, batch in (("ov", "openvino", 1), ("b2", "onnxruntime", 2), ("b3", "onnxruntime", 3)):
+        arts[name] = tmp_path / name
+        assert main(["convert", "--model", str(demo.onnx), "--engine", engine, "--batch-size", str(batch), "--output", str(arts[name])]) == 0
+    capsys.readouterr()
+    for a, b, says in ((demo.onnx, arts["ov"], "not an OpenVINO artifact"), (arts["b2"], arts["b3"], "fixed batches [2, 3]")):
+        out = tmp_path / "refused"
+        assert main(["compare", str(a), str(b), "--images", str(demo.images), "--layers", "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and not (out / "a").exists()  # nothing ran
+    code, doc = _compare(tmp_path, demo.onnx, arts["b2"], "--images", demo.images, "--num-images", 3, "--layers", "--layer-images", 3)
+    assert code in (0, 1) and len(doc["layers"]["tensors"]) > 10  # B's fixed batch 2 fed to both graphs
+
+
 @pytest.mark.slow
 def test_run_compare_writes_a_report_section(tmp_path) -> None:
     from fcos_offline.report.run import RunOptions, run

@@ -178,29 +178,52 @@ def _infer(side: Side, items: list[InputItem], out: Path, opts: CompareOptions) 
     return dumps
 
 
-def _onnx_of(side: Side, out: Path, canvas: tuple[int, int]) -> Path:
-    """An ONNX graph with our tensor names for ``--layers``: the file itself, an artifact's, or the checkpoint exported."""
+def _layers_onnx(side: Side) -> Path | None:
+    """The ONNX graph ``--layers`` reads for ``side`` (None: a checkpoint, exported later); refuses other kinds up front."""
     if side.kind == "onnx":
         return side.path
     if side.kind == "artifact" and (side.path / "model.onnx").is_file():
         return side.path / "model.onnx"
     if side.kind == "checkpoint":
-        from fcos_offline.export.onnx_export import export_checkpoint
-
-        target = out / side.name / "export.onnx"
-        info(f"exporting {side.path} for the layer comparison")
-        export_checkpoint(side.path, target, canvas, dynamic_batch=True)
-        return target
-    raise UsageError(f"{side.path}: --layers compares ONNX models (files, ONNX Runtime artifacts or checkpoints), not a {side.kind}")
+        return None
+    what = "an OpenVINO artifact" if side.kind == "artifact" else f"a {side.kind} side"
+    raise UsageError(f"{side.path}: --layers compares ONNX graphs (.onnx files, ONNX Runtime artifacts, checkpoints), not {what}")
 
 
-def _layer_batches(items: list[InputItem], model: Path, canvas: tuple[int, int], count: int) -> list[np.ndarray]:
+def _static_batch(model: Path | None) -> int | None:
+    """The fixed batch of an ONNX graph's input, None when dynamic (or not exported yet)."""
     import onnx
 
+    if model is None:
+        return None
+    dim = onnx.load(str(model), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+
+
+def _layers_batch(a: Side, b: Side) -> int:
+    """The batch both graphs take for ``--layers`` (a fixed one where either has it); checked before anything runs."""
+    batches = {n for n in (_static_batch(_layers_onnx(a)), _static_batch(_layers_onnx(b))) if n}
+    if len(batches) > 1:
+        raise UsageError(f"--layers feeds both graphs the same batch, but they take fixed batches {sorted(batches)}; convert one to the other's")
+    return batches.pop() if batches else 1
+
+
+def _onnx_of(side: Side, out: Path, canvas: tuple[int, int]) -> Path:
+    """An ONNX graph with our tensor names for ``--layers``: the file itself, an artifact's, or the checkpoint exported."""
+    model = _layers_onnx(side)
+    if model is not None:
+        return model
+    from fcos_offline.export.onnx_export import export_checkpoint
+
+    target = out / side.name / "export.onnx"
+    info(f"exporting {side.path} for the layer comparison")
+    export_checkpoint(side.path, target, canvas, dynamic_batch=True)
+    return target
+
+
+def _layer_batches(items: list[InputItem], batch: int, canvas: tuple[int, int], count: int) -> list[np.ndarray]:
     from fcos_offline.data.preprocess import preprocess_image, read_image
 
-    dim = onnx.load(str(model), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
-    batch = dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 1
     tensors = [preprocess_image(read_image(it.path), *canvas)[0] for it in items[: max(1, count)]]
     out = []
     for start in range(0, len(tensors), batch):
@@ -272,6 +295,7 @@ def compare(opts: CompareOptions) -> CompareResult:
             "their detections are not comparable pixel for pixel"
         )
     a.canvas = b.canvas = canvas
+    layers_batch = _layers_batch(a, b) if opts.layers else 1
     eval_set = None
     items: list[InputItem] = []
     if opts.images and opts.annotations:
@@ -303,7 +327,7 @@ def compare(opts: CompareOptions) -> CompareResult:
     if opts.layers:
         model_a, model_b = _onnx_of(a, out, canvas), _onnx_of(b, out, canvas)
         info(f"comparing intermediate tensors on {min(len(items), max(1, opts.layer_images))} image(s)")
-        result.layers = compare_layers(model_a, model_b, _layer_batches(items, model_a, canvas, opts.layer_images), opts.atol, opts.rtol)
+        result.layers = compare_layers(model_a, model_b, _layer_batches(items, layers_batch, canvas, opts.layer_images), opts.atol, opts.rtol)
         result.sensitivity = _quantization_sensitivity(model_a, model_b, items[: opts.layer_images], canvas)
     paths = {it.stem: it.path for it in items}
     for im in outputs.worst(opts.draw):
