@@ -355,3 +355,22 @@ def test_tune_meets_an_unusual_annotation_file(kind, data, tiny, tmp_path, capsy
             needle,
         )
         pytest.xfail(f"tune gives no line naming {needle!r} for '{case}' (reported to the tune author)")
+
+
+def test_an_output_that_is_a_pipe_is_written_not_replaced(data, tmp_path) -> None:
+    """get-info to a named pipe (or /dev/stdout): the lines go through it; the pipe is not renamed over."""
+    import os
+    import stat
+    import threading
+
+    from fcos_offline.cli import main
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    assert main(["get-info", "jpg", str(data.images), str(pipe)]) == 0
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+    assert got and got[0].decode().count("\n") == len(list(data.images.iterdir()))
