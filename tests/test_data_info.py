@@ -29,7 +29,7 @@ def test_bin_mode_skips_wrong_size(tmp_path, capsys):
     out = tmp_path / "fcos.info"
     assert main(["get-info", "bin", str(src), str(out), "4", "2"]) == 3
     assert out.read_text() == f"0 {src}/good.bin 4 2\n"
-    assert "short.bin" in capsys.readouterr().out
+    assert "short.bin" in capsys.readouterr().err  # skips go to stderr, like every verb's warnings
 
 
 def test_jpg_mode_true_sizes(tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_jpg_mode_true_sizes(tmp_path, capsys):
     assert out.read_bytes() == (f"0 {src}/a.PNG 11 7\n1 {src}/b.jpg 50 30\n2 {src}/c.jpeg 48 64\n").encode()
     (src / "d.jpg").write_bytes(b"")
     assert main(["get-info", "jpg", str(src), str(out), "--workers=1"]) == 3
-    assert "d.jpg" in capsys.readouterr().out
+    assert "d.jpg" in capsys.readouterr().err
     assert [e.path.rsplit("/", 1)[1] for e in read_info(out)] == ["a.PNG", "b.jpg", "c.jpeg"]
 
 

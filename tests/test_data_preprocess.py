@@ -1,5 +1,6 @@
 """Preprocessing against an independent mmcv-equivalent reference, bad inputs, the CLI verb."""
 
+import json
 import struct
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def test_folder_writes_reference_bytes(tmp_path):
         data = (tmp_path / "bins" / f"{path.stem}.bin").read_bytes()
         assert len(data) == 3 * 320 * 512 * 4
         assert data == mmcv_like_reference(path, 320, 512).tobytes()
-    assert sorted(p.name for p in (tmp_path / "bins").iterdir()) == sorted(f"{p.stem}.bin" for p in list_images(SAMPLE / "val2017"))
+    assert sorted(p.name for p in (tmp_path / "bins").glob("*.bin")) == sorted(f"{p.stem}.bin" for p in list_images(SAMPLE / "val2017"))
 
 
 def _jpeg_bytes(seed: int, shape=(120, 160)) -> bytes:
@@ -132,18 +133,22 @@ def test_cli_preprocess_skips_and_lists_bad_files(tmp_path, capsys):
             "--workers=2",
         ]
     )
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     assert code == 3
-    assert sorted(p.name for p in dst.iterdir()) == ["a.bin", "b.bin"]
+    assert sorted(p.name for p in dst.glob("*.bin")) == ["a.bin", "b.bin"]
     for name in ("a.bin", "b.bin"):
         assert (dst / name).stat().st_size == 3 * 64 * 96 * 4
     expected_b = mmcv_like_reference(src / "b.PNG", 64, 96)
     np.testing.assert_array_equal(np.fromfile(dst / "b.bin", np.float32).reshape(3, 64, 96), expected_b)
-    skipped = [line for line in out.splitlines() if line.startswith("skipped:")]
+    skipped = [line for line in printed.err.splitlines() if line.startswith("skipped:")]  # named on stderr
     assert len(skipped) == len(bad)
     for name, problem in bad.items():
         assert any(name in line and problem in line for line in skipped), (name, skipped)
     assert "2 .bin files" in out and "images/s" in out
+    record = json.loads((dst / "preprocess.json").read_text())
+    assert record["written"] == 2 and record["canvas"] == [64, 96] and len(record["skipped"]) == len(bad)
+    assert {Path(k["path"]).name for k in record["skipped"]} == set(bad)
 
 
 def test_cli_preprocess_fails_when_nothing_usable(tmp_path, capsys):

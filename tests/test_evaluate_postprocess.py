@@ -189,7 +189,7 @@ def test_bad_and_missing_dumps_exit_3(setup, capsys):
             f"--annotations-path={SAMPLE / 'annotations' / 'instances_val2017_sample.json'}",
         ]
     )
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # skip notices go to stderr
     assert code == 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["missing_dumps"] == 2  # the deleted image and the one whose dump was skipped

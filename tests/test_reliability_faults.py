@@ -448,8 +448,8 @@ def test_injected_enospc_preprocess_and_get_info(data, full_disk, tmp_path, caps
         "stops: one line naming the file; earlier .bin files whole; no partial file",
         "disk full",
     )
-    assert sorted(p.name for p in bins.iterdir()) == [f"im{i:02d}.bin" for i in range(5)] and not _parts(bins)
-    assert all(p.stat().st_size == 3 * H * W * 4 for p in bins.iterdir())
+    assert sorted(p.name for p in bins.glob("*.bin")) == [f"im{i:02d}.bin" for i in range(5)] and not _parts(bins)
+    assert all(p.stat().st_size == 3 * H * W * 4 for p in bins.glob("*.bin"))
     full_disk(0)
     code, out, err = cli(capsys, "get-info", "jpg", data.images, tmp_path / "fcos_jpeg.info", "--workers", 1)
     assert_clean(code, out, err, 1, "fcos_jpeg.info")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fcos-offline {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fcos-offline ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # the shells' code for a writer stopped by SIGPIPE
     except OSError as exc:  # a write outside our atomic writer: name the file and the problem
         if debug:
             raise

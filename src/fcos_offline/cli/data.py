@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from fcos_offline.cli.common import SIDE, THREADS, add_flag
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
@@ -23,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "centre on a zero canvas, channels first.\n\n"
             "Reads .jpg/.jpeg/.png/.bmp (any case) in file-name order. Writes <stem>.bin per image\n"
             "(float32, C order, 3*H*W*4 bytes; 12,796,800 for 800x1333), each atomically, using\n"
-            "all cores. Unreadable, empty or truncated images are skipped and listed.\n\n"
+            "all cores. Unreadable, empty or truncated images are skipped and named; preprocess.json\n"
+            "beside the tensors records the counts, the rate and the skipped files.\n\n"
             "example:\n"
             "  fcos-offline preprocess --image_src_path=/opt/npu/coco/val2017 \\\n"
             "      --bin_file_path=val2017_bin --model_input_height=800 --model_input_width=1333\n\n" + _EXITS
@@ -66,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _report_bad(bad: list) -> None:
     for error in bad:
-        print(f"skipped: {error.path}: {error.problem}")
+        print(f"skipped: {error.path}: {error.problem}", file=sys.stderr)
 
 
 def _preprocess(args: argparse.Namespace) -> int:

@@ -65,7 +65,11 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (artifact.batch_size if artifact else 1)
     if items and (args.batch_size or artifact is None or artifact.dynamic_batch):  # a static batch is padded, not capped
         batch_size = cap_batch(batch_size, len(items))
-    shape = tuple(args.shape) if args.shape else None
+    if (args.input_width is None) != (args.input_height is None):
+        raise UsageError("give --input_width and --input_height together (or --shape H W)")
+    if args.input_width is not None and args.shape and tuple(args.shape) != (args.input_height, args.input_width):
+        raise UsageError(f"--shape {args.shape[0]} {args.shape[1]} contradicts --input_height {args.input_height} --input_width {args.input_width}")
+    shape = tuple(args.shape) if args.shape else (args.input_height, args.input_width) if args.input_width else None
     options = engine_options_from_args(args, batch_size)
     if args.ray:
         from fcos_offline.engine.distributed import run_inference_ray
@@ -166,7 +170,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--images", help="folder of images (streaming mode)")
     add_flag(p, "--input-info", "--input-text-path", dest="input_info", help="recipe .info file (bin mode or jpg mode)")
     add_flag(p, "--output", "--output-dir", dest="output", default="result/dumpOutput_device0", help="dump folder")
-    add_flag(p, "--output-binary", action="store_true", help="write raw .bin dumps (the default; accepted for the recipe)")
+    recipe = p.add_argument_group("the recipe's benchmark flags (accepted; what they ask for is what infer does)")
+    add_flag(recipe, "--output-binary", nargs="?", const="True", choices=("True", "true", "1"), help="raw .bin dumps (always)")
+    add_flag(recipe, "--input-width", type=SIDE, metavar="W", help="canvas width: checked against the model's (the torch engine: sets it)")
+    add_flag(recipe, "--input-height", type=SIDE, metavar="H", help="canvas height: checked against the model's (the torch engine: sets it)")
+    add_flag(recipe, "--model-type", choices=("vision",), help="the benchmark's model kind (vision)")
+    add_flag(recipe, "--use-dvpp", "--useDvpp", choices=("False", "false", "0"), help="no device-side JPEG decoding: images decode on the CPU")
     add_flag(p, "--output-format", choices=FORMATS, default="bin", help="dump format")
     add_flag(p, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="input canvas for --engine torch (others read it from the model)")
     add_flag(p, "--warmup", type=number(int, 0, 1000), default=1, help="untimed runs of the first batch")

@@ -181,25 +181,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"{HOLDOUT_MAX_IMAGES}); 0: never",
     )
     add_flag(
-        p, "--max-map-drop", type=number(float, 0.0, 100.0), default=0.3, help="allowed mAP drop in points (0.3 = 0.3 mAP points, percent units)"
+        p,
+        "--max-map-drop",
+        type=number(float, 0.0, 100.0),
+        default=0.3,
+        help="allowed mAP drop in points (default 0.3 = 0.3 mAP points, percent units)",
     )
     add_flag(p, "--batch-sizes", nargs="+", type=BATCH, default=[1], help="batch sizes to try (default: 1)")
     add_flag(p, "--threads", nargs="+", type=THREADS, help="intra-op thread counts to try (default: all cores and half of them)")
-    add_flag(p, "--engines", nargs="+", choices=TUNE_ENGINES, default=list(TUNE_ENGINES))
-    add_flag(p, "--calib-methods", nargs="+", choices=CALIB_METHODS, default=list(CALIB_METHODS), help="ONNX Runtime calibration methods")
+    add_flag(p, "--engines", nargs="+", choices=TUNE_ENGINES, default=list(TUNE_ENGINES), help=f"engines to try (default: {' '.join(TUNE_ENGINES)})")
+    add_flag(
+        p,
+        "--calib-methods",
+        nargs="+",
+        choices=CALIB_METHODS,
+        default=list(CALIB_METHODS),
+        help=f"ONNX Runtime calibration methods (default: {' '.join(CALIB_METHODS)})",
+    )
     add_flag(
         p,
         "--time-budget",
         type=number(float, 0.0, low_open=True),
         help="seconds: no new trial starts after this (the choice is still saved and verified)",
     )
-    add_flag(p, "--bench-runs", type=number(int, 1, 10_000), default=10, help="timed runs per configuration (median)")
+    add_flag(p, "--bench-runs", type=number(int, 1, 10_000), default=10, help="timed runs per configuration, median taken (default 10)")
     add_flag(
         p,
         "--bench-seconds",
         type=number(float, 0.0, low_open=True),
         default=20.0,
-        help="stop timing a configuration after this many seconds (at least 3 runs)",
+        help="stop timing a configuration after this many seconds, at least 3 runs (default 20)",
     )
     add_flag(p, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="canvas when --model is a checkpoint (default 800 1333; the demo's own)")
     add_flag(p, "--fresh", action="store_true", help="ignore the finished trials in <output>/tune.json")

@@ -161,9 +161,12 @@ def parse_file(path: str | os.PathLike, chips: int = CHIPS_PER_310_CARD) -> dict
 
 
 def _fps_text(value: Any) -> str:
+    """Floats to 3 decimals, counts as integers; a dict as 'key value' pairs, unset (None) entries left out."""
     if isinstance(value, dict):
-        return ", ".join(f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in value.items())
-    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+        return ", ".join(f"{k} {_fps_text(v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
 
 
 def describe(result: dict[str, Any]) -> list[str]:

@@ -25,14 +25,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
 
 from fcos_offline.data.letterbox import Letterbox, letterbox_for
 from fcos_offline.errors import BadFileError, FcosError
-from fcos_offline.io import atomic_write_bytes
+from fcos_offline.io import atomic_write_bytes, atomic_write_json
 from fcos_offline.progress import progress_bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -198,6 +198,10 @@ def _single_threaded_worker() -> None:
     cv2.setNumThreads(1)
 
 
+#: written beside the tensors: counts, timing and the skipped files
+SUMMARY_FILE = "preprocess.json"
+
+
 @dataclass
 class PreprocessSummary:
     """What :func:`preprocess_folder` did."""
@@ -213,6 +217,16 @@ class PreprocessSummary:
     def images_per_s(self) -> float:
         """Throughput over the whole run (decode + resize + normalise + write)."""
         return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``preprocess.json`` (beside the tensors) records."""
+        return {
+            "canvas": [self.canvas_h, self.canvas_w],
+            "written": self.written,
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_s,
+            "skipped": [{"path": e.path, "problem": e.problem} for e in self.bad],
+        }
 
 
 def _preprocess_one(task: tuple[str, str, int, int]) -> tuple[str, str | None]:
@@ -265,4 +279,5 @@ def preprocess_folder(
         raise
     summary.seconds = time.perf_counter() - start
     summary.bad.sort(key=lambda e: e.path)
+    atomic_write_json(dst / SUMMARY_FILE, summary.to_json())
     return summary

@@ -509,7 +509,7 @@ class _null_bar:
 def gather_items(images: str | None = None, input_info: str | None = None) -> list[InputItem]:
     """Items from ``--images DIR`` or ``--input-info FILE`` (exactly one)."""
     if bool(images) == bool(input_info):
-        raise FcosError("give exactly one input: --images DIR or --input-info FILE")
+        raise UsageError("give exactly one input: --images DIR or --input-info FILE")
     if images:
         p = Path(images)
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -252,4 +253,4 @@ def print_report(summary: dict[str, Any]) -> None:
         f"{summary['missing_dumps']} without dumps, {len(summary['skipped'])} skipped"
     )
     for item in summary["skipped"]:
-        print(f"skipped: {item['path']}: {item['problem']}")
+        print(f"skipped: {item['path']}: {item['problem']}", file=sys.stderr)

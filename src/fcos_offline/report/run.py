@@ -246,6 +246,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
     checkpoint = Path(opts.checkpoint) if opts.checkpoint else DEMO_CHECKPOINT
     if not checkpoint.is_file():
         raise FcosError(f"{checkpoint}: no such checkpoint")
+    if opts.model:  # before any data is made or exported
+        resolve_model(opts.model)
     if demo:
         from fcos_offline.demo.synthetic import (
             DEMO_CANVAS,
@@ -290,6 +292,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
             if not online and not opts.model and backend(engine_name).CONVERT_FROM == "checkpoint":
                 model = _compiled_model(checkpoint, engine_name, bs, opts, shape, paths.sub("model"))
             options = EngineOptions(engine_name, opts.device, opts.threads, "fp32" if online else opts.precision, bs)
+            overrides = opts.overrides if online else None  # exported and compiled models have them built in
             dump_dir = _fresh_result_dir(paths.root / "result" / tag, _result_key(model, engine_name, bs, opts, eval_set, shape))
             if opts.ray:
                 from fcos_offline.engine.distributed import run_inference_ray
@@ -306,12 +309,12 @@ def run(opts: RunOptions) -> dict[str, Any]:
                     cpus_per_actor=opts.ray_cpus_per_actor,
                     gpus_per_actor=opts.ray_gpus_per_actor,
                     shape=shape,
-                    overrides=opts.overrides,
+                    overrides=overrides,
                     perf_dir=dump_dir.parent,
                 )
                 described = s.engine
             else:
-                with open_engine(model, options, shape, opts.overrides) as engine:
+                with open_engine(model, options, shape, overrides) as engine:
                     s = run_inference(engine, run_items, dump_dir, bs, resume=True, perf_dir=dump_dir.parent)
                     described = engine.describe()
             ev = _evaluate(dump_dir, paths.sub("eval", tag), jpg_info, ann_file, shape, class_names, show=first_eval)
