@@ -561,6 +561,34 @@ def test_model_settings_are_refused_for_an_exported_model(model, images, tmp_pat
     assert main([*base, "--shape", *map(str, CANVAS)]) == 0  # the model's own canvas is fine
 
 
+def test_the_recipe_benchmark_flags_are_accepted_and_checked(model, images, tmp_path, capsys) -> None:
+    """The benchmark tool's flags work beside ours; its input size is checked against the model's canvas."""
+    h, w = CANVAS
+    base = ["infer", "--om_path", str(model.onnx), "--images", str(images), "--output", str(tmp_path / "o"), "--model_type=vision"]
+    base += ["--output_binary=True", "--useDvpp=False", f"--input_height={h}"]
+    assert main([*base, f"--input_width={w}"]) == 0
+    capsys.readouterr()
+    assert main([*base, f"--input_width={w + 32}"]) == 2
+    assert f"takes {h}x{w}" in _one_line_error(capsys)
+    assert main(["infer", "--model", str(model.onnx), "--images", str(images), "--input-info", "x.info"]) == 2  # one input, not two
+    assert "exactly one input" in _one_line_error(capsys)
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
+    """`fcos-offline inspect X --json | head -c 1`: the reader left, so no error line and no traceback, exit 141."""
+    import subprocess
+    import sys
+
+    from fcos_offline.demo import DEMO_CHECKPOINT
+
+    code = "import sys; from fcos_offline.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "inspect", str(DEMO_CHECKPOINT), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
 def test_convert_refuses_to_change_a_fixed_batch(ort_artifact4, tmp_path, capsys) -> None:
     fixed = ort_artifact4 / "model.onnx"  # batch fixed to 4
     capsys.readouterr()

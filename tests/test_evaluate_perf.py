@@ -86,7 +86,7 @@ def test_summary_json(tmp_path, capsys):
     path.write_text(
         json.dumps(
             {
-                "engine": {"backend": "onnxruntime", "precision": "fp32"},
+                "engine": {"backend": "onnxruntime", "precision": "fp32", "batch_size": 4, "threads": None},
                 "throughput_fps": 12.5,
                 "infer_fps": 20.0,
                 "latency_ms": {"e2e": {"mean": 80.1, "p99": 95.0}, "infer": {"mean": 70.25}},
@@ -100,7 +100,7 @@ def test_summary_json(tmp_path, capsys):
     assert main(["parse", str(path)]) == 0
     out = capsys.readouterr().out
     assert "throughput (batch size 1): 12.500 fps end to end" in out and "model only: 20.000 fps" in out
-    assert "engine: backend onnxruntime, precision fp32" in out
+    assert "engine: backend onnxruntime, precision fp32, batch_size 4\n" in out  # a count stays an integer; unset fields are left out
     assert "latency e2e: mean 80.100, p99 95.000 ms" in out and "latency infer: mean 70.250 ms" in out
     path.write_text(json.dumps({"bbox_mAP": 0.357, "bbox_mAP_50": 0.55}))
     assert main(["parse", str(path)]) == 0
