@@ -81,3 +81,15 @@ def test_read_info_malformed_line_names_file_and_line(tmp_path, line, message):
 def test_read_info_missing_file(tmp_path):
     with pytest.raises(FcosError, match="cannot read info file"):
         read_info(tmp_path / "nope.info")
+
+
+def test_jpg_mode_keeps_the_first_of_two_images_with_one_stem(tmp_path, capsys):
+    """Dumps are named by stem: like preprocess, get-info lists only the first of dup.jpg / dup.png."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    cv2.imwrite(str(src / "dup.jpg"), np.zeros((30, 50, 3), np.uint8))
+    cv2.imwrite(str(src / "dup.png"), np.zeros((7, 11, 3), np.uint8))
+    out = tmp_path / "jpeg.info"
+    assert main(["get-info", "jpg", str(src), str(out), "--workers=1"]) == 3
+    assert out.read_text() == f"0 {src}/dup.jpg 50 30\n"
+    assert "dup.png" in capsys.readouterr().err

@@ -180,7 +180,8 @@ def candidate_list(
 
     NNCF builds keep the head's GroupNorm float (tag ``-gn``; on the demo model it cut the mean
     int8 drop of ``performance-bc-mm-vnni`` from 0.35 to 0.14 points with fp32 float ops and from
-    0.39 to 0.13 with bf16 ones, at no cost in speed on the R50: README, Tuning); ONNX Runtime
+    0.39 to 0.13 with bf16 ones; on an R50 with a GroupNorm head it cost 0.5-1.4% in speed, and a
+    model without GroupNorm gets the same graph: README, Tuning); ONNX Runtime
     builds keep its affine float (``-gn`` too; U8S8 MinMax: 0.53 to 0.34, same speed). On CPUs with
     VNNI or AMX (``vnni``) they also keep every weight in 8 bits (tag ``-vnni``: NNCF's overflow fix
     off, see :func:`fcos_offline.tune.quantize.vnni_cpu`). ``only`` names builds with or without
