@@ -105,12 +105,12 @@ def make_info(
         summary.bad += [BadFileError(p, "file name holds a line break; an .info line cannot list it") for p in paths if _LINE_BREAK.search(p)]
         paths = [p for p in paths if not _LINE_BREAK.search(p)]
         first: dict[str, str] = {}  # dumps are named by stem: keep the first by file name, as preprocess does
-        for p in paths:
-            stem = Path(p).stem
+        for path in paths:
+            stem = Path(path).stem
             if stem in first:
-                summary.bad.append(BadFileError(p, f"same stem as {Path(first[stem]).name}; skipped"))
-            first.setdefault(stem, p)
-        paths = [p for p in paths if first[Path(p).stem] == p]
+                summary.bad.append(BadFileError(path, f"same stem as {Path(first[stem]).name}; skipped"))
+            first.setdefault(stem, path)
+        paths = [path for path in paths if first[Path(path).stem] == path]
         for path, w, h, problem in parallel_map(_image_size, paths, len(paths), workers, "image sizes"):
             if problem is None:
                 found.append((path, w, h))
