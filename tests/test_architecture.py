@@ -66,6 +66,20 @@ def test_engine_layer_does_not_import_evaluation_and_export_does_not_either() ->
             assert not bad, (path, bad)
 
 
+def test_every_verb_has_help_with_an_example(capsys) -> None:
+    """--help teaches: every verb prints its usage and at least one example, and exits 0."""
+    from fcos_offline.cli import _build_parser, main
+
+    sub = next(a for a in _build_parser()._actions if a.dest == "verb")
+    verbs = sorted(sub.choices)  # type: ignore[arg-type]
+    assert {"inspect", "export", "preprocess", "get-info", "convert", "infer", "postprocess", "parse", "run", "tune", "compare"} <= set(verbs)
+    for verb in verbs:
+        capsys.readouterr()
+        assert main([verb, "--help"]) == 0, verb
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: fcos-offline {verb}") and "example" in out.lower(), verb
+
+
 def test_one_mapping_drives_dispatch_and_cli_choices() -> None:
     """Every backend provides the protocol; --engine's choices are the mapping's names."""
     from fcos_offline.cli import _build_parser

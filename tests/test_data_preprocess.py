@@ -157,3 +157,11 @@ def test_cli_preprocess_fails_when_nothing_usable(tmp_path, capsys):
     (src / "empty.jpg").write_bytes(b"")
     assert main(["preprocess", "--image-src-path", str(src), "--bin-file-path", str(tmp_path / "o")]) == 1
     assert "no image could be preprocessed" in capsys.readouterr().err
+
+
+def test_cli_preprocess_refuses_a_file_as_the_output_folder(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("mine")
+    code = main(["preprocess", f"--image_src_path={SAMPLE / 'val2017'}", f"--bin_file_path={target}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a folder" in err and "Traceback" not in err and target.read_text() == "mine"

@@ -152,7 +152,12 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default only where there is one and its help does not state it already."""
+    """Shows a flag's default only where there is one and its help does not state it already;
+    reflows text paragraphs but keeps an ``examples:`` paragraph line for line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        return "\n\n".join(p if p.startswith("examples:") else fill(p, width, indent) for p in text.split("\n\n"))
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""

@@ -159,6 +159,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(dets float32 [100,5]) or .npy, the vendor perf file perf_vision_batchsize_{B}_device_{N}.txt and summary.json "
         "(throughput; latency min/mean/median/p90/p99 per stage). Dumps are written atomically; --resume skips "
         "images whose dumps are complete. Exit 3 when some inputs were skipped.",
+        epilog="examples:\n"
+        "  fcos-offline infer --model fcos.onnx --input_text_path fcos.info --batch_size 4 \\\n"
+        "      --output result/dumpOutput_device0                   # the recipe's benchmark step\n"
+        "  fcos-offline infer --model tuned/best --images val2017   # streaming, its tuned engine options\n"
+        "  fcos-offline infer --model fcos_bs4/ --images val2017 --resume   # finish an interrupted run\n"
+        "  fcos-offline infer --engine torch --checkpoint fcos.pth --shape 800 1333 --images val2017   # online baseline",
         formatter_class=DefaultsFormatter,
     )
     add_flag(p, "--model", "--om-path", dest="model", help="ONNX file, OpenVINO .xml, or a 'convert' output folder")
@@ -203,6 +209,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model code needed to load it), compiled once by PyTorch's inductor for --device cpu or cuda and checked "
         "against eager PyTorch; the compile cache is kept in the folder so infer starts warm. "
         "TensorRT runs through onnxruntime-gpu's TensorRT provider: infer --engine onnxruntime --device tensorrt.",
+        epilog="examples:\n"
+        "  fcos-offline convert --model fcos.onnx --engine openvino --batch-size 4 --output fcos_bs4\n"
+        "  fcos-offline convert --model fcos.onnx --engine onnxruntime --output fcos_ort   # optimised graph, batch 1\n"
+        "  fcos-offline convert --engine inductor --checkpoint fcos.pth --shape 800 1333 --device cuda --output fcos_cuda",
         formatter_class=DefaultsFormatter,
     )
     add_flag(c, "--model", help="exported .onnx file (onnxruntime, openvino)")

@@ -65,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "zero pad); outputs 'dets' float32 [B,100,5] (x1,y1,x2,y2,score in canvas pixels) and 'labels' int64 "
         "[B,100] (-1 padding). The export runs the ONNX model on a sample input against PyTorch and fails "
         "if detections do not match.",
+        epilog="examples:\n"
+        "  fcos-offline export --checkpoint fcos.pth --output fcos.onnx --dynamic-export      # 800x1333, any batch\n"
+        "  fcos-offline export --checkpoint fcos.pth --output_file fcos_bs4.onnx --batch_size 4\n"
+        "  fcos-offline export --checkpoint fcos.pth --output fcos_raw.onnx --no-nms   # + fcos_raw.post.onnx",
         formatter_class=DefaultsFormatter,
     )
     add_flag(p, "--checkpoint", required=True, help="mmdet or torchvision FCOS .pth")

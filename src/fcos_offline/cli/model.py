@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fcos_offline.cli.common import add_model_flags, overrides_from_args
+from fcos_offline.cli.common import DefaultsFormatter, add_model_flags, overrides_from_args
 from fcos_offline.errors import EXIT_OK
 from fcos_offline.model.checkpoint import inspect_checkpoint
 
@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Load an mmdet (v1/v2/v3) or torchvision FCOS checkpoint safely (weights_only) and print the "
         "architecture inferred from its tensor shapes, the settings taken from its meta config or defaults, and "
         "its parameter count. Fails with one line if a key is missing or unexpected.",
+        epilog="examples:\n"
+        "  fcos-offline inspect fcos_r50_caffe_fpn_1x_4gpu_20190516-a7cac5ff.pth\n"
+        "  fcos-offline inspect fcos.pth --json > fcos.json\n"
+        "  fcos-offline inspect old.pth --rule mmdet218     # how it would be read with mmdet >= 2.18 post-processing",
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("checkpoint", help="a .pth file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

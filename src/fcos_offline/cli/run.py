@@ -10,6 +10,7 @@ from fcos_offline.cli.common import (
     POSITIVE_INT,
     SIDE,
     THREADS,
+    DefaultsFormatter,
     add_flag,
     add_model_flags,
     add_ray_flags,
@@ -63,13 +64,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "per-class AP and speed plots, and images with drawn detections.\n\n"
         "With no arguments it runs the embedded demo: a small FCOS trained by this project on synthetic shapes, "
         "evaluated on a synthetic validation set generated on the fly.\n\n"
-        "Real data: fcos-offline run --checkpoint fcos_r50_caffe_fpn_1x_4gpu_20190516-a7cac5ff.pth "
-        "--coco /opt/npu/coco --shape 800 1333 --batch-sizes 1 4 --engines onnxruntime openvino\n\n"
-        "On an NVIDIA GPU: add --device cuda (PyTorch eager online; the checkpoint compiled by inductor offline; "
-        "--precision fp16/bf16/tf32 for the compiled engine).\n\n"
+        "On an NVIDIA GPU, --device cuda runs PyTorch eager online and the checkpoint compiled by inductor "
+        "offline (--precision fp16/bf16/tf32 for the compiled engine).\n\n"
         "Exit codes: 0 ok, 1 failed, 2 usage error, 3 completed but images were skipped (unreadable) or annotated "
         "images are missing (listed in report.json). A second run on a busy --workdir is refused (exit 1).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  fcos-offline run                                         # the embedded demo, about a minute\n"
+        "  fcos-offline run --checkpoint fcos_r50_caffe_fpn_1x_4gpu_20190516-a7cac5ff.pth --coco /opt/npu/coco \\\n"
+        "      --shape 800 1333 --batch-sizes 1 4 --engines onnxruntime openvino\n"
+        "  fcos-offline run --checkpoint fcos.pth --coco coco --model tuned/best   # offline: the tuned artifact\n"
+        "  fcos-offline run --checkpoint fcos.pth --coco coco --device cuda --precision fp16",
+        formatter_class=DefaultsFormatter,
     )
     add_flag(p, "--checkpoint", help="FCOS checkpoint (mmdet or torchvision); default: the embedded demo model")
     add_flag(

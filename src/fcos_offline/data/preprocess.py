@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from fcos_offline.data.letterbox import Letterbox, letterbox_for
-from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.io import atomic_write_bytes, atomic_write_json
 from fcos_offline.progress import progress_bar
 
@@ -255,6 +255,8 @@ def preprocess_folder(
     if not images:
         raise FcosError(f"no images (.jpg/.jpeg/.png/.bmp) in {src_dir}")
     dst = Path(dst_dir)
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"{dst}: exists and is not a folder; --bin_file_path names the folder the tensors go to")
     dst.mkdir(parents=True, exist_ok=True)
     summary = PreprocessSummary(dst_dir=str(dst), canvas_h=canvas_h, canvas_w=canvas_w)
     tasks: list[tuple[str, str, int, int]] = []

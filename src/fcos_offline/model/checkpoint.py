@@ -121,6 +121,7 @@ def _torch_reason(exc: BaseException) -> str:
     if match:
         return f"its pickle holds {match.group(1)}, which this tool does not load"
     line = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "")
+    line = line.split(". ")[0].rstrip(".")  # its first sentence: the rest is advice, cut mid-word otherwise
     return line[:200] or type(exc).__name__
 
 
@@ -141,6 +142,8 @@ def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise FcosError(f"{path}: a folder, not a checkpoint file (.pth)")
     if not path.is_file():
         raise FcosError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
