@@ -145,6 +145,12 @@ def test_usage_errors(demo, tmp_path, capsys) -> None:
     assert main(["compare", str(demo.onnx), str(tmp_path / "nothing"), "--images", str(demo.images)]) == 1
     err = capsys.readouterr().err
     assert "--images" in err and "nothing" in err and "Traceback" not in err
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(DEMO_CHECKPOINT.read_bytes()[:5000])
+    out = tmp_path / "y"
+    assert main(["compare", str(demo.onnx), str(broken), "--images", str(demo.images), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.pth" in err and "Traceback" not in err and not (out / "a").exists()  # named before A ran
 
 
 def test_layers_checks_both_graphs_before_running_anything(demo, tmp_path, capsys) -> None:

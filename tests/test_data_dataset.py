@@ -56,3 +56,18 @@ def test_a_later_range_of_a_demo_split_is_the_same_images(demo8, tmp_path) -> No
     assert piece["images"] == whole["images"][5:]
     ids = {i["id"] for i in piece["images"]}
     assert [a["bbox"] for a in piece["annotations"]] == [a["bbox"] for a in whole["annotations"] if a["image_id"] in ids]
+
+
+def test_missing_images_are_named_up_to_ten_then_counted(demo8, tmp_path, capsys) -> None:
+    """A half-copied folder must not flood the terminal: ten named, the rest counted; all are recorded."""
+    data = json.loads(_ann(demo8).read_text())
+    last = max(i["id"] for i in data["images"])
+    data["images"] += [dict(data["images"][0], id=last + k, file_name=f"gone{k:02d}.jpg") for k in range(1, 14)]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    capsys.readouterr()
+    es = prepare_eval_set(tmp_path / "l", demo8 / "val2017", ann)
+    err = capsys.readouterr().err
+    assert len(es.items) == 8 and len(es.missing) == 13
+    assert sum("annotated image is missing" in line for line in err.splitlines()) == 10
+    assert "and 3 more annotated images skipped" in err

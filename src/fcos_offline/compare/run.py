@@ -149,6 +149,9 @@ def _side(name: str, path_text: str) -> Side:
         recorded = (path / "summary.json").is_file()
         return Side(name, path, "dumps", dump_canvas(path, None, None) if recorded else None, dumps=path)
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        from fcos_offline.model.checkpoint import load_checkpoint
+
+        load_checkpoint(path)  # a broken file is named now, not after the other side has run
         return Side(name, path, "checkpoint", None)
     source = resolve_model(path)
     canvas = None

@@ -85,6 +85,10 @@ def resolve_source(coco: str | None = None, images: str | None = None, annotatio
     return Path(images), find_annotation_file(annotations)
 
 
+#: skipped annotated images named one per line; the rest are counted (all are in the JSON)
+MAX_NAMED = 10
+
+
 def prepare_eval_set(
     listing: Path,
     images_dir: Path,
@@ -132,12 +136,14 @@ def prepare_eval_set(
         summary = make_info("jpg", link_dir, jpg_info)
         entries = summary.entries
         missing += [{"path": str(images_dir / Path(b.path).name), "problem": b.problem} for b in summary.bad]
-    for m in missing:
-        warn(f"skipped {m['path']}: {m['problem']}; it counts as an image without detections")
     usable = {Path(e.path).name for e in entries}
     items = [InputItem(Path(n).stem, str(images_dir / n), "image") for n in sorted(usable)]
     if not items:
         raise FcosError(f"no usable annotated images in {images_dir} (annotations: {ann_file})")
+    for m in missing[:MAX_NAMED]:
+        warn(f"skipped {m['path']}: {m['problem']}; it counts as an image without detections")
+    if len(missing) > MAX_NAMED:
+        warn(f"... and {len(missing) - MAX_NAMED} more annotated images skipped the same way (every one is listed in the run's JSON)")
     if len(annotated) < len(data["images"]):
         ids = {i["id"] for i in annotated}
         subset = dict(data, images=annotated, annotations=[a for a in data.get("annotations", []) if a["image_id"] in ids])
