@@ -1,8 +1,9 @@
-"""Progress bars with a rate (rich), quiet when not on a terminal unless forced."""
+"""Progress bars with a rate (rich) on a terminal; in a log file, a progress line every 30 s and at the end."""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, cast
@@ -47,9 +48,42 @@ class _RateColumn(TextColumn):
         return Text(text, style="progress.data.speed")
 
 
+#: seconds between progress lines when stderr is not a terminal (a log file, CI)
+LOG_EVERY_S = 30.0
+
+
+@contextmanager
+def _progress_lines(total: int | None, description: str, unit: str) -> Iterator[Callable[[int], None]]:
+    """Progress for a log file: a line every :data:`LOG_EVERY_S` seconds and one at the end (count, rate, elapsed, left)."""
+    start = last = time.monotonic()
+    done = 0
+
+    def line(now: float) -> None:
+        rate = done / (now - start) if now > start else 0.0
+        left = f", about {(total - done) / rate:.0f} s left" if total and rate > 0 and done < total else ""
+        of = f"/{total}" if total else ""
+        info(f"{description}: {done}{of} {unit}, {rate:.2f} {unit}/s, {now - start:.0f} s{left}")
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= LOG_EVERY_S:
+            last = now
+            line(now)
+
+    yield advance
+    if done:
+        line(time.monotonic())
+
+
 @contextmanager
 def progress_bar(total: int | None, description: str, unit: str = "img") -> Iterator[Callable[[int], None]]:
-    """Yield an ``advance(n)`` callable driving a progress bar with a rate column."""
+    """Yield an ``advance(n)`` callable driving a progress bar with a rate column (progress lines in a log file)."""
+    if not sys.stderr.isatty():
+        with _progress_lines(total, description, unit) as advance:
+            yield advance
+        return
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -58,8 +92,7 @@ def progress_bar(total: int | None, description: str, unit: str = "img") -> Iter
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=not sys.stderr.isatty(),
-        disable=False,
+        transient=False,
     ) as prog:
         task = prog.add_task(description, total=total)
         yield cast("Callable[[int], None]", lambda n=1: prog.advance(task, n))
