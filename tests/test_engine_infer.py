@@ -603,6 +603,15 @@ def test_convert_refuses_to_change_a_fixed_batch(ort_artifact4, tmp_path, capsys
     assert "--engine onnxruntime" in _one_line_error(capsys)
 
 
+def test_infer_is_one_library_call(reference, ort_artifact4, images, tmp_path) -> None:
+    """What the verb does, from Python: the request's inputs, the artifact's batch, the same dumps."""
+    from fcos_offline.engine.job import InferRequest, infer
+
+    s = infer(InferRequest(model=str(ort_artifact4), images=str(images), output=tmp_path / "out", workers=0))
+    assert s.batch_size == 4 and s.num_inferred == NUM_IMAGES and summary(tmp_path / "out")["num_inferred"] == NUM_IMAGES
+    assert_same_detections(read_dumps(reference), read_dumps(tmp_path / "out"), "library infer()")
+
+
 def test_a_fixed_batch_artifact_runs_at_its_batch(reference, ort_artifact4, images, tmp_path) -> None:
     """Without --batch-size, infer takes the artifact's batch (flag > artifact > default), not 1."""
     out = tmp_path / "out"

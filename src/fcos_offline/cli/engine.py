@@ -18,98 +18,39 @@ from fcos_offline.cli.common import (
     overrides_from_args,
 )
 from fcos_offline.data.dumps import FORMATS
-from fcos_offline.engine.backends import CONVERT_ENGINES, CONVERT_PRECISIONS, OFFLINE_ENGINES
+from fcos_offline.engine.backends import CONVERT_ENGINES, CONVERT_PRECISIONS
 from fcos_offline.engine.backends.onnxruntime import ORT_OPT_LEVELS
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
 
 
-def _inputs(args: argparse.Namespace) -> list:
-    """--images (a folder, a file:// URL, or, with --ray, any fsspec URL) or --input-info."""
-    from fcos_offline.engine.infer import gather_items
-
-    if args.images and "://" in args.images:
-        from fcos_offline.engine.distributed import list_remote_images, local_path
-
-        local = local_path(args.images)
-        if local is not None:
-            return gather_items(local, None)
-        if not args.ray:
-            raise UsageError(f"{args.images}: reading images from a URL needs --ray (or mount it and give the path)")
-        return list_remote_images(args.images)
-    return gather_items(args.images, args.input_info)
-
-
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from fcos_offline.data.dataset import InputItem
-    from fcos_offline.engine.backends import open_engine, resolve_model
-    from fcos_offline.engine.infer import cap_batch, run_inference
+    from fcos_offline.engine.job import InferRequest, RayPlan, infer
 
-    if args.checkpoint and args.engine in OFFLINE_ENGINES:
-        raise UsageError(
-            "--checkpoint runs with --engine torch; for the other engines export it ('fcos-offline export') "
-            "or compile it ('fcos-offline convert --engine inductor --checkpoint X.pth --shape H W')"
-        )
-    if args.engine is not None and args.engine not in OFFLINE_ENGINES and not args.checkpoint:
-        raise UsageError("--engine torch runs a checkpoint: give --checkpoint X.pth (and --shape H W)")
-    if args.checkpoint and args.model:
-        raise UsageError("give --model or --checkpoint, not both")
-    model = args.checkpoint or args.model
-    if not model:
-        raise UsageError("give --model (ONNX file, OpenVINO .xml or convert folder), or --checkpoint with --engine torch")
-    try:  # counted first (the batch is capped to them), reported after the model's own problems
-        items: list[InputItem] | None = _inputs(args)
-        items_error = None if items else FcosError(f"{args.input_info}: no inputs listed; nothing to infer")
-    except FcosError as exc:
-        items, items_error = None, exc
-    artifact = resolve_model(model).artifact  # its batch unless --batch-size says otherwise
-    batch_size = args.batch_size or (artifact.batch_size if artifact else 1)
-    if items and (args.batch_size or artifact is None or artifact.dynamic_batch):  # a static batch is padded, not capped
-        batch_size = cap_batch(batch_size, len(items))
     if (args.input_width is None) != (args.input_height is None):
         raise UsageError("give --input_width and --input_height together (or --shape H W)")
     if args.input_width is not None and args.shape and tuple(args.shape) != (args.input_height, args.input_width):
         raise UsageError(f"--shape {args.shape[0]} {args.shape[1]} contradicts --input_height {args.input_height} --input_width {args.input_width}")
     shape = tuple(args.shape) if args.shape else (args.input_height, args.input_width) if args.input_width else None
-    options = engine_options_from_args(args, batch_size)
-    if args.ray:
-        from fcos_offline.engine.distributed import run_inference_ray
-
-        if items_error is not None or items is None:
-            raise items_error or FcosError("no inputs")
-        s = run_inference_ray(
-            model,
-            options,
-            items,
-            args.output,
-            batch_size,
-            args.output_format,
-            args.resume,
-            args.ray,
-            args.ray_actors,
-            args.ray_cpus_per_actor,
-            args.ray_gpus_per_actor,
-            shape,
-            overrides_from_args(args),
-            args.device_id,
-            args.perf_dir,
+    s = infer(
+        InferRequest(
+            model=args.model,
+            checkpoint=args.checkpoint,
+            images=args.images,
+            input_info=args.input_info,
+            output=args.output,
+            options=engine_options_from_args(args, args.batch_size),
+            shape=shape,
+            overrides=overrides_from_args(args),
+            fmt=args.output_format,
+            warmup=args.warmup,
+            loop=args.loop,
+            resume=args.resume,
+            workers=args.workers,
+            device_id=args.device_id,
+            perf_dir=args.perf_dir,
+            ray=RayPlan(args.ray, args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor) if args.ray else None,
         )
-    else:
-        with open_engine(model, options, shape, overrides_from_args(args)) as engine:
-            if items_error is not None or items is None:
-                raise items_error or FcosError("no inputs")
-            s = run_inference(
-                engine,
-                items,
-                args.output,
-                batch_size,
-                args.output_format,
-                args.warmup,
-                args.loop,
-                args.resume,
-                args.workers,
-                args.device_id,
-                args.perf_dir,
-            )
+    )
     lat = s.latency_ms
     print(
         f"{s.num_inferred} images inferred ({s.num_resumed} resumed, {len(s.skipped)} skipped) with "
