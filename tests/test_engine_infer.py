@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -576,17 +577,33 @@ def test_the_recipe_benchmark_flags_are_accepted_and_checked(model, images, tmp_
 
 def test_a_closed_pipe_ends_quietly(tmp_path) -> None:
     """`fcos-offline inspect X --json | head -c 1`: the reader left, so no error line and no traceback, exit 141."""
-    import subprocess
-    import sys
-
     from fcos_offline.demo import DEMO_CHECKPOINT
 
     code = "import sys; from fcos_offline.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "inspect", str(DEMO_CHECKPOINT), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141 and err == ""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # block-buffered, as in a user's shell
+    for table in ([], ["--json"]):  # rich's table and our own print
+        cmd = [sys.executable, "-c", code, "inspect", str(DEMO_CHECKPOINT), *table]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141 and err == "", (table, err)
+
+
+def test_an_output_through_a_link_is_written_through_it(images, tmp_path) -> None:
+    """get-info to a symlink (or /dev/stdout redirected to a file) writes through the link and keeps it;
+    its status line then goes to stderr, so the list on stdout stays a clean .info."""
+    from fcos_offline.data.info import read_info
+
+    real, link = tmp_path / "real.info", tmp_path / "link.info"
+    link.symlink_to(real)
+    assert main(["get-info", "jpg", str(images), str(link), "--workers", "1"]) == 0
+    assert link.is_symlink() and len(read_info(real)) == NUM_IMAGES
+    code = "import sys; from fcos_offline.cli import main; sys.exit(main(sys.argv[1:]))"
+    with open(tmp_path / "redirected.info", "wb") as f:
+        done = subprocess.run([sys.executable, "-c", code, "get-info", "jpg", str(images), "/proc/self/fd/1"], stdout=f, stderr=subprocess.PIPE)
+    assert done.returncode == 0 and "wrote" in done.stderr.decode()
+    assert len(read_info(tmp_path / "redirected.info")) == NUM_IMAGES
 
 
 def test_convert_refuses_to_change_a_fixed_batch(ort_artifact4, tmp_path, capsys) -> None:

@@ -37,18 +37,24 @@ def translate_os_error(path: object, exc: OSError) -> FcosError:
     return FcosError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def writes_through(path: str | os.PathLike) -> bool:
+    """True for an output a rename must not replace: a symlink (``/dev/stdout`` -> the shell's
+    redirect, a link the user made), a device or a named pipe; it is written through instead."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview) -> None:
     """Write ``payload`` to ``path`` via a temporary name and ``os.replace`` (no torn files).
 
     The temporary file is removed on failure and an existing ``path`` is left as it was. A target
-    that is not a regular file (``/dev/stdout``, a named pipe) is written directly, never replaced.
+    a rename must not replace (see :func:`writes_through`) is written directly.
     """
     path = Path(path)
-    try:
-        special = not stat.S_ISREG(os.stat(path).st_mode) and not path.is_dir()
-    except OSError:
-        special = False
-    if special:
+    if writes_through(path):
         try:
             with open(path, "wb") as f:
                 f.write(payload)

@@ -59,6 +59,24 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed(rich_exit: bool) -> bool:
+    """Whether stdout was a pipe whose reader has gone: poll reports an error on its write end, or
+    rich, on seeing that, has already pointed stdout at /dev/null (and raised SystemExit(1))."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        null = os.stat(os.devnull)
+        now = os.fstat(fd)
+        if rich_exit and (now.st_rdev, now.st_ino) == (null.st_rdev, null.st_ino):  # rich already pointed it at /dev/null
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fcos-offline`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -75,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
     except FcosError as exc:
         if debug:
             raise
@@ -84,7 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fcos-offline {args.verb}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `fcos-offline ... | head`: the reader left; say nothing more
+    except (BrokenPipeError, SystemExit) as exc:  # rich exits 1 itself when its stdout pipe breaks
+        if not _stdout_closed(rich_exit=isinstance(exc, SystemExit)):
+            raise
+        if debug and isinstance(exc, BrokenPipeError):
+            raise
+        # `fcos-offline ... | head`: the reader left; say nothing more, and let the exit flush go nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # the shells' code for a writer stopped by SIGPIPE
     except OSError as exc:  # a write outside our atomic writer: name the file and the problem

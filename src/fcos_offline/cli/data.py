@@ -7,6 +7,7 @@ import sys
 
 from fcos_offline.cli.common import SIDE, THREADS, add_flag
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
+from fcos_offline.io import writes_through
 
 _EXITS = "exit codes: 0 ok, 1 failed (nothing usable written), 2 usage error, 3 done but some files skipped"
 
@@ -103,5 +104,6 @@ def _get_info(args: argparse.Namespace) -> int:
     _report_bad(summary.bad)
     if not summary.entries:
         raise FcosError(f"no usable {'.bin files' if args.mode == 'bin' else 'images'} in {args.src}")
-    print(f"wrote {len(summary.entries)} lines to {summary.out_path}; {len(summary.bad)} skipped")
+    status = f"wrote {len(summary.entries)} lines to {summary.out_path}; {len(summary.bad)} skipped"
+    print(status, file=sys.stderr if writes_through(summary.out_path) else sys.stdout)  # the list itself may be on stdout
     return EXIT_SKIPS if summary.bad else EXIT_OK
