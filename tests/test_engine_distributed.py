@@ -190,6 +190,28 @@ def test_bad_images_are_named_and_skipped(data, cluster, tmp_path, capsys) -> No
     assert _dumps(out) == _dumps(data.local)
 
 
+def test_bins_listed_at_another_size_are_skipped_on_ray_too(data, cluster, tmp_path, capsys) -> None:
+    """The workers see paths only: the driver judges a bin-mode .info's listed sizes, as the local run does."""
+    from fcos_offline.data.preprocess import preprocess_folder
+    from fcos_offline.demo.synthetic import DEMO_CANVAS
+
+    h, w = DEMO_CANVAS
+    bins = tmp_path / "bins"
+    preprocess_folder(data.images, bins, h, w, workers=1)
+    names = sorted(p.name for p in bins.glob("*.bin"))
+    lines = [f"{i} {bins / n} {w} {h}" for i, n in enumerate(names)]
+    lines[0] = f"0 {bins / names[0]} {h} {w}"  # H and W swapped: same byte count
+    (tmp_path / "fcos.info").write_text("\n".join(lines) + "\n")
+    args = _ray_args(data, cluster, tmp_path / "out")
+    i = args.index("--images")
+    args[i : i + 2] = ["--input-info", str(tmp_path / "fcos.info")]
+    capsys.readouterr()
+    assert main(args) == 3
+    assert f"listed as {h}x{w}" in capsys.readouterr().err
+    skipped = json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"]
+    assert [Path(s["path"]).name for s in skipped] == [names[0]]
+
+
 def test_without_the_extra_a_one_line_hint(data, tmp_path) -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"

@@ -199,7 +199,7 @@ def run_inference_ray(
 
     from fcos_offline.data.dumps import dumps_complete
     from fcos_offline.engine.backends import open_engine
-    from fcos_offline.engine.infer import InferSummary, check_dump_folder, fps, latency_stats, write_summary
+    from fcos_offline.engine.infer import InferSummary, check_dump_folder, fps, latency_stats, listed_size_problem, write_summary
 
     if batch_size < 1 or actors < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0:
         raise UsageError("--batch-size and --ray-actors must be >= 1, --ray-cpus-per-actor > 0, --ray-gpus-per-actor >= 0")
@@ -221,6 +221,10 @@ def run_inference_ray(
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     start = time.perf_counter()
     skipped: list[dict[str, str]] = []
+    for item in [i for i in todo if listed_size_problem(i, canvas)]:  # the workers see only paths: judged here
+        skipped.append({"path": item.path, "problem": str(listed_size_problem(item, canvas))})
+        warn(f"skipped {item.path}: {skipped[-1]['problem']}")
+        todo.remove(item)
     per_actor: dict[str, list[float]] = {}
     load_s: list[float] = []
     done_at: list[float] = []
@@ -299,6 +303,6 @@ def run_inference_ray(
             },
         },
     )
-    if not todo and resume and (out / "summary.json").is_file():
+    if not todo and not skipped and resume and (out / "summary.json").is_file():
         warn(f"every dump in {out} was complete: nothing to run")
     return write_summary(summary, out, device_id, perf_dir)

@@ -85,14 +85,22 @@ class Loaded:
         return to_input_tensor(self.pixels, *self.pads, *canvas_hw)
 
 
+def listed_size_problem(item: InputItem, canvas_hw: tuple[int, int]) -> str | None:
+    """Why a ``.bin`` cannot be this model's input by the size its bin-mode ``.info`` lists (None: it can)."""
+    if item.listed_wh is None or item.listed_wh == (canvas_hw[1], canvas_hw[0]):
+        return None
+    w, h = item.listed_wh
+    return f"listed as {w}x{h} (width x height) in the .info; the model takes {canvas_hw[1]}x{canvas_hw[0]}"
+
+
 def read_input(item: InputItem, canvas_hw: tuple[int, int]) -> Loaded:
     """Read one input and letterbox it (an image) or check it (a ``.bin``); problems are reported, not raised."""
     t0 = time.perf_counter()
     try:
         if item.kind == "bin":
-            if item.listed_wh is not None and item.listed_wh != (canvas_hw[1], canvas_hw[0]):
-                w, h = item.listed_wh
-                raise BadFileError(item.path, f"listed as {w}x{h} (width x height) in the .info; the model takes {canvas_hw[1]}x{canvas_hw[0]}")
+            problem = listed_size_problem(item, canvas_hw)
+            if problem:
+                raise BadFileError(item.path, problem)
             expected = 3 * canvas_hw[0] * canvas_hw[1]
             size = os.path.getsize(item.path)
             if size != expected * 4:
