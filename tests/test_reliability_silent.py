@@ -150,6 +150,24 @@ def test_a_checkpoint_rewritten_in_place_is_exported_again(tiny, tmp_path, capsy
     )
 
 
+def test_a_fix_to_the_exported_graph_exports_again(tiny, tmp_path, monkeypatch, capsys) -> None:
+    """Same checkpoint, canvas and settings, but a new graph revision (a fix to the network or its
+    post-processing): the cached ONNX is not reused."""
+    from badinputs import tiny_network
+    from conftest import save_mmdet_ckpt
+
+    import fcos_offline.export.cache as cache
+
+    ckpt = tmp_path / "model.pth"
+    save_mmdet_ckpt(tiny_network(seed=1), ckpt)
+    cache.cached_export(ckpt, tmp_path / "m", CANVAS)
+    cache.cached_export(ckpt, tmp_path / "m", CANVAS)
+    assert "reusing" in capsys.readouterr().err
+    monkeypatch.setattr(cache, "GRAPH_REVISION", cache.GRAPH_REVISION + 1)
+    cache.cached_export(ckpt, tmp_path / "m", CANVAS)
+    assert "exporting again" in capsys.readouterr().err
+
+
 def test_resume_refuses_another_models_dumps(tiny, tmp_path, capsys) -> None:
     images = tmp_path / "images"
     images.mkdir()

@@ -1,7 +1,8 @@
 """One export cache for ``run`` and ``tune``: a checkpoint's ONNX, reused only for the same inputs.
 
-The key is the checkpoint's content digest, the canvas, the model overrides and the package
-version; anything else (a checkpoint rewritten in place, another ``--score-thr``) exports again.
+The key is the checkpoint's content digest, the canvas, the model overrides, the package version
+and :data:`GRAPH_REVISION`; anything else (a checkpoint rewritten in place, another ``--score-thr``,
+a fix to the network or its post-processing) exports again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from fcos_offline.progress import info
 
 STAMP = "export.json"
 
+#: bumped whenever the same checkpoint would export to a different graph (2: torchvision layout pads to 32)
+GRAPH_REVISION = 2
+
 
 def cached_export(checkpoint: Path, folder: Path, shape: tuple[int, int], overrides: ModelOverrides | None = None) -> tuple[Path, dict[str, Any]]:
     """``<folder>/model.onnx`` (dynamic batch, NMS in the graph, verified) and its export summary."""
@@ -31,6 +35,7 @@ def cached_export(checkpoint: Path, folder: Path, shape: tuple[int, int], overri
         "checkpoint_sha256": file_digest(checkpoint),
         "shape": list(shape),
         "version": __version__,
+        "graph_revision": GRAPH_REVISION,
         "overrides": asdict(overrides) if overrides else None,
     }
     try:

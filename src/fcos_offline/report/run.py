@@ -167,7 +167,17 @@ def _compiled_model(checkpoint: Path, engine: str, bs: int, opts: RunOptions, sh
     from fcos_offline.io import atomic_write_json, file_digest, json_digest
 
     request = ConvertRequest(precision=opts.precision, batch_size=bs, device=opts.device, shape=shape, overrides=opts.overrides)
-    key = json_digest({"checkpoint": file_digest(checkpoint), "request": repr(request), "engine": engine, "version": backend(engine).version()})
+    from fcos_offline.export.cache import GRAPH_REVISION
+
+    key = json_digest(
+        {
+            "checkpoint": file_digest(checkpoint),
+            "request": repr(request),
+            "engine": engine,
+            "version": backend(engine).version(),
+            "graph_revision": GRAPH_REVISION,
+        }
+    )
     out = folder / f"{engine}_bs{bs}_{opts.precision}_{opts.device.replace(':', '')}"
     stamp = folder / f"{out.name}.key.json"
     try:
