@@ -422,9 +422,12 @@ def test_a_dump_folder_never_mixes_models(model, images, tmp_path, capsys) -> No
     base = ["infer", "--model", str(model.onnx), "--output", str(out), "--workers", "0"]
     assert main([*base, "--images", str(images)]) == 0
     assert len(read_dumps(out)) == NUM_IMAGES
+    (out / "mine.bin").write_bytes(b"a user's file, not a dump")
     capsys.readouterr()
     assert main([*base, "--images", str(two), "--engine", "openvino", "--precision", "fp32"]) == 0
     assert f"removed the {2 * NUM_IMAGES} dump files of an earlier run" in capsys.readouterr().err
+    assert (out / "mine.bin").is_file() and summary(out)["num_images"] == 2  # other files stay; the summary is this run's
+    (out / "mine.bin").unlink()
     assert set(read_dumps(out)) == set(stems(two))  # only this run's images: postprocess cannot score a mixture
     assert main([*base, "--images", str(images), "--resume"]) == 1
     assert "another model" in _one_line_error(capsys)

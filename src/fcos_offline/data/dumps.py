@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,14 @@ def dump_paths(out_dir: str | os.PathLike, stem: str, fmt: str = "bin") -> tuple
     if fmt == "npy":
         return out / f"{stem}_labels.npy", out / f"{stem}_dets.npy"
     raise FcosError(f"dump format must be one of {FORMATS}, got {fmt!r}")
+
+
+_DUMP_NAME = re.compile(r".+_(\d+\.bin|labels\.npy|dets\.npy)")
+
+
+def is_dump_file(path: str | os.PathLike) -> bool:
+    """Named like a dump: ``<stem>_<N>.bin`` (the recipe's, ais_bench's) or ``<stem>_labels/_dets.npy``."""
+    return bool(_DUMP_NAME.fullmatch(Path(path).name))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from fcos_offline.data.dataset import InputItem
-from fcos_offline.data.dumps import dumps_complete, write_dumps
+from fcos_offline.data.dumps import dumps_complete, is_dump_file, write_dumps
 from fcos_offline.data.perf import PerfStats, perf_file_name, write_perf_file
 from fcos_offline.data.preprocess import (
     IMAGE_EXTENSIONS,
@@ -248,7 +248,8 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
     """A dump folder only ever holds one model's dumps: the same model and settings, or none.
 
     ``out/.fcos-dumps.json`` records :meth:`Engine.output_key`. Resuming on another key is
-    refused; a fresh run removes the dumps an earlier run of ours left (another key) and says so;
+    refused; a fresh run removes the dump files (:func:`~fcos_offline.data.dumps.is_dump_file`) and
+    summary an earlier run of ours left (another key) and says so; other files stay;
     dumps without our stamp (another tool's, or an unknown run's) are never mixed in nor removed.
     """
     key = engine.output_key()
@@ -257,7 +258,7 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
         previous = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
     except (OSError, ValueError, AttributeError):
         previous = None
-    dumps = [p for p in out.iterdir() if p.suffix in (".bin", ".npy") and p.is_file()]
+    dumps = [p for p in out.iterdir() if is_dump_file(p) and p.is_file()]
     if previous != key and dumps:
         if resume or previous is None:
             raise FcosError(
@@ -268,8 +269,8 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
                     else "another tool or an unknown run; use a fresh --output (or remove them)"
                 )
             )
-        for p in dumps:
-            p.unlink()
+        for p in [*dumps, out / "summary.json"]:  # its summary too: an interrupted run must not inherit it
+            p.unlink(missing_ok=True)
         warn(f"{out}: removed the {len(dumps)} dump files of an earlier run with another model or settings")
     atomic_write_json(stamp, {"key": key, "engine": engine.name, "model": str(engine.source.path)})
 
