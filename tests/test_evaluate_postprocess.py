@@ -163,6 +163,9 @@ def test_no_usable_dumps_or_a_bin_info_fail_instead_of_scoring_zero(setup, capsy
     assert "no usable dumps for any of the 10 annotated images" in capsys.readouterr().err
     assert main([*base, f"--bin_data_path={dumps}", "--net_out_num=5"]) == 1  # reads _3/_4: none exist
     assert "from --net_out_num 5" in capsys.readouterr().err
+    (tmp_path / "other.info").write_text(f"0 {tmp_path / 'other.jpg'} 640 480\n")  # dumps found, no image's size listed
+    assert main([*base[:1], f"--test_annotation={tmp_path / 'other.info'}", *base[2:], f"--bin_data_path={dumps}"]) == 1
+    assert "no image size in" in capsys.readouterr().err
     bins = tmp_path / "bins"
     bins.mkdir()
     lines = [f"{i} {bins / (Path(img['file_name']).stem + '.bin')} {CANVAS_W} {CANVAS_H}" for i, img in enumerate(data["images"])]

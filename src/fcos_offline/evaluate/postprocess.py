@@ -163,6 +163,7 @@ def postprocess(
     results: list[dict[str, Any]] = []
     missing: list[str] = []
     size_mismatch: list[str] = []
+    evaluated = 0  # images whose dumps were read and mapped (with or without detections)
     with progress_bar(len(images), "postprocess") as advance:
         for img in images:
             advance(1)
@@ -187,6 +188,7 @@ def postprocess(
             except FcosError as exc:
                 skipped.append(BadFileError(Path(bin_data_path) / stem, str(exc)))
                 continue
+            evaluated += 1
             atomic_write_bytes(out_dir / f"{stem}.txt", _detection_lines(labels, boxes, names).encode())
             if show:
                 try:
@@ -198,7 +200,7 @@ def postprocess(
                 if not cv2.imwrite(str(vis_path), picture):  # OpenCV reports no reason: a full disk, mostly
                     vis_path.unlink(missing_ok=True)
                     raise FcosError(f"cannot write {vis_path} (disk full or not writable)")
-    if images and len(missing) == len(images):
+    if images and not evaluated:
         first = f"; first problem: {skipped[0].path}: {skipped[0].problem}" if skipped else ""
         raise FcosError(
             f"{bin_data_path}: no usable dumps for any of the {len(images)} annotated images (looked for <stem>_1.bin/_2.bin, "
