@@ -298,3 +298,14 @@ def test_usage_errors(tiny, tmp_path, capsys) -> None:
     )
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "Traceback" not in err
+
+
+def test_a_best_folder_that_is_not_an_artifact_is_refused_before_the_search(tmp_path, capsys) -> None:
+    """tune saves its choice as <output>/best: someone's folder there is refused at the start, not after the search."""
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["tune", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no artifact.json" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # nothing was started

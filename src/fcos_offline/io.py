@@ -83,6 +83,16 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int | None 
     atomic_write_bytes(path, json.dumps(payload, indent=indent).encode())
 
 
+def check_replaceable(path: str | os.PathLike, marker: str) -> Path:
+    """``path`` as an absolute path, if :func:`atomic_folder` may replace it (missing, empty, or holding ``marker``)."""
+    final = Path(os.path.abspath(path))
+    if final.exists() and not final.is_dir():
+        raise UsageError(f"{path} exists and is not a folder; choose another output folder")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
+        raise UsageError(f"{path} is a folder with other files in it (no {marker}); choose a new or empty output folder")
+    return final
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike, marker: str) -> Iterator[Path]:
     """Yield a fresh ``<path>.part`` folder; on success it replaces ``path`` whole.
@@ -91,11 +101,7 @@ def atomic_folder(path: str | os.PathLike, marker: str) -> Iterator[Path]:
     (an earlier output of the same kind); anything else (a file, someone's folder) is refused
     before any work starts. On failure the partial folder is removed and ``path`` is left untouched.
     """
-    final = Path(os.path.abspath(path))
-    if final.exists() and not final.is_dir():
-        raise UsageError(f"{path} exists and is not a folder; choose another output folder")
-    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
-        raise UsageError(f"{path} is a folder with other files in it (no {marker}); choose a new or empty output folder")
+    final = check_replaceable(path, marker)
     tmp = final.with_name(final.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fcos_offline.data.dataset import EvalSet, class_names_for, demo_split, prepare_eval_set, resolve_source
+from fcos_offline.engine.artifact import ARTIFACT_FILE
 from fcos_offline.errors import FcosError, UsageError
+from fcos_offline.io import check_replaceable
 from fcos_offline.progress import warn
 from fcos_offline.tune.quantize import CALIB_METHODS
 from fcos_offline.tune.space import TUNE_ENGINES
@@ -62,8 +64,12 @@ class TuneData:
     description: str
 
 
+#: the chosen configuration's artifact folder inside ``--output``
+BEST_DIR = "best"
+
+
 def validate(o: TuneOptions) -> None:
-    """Usage errors first, before any file is looked at."""
+    """Usage errors first, before any image or model is looked at (and before a search ``best/`` could not be saved)."""
     if o.max_map_drop < 0:
         raise UsageError("--max-map-drop must be >= 0 (mAP points)")
     if not o.batch_sizes or any(b < 1 for b in o.batch_sizes):
@@ -90,6 +96,7 @@ def validate(o: TuneOptions) -> None:
         raise UsageError("--model needs data: --coco DIR (or --images DIR and --annotations FILE)")
     if o.images and not o.annotations:
         raise UsageError("--images needs --annotations")
+    check_replaceable(Path(o.output) / BEST_DIR, ARTIFACT_FILE)
 
 
 def prepare_model(opts: TuneOptions, out: Path, demo: bool) -> Path:

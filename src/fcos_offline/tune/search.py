@@ -65,12 +65,10 @@ from fcos_offline.tune import policy
 from fcos_offline.tune import sensitivity as sens
 from fcos_offline.tune.builds import ModelBuilder, model_size_mb
 from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, warn_if_loosely_judged
-from fcos_offline.tune.inputs import TuneOptions, holdout_data, prepare_data, prepare_model, validate
+from fcos_offline.tune.inputs import BEST_DIR, TuneOptions, holdout_data, prepare_data, prepare_model, validate
 from fcos_offline.tune.quantize import vnni_cpu
 from fcos_offline.tune.space import ORT_QDQ_DEFAULT, Candidate, candidate_list, sweep_variants
 from fcos_offline.tune.store import TUNE_FILE, SearchState, Trial, load_state, save_state
-
-BEST_DIR = "best"
 
 __all__ = ["BEST_DIR", "TUNE_FILE", "TuneOptions", "Tuner", "tune"]
 
