@@ -161,7 +161,10 @@ def test_layers_checks_both_graphs_before_running_anything(demo, tmp_path, capsy
         arts[name] = tmp_path / name
         assert main(["convert", "--model", str(demo.onnx), "--engine", engine, "--batch-size", str(batch), "--output", str(arts[name])]) == 0
     capsys.readouterr()
-    for a, b, says in ((demo.onnx, arts["ov"], "not an OpenVINO artifact"), (arts["b2"], arts["b3"], "fixed batches [2, 3]")):
+    for a, b, says in (
+        (demo.onnx, arts["ov"], "not an artifact without model.onnx (OpenVINO, inductor)"),
+        (arts["b2"], arts["b3"], "fixed batches [2, 3]"),
+    ):
         out = tmp_path / "refused"
         assert main(["compare", str(a), str(b), "--images", str(demo.images), "--layers", "--output", str(out)]) == 2
         err = capsys.readouterr().err

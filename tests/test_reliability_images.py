@@ -79,7 +79,7 @@ def test_preprocess_skips_broken_images(corpus, tmp_path, capsys) -> None:
     assert_clean(code, out, err, 3, *(corpus.bad[c.name].name for c in BAD))
     for case in BAD:
         path = corpus.bad[case.name]
-        line = record(case.name, "preprocess", code, err + out, "skipped, listed in the summary (stdout)", path.name)
+        line = record(case.name, "preprocess", code, err + out, "skipped, named on stderr and listed in preprocess.json", path.name)
         assert case.skip in line, line
         assert not (bins / f"{path.stem}.bin").exists()
     assert f"{len(BAD)} skipped" in out and sorted(p.name for p in bins.glob("*.bin")) == ["good0.bin", "good1.bin"]

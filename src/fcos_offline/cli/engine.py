@@ -99,7 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "in worker processes, no .bin written). Writes per image <stem>_1.bin (labels int64 [100]) and <stem>_2.bin "
         "(dets float32 [100,5]) or .npy, the vendor perf file perf_vision_batchsize_{B}_device_{N}.txt and summary.json "
         "(throughput; latency min/mean/median/p90/p99 per stage). Dumps are written atomically; --resume skips "
-        "images whose dumps are complete. Exit 3 when some inputs were skipped.",
+        "images whose dumps are complete. The dump folder holds one model's dumps: a fresh run replaces an earlier "
+        "run's of another model (and says so) and refuses dumps this tool did not make. Exit 3 when some inputs were "
+        "skipped, 1 when none could be used.",
         epilog="examples:\n"
         "  fcos-offline infer --model fcos.onnx --input_text_path fcos.info --batch_size 4 \\\n"
         "      --output result/dumpOutput_device0                   # the recipe's benchmark step\n"
@@ -124,7 +126,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(recipe, "--model-type", choices=("vision",), help="the benchmark's model kind (vision)")
     add_flag(recipe, "--use-dvpp", "--useDvpp", choices=("False", "false", "0"), help="no device-side JPEG decoding: images decode on the CPU")
     add_flag(p, "--output-format", choices=FORMATS, default="bin", help="dump format")
-    add_flag(p, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="input canvas for --engine torch (others read it from the model)")
+    add_flag(
+        p,
+        "--shape",
+        nargs=2,
+        type=SIDE,
+        metavar=("H", "W"),
+        help="input canvas for --engine torch (an exported model has its own: a different one is refused)",
+    )
     add_flag(p, "--warmup", type=number(int, 0, 1000), default=1, help="untimed runs of the first batch")
     add_flag(p, "--loop", type=number(int, 1, 100_000), default=1, help="timed repetitions of every batch (the vendor tools' -loop)")
     add_flag(p, "--resume", action="store_true", help="skip images whose dumps are already complete")

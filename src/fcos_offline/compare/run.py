@@ -189,8 +189,10 @@ def _layers_onnx(side: Side) -> Path | None:
         return side.path / "model.onnx"
     if side.kind == "checkpoint":
         return None
-    what = "an OpenVINO artifact" if side.kind == "artifact" else f"a {side.kind} side"
-    raise UsageError(f"{side.path}: --layers compares ONNX graphs (.onnx files, ONNX Runtime artifacts, checkpoints), not {what}")
+    what = {"artifact": "an artifact without model.onnx (OpenVINO, inductor)", "openvino-ir": "an OpenVINO IR", "dumps": "a dump folder"}
+    raise UsageError(
+        f"{side.path}: --layers compares ONNX graphs (.onnx files, ONNX Runtime artifacts, checkpoints), not {what.get(side.kind, side.kind)}"
+    )
 
 
 def _static_batch(model: Path | None) -> int | None:

@@ -95,7 +95,7 @@ def infer(req: InferRequest) -> InferSummary:
     try:  # counted first (the batch is capped to them), reported after the model's own problems
         items = gather_inputs(req.images, req.input_info, req.ray is not None)
         if not items:
-            items_error = FcosError(f"{req.input_info}: no inputs listed; nothing to infer")
+            items_error = FcosError(f"{req.input_info or req.images}: no inputs listed; nothing to infer")
     except FcosError as exc:
         items_error = exc
     asked = req.options.batch_size
