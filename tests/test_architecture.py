@@ -78,6 +78,7 @@ def test_every_verb_has_help_with_an_example(capsys) -> None:
         assert main([verb, "--help"]) == 0, verb
         out = capsys.readouterr().out
         assert out.startswith(f"usage: fcos-offline {verb}") and "example" in out.lower(), verb
+        assert any(line.startswith("  fcos-offline ") for line in out.splitlines()), verb  # examples kept line for line
 
 
 def test_one_mapping_drives_dispatch_and_cli_choices() -> None:

@@ -126,3 +126,13 @@ def test_run_takes_a_converted_artifact(tmp_path: Path) -> None:
     assert entry["engine"] == "openvino" and second["offline_model"] == str(artifact)
     assert entry["engine_info"]["model"].endswith("model.xml")
     assert abs(entry["bbox_mAP"] - first["entries"][0]["bbox_mAP"]) <= 0.001
+
+
+def test_run_refuses_model_settings_with_an_artifact(tmp_path: Path) -> None:
+    """--model X --score-thr 0.5: the online side would use 0.5 and X its built-in threshold; refused up front."""
+    from fcos_offline.errors import UsageError
+    from fcos_offline.model.checkpoint import ModelOverrides
+
+    with pytest.raises(UsageError, match="--score-thr with --model"):
+        run(RunOptions(model=str(tmp_path / "art"), overrides=ModelOverrides(score_thr=0.5), workdir=str(tmp_path / "w")))
+    assert not (tmp_path / "w").exists()

@@ -11,6 +11,7 @@ from fcos_offline.cli.common import (
     POSITIVE_INT,
     SIDE,
     THREADS,
+    DefaultsFormatter,
     add_flag,
     number,
 )
@@ -149,10 +150,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "engine options. Post-processing (decode, NMS) always stays float, and int8 builds keep the head's GroupNorm "
         "float (ONNX Runtime's: its normalised output). Finished trials are cached in "
         "<output>/tune.json and skipped when rerun. With no --model/--coco it tunes the embedded demo model on the "
-        "demo data. Exit 3 when some configurations were not tried (time budget, failures).\n\n"
-        "Example: fcos-offline tune --model fcos.onnx --coco /opt/npu/coco --calib-images 200 --eval-images 500 "
-        "--max-map-drop 0.3 --batch-sizes 1 4 --output tuned/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo data. Exit 3 when some configurations were not tried (time budget, failures).",
+        epilog="examples:\n"
+        "  fcos-offline tune                                   # the embedded demo model on the demo data, about 5 min\n"
+        "  fcos-offline tune --model fcos.onnx --coco /opt/npu/coco --calib-images 200 --eval-images 500 \\\n"
+        "      --max-map-drop 0.3 --batch-sizes 1 4 --output tuned/\n"
+        "  fcos-offline infer --model tuned/best --images val2017   # then run the choice with its engine options",
+        formatter_class=DefaultsFormatter,
     )
     add_flag(p, "--model", help="exported .onnx (dynamic batch preferred) or a checkpoint (exported at --shape); default: the demo model")
     add_flag(p, "--coco", help="COCO folder with val2017/ and annotations/instances_val2017.json")

@@ -234,6 +234,7 @@ def _fresh_result_dir(root: Path, key: str) -> Path:
 def run(opts: RunOptions) -> dict[str, Any]:
     """Run the whole recipe; returns the report dict (also written to ``report.json``)."""
     from fcos_offline.engine.backends import EngineOptions, backend, open_engine, resolve_model
+    from fcos_offline.engine.base import settings_flags
     from fcos_offline.engine.infer import cap_batch, run_inference
     from fcos_offline.export.cache import cached_export
     from fcos_offline.export.metadata import read_metadata
@@ -243,6 +244,11 @@ def run(opts: RunOptions) -> dict[str, Any]:
         raise UsageError("--coco/--images need --checkpoint (the demo model only fits the demo data)")
     if opts.checkpoint and not (opts.coco or opts.images):
         raise UsageError("--checkpoint needs --coco DIR (or --images and --annotations)")
+    if opts.model and settings_flags(opts.overrides):  # the online side would differ from the artifact's built-in ones
+        raise UsageError(
+            f"{' '.join(settings_flags(opts.overrides))} with --model: {opts.model} has its settings built in; "
+            "export or convert it with them, or drop --model to export the checkpoint with them"
+        )
     if any(b < 1 for b in opts.batch_sizes):  # usage errors first, before any file is looked at
         raise UsageError("batch sizes must be >= 1")
     if opts.device.lower().split(":")[0] not in DEFAULT_ENGINES:
