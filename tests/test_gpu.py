@@ -112,3 +112,38 @@ def test_compiled_cuda_artifact_reopens_warm(tmp_path: Path) -> None:
     with open_engine(art, EngineOptions()) as engine:
         d = engine.describe()
         assert d["device"] == "cuda" and d["execution_precision"] == "fp16" and d["compile_cache_hit"] is True
+
+
+@pytest.mark.gpu
+def test_torchvision_layout_reproduces_torchvision_fcos(tmp_path) -> None:
+    """torchvision's own FCOS and our torchvision layout, same random weights, on an image the transform
+    leaves unresized (320x500, padded by torchvision to 320x512): the same detections (spec §10).
+    Runs where torchvision is installed (the GPU machine; on CPU machines it would pull a CUDA build)."""
+    tv_models = pytest.importorskip("torchvision.models.detection", reason="torchvision is not installed here")
+
+    from fcos_offline.data.preprocess import preprocess_image
+    from fcos_offline.model.checkpoint import load_model
+    from fcos_offline.model.postprocess import FCOSDetector
+
+    torch.manual_seed(0)
+    tv = tv_models.fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=320, max_size=500).eval()
+    with torch.no_grad():
+        tv.head.classification_head.cls_logits.bias.fill_(-1.5)  # detections above the 0.2 threshold
+        for m in tv.modules():
+            if type(m).__name__ == "FrozenBatchNorm2d":
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    rng = np.random.default_rng(0)
+    bgr = np.clip(rng.random((320, 500, 3)) * 77 + 90, 0, 255).astype(np.uint8)
+    with torch.no_grad():
+        ref = tv([torch.from_numpy(bgr[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255.0])[0]
+        network, _ = load_model(tmp_path / "tv.pth")
+        x, _ = preprocess_image(bgr, 320, 500)
+        dets, labels = FCOSDetector(network.eval()).eval()(torch.from_numpy(x)[None])
+    keep = labels[0] >= 0
+    assert int(keep.sum()) == len(ref["boxes"]) > 10
+    ours, theirs = dets[0, keep][dets[0, keep, 4].argsort(descending=True)], ref["scores"].argsort(descending=True)
+    assert torch.equal(labels[0, keep][dets[0, keep, 4].argsort(descending=True)], ref["labels"][theirs])
+    torch.testing.assert_close(ours[:, 4], ref["scores"][theirs], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[:, :4], ref["boxes"][theirs], rtol=0, atol=1e-2)
