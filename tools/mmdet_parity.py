@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Our FCOS against mmdetection's own, on the same weights and input tensor (eager and ONNX Runtime).
+
+mmdet 2.x needs mmcv-full's compiled ops, which do not build for this torch. mmdet's FCOS uses one of
+them (NMS) at test time, so this check loads mmcv lite (pure Python) and gives it a Python NMS
+(greedy, IoU > threshold suppressed, mmcv's ``+offset`` widths), and torchvision (which mmcv's runner
+imports) through ``tools/torchvision_shim.py``. The wheels, fetched without dependencies::
+
+    pip download mmdet==2.17.0 mmdet==2.28.2 addict yapf platformdirs tomli terminaltables --no-deps -d /tmp/mm
+    pip download mmcv==1.7.2 --no-deps --no-build-isolation -d /tmp/mm   # an sdist: needs setuptools<70 here
+    pip download torchvision==0.28.0 --no-deps -d /tmp/mm
+    # unzip the wheels and the mmcv sdist; put mmcv-1.7.2/, one mmdet and the rest on PYTHONPATH
+
+    PYTHONPATH=... python tools/mmdet_parity.py [--gn] [--mmdet-version 2.17.0]
+
+The model is FCOS-R50-caffe (the recipe's architecture; ``--gn`` for the GN=Y head) with
+``bench/r50.py``'s calibrated random weights (about 2000 (point, class) pairs above 0.05 at
+800x1333), loaded into mmdet's model with ``strict`` key matching, saved as an mmdet checkpoint
+whose meta names the mmdet version (so our loader picks spec §7.2 for < 2.18, §7.3 otherwise),
+and run on one real photo letterboxed to 800x1333. mmdet 2.17 ran with mmcv 1.7.2 claiming 1.4.0.
+Prints how many of mmdet's 100 detections ours match (same label, box and score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
+
+
+def _mmcv_nms(bboxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int = 0) -> torch.Tensor:
+    order = scores.argsort(descending=True)
+    x1, y1, x2, y2 = bboxes.unbind(1)
+    area = (x2 - x1 + offset) * (y2 - y1 + offset)
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    keep = []
+    for pos, i in enumerate(order.tolist()):
+        if suppressed[pos]:
+            continue
+        keep.append(i)
+        rest = order[pos + 1 :]
+        w = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest]) + offset).clamp(min=0)
+        h = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest]) + offset).clamp(min=0)
+        inter = w * h
+        suppressed[pos + 1 :] |= inter / (area[i] + area[rest] - inter) > iou_threshold
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+class _FakeExt(types.ModuleType):
+    """``mmcv._ext`` with NMS only; any other op says it is missing when called."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == "nms":
+            return lambda bboxes, scores, iou_threshold, offset: _mmcv_nms(bboxes, scores, iou_threshold, offset)
+
+        def missing(*args, **kwargs):
+            raise NotImplementedError(f"mmcv._ext.{name} is not available in this check")
+
+        return missing
+
+
+def install(claim_mmcv: str | None) -> None:
+    """torchvision without its C++ ops, mmcv lite with a Python NMS (and, for old mmdet, an mmcv version it accepts)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import torchvision_shim
+
+    torchvision_shim.install()
+    sys.modules["mmcv._ext"] = _FakeExt("mmcv._ext")
+    if claim_mmcv:
+        import mmcv
+
+        mmcv.__version__ = claim_mmcv
+
+
+def mmdet_config(gn: bool):
+    from mmcv import Config
+
+    norm = dict(type="GN", num_groups=32, requires_grad=True) if gn else None
+    return Config(
+        dict(
+            model=dict(
+                type="FCOS",
+                backbone=dict(
+                    type="ResNet",
+                    depth=50,
+                    num_stages=4,
+                    out_indices=(0, 1, 2, 3),
+                    frozen_stages=1,
+                    norm_cfg=dict(type="BN", requires_grad=False),
+                    norm_eval=True,
+                    style="caffe",
+                ),
+                neck=dict(
+                    type="FPN",
+                    in_channels=[256, 512, 1024, 2048],
+                    out_channels=256,
+                    start_level=1,
+                    add_extra_convs="on_output",
+                    num_outs=5,
+                    relu_before_extra_convs=True,
+                ),
+                bbox_head=dict(
+                    type="FCOSHead",
+                    num_classes=80,
+                    in_channels=256,
+                    stacked_convs=4,
+                    feat_channels=256,
+                    strides=[8, 16, 32, 64, 128],
+                    norm_cfg=norm,
+                    loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+                    loss_bbox=dict(type="IoULoss", loss_weight=1.0),
+                    loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+                ),
+                test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100),
+            )
+        )
+    )
+
+
+def matched(a: list, b: list, box_tol: float, score_tol: float) -> tuple[int, float, float]:
+    """Detections of ``a`` with a partner in ``b`` (same label, box and score within the tolerances); worst errors."""
+    used: set[int] = set()
+    hits, worst_s, worst_b = 0, 0.0, 0.0
+    for sa, la, ba in a:
+        for j, (sb, lb, bb) in enumerate(b):
+            db = float(np.abs(ba - bb).max())
+            if j not in used and la == lb and abs(sa - sb) <= score_tol and db <= box_tol:
+                used.add(j)
+                hits += 1
+                worst_s, worst_b = max(worst_s, abs(sa - sb)), max(worst_b, db)
+                break
+    return hits, worst_s, worst_b
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gn", action="store_true", help="the GN=Y head (GroupNorm in the tower convs)")
+    p.add_argument("--claim-mmcv", help="mmcv version to report to mmdet (1.4.0 for mmdet 2.17)")
+    p.add_argument("--workdir", default="/tmp/mmdet_parity")
+    args = p.parse_args()
+    install(args.claim_mmcv)
+    import mmdet
+    from mmdet.models import build_detector
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from r50 import build_r50, set_candidates
+
+    from fcos_offline.data.preprocess import preprocess_image, read_image
+    from fcos_offline.engine.backends import EngineOptions, open_engine
+    from fcos_offline.export.onnx_export import export_checkpoint
+    from fcos_offline.model.checkpoint import load_model, mmdet_state_dict
+    from fcos_offline.model.postprocess import FCOSDetector
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    calib = np.stack([preprocess_image(read_image(p), 800, 1333)[0] for p in photos[:2]])
+    source = build_r50(0, calib, head_norm="gn" if args.gn else "none")
+    set_candidates(source, calib, 2000.0)
+    cfg = mmdet_config(args.gn)
+    model = build_detector(cfg.model)
+    model.load_state_dict(mmdet_state_dict(source), strict=True)
+    model.eval()
+    ckpt = work / "fcos.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {"mmdet_version": mmdet.__version__, "config": cfg.pretty_text}}, ckpt)
+
+    x, _ = preprocess_image(read_image(photos[2]), 800, 1333)
+    meta = [dict(img_shape=(800, 1333, 3), ori_shape=(800, 1333, 3), pad_shape=(800, 1333, 3), scale_factor=np.ones(4, np.float32), flip=False)]
+    with torch.no_grad():
+        per_class = model.simple_test(torch.from_numpy(x)[None], meta, rescale=False)[0]
+        theirs = [(float(r[4]), k, r[:4]) for k, rows in enumerate(per_class) for r in rows]
+        network, loaded = load_model(ckpt)
+        dets, labels = FCOSDetector(network.eval()).eval()(torch.from_numpy(x)[None])
+    keep = labels[0] >= 0
+    eager = [(float(d[4]), int(k), d[:4].numpy()) for d, k in zip(dets[0, keep], labels[0, keep])]
+    export_checkpoint(ckpt, work / "fcos.onnx", (800, 1333), dynamic_batch=True)
+    with open_engine(work / "fcos.onnx", EngineOptions("onnxruntime")) as engine:
+        out_d, out_l = engine.run(x[None])
+    keep_o = out_l[0] >= 0
+    onnx = [(float(d[4]), int(k), d[:4]) for d, k in zip(out_d[0][keep_o], out_l[0][keep_o])]
+
+    print(f"mmdet {mmdet.__version__}, FCOS-R50-caffe {'GN' if args.gn else 'no-GN'} head; our rule: {loaded.config.post.rule}")
+    print(f"mmdet: {len(theirs)} detections (scores {max(t[0] for t in theirs):.4f} to {min(t[0] for t in theirs):.4f})")
+    for name, ours, box_tol, score_tol in (("eager PyTorch", eager, 0.01, 1e-5), ("ONNX Runtime", onnx, 0.05, 1e-4)):
+        hits, ds, db = matched(theirs, ours, box_tol, score_tol)
+        print(
+            f"{name}: {len(ours)} detections, {hits}/{len(theirs)} matched (box <= {box_tol} px, score <= {score_tol}); worst {ds:.2e} / {db:.3f} px"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
