@@ -11,7 +11,10 @@ imports) through ``tools/torchvision_shim.py``. The wheels, fetched without depe
     pip download torchvision==0.28.0 --no-deps -d /tmp/mm
     # unzip the wheels and the mmcv sdist; put mmcv-1.7.2/, one mmdet and the rest on PYTHONPATH
 
-    PYTHONPATH=... python tools/mmdet_parity.py [--gn] [--mmdet-version 2.17.0]
+    PYTHONPATH=... python tools/mmdet_parity.py [--gn] [--claim-mmcv 1.4.0]   # --claim-mmcv for mmdet 2.17
+
+mmdet 3.x runs the same way on mmdet 3.3.0 + mmengine + mmcv-lite 2.1.0 (+ termcolor, tqdm, shapely
+wheels); its evaluation goes through CocoMetric and is not compared here.
 
 The model is FCOS-R50-caffe (the recipe's architecture; ``--gn`` for the GN=Y head) with
 ``bench/r50.py``'s calibrated random weights (about 2000 (point, class) pairs above 0.05 at
@@ -83,49 +86,76 @@ def install(claim_mmcv: str | None) -> None:
         mmcv.__version__ = claim_mmcv
 
 
-def mmdet_config(gn: bool):
-    from mmcv import Config
-
-    norm = dict(type="GN", num_groups=32, requires_grad=True) if gn else None
-    return Config(
-        dict(
-            model=dict(
-                type="FCOS",
-                backbone=dict(
-                    type="ResNet",
-                    depth=50,
-                    num_stages=4,
-                    out_indices=(0, 1, 2, 3),
-                    frozen_stages=1,
-                    norm_cfg=dict(type="BN", requires_grad=False),
-                    norm_eval=True,
-                    style="caffe",
-                ),
-                neck=dict(
-                    type="FPN",
-                    in_channels=[256, 512, 1024, 2048],
-                    out_channels=256,
-                    start_level=1,
-                    add_extra_convs="on_output",
-                    num_outs=5,
-                    relu_before_extra_convs=True,
-                ),
-                bbox_head=dict(
-                    type="FCOSHead",
-                    num_classes=80,
-                    in_channels=256,
-                    stacked_convs=4,
-                    feat_channels=256,
-                    strides=[8, 16, 32, 64, 128],
-                    norm_cfg=norm,
-                    loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
-                    loss_bbox=dict(type="IoULoss", loss_weight=1.0),
-                    loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
-                ),
-                test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100),
-            )
-        )
+def model_dict(gn: bool) -> dict:
+    """mmdet's FCOS-R50-caffe model config (the same keys in mmdet 2.x and 3.x)."""
+    return dict(
+        type="FCOS",
+        backbone=dict(
+            type="ResNet",
+            depth=50,
+            num_stages=4,
+            out_indices=(0, 1, 2, 3),
+            frozen_stages=1,
+            norm_cfg=dict(type="BN", requires_grad=False),
+            norm_eval=True,
+            style="caffe",
+        ),
+        neck=dict(
+            type="FPN",
+            in_channels=[256, 512, 1024, 2048],
+            out_channels=256,
+            start_level=1,
+            add_extra_convs="on_output",
+            num_outs=5,
+            relu_before_extra_convs=True,
+        ),
+        bbox_head=dict(
+            type="FCOSHead",
+            num_classes=80,
+            in_channels=256,
+            stacked_convs=4,
+            feat_channels=256,
+            strides=[8, 16, 32, 64, 128],
+            norm_cfg=dict(type="GN", num_groups=32, requires_grad=True) if gn else None,
+            loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+            loss_bbox=dict(type="IoULoss", loss_weight=1.0),
+            loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+        ),
+        test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100),
     )
+
+
+def build_mmdet(gn: bool):
+    """mmdet's own model (2.x: build_detector; 3.x: the MODELS registry) and the meta its checkpoints carry."""
+    import mmdet
+
+    if int(mmdet.__version__.split(".")[0]) >= 3:
+        import mmengine
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+        from mmengine.config import ConfigDict
+
+        register_all_modules()
+        return MODELS.build(ConfigDict(model_dict(gn))), {"mmdet_version": mmdet.__version__, "mmengine_version": mmengine.__version__}
+    from mmcv import Config
+    from mmdet.models import build_detector
+
+    cfg = Config(dict(model=model_dict(gn)))
+    return build_detector(cfg.model), {"mmdet_version": mmdet.__version__, "config": cfg.pretty_text}
+
+
+def mmdet_detections(model, x: np.ndarray) -> list:
+    """mmdet's test-time detections (score, label, box) for one canvas-sized input, boxes in canvas pixels."""
+    xt = torch.from_numpy(x)[None]
+    with torch.no_grad():
+        if hasattr(model, "simple_test"):  # 2.x
+            meta = dict(img_shape=(800, 1333, 3), ori_shape=(800, 1333, 3), pad_shape=(800, 1333, 3), scale_factor=np.ones(4, np.float32), flip=False)
+            per_class = model.simple_test(xt, [meta], rescale=False)[0]
+            return [(float(r[4]), k, r[:4]) for k, rows in enumerate(per_class) for r in rows]
+        outs = model.bbox_head(model.extract_feat(xt))
+        meta3 = dict(img_shape=(800, 1333), scale_factor=(1.0, 1.0))
+        inst = model.bbox_head.predict_by_feat(*outs, batch_img_metas=[meta3], rescale=False)[0]
+        return [(float(s), int(k), b.numpy()) for b, s, k in zip(inst.bboxes, inst.scores, inst.labels)]
 
 
 def matched(a: list, b: list, box_tol: float, score_tol: float) -> tuple[int, float, float]:
@@ -237,7 +267,6 @@ def main() -> int:
     install(args.claim_mmcv)
     preprocess_parity()
     import mmdet
-    from mmdet.models import build_detector
 
     sys.path.insert(0, str(REPO / "bench"))
     from r50 import build_r50, set_candidates
@@ -250,23 +279,21 @@ def main() -> int:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    evaluation_parity(work / "eval")
+    if int(mmdet.__version__.split(".")[0]) < 3:  # 3.x evaluates through CocoMetric: not compared here
+        evaluation_parity(work / "eval")
     photos = sorted(PHOTOS.glob("*.jpg"))
     calib = np.stack([preprocess_image(read_image(p), 800, 1333)[0] for p in photos[:2]])
     source = build_r50(0, calib, head_norm="gn" if args.gn else "none")
     set_candidates(source, calib, 2000.0)
-    cfg = mmdet_config(args.gn)
-    model = build_detector(cfg.model)
+    model, meta = build_mmdet(args.gn)
     model.load_state_dict(mmdet_state_dict(source), strict=True)
     model.eval()
     ckpt = work / "fcos.pth"
-    torch.save({"state_dict": model.state_dict(), "meta": {"mmdet_version": mmdet.__version__, "config": cfg.pretty_text}}, ckpt)
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, ckpt)
 
     x, _ = preprocess_image(read_image(photos[2]), 800, 1333)
-    meta = [dict(img_shape=(800, 1333, 3), ori_shape=(800, 1333, 3), pad_shape=(800, 1333, 3), scale_factor=np.ones(4, np.float32), flip=False)]
+    theirs = mmdet_detections(model, x)
     with torch.no_grad():
-        per_class = model.simple_test(torch.from_numpy(x)[None], meta, rescale=False)[0]
-        theirs = [(float(r[4]), k, r[:4]) for k, rows in enumerate(per_class) for r in rows]
         network, loaded = load_model(ckpt)
         dets, labels = FCOSDetector(network.eval()).eval()(torch.from_numpy(x)[None])
     keep = labels[0] >= 0
