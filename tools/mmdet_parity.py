@@ -40,24 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
 
 
-def _mmcv_nms(bboxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int = 0) -> torch.Tensor:
-    order = scores.argsort(descending=True)
-    x1, y1, x2, y2 = bboxes.unbind(1)
-    area = (x2 - x1 + offset) * (y2 - y1 + offset)
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
-    keep = []
-    for pos, i in enumerate(order.tolist()):
-        if suppressed[pos]:
-            continue
-        keep.append(i)
-        rest = order[pos + 1 :]
-        w = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest]) + offset).clamp(min=0)
-        h = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest]) + offset).clamp(min=0)
-        inter = w * h
-        suppressed[pos + 1 :] |= inter / (area[i] + area[rest] - inter) > iou_threshold
-    return torch.tensor(keep, dtype=torch.int64)
-
-
 class _FakeExt(types.ModuleType):
     """``mmcv._ext`` with NMS only; any other op says it is missing when called."""
 
@@ -65,7 +47,9 @@ class _FakeExt(types.ModuleType):
         if name.startswith("__"):
             raise AttributeError(name)
         if name == "nms":
-            return lambda bboxes, scores, iou_threshold, offset: _mmcv_nms(bboxes, scores, iou_threshold, offset)
+            from torchvision_shim import greedy_nms  # mmcv calls it as nms(bboxes, scores, iou_threshold=, offset=)
+
+            return greedy_nms
 
         def missing(*args, **kwargs):
             raise NotImplementedError(f"mmcv._ext.{name} is not available in this check")

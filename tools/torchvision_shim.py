@@ -20,10 +20,11 @@ import types
 import torch
 
 
-def _nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def greedy_nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int = 0) -> torch.Tensor:
+    """Kept indices, highest score first; IoU > threshold suppressed (``offset`` 1: mmcv's legacy +1 widths)."""
     order = scores.argsort(descending=True)
     x1, y1, x2, y2 = dets.unbind(1)
-    area = (x2 - x1) * (y2 - y1)
+    area = (x2 - x1 + offset) * (y2 - y1 + offset)
     suppressed = torch.zeros(len(order), dtype=torch.bool)
     keep = []
     for pos, i in enumerate(order.tolist()):
@@ -31,8 +32,8 @@ def _nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
             continue
         keep.append(i)
         rest = order[pos + 1 :]
-        w = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest])).clamp(min=0)
-        h = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest])).clamp(min=0)
+        w = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest]) + offset).clamp(min=0)
+        h = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest]) + offset).clamp(min=0)
         inter = w * h
         suppressed[pos + 1 :] |= inter / (area[i] + area[rest] - inter) > iou_threshold
     return torch.tensor(keep, dtype=torch.int64)
@@ -43,7 +44,7 @@ def install() -> None:
     sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
     lib = torch.library.Library("torchvision", "DEF")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.impl("nms", _nms, "CPU")
+    lib.impl("nms", greedy_nms, "CPU")
     install.lib = lib  # type: ignore[attr-defined]  # the registration lives as long as this object
     import torchvision.extension
     import torchvision.ops.boxes

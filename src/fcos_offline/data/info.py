@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from fcos_offline.data.preprocess import list_images, parallel_map, read_image
+from fcos_offline.data.preprocess import first_per_stem, list_images, parallel_map, read_image
 from fcos_offline.errors import BadFileError, FcosError
 from fcos_offline.io import atomic_write_bytes, read_text_bounded
 
@@ -99,18 +99,12 @@ def make_info(
             else:
                 found.append((os.path.join(str(src_dir), p.name), width, height))
     else:
-        paths = [os.path.join(str(src_dir), p.name) for p in list_images(src)]
+        kept, summary.bad = first_per_stem(list_images(src))  # dumps are named by stem, as in preprocess
+        paths = [os.path.join(str(src_dir), p.name) for p in kept]
         if not paths:
             raise FcosError(f"no images (.jpg/.jpeg/.png/.bmp) in {src}")
         summary.bad += [BadFileError(p, "file name holds a line break; an .info line cannot list it") for p in paths if _LINE_BREAK.search(p)]
         paths = [p for p in paths if not _LINE_BREAK.search(p)]
-        first: dict[str, str] = {}  # dumps are named by stem: keep the first by file name, as preprocess does
-        for path in paths:
-            stem = Path(path).stem
-            if stem in first:
-                summary.bad.append(BadFileError(path, f"same stem as {Path(first[stem]).name}; skipped"))
-            first.setdefault(stem, path)
-        paths = [path for path in paths if first[Path(path).stem] == path]
         for path, w, h, problem in parallel_map(_image_size, paths, len(paths), workers, "image sizes"):
             if problem is None:
                 found.append((path, w, h))

@@ -160,6 +160,18 @@ def preprocess_image(img_bgr: np.ndarray, canvas_h: int, canvas_w: int) -> tuple
     return to_input_tensor(resized, lb.pad_top, lb.pad_left, canvas_h, canvas_w), lb
 
 
+def first_per_stem(images: Iterable[Path]) -> tuple[list[Path], list[BadFileError]]:
+    """Dumps and tensors are named by stem: the first image of each stem (in the given order), and the rest as skips."""
+    seen: dict[str, Path] = {}
+    dropped = []
+    for image in images:
+        if image.stem in seen:
+            dropped.append(BadFileError(image, f"same stem as {seen[image.stem].name}; skipped"))
+        else:
+            seen[image.stem] = image
+    return list(seen.values()), dropped
+
+
 def list_images(src_dir: str | os.PathLike) -> list[Path]:
     """Image files (.jpg/.jpeg/.png/.bmp, any case) directly in ``src_dir``, sorted by file name.
 
@@ -259,14 +271,8 @@ def preprocess_folder(
         raise UsageError(f"{dst}: exists and is not a folder; --bin_file_path names the folder the tensors go to")
     dst.mkdir(parents=True, exist_ok=True)
     summary = PreprocessSummary(dst_dir=str(dst), canvas_h=canvas_h, canvas_w=canvas_w)
-    tasks: list[tuple[str, str, int, int]] = []
-    seen: dict[str, Path] = {}
-    for image in images:
-        if image.stem in seen:
-            summary.bad.append(BadFileError(image, f"same stem as {seen[image.stem].name}; skipped"))
-            continue
-        seen[image.stem] = image
-        tasks.append((str(image), str(dst / f"{image.stem}.bin"), canvas_h, canvas_w))
+    kept, summary.bad = first_per_stem(images)
+    tasks = [(str(image), str(dst / f"{image.stem}.bin"), canvas_h, canvas_w) for image in kept]
     start = time.perf_counter()
     try:
         for src, problem in parallel_map(_preprocess_one, tasks, len(tasks), workers, "preprocess"):

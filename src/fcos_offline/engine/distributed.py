@@ -221,10 +221,11 @@ def run_inference_ray(
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     start = time.perf_counter()
     skipped: list[dict[str, str]] = []
-    for item in [i for i in todo if listed_size_problem(i, canvas)]:  # the workers see only paths: judged here
-        skipped.append({"path": item.path, "problem": str(listed_size_problem(item, canvas))})
-        warn(f"skipped {item.path}: {skipped[-1]['problem']}")
-        todo.remove(item)
+    wrong_size = {i.path: p for i in todo if (p := listed_size_problem(i, canvas))}  # the workers see only paths: judged here
+    for path, problem in wrong_size.items():
+        skipped.append({"path": path, "problem": problem})
+        warn(f"skipped {path}: {problem}")
+    todo = [i for i in todo if i.path not in wrong_size]
     per_actor: dict[str, list[float]] = {}
     load_s: list[float] = []
     done_at: list[float] = []

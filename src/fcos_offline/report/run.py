@@ -164,11 +164,10 @@ def _compiled_model(checkpoint: Path, engine: str, bs: int, opts: RunOptions, sh
     from fcos_offline.engine.backends import backend
     from fcos_offline.engine.base import ConvertRequest
     from fcos_offline.engine.convert import convert
+    from fcos_offline.export.cache import GRAPH_REVISION
     from fcos_offline.io import atomic_write_json, file_digest, json_digest
 
     request = ConvertRequest(precision=opts.precision, batch_size=bs, device=opts.device, shape=shape, overrides=opts.overrides)
-    from fcos_offline.export.cache import GRAPH_REVISION
-
     key = json_digest(
         {
             "checkpoint": file_digest(checkpoint),
@@ -244,9 +243,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
         raise UsageError("--coco/--images need --checkpoint (the demo model only fits the demo data)")
     if opts.checkpoint and not (opts.coco or opts.images):
         raise UsageError("--checkpoint needs --coco DIR (or --images and --annotations)")
-    if opts.model and settings_flags(opts.overrides):  # the online side would differ from the artifact's built-in ones
+    given = settings_flags(opts.overrides)
+    if opts.model and given:  # the online side would differ from the artifact's built-in ones
         raise UsageError(
-            f"{' '.join(settings_flags(opts.overrides))} with --model: {opts.model} has its settings built in; "
+            f"{' '.join(given)} with --model: {opts.model} has its settings built in; "
             "export or convert it with them, or drop --model to export the checkpoint with them"
         )
     if any(b < 1 for b in opts.batch_sizes):  # usage errors first, before any file is looked at
