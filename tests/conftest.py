@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
+
+from fcos_offline.model.match import match_detections
 
 # The test machines have two shared cores: torch's default intra-op pool (2 threads) spins and
 # stalls badly when the other core is busy (10x slower here). One thread is the fast, stable
@@ -67,20 +72,21 @@ def shared_data_dir() -> Path:
 #: the longest modules, started first so that parallel workers (``-n auto --dist loadfile``) end
 #: together: the demo tune search alone takes 5-9 minutes on two cores
 LONGEST_FIRST = (
-    "test_tune_demo.py",
-    "test_engine_distributed.py",
-    "test_tune.py",
-    "test_engine_inductor.py",
-    "test_reliability_faults.py",
-    "test_report_run.py",
-    "test_tune_holdout.py",
+    "tune/test_demo.py",
+    "engine/test_distributed.py",
+    "tune/test_search.py",
+    "engine/test_inductor.py",
+    "reliability/test_faults.py",
+    "report/test_run.py",
+    "tune/test_holdout.py",
 )
+TESTS_DIR = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the longest modules first (the order inside a module is kept)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    items.sort(key=lambda item: rank.get(item.path.resolve().relative_to(TESTS_DIR).as_posix(), len(rank)))
 
 
 @pytest.fixture
@@ -383,3 +389,116 @@ def pseudo_labelled_tiny(root: Path, num_images: int, canvas: tuple[int, int]) -
     assert len(data["annotations"]) >= 5 * num_images
     (root / "pseudo.json").write_text(json.dumps(data))
     return {"root": root, "model": root / "tiny.onnx", "images": images, "ann": root / "pseudo.json"}
+
+
+# --------------------------------------------------------------------------- shared by several test modules
+
+
+def assert_padding_contract(dets, labels):
+    """Detections first, sorted by score; then all-zero rows with label −1."""
+    for d, lab in zip(dets, labels):
+        n = int((lab >= 0).sum())
+        assert (lab[:n] >= 0).all() and (lab[n:] == -1).all()
+        assert (d[n:] == 0).all()
+        assert (d[:n, 4] > 0).all()
+        assert (np.diff(d[:n, 4]) <= 0).all()
+        assert (d[:n, 2] >= d[:n, 0]).all() and (d[:n, 3] >= d[:n, 1]).all()
+
+
+def sparse_fcos(calib_shape: tuple[int, int] = (256, 384)):
+    """Few candidates (most (point, class) pairs far below 0.05): well under 100 detections per image."""
+    import torch
+
+    model = make_fcos(num_classes=5, seed=12, calib_shape=calib_shape)
+    with torch.no_grad():
+        model.bbox_head.conv_cls.bias -= 5.0
+    return model
+
+
+def nms_case():
+    """Boxes whose fate shows the IoU convention: no +1, suppress only IoU > 0.5 (strictly)."""
+    import torch
+
+    boxes = torch.tensor(
+        [
+            [
+                [0, 0, 10, 10],  # A .9 kept
+                [0, 0, 4.9, 10],  # B .8 IoU(A) .49 -> kept (with +1 it would be .536: suppressed)
+                [5, 0, 10, 10],  # C .7 IoU(A) exactly .5 -> kept (strict >), disjoint from B
+                [0, 0, 10, 5.2],  # D .6 IoU(A) .52 -> suppressed
+                [0, 0, 10, 10],  # E .5 same box as A but class 1 -> kept
+                [20, 20, 30, 30],
+            ]
+        ],  # F not a candidate (score −1)
+        dtype=torch.float32,
+    )
+    scores = torch.full((1, 2, 6), -1.0)
+    scores[0, 0, :4] = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    scores[0, 1, 4] = 0.5
+    expected = ([0.9, 0.8, 0.7, 0.5], [0, 0, 0, 1])
+    return boxes, scores, expected
+
+
+# A v2-era config dump (what mmdet puts in meta['config']), GN head with the "tricks".
+V2_GN_CONFIG = textwrap.dedent("""\
+    model = dict(
+        type='FCOS',
+        backbone=dict(
+            type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1,
+            norm_cfg=dict(type='BN', requires_grad=False), norm_eval=True, style='pytorch'),
+        neck=dict(
+            type='FPN', in_channels=[256, 512, 1024, 2048], out_channels=256, start_level=1,
+            add_extra_convs='on_output', num_outs=5, relu_before_extra_convs=True),
+        bbox_head=dict(
+            type='FCOSHead', num_classes=80, in_channels=256, stacked_convs=4, feat_channels=256,
+            strides=[8, 16, 32, 64, 128], norm_cfg=dict(type='GN', num_groups=32, requires_grad=True),
+            norm_on_bbox=True, centerness_on_reg=True, dcn_on_last_conv=False, center_sampling=True,
+            conv_bias=False, loss_bbox=dict(type='GIoULoss', loss_weight=1.0)),
+        train_cfg=dict(
+            assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.7, neg_iou_thr=0.4, min_pos_iou=0),
+            allowed_border=-1, pos_weight=-1, debug=False),
+        test_cfg=dict(
+            nms_pre=700, min_bbox_size=0, score_thr=0.07, nms=dict(type='nms', iou_threshold=0.45),
+            max_per_img=60))
+    img_norm_cfg = dict(mean=[102.9801, 115.9465, 122.7717], std=[1.0, 1.0, 1.0], to_rgb=False)
+    """)
+
+
+# (height, width): landscape, portrait, tiny, very wide / tall, larger than the canvas, exactly the canvas
+SIZES = [(480, 640), (640, 480), (57, 83), (300, 300), (200, 1024), (1024, 200), (256, 384), (720, 1280), (333, 500), (150, 100)]
+
+
+def write_images(folder: Path, sizes=SIZES, seed: int = 0) -> Path:
+    """Photo-like test images (smooth colour fields plus a few rectangles) of varied sizes, via cv2."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        coarse = rng.integers(0, 256, (max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
+        img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+        for _ in range(3):
+            x0, y0 = int(rng.integers(0, max(1, w - 8))), int(rng.integers(0, max(1, h - 8)))
+            x1, y1 = x0 + int(rng.integers(4, max(5, w // 2))), y0 + int(rng.integers(4, max(5, h // 2)))
+            cv2.rectangle(img, (x0, y0), (x1, y1), tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
+        # texture everywhere, as in photos: flat areas give translation-invariant features, hence exactly
+        # tied scores at several places, whose order (and so NMS) is up to float rounding in each engine
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        ext = ".png" if i == 3 else ".jpeg" if i == 5 else ".jpg"  # every extension the readers accept
+        assert cv2.imwrite(str(folder / f"img{i:02d}{ext}"), img)
+    return folder
+
+
+def dump_bytes(folder: Path) -> dict[str, bytes]:
+    """Every dump file of ``folder`` (``*_1.bin``/``*_2.bin`` or ``*.npy``) by name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".npy")}
+
+
+def assert_same_detections(ref: dict, other: dict, what: str) -> None:
+    """``other`` reproduces ``ref``: same images, >= 99.9% detections matched at IoU > 0.999."""
+    assert sorted(other) == sorted(ref), f"{what}: different images"
+    total = matched = 0
+    for stem, (labels, dets) in ref.items():
+        s = match_detections(dets, labels, other[stem][1], other[stem][0], iou_thr=0.999, score_tol=1e-4)
+        assert s.num_ref > 0, f"{stem}: the reference has no detections; the comparison would prove nothing"
+        total += max(s.num_ref, s.num_other)
+        matched += s.matched
+    assert matched / total >= 0.999, f"{what}: {matched}/{total} detections matched"

@@ -10,9 +10,7 @@ import onnx
 import pytest
 import reference_postprocess as ref
 import torch
-from conftest import make_fcos, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt
-from test_model_checkpoint import V2_GN_CONFIG
-from test_model_postprocess import assert_padding_contract, nms_case, sparse_fcos
+from conftest import V2_GN_CONFIG, assert_padding_contract, make_fcos, nms_case, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt, sparse_fcos
 
 from fcos_offline.export.metadata import raw_output_names, read_metadata
 from fcos_offline.export.onnx_export import export_onnx, run_onnx_detector

@@ -1,6 +1,6 @@
 """``tune``'s held-out check: the chosen configuration's drop re-judged on images the search never saw.
 
-The data: the tiny pseudo-labelled model of ``test_tune`` on 16 demo images: the first 6 (by file
+The data: the tiny pseudo-labelled model of ``tune/test_search.py`` on 16 demo images: the first 6 (by file
 name) are the eval images, the next 4 the calibration images, the last 6 are left for the check.
 """
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_engine_infer import assert_same_detections
+from conftest import assert_same_detections
 
 from fcos_offline.cli import main
 from fcos_offline.data.dumps import read_dumps

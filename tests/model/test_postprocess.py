@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import reference_postprocess as ref
 import torch
-from conftest import make_fcos, random_canvas
+from conftest import assert_padding_contract, make_fcos, nms_case, random_canvas, sparse_fcos
 
 from fcos_offline.model.config import PostConfig, default_post_config
 from fcos_offline.model.match import match_batches
@@ -60,17 +60,6 @@ def assert_match(a, b, min_rate=0.999):
     return stats
 
 
-def assert_padding_contract(dets, labels):
-    """Detections first, sorted by score; then all-zero rows with label −1."""
-    for d, lab in zip(dets, labels):
-        n = int((lab >= 0).sum())
-        assert (lab[:n] >= 0).all() and (lab[n:] == -1).all()
-        assert (d[n:] == 0).all()
-        assert (d[:n, 4] > 0).all()
-        assert (np.diff(d[:n, 4]) <= 0).all()
-        assert (d[:n, 2] >= d[:n, 0]).all() and (d[:n, 3] >= d[:n, 1]).all()
-
-
 @pytest.fixture(scope="module")
 def models():
     return {name: make_fcos(calib_shape=CANVAS, **kw) for name, (kw, _) in CASES.items()}
@@ -91,14 +80,6 @@ def test_eager_matches_numpy_reference(models, x, case):
     assert stats.num_ref == 2 * post.max_per_img  # > 100 survivors per image: the cut at 100 is tested too
     assert_padding_contract(*got)
     assert got[1].max() < model.cfg.head.num_classes
-
-
-def sparse_fcos():
-    """Few candidates (most (point, class) pairs far below 0.05): well under 100 detections per image."""
-    model = make_fcos(num_classes=5, seed=12, calib_shape=CANVAS)
-    with torch.no_grad():
-        model.bbox_head.conv_cls.bias -= 5.0
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -198,28 +179,6 @@ def test_torchvision_rule_points_and_score():
     cx, cy = 3 * (512 // 4), 2 * (320 // 3)
     assert (cx, cy) == (384, 212)
     np.testing.assert_allclose(dets[0, 0].numpy(), [cx - 10, cy - 20, cx + 30, cy + 40, np.sqrt(0.045)], rtol=1e-5)
-
-
-def nms_case():
-    """Boxes whose fate shows the IoU convention: no +1, suppress only IoU > 0.5 (strictly)."""
-    boxes = torch.tensor(
-        [
-            [
-                [0, 0, 10, 10],  # A .9 kept
-                [0, 0, 4.9, 10],  # B .8 IoU(A) .49 -> kept (with +1 it would be .536: suppressed)
-                [5, 0, 10, 10],  # C .7 IoU(A) exactly .5 -> kept (strict >), disjoint from B
-                [0, 0, 10, 5.2],  # D .6 IoU(A) .52 -> suppressed
-                [0, 0, 10, 10],  # E .5 same box as A but class 1 -> kept
-                [20, 20, 30, 30],
-            ]
-        ],  # F not a candidate (score −1)
-        dtype=torch.float32,
-    )
-    scores = torch.full((1, 2, 6), -1.0)
-    scores[0, 0, :4] = torch.tensor([0.9, 0.8, 0.7, 0.6])
-    scores[0, 1, 4] = 0.5
-    expected = ([0.9, 0.8, 0.7, 0.5], [0, 0, 0, 1])
-    return boxes, scores, expected
 
 
 def test_nms_iou_convention():

@@ -19,8 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import make_fcos
-from test_engine_infer import dump_bytes, write_images
+from conftest import dump_bytes, make_fcos, write_images
 
 from fcos_offline.cli import main
 from fcos_offline.data.dataset import InputItem

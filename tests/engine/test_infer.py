@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
-from conftest import make_fcos, save_mmdet_ckpt
+from conftest import assert_same_detections, dump_bytes, make_fcos, save_mmdet_ckpt, write_images
 
 from fcos_offline.cli import main
 from fcos_offline.data.dumps import dumps_complete, read_dumps
@@ -29,36 +29,14 @@ from fcos_offline.data.preprocess import preprocess_folder
 from fcos_offline.engine.backends import EngineOptions, open_engine
 from fcos_offline.engine.infer import STAGES, items_from_images, run_inference
 from fcos_offline.errors import UsageError
-from fcos_offline.model.match import match_detections
 
 CANVAS = (256, 384)  # H, W
 NUM_IMAGES = 10
-COCO_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-val2017-sample" / "val2017"
-# (height, width): landscape, portrait, tiny, very wide / tall, larger than the canvas, exactly the canvas
-SIZES = [(480, 640), (640, 480), (57, 83), (300, 300), (200, 1024), (1024, 200), (256, 384), (720, 1280), (333, 500), (150, 100)]
+COCO_PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco-val2017-sample" / "val2017"
 LATENCY_KEYS = {"min", "mean", "median", "p90", "p99"}
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-def write_images(folder: Path, sizes=SIZES, seed: int = 0) -> Path:
-    """Photo-like test images (smooth colour fields plus a few rectangles) of varied sizes, via cv2."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (h, w) in enumerate(sizes):
-        coarse = rng.integers(0, 256, (max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
-        img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
-        for _ in range(3):
-            x0, y0 = int(rng.integers(0, max(1, w - 8))), int(rng.integers(0, max(1, h - 8)))
-            x1, y1 = x0 + int(rng.integers(4, max(5, w // 2))), y0 + int(rng.integers(4, max(5, h // 2)))
-            cv2.rectangle(img, (x0, y0), (x1, y1), tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
-        # texture everywhere, as in photos: flat areas give translation-invariant features, hence exactly
-        # tied scores at several places, whose order (and so NMS) is up to float rounding in each engine
-        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-        ext = ".png" if i == 3 else ".jpeg" if i == 5 else ".jpg"  # every extension the readers accept
-        assert cv2.imwrite(str(folder / f"img{i:02d}{ext}"), img)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -114,29 +92,12 @@ def ort_artifact4(model) -> Path:
     return out
 
 
-def dump_bytes(folder: Path) -> dict[str, bytes]:
-    """Every dump file of ``folder`` (``*_1.bin``/``*_2.bin`` or ``*.npy``) by name."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".npy")}
-
-
 def summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
 
 def stems(folder: Path) -> list[str]:
     return [p.stem for p in sorted(folder.iterdir()) if p.is_file()]
-
-
-def assert_same_detections(ref: dict, other: dict, what: str) -> None:
-    """``other`` reproduces ``ref``: same images, >= 99.9% detections matched at IoU > 0.999."""
-    assert sorted(other) == sorted(ref), f"{what}: different images"
-    total = matched = 0
-    for stem, (labels, dets) in ref.items():
-        s = match_detections(dets, labels, other[stem][1], other[stem][0], iou_thr=0.999, score_tol=1e-4)
-        assert s.num_ref > 0, f"{stem}: the reference has no detections; the comparison would prove nothing"
-        total += max(s.num_ref, s.num_other)
-        matched += s.matched
-    assert matched / total >= 0.999, f"{what}: {matched}/{total} detections matched"
 
 
 # --------------------------------------------------------------------------- engines agree

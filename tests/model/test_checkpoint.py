@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_fcos, param_count, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt, torchvision_state_dict
+from conftest import V2_GN_CONFIG, make_fcos, param_count, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt, torchvision_state_dict
 
 from fcos_offline.cli import main
 from fcos_offline.errors import FcosError
@@ -20,30 +20,6 @@ from fcos_offline.model.checkpoint import (
     load_model,
     settings_from_meta,
 )
-
-# A v2-era config dump (what mmdet puts in meta['config']), GN head with the "tricks".
-V2_GN_CONFIG = textwrap.dedent("""\
-    model = dict(
-        type='FCOS',
-        backbone=dict(
-            type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1,
-            norm_cfg=dict(type='BN', requires_grad=False), norm_eval=True, style='pytorch'),
-        neck=dict(
-            type='FPN', in_channels=[256, 512, 1024, 2048], out_channels=256, start_level=1,
-            add_extra_convs='on_output', num_outs=5, relu_before_extra_convs=True),
-        bbox_head=dict(
-            type='FCOSHead', num_classes=80, in_channels=256, stacked_convs=4, feat_channels=256,
-            strides=[8, 16, 32, 64, 128], norm_cfg=dict(type='GN', num_groups=32, requires_grad=True),
-            norm_on_bbox=True, centerness_on_reg=True, dcn_on_last_conv=False, center_sampling=True,
-            conv_bias=False, loss_bbox=dict(type='GIoULoss', loss_weight=1.0)),
-        train_cfg=dict(
-            assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.7, neg_iou_thr=0.4, min_pos_iou=0),
-            allowed_border=-1, pos_weight=-1, debug=False),
-        test_cfg=dict(
-            nms_pre=700, min_bbox_size=0, score_thr=0.07, nms=dict(type='nms', iou_threshold=0.45),
-            max_per_img=60))
-    img_norm_cfg = dict(mean=[102.9801, 115.9465, 122.7717], std=[1.0, 1.0, 1.0], to_rgb=False)
-    """)
 
 # The v1 model-zoo config (spec S2), abridged.
 V1_CONFIG = textwrap.dedent("""\

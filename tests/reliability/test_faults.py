@@ -2,7 +2,7 @@
 
 * ``run`` killed with SIGKILL at several points (export, inference, evaluation, report), then run
   again on the same ``--workdir``: the results equal an uninterrupted run's, and no file a later
-  step reads is ever torn (``infer``'s kill + ``--resume`` test is in test_engine_stress.py).
+  step reads is ever torn (``infer``'s kill + ``--resume`` test is in tests/engine/test_stress.py).
 * A full disk: a real small tmpfs where this machine lets us mount one (root), and everywhere an
   injected ``ENOSPC`` in the atomic writer. The verb prints one line "disk full while writing X"
   and exits 1; files written before are intact, no partial file is left, and a rerun (``infer

@@ -31,7 +31,7 @@ from fcos_offline.demo.train import (
 from fcos_offline.model.checkpoint import load_model
 from fcos_offline.model.fcos import FCOS, FrozenBatchNorm2d
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "src" / "fcos_offline" / "assets" / "fcos_demo.pth"
 TINY = DemoArch(stem_channels=8, stage_planes=(4, 8, 12, 16), stage_blocks=(1, 1, 1, 1), fpn_channels=32, stacked_convs=2)
 TINY_CANVAS = (64, 96)
