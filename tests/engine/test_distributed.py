@@ -106,6 +106,18 @@ def test_ray_dumps_are_the_local_runs_byte_for_byte(data, cluster, tmp_path) -> 
     assert maps[0] == maps[1] > 0.3
 
 
+def test_relative_paths_are_the_drivers_not_the_workers(data, cluster, tmp_path, monkeypatch) -> None:
+    """Ray's workers run in their own directory: relative --model, --images and --output name the
+    driver's files, and the dumps land where the summary says."""
+    shutil.copy(data.onnx, tmp_path / "demo.onnx")
+    shutil.copytree(data.images, tmp_path / "val2017")
+    monkeypatch.chdir(tmp_path)
+    args = _ray_args(SimpleNamespace(onnx="demo.onnx", images="val2017"), cluster, Path("rel") / "dumps")
+    assert main(args) == 0
+    assert _dumps(tmp_path / "rel" / "dumps") == _dumps(data.local)
+    assert json.loads((tmp_path / "rel" / "dumps" / "summary.json").read_text())["num_inferred"] == NUM_IMAGES
+
+
 def test_file_urls_for_inputs_and_outputs(data, cluster, tmp_path) -> None:
     out = tmp_path / "url"
     args = [

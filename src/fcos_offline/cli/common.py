@@ -144,7 +144,7 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
         const="auto",
         default=None,
         metavar="ADDRESS",
-        help="run on Ray: alone, a local cluster sized to this machine; or a cluster address (ray://head:10001, host:6379)",
+        help="run on Ray: alone, $RAY_ADDRESS or the cluster `ray start` began on this machine, else a new local one; or a cluster address (ray://head:10001, host:6379)",
     )
     add_flag(g, "--ray-actors", type=number(int, 1, 100_000), default=1, help="engine actors, one engine each (default 1)")
     add_flag(g, "--ray-cpus-per-actor", type=number(float, 0.0, 1024, low_open=True), default=1.0, help="CPUs per actor (default 1)")

@@ -50,6 +50,11 @@ def local_path(path_or_url: str) -> str | None:
     return rest if scheme == "file" else None
 
 
+def absolute(path_or_url: str) -> str:
+    """A local path made absolute (Ray's workers may run in another directory); URLs as given."""
+    return path_or_url if "://" in path_or_url else os.path.abspath(path_or_url)
+
+
 def _read_bytes(path_or_url: str) -> bytes:
     local = local_path(path_or_url)
     if local is not None:
@@ -165,7 +170,7 @@ def _init_ray(address: str) -> Any:
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False, "ignore_reinit_error": True}
         if address == "auto":
-            ray.init(**kwargs)  # a local cluster sized to this machine (or RAY_ADDRESS's, when set)
+            ray.init(**kwargs)  # RAY_ADDRESS's cluster, else the one `ray start` began here, else a new local one
         else:
             ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
@@ -206,8 +211,10 @@ def run_inference_ray(
     out_local = local_path(str(output_dir))
     if out_local is None:
         raise UsageError(f"{output_dir}: dumps are written to a local or shared path (or file:// URL); mount the store first")
-    out = Path(out_local)
+    out = Path(absolute(out_local))
     out.mkdir(parents=True, exist_ok=True)
+    model = absolute(str(model))
+    items = [replace(i, path=absolute(i.path)) for i in items]
     stems = [i.stem for i in items]
     if len(set(stems)) != len(stems):
         raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(sorted({s for s in stems if stems.count(s) > 1})[:3])}")
@@ -244,7 +251,7 @@ def run_inference_ray(
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor or None,
             fn_constructor_kwargs={
-                "model": str(model),
+                "model": model,
                 "options": options,
                 "shape": shape,
                 "overrides": overrides,
@@ -269,6 +276,13 @@ def run_inference_ray(
                     advance(1)
     wall = time.perf_counter() - start
     done = sum(len(v) for v in per_actor.values())
+    skipped_paths = {s["path"] for s in skipped}
+    lost = [i.stem for i in todo if i.path not in skipped_paths and not dumps_complete(out, i.stem, fmt)]
+    if lost:
+        raise FcosError(
+            f"{out}: the Ray workers inferred {len(lost)} image(s) whose dumps are not there (first: {lost[0]}); "
+            "--output must be a folder every node sees at the same path"
+        )
     infer_all = [s for v in per_actor.values() for s in v]
     latency = {
         "read": latency_stats(load_s),
