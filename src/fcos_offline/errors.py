@@ -45,6 +45,13 @@ class MissingExtraError(FcosError):
         super().__init__(f"'{module}' is not installed; install it with: pip install 'fcos-offline[{extra}]'")
 
 
+def first_line(exc: BaseException, limit: int = 200, *, last: bool = False) -> str:
+    """An exception's message in one line (its first non-empty line, or its last with ``last``),
+    at most ``limit`` characters; its type's name when the message is empty."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if last else lines[0])[:limit] if lines else type(exc).__name__
+
+
 def require(module: str, extra: str):
     """Import an optional module or raise MissingExtraError naming the extra to install."""
     import importlib

@@ -261,3 +261,23 @@ def test_zero_byte_onnx(files, tmp_path, capsys) -> None:
     code, out, err = cli(capsys, "convert", "--model", model, "--output", tmp_path / "art")
     assert_clean(code, out, err, 1, model.name)
     record("0-byte ONNX", "convert", code, err, "refused in one line naming the file", "error:")
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_engine_failing_with_an_empty_message_is_still_one_line(engine, files, tmp_path, capsys, monkeypatch) -> None:
+    """An engine library may raise with no message at all: the error names the file and the
+    exception's type instead of crashing on the empty text (it raised IndexError before)."""
+    if engine == "onnxruntime":
+        import onnxruntime
+
+        monkeypatch.setattr(onnxruntime, "InferenceSession", _raise_empty)
+    else:
+        openvino = pytest.importorskip("openvino")
+        monkeypatch.setattr(openvino.Core, "read_model", _raise_empty)
+    code, out, err = cli(capsys, "infer", "--model", files.renamed, "--engine", engine, "--images", files.images, "--output", tmp_path / "d")
+    assert_clean(code, out, err, 1, files.renamed.name)
+    assert "(RuntimeError)" in err
+
+
+def _raise_empty(*args, **kwargs):
+    raise RuntimeError("")

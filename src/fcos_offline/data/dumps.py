@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.errors import BadFileError, FcosError, first_line
 from fcos_offline.io import atomic_write_bytes
 
 FORMATS = ("bin", "npy")
@@ -131,9 +131,7 @@ def _load_npy(path: Path, role: str, num_dets: int | None) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise BadFileError(
-            path, f"not a readable .npy file ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})"
-        ) from None
+        raise BadFileError(path, f"not a readable .npy file ({first_line(exc, 160)})") from None
     if not isinstance(arr, np.ndarray):  # np.load also opens .npz archives
         raise BadFileError(path, "not a .npy array (an .npz archive?)")
     k = num_dets if num_dets is not None else (arr.size if role == "labels" else arr.size // 5)

@@ -23,7 +23,7 @@ from typing import Any
 from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact, write_artifact
 from fcos_offline.engine.backends import CHECKPOINT_SUFFIXES, CONVERT_ENGINES, backend
 from fcos_offline.engine.base import Backend, ConvertRequest, refuse_settings
-from fcos_offline.errors import FcosError, UsageError
+from fcos_offline.errors import FcosError, UsageError, first_line
 from fcos_offline.export.metadata import read_metadata
 from fcos_offline.io import atomic_folder
 
@@ -84,9 +84,7 @@ def _convert_onnx(src: Path, chosen: Backend, output: str | Path, request: Conve
         metadata = read_metadata(src)
         proto = onnx.load(str(src))
     except Exception as exc:
-        raise FcosError(
-            f"{src}: not a readable ONNX file ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})"
-        ) from None
+        raise FcosError(f"{src}: not a readable ONNX file ({first_line(exc, 160)})") from None
     if len(proto.graph.input) != 1 or len(proto.graph.input[0].type.tensor_type.shape.dim) != 4:
         raise FcosError(f"{src}: not an FCOS model: it has {len(proto.graph.input)} inputs, expected one image batch [B,3,H,W]")
     dims = proto.graph.input[0].type.tensor_type.shape.dim

@@ -34,7 +34,7 @@ import numpy as np
 
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.engine.base import EngineOptions
-from fcos_offline.errors import FcosError, UsageError, require
+from fcos_offline.errors import FcosError, UsageError, first_line, require
 from fcos_offline.progress import progress_bar, warn
 
 _NO_REGION = np.array([-1, -1, -1, -1], np.int64)
@@ -105,7 +105,7 @@ def _load_row(row: dict[str, Any], canvas: tuple[int, int]) -> dict[str, Any]:
         except FcosError as exc:
             problem = str(exc)
         except (OSError, cv2.error) as exc:
-            problem = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            problem = first_line(exc, last=True)
     return {**row, "image": placed, "region": region, "problem": problem, "load_s": time.perf_counter() - t0}
 
 

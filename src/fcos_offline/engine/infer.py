@@ -39,7 +39,7 @@ from fcos_offline.data.preprocess import (
     to_input_tensor,
 )
 from fcos_offline.engine.base import Engine
-from fcos_offline.errors import BadFileError, FcosError, UsageError
+from fcos_offline.errors import BadFileError, FcosError, UsageError, first_line
 from fcos_offline.io import atomic_write_json, process_alive
 from fcos_offline.progress import progress_bar, warn
 
@@ -118,7 +118,7 @@ def read_input(item: InputItem, canvas_hw: tuple[int, int]) -> Loaded:
     except FcosError as exc:  # e.g. an image too thin to letterbox: skipped, as preprocess_folder skips it
         problem = str(exc)
     except cv2.error as exc:
-        problem = f"OpenCV: {str(exc).strip().splitlines()[-1][:200]}"
+        problem = f"OpenCV: {first_line(exc, last=True)}"
     except OSError as exc:
         problem = exc.strerror or str(exc)
     return Loaded(item, None, None, problem, time.perf_counter() - t0, 0.0)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from fcos_offline.errors import BadFileError, FcosError
+from fcos_offline.errors import BadFileError, FcosError, first_line
 from fcos_offline.model.config import (
     POST_RULES,
     BackboneConfig,
@@ -174,11 +174,6 @@ def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
         except Exception as exc:
             raise BadFileError(path, f"not a readable PyTorch checkpoint (truncated or wrong file type: {_torch_reason(exc)})") from None
     raise BadFileError(path, "too many unknown pickled types")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- key layouts
@@ -389,7 +384,7 @@ def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -
     except FcosError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise BadFileError(path, f"not an FCOS checkpoint this tool understands ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise BadFileError(path, f"not an FCOS checkpoint this tool understands ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -> LoadedCheckpoint:
@@ -524,7 +519,7 @@ def load_model(path: str | Path, overrides: ModelOverrides | None = None):
     except FcosError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise BadFileError(path, f"cannot build an FCOS from it ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise BadFileError(path, f"cannot build an FCOS from it ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def mmdet_state_dict(model, head_names: str = "conv", with_num_batches_tracked: bool = True) -> dict[str, Any]:

@@ -58,7 +58,7 @@ from fcos_offline.engine.backends import EngineOptions, open_engine
 from fcos_offline.engine.base import Engine
 from fcos_offline.engine.cpu import cpu_description, describe_cpu
 from fcos_offline.engine.infer import cap_batch
-from fcos_offline.errors import FcosError
+from fcos_offline.errors import FcosError, first_line
 from fcos_offline.io import file_digest
 from fcos_offline.progress import info, warn
 from fcos_offline.tune import policy
@@ -208,7 +208,7 @@ class Tuner:
         except Exception as exc:
             if cand.key == self.ref_key:
                 raise
-            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            msg = f"{type(exc).__name__}: {first_line(exc, 300)}"
             warn(f"{cand.label()} failed: {msg}")
             st.skip(cand.key, f"failed: {msg}")
             return None

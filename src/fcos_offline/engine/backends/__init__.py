@@ -23,7 +23,7 @@ from fcos_offline.engine.base import (
     refuse_settings,
     resolve_options,
 )
-from fcos_offline.errors import FcosError, UsageError
+from fcos_offline.errors import FcosError, UsageError, first_line
 
 if TYPE_CHECKING:
     from fcos_offline.model.checkpoint import ModelOverrides
@@ -94,7 +94,7 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
         try:
             metadata = read_metadata(p)
         except Exception as exc:
-            raise FcosError(f"{p}: not a readable ONNX file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+            raise FcosError(f"{p}: not a readable ONNX file ({first_line(exc, 160)})") from None
     else:
         raise FcosError(f"{p}: unknown model type '{suffix}' (expected .onnx, .xml, a convert folder, a .pth or a .pt2)")
     post = None

@@ -30,7 +30,7 @@ import numpy as np
 
 from fcos_offline.engine.base import Converted, ConvertRequest, Engine, EngineConfig, EngineOptions, ModelSource, check_canvas
 from fcos_offline.engine.torch_runtime import DeviceFeed, device_info, set_fp32_mode, torch_device
-from fcos_offline.errors import FcosError, UsageError, require
+from fcos_offline.errors import FcosError, UsageError, first_line, require
 
 if TYPE_CHECKING:
     from fcos_offline.model.checkpoint import ModelOverrides
@@ -191,7 +191,7 @@ class InductorEngine(Engine):
         try:
             module = torch.export.load(str(source.path)).module().to(self.device)
         except Exception as exc:
-            raise FcosError(f"{source.path}: PyTorch cannot load the exported program ({str(exc).strip().splitlines()[0][:200]})") from None
+            raise FcosError(f"{source.path}: PyTorch cannot load the exported program ({first_line(exc)})") from None
         self.network = _compile(module, self.device, bool(settings.get("cuda_graphs", False)))
         self.post = FCOSPostProcess(self.model_config.post, self.model_config.head.strides)
         self.feed = DeviceFeed(self.device, self.input_hw)

@@ -18,7 +18,7 @@ from fcos_offline.engine.base import (
     detector_outputs,
     static_dims,
 )
-from fcos_offline.errors import FcosError, MissingExtraError, UsageError
+from fcos_offline.errors import FcosError, MissingExtraError, UsageError, first_line
 
 if TYPE_CHECKING:
     from fcos_offline.model.checkpoint import ModelOverrides
@@ -108,7 +108,7 @@ class OnnxRuntimeEngine(Engine):
         try:
             self.session: Any = ort.InferenceSession(str(source.path), so, providers=wanted)
         except Exception as exc:
-            raise FcosError(f"{source.path}: ONNX Runtime cannot load the model ({str(exc).strip().splitlines()[0][:200]})") from None
+            raise FcosError(f"{source.path}: ONNX Runtime cannot load the model ({first_line(exc)})") from None
         inputs = self.session.get_inputs()
         check_input(source.path, [(i.name, i.type == "tensor(float)", i.shape) for i in inputs])
         self.input_name = inputs[0].name

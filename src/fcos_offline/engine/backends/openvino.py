@@ -18,7 +18,7 @@ from fcos_offline.engine.base import (
     check_input,
     detector_outputs,
 )
-from fcos_offline.errors import FcosError, UsageError, require
+from fcos_offline.errors import FcosError, UsageError, first_line, require
 from fcos_offline.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class OpenVINOEngine(Engine):
         try:
             model = core.read_model(str(source.path))
         except Exception as exc:
-            raise FcosError(f"{source.path}: OpenVINO cannot read the model ({str(exc).strip().splitlines()[0][:200]})") from None
+            raise FcosError(f"{source.path}: OpenVINO cannot read the model ({first_line(exc)})") from None
         check_input(source.path, [(i.get_any_name(), i.get_element_type().is_real(), _shape(i)) for i in model.inputs])
         inp = model.inputs[0]
         pshape = inp.get_partial_shape()
