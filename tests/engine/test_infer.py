@@ -216,6 +216,16 @@ def test_static_batch_artifact_pads_and_trims(reference, runs, model, images, or
     assert dump_bytes(ov_static) == dump_bytes(ov_dyn)
 
 
+def test_a_feed_that_does_not_fit_a_fixed_batch_is_said(model, images, ort_artifact4, tmp_path, capsys) -> None:
+    """--batch-size 3 on a batch-4 model runs (padded), and says so: its fps are not the model's at batch 3."""
+    capsys.readouterr()
+    assert main(["infer", "--model", str(ort_artifact4), "--images", str(images), "--batch-size", "3", "--output", str(tmp_path / "b3")]) == 0
+    err = capsys.readouterr().err
+    assert "has a fixed batch of 4: each batch of 3 runs as 1 call(s) of 4, 1 of its 4 rows zeros" in err
+    assert main(["infer", "--model", str(ort_artifact4), "--images", str(images), "--output", str(tmp_path / "b4")]) == 0
+    assert "fixed batch" not in capsys.readouterr().err  # its own batch: nothing to say
+
+
 def _bins_of(images: Path, names: list[str], tmp_path: Path) -> list[Path]:
     bins = tmp_path / "engine_bins"
     preprocess_folder(images, bins, *CANVAS, workers=1)

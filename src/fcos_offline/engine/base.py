@@ -186,6 +186,18 @@ class Engine:
             labels.append(lab[:n])
         return np.concatenate(dets), np.concatenate(labels)
 
+    def feed_note(self, batch_size: int) -> str | None:
+        """What a feed of ``batch_size`` images does to a fixed-batch model (split, zero-padded), or None when it fits."""
+        fixed = self.static_batch
+        if fixed is None or batch_size == fixed:
+            return None
+        calls = -(-batch_size // fixed)
+        padded = f", {calls * fixed - batch_size} of its {calls * fixed} rows zeros" if batch_size % fixed else ""
+        return (
+            f"{self.source.path} has a fixed batch of {fixed}: each batch of {batch_size} runs as {calls} call(s) of {fixed}{padded}; "
+            f"the fps are this feed's, not the model's at batch {batch_size} (convert it with --batch-size {batch_size} for that)"
+        )
+
     def run_letterboxed(self, images: list[np.ndarray], pads: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """Letterboxed uint8 images (BGR HxWx3) placed at ``pads`` (top, left) -> detections.
 

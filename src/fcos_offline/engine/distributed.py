@@ -223,6 +223,9 @@ def run_inference_ray(
         canvas = engine.input_hw
         described = engine.describe()
         check_dump_folder(out, engine, resume)
+        note = engine.feed_note(batch_size)
+    if note:
+        warn(note)
     todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
     ray = _init_ray(address)
     nodes = [n for n in ray.nodes() if n.get("Alive")]

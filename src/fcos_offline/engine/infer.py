@@ -373,6 +373,9 @@ def run_inference(
         dup = sorted({s for s in stems if stems.count(s) > 1})[:3]
         raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(dup)}")
     check_dump_folder(out, engine, resume)
+    note = engine.feed_note(batch_size)
+    if note:
+        warn(note)
     todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
     resumed = len(items) - len(todo)
     previous = out / "summary.json"
