@@ -136,3 +136,14 @@ def test_run_refuses_model_settings_with_an_artifact(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--score-thr with --model"):
         run(RunOptions(model=str(tmp_path / "art"), overrides=ModelOverrides(score_thr=0.5), workdir=str(tmp_path / "w")))
     assert not (tmp_path / "w").exists()
+
+
+def test_a_class_count_the_annotations_lack_is_refused_before_inference(tmp_path: Path, capsys) -> None:
+    """The 6-class demo model on COCO photos (the sample's annotations list 23 categories): refused
+    once the model's labels are known, before any engine runs (it failed after the first inference)."""
+    sample = shared_data_dir()
+    root = tmp_path / "w"
+    code = main(["run", "--checkpoint", str(DEMO_CHECKPOINT), "--coco", str(sample), "--shape", "128", "192", "--workdir", str(root)])
+    err = capsys.readouterr().err
+    assert code == 1 and "the model has 6 classes but the annotation file lists 23 categories" in err
+    assert not (root / "result").exists()

@@ -309,3 +309,17 @@ def test_a_best_folder_that_is_not_an_artifact_is_refused_before_the_search(tmp_
     err = capsys.readouterr().err
     assert "no artifact.json" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # nothing was started
+
+
+def test_a_class_count_the_annotations_lack_is_refused_before_the_reference(tmp_path, capsys) -> None:
+    """The 6-class demo model against COCO's annotations (23 categories in the sample): refused while
+    the data is prepared, before the reference trial runs (it failed only after it)."""
+    from conftest import shared_data_dir
+
+    from fcos_offline.demo import DEMO_CHECKPOINT
+
+    out = tmp_path / "t"
+    code = main(["tune", "--model", str(DEMO_CHECKPOINT), "--coco", str(shared_data_dir()), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "the model has 6 classes but the annotation file lists 23 categories" in err
+    assert not (out / TUNE_FILE).exists() and "reference" not in err

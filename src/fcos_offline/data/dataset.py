@@ -155,15 +155,19 @@ def prepare_eval_set(
 
 
 def class_names_for(metadata: dict[str, Any], ann_file: Path) -> list[str] | None:
-    """Names for a model's labels: its own, COCO's (None = the 80 classes; torchvision's 91), else the annotations'."""
-    from fcos_offline.evaluate.coco import coco91_names, load_annotations
+    """Names for a model's labels: its own, COCO's (None = the 80 classes; torchvision's 91), else the annotations'.
 
-    if metadata.get("class_names"):
-        return list(metadata["class_names"])
-    num = (metadata.get("config") or {}).get("head", {}).get("num_classes", 80)
+    A label count other than COCO's must be the annotations' category count: refused here, before any
+    inference, rather than when the dumps are evaluated.
+    """
+    from fcos_offline.evaluate.coco import coco91_names, label_to_category, load_annotations
+
+    names = list(metadata.get("class_names") or [])
+    num = len(names) or (metadata.get("config") or {}).get("head", {}).get("num_classes", 80)
     if num == 80:
-        return None
+        return names or None
     if num == 91:
-        return coco91_names()
-    cats = sorted(load_annotations(ann_file)["categories"], key=lambda c: c["id"])
-    return [c["name"] for c in cats] if len(cats) == num else [str(i) for i in range(num)]
+        return names or coco91_names()
+    data = load_annotations(ann_file)
+    label_to_category(data, num)
+    return names or [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]

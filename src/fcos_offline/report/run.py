@@ -288,7 +288,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
         ann_file, jpg_info = eval_set.ann_file, eval_set.jpg_info
         run_items = _bin_items(eval_set, paths, shape) if opts.write_bins else eval_set.items
         onnx_path, export_result = cached_export(checkpoint, paths.sub("model"), shape, opts.overrides)
-        class_names = export_result.get("metadata_class_names") or class_names_for(read_metadata(onnx_path), ann_file)
+        cached_names = export_result.get("metadata_class_names")
+        class_names = class_names_for({"class_names": cached_names} if cached_names else read_metadata(onnx_path), ann_file)
         offline_model, model_precision = onnx_path, None
         if opts.model:  # a convert/tune artifact (or another ONNX/IR) replaces the exported model offline
             artifact = resolve_model(opts.model).artifact
