@@ -58,6 +58,23 @@ def test_the_library_never_imports_the_cli() -> None:
     assert not offenders, offenders
 
 
+def test_the_library_never_prints_or_exits() -> None:
+    """stdout belongs to the CLI: library code returns results (warnings and progress go to stderr
+    through fcos_offline.progress) and raises FcosError instead of exiting."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] == "cli" or rel.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f"{getattr(f.value, 'id', '')}.{f.attr}" if isinstance(f, ast.Attribute) else ""
+                if name in ("print", "sys.exit", "exit", "quit"):
+                    offenders.append(f"{rel}:{node.lineno} {name}")
+    assert not offenders, offenders
+
+
 def test_engine_layer_does_not_import_evaluation_and_export_does_not_either() -> None:
     """Dump and perf formats live in data/, detection matching in model/: the engine and export stages stand alone."""
     for folder in ("engine", "export"):

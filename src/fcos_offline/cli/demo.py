@@ -83,6 +83,7 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 
 def _train_demo(args: argparse.Namespace) -> int:
     from fcos_offline.demo.train import train_demo
+    from fcos_offline.evaluate.coco import STAT_NAMES
 
     if args.seed == args.val_seed:
         raise UsageError("--seed and --val-seed must differ (train and val images would be the same)")
@@ -103,7 +104,6 @@ def _train_demo(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     stats = result["eval"]["stats"]
-    names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
     print(f"saved {result['out']} after {result['iters']} steps ({result['images_seen']} images) in {result['train_seconds'] / 60:.1f} min")
-    print("bbox " + "  ".join(f"{n} {v:.3f}" for n, v in zip(names, stats)))
+    print("bbox " + "  ".join(f"{n} {v:.3f}" for n, v in zip(STAT_NAMES, stats)))
     return EXIT_OK

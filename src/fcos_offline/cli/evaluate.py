@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 from fcos_offline.cli.common import SIDE, add_flag, number
 from fcos_offline.data.letterbox import RULES
-from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError
-from fcos_offline.io import read_text_bounded
+from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,15 +97,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_parse)
 
 
-def _read_class_names(path: str) -> list[str]:
-    names = [line.strip() for line in read_text_bounded(path, 16 << 20, "class-name list").splitlines() if line.strip()]
-    if not names:
-        raise FcosError(f"no class names in {path}")
-    return names
+def _print_summary(summary: dict[str, Any]) -> None:
+    """Class-wise AP table (percent) and the headline numbers on stdout; skipped files on stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fcos_offline.evaluate.coco import STAT_NAMES, SUMMARY_KEYS
+
+    table = Table(title="class-wise bbox AP")
+    table.add_column("category")
+    table.add_column("id", justify="right")
+    table.add_column("AP %", justify="right")
+    for row in summary["classwise"]:
+        table.add_row(row["name"], str(row["category_id"]), "-" if row["AP"] is None else f"{100 * row['AP']:.1f}")
+    Console(highlight=False).print(table)
+    print("bbox " + "  ".join(f"{n} {summary[k]:.3f}" for n, k in zip(STAT_NAMES, SUMMARY_KEYS)) + "  (fractions)")
+    print(
+        f"{summary['num_images']} images, {summary['num_detections']} detections, "
+        f"{summary['missing_dumps']} without dumps, {len(summary['skipped'])} skipped"
+    )
+    for item in summary["skipped"]:
+        print(f"skipped: {item['path']}: {item['problem']}", file=sys.stderr)
 
 
 def _postprocess(args: argparse.Namespace) -> int:
-    from fcos_offline.evaluate.postprocess import postprocess, print_report
+    from fcos_offline.evaluate.coco import read_class_names
+    from fcos_offline.evaluate.postprocess import postprocess
 
     summary = postprocess(
         bin_data_path=args.bin_data_path,
@@ -116,10 +134,10 @@ def _postprocess(args: argparse.Namespace) -> int:
         net_out_num=args.net_out_num,
         pad_rule=args.pad_rule,
         show=args.show_det_obj,
-        class_names=_read_class_names(args.class_names) if args.class_names else None,
+        class_names=read_class_names(args.class_names) if args.class_names else None,
         show_score_thr=args.show_score_thr,
     )
-    print_report(summary)
+    _print_summary(summary)
     print(f"results in {args.det_results_path} (summary.json, bbox_results.json)")
     return EXIT_SKIPS if summary["skipped"] or summary["missing_dumps"] else EXIT_OK
 

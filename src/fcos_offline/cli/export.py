@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from fcos_offline.cli.common import (
     SIDE,
@@ -14,6 +13,7 @@ from fcos_offline.cli.common import (
     overrides_from_args,
 )
 from fcos_offline.errors import EXIT_OK
+from fcos_offline.io import atomic_write_json
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -50,8 +50,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"(worst: {raw['worst_output']})"
         )
     if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic_write_json(args.summary, summary)
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fcos_offline.cli.common import (
     BATCH,
@@ -22,6 +23,9 @@ from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fcos_offline.report.report import results_table
     from fcos_offline.report.run import RunOptions, run
 
     opts = RunOptions(
@@ -49,6 +53,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides=overrides_from_args(args),
     )
     report = run(opts)
+    title = f"fcos-offline results — {report['num_images']} images, {report['shape'][0]}x{report['shape'][1]}"
+    Console(width=max(Console().width, 150)).print(results_table(report["table"], title))
+    root = Path(report["workdir"])
+    print(f"report: {root / 'report.md'} and {root / 'report.json'}")
     skipped = sum(len(e["skipped"]) for e in report["entries"]) + len(report.get("missing_images") or [])
     return EXIT_SKIPS if skipped else EXIT_OK
 

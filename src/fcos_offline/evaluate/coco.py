@@ -131,6 +131,16 @@ def check_instances(data: Any, ann: object = "annotations") -> None:
         )
 
 
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """A class-name list: one name per line (blank lines ignored), label 0 first."""
+    from fcos_offline.io import read_text_bounded
+
+    names = [line.strip() for line in read_text_bounded(path, 16 << 20, "class-name list").splitlines() if line.strip()]
+    if not names:
+        raise FcosError(f"no class names in {path}")
+    return names
+
+
 def coco91_names() -> list[str]:
     """Names of torchvision's 91 labels (label = category id; unused ids are 'N/A')."""
     names = ["N/A"] * 91

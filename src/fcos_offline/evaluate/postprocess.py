@@ -19,9 +19,7 @@ Files written to ``det_results_path``:
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,24 +34,19 @@ from fcos_offline.data.preprocess import read_image
 from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.evaluate.coco import (
     COCO80_NAMES,
-    SUMMARY_KEYS,
     detections_to_coco,
     evaluate_bbox,
     find_annotation_file,
     label_to_category,
     load_annotations,
 )
-from fcos_offline.io import atomic_write_bytes, read_json_bounded
+from fcos_offline.io import atomic_write_bytes, atomic_write_json, read_json_bounded
 from fcos_offline.progress import progress_bar, warn
 
 RESULTS_FILE = "bbox_results.json"
 SUMMARY_FILE = "summary.json"
 PR_CURVES_FILE = "pr_curves.json"
 VIS_DIR = "vis"
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=1).encode())
 
 
 def _detection_lines(labels: np.ndarray, boxes: np.ndarray, names: list[str]) -> str:
@@ -217,9 +210,9 @@ def postprocess(
             f"(first: {missing[0]}; all in {SUMMARY_FILE} 'missing_dump_files')"
         )
 
-    _write_json(out_dir / RESULTS_FILE, results)
+    atomic_write_json(out_dir / RESULTS_FILE, results, indent=1)
     metrics = evaluate_bbox(data, results)
-    _write_json(out_dir / PR_CURVES_FILE, metrics.pop("pr_curves"))
+    atomic_write_json(out_dir / PR_CURVES_FILE, metrics.pop("pr_curves"), indent=1)
     summary: dict[str, Any] = {
         **metrics,
         "annotation_file": str(ann_file),
@@ -232,27 +225,5 @@ def postprocess(
         "dumps_not_annotated": sorted(set(dumps) - {Path(i["file_name"]).stem for i in images}),
         "skipped": [{"path": e.path, "problem": e.problem} for e in sorted(skipped, key=lambda e: e.path)],
     }
-    _write_json(out_dir / SUMMARY_FILE, summary)
+    atomic_write_json(out_dir / SUMMARY_FILE, summary, indent=1)
     return summary
-
-
-def print_report(summary: dict[str, Any]) -> None:
-    """Class-wise AP table (percent) and the headline numbers, on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="class-wise bbox AP")
-    table.add_column("category")
-    table.add_column("id", justify="right")
-    table.add_column("AP %", justify="right")
-    for row in summary["classwise"]:
-        table.add_row(row["name"], str(row["category_id"]), "-" if row["AP"] is None else f"{100 * row['AP']:.1f}")
-    Console(highlight=False).print(table)
-    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    print("bbox " + "  ".join(f"{n} {summary[k]:.3f}" for n, k in zip(names, SUMMARY_KEYS)) + "  (fractions)")
-    print(
-        f"{summary['num_images']} images, {summary['num_detections']} detections, "
-        f"{summary['missing_dumps']} without dumps, {len(summary['skipped'])} skipped"
-    )
-    for item in summary["skipped"]:
-        print(f"skipped: {item['path']}: {item['problem']}", file=sys.stderr)

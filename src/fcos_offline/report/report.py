@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
+
+from fcos_offline.io import atomic_write_bytes, atomic_write_json, translate_os_error
 
 
 def _pct(x: float | None) -> str:
@@ -39,8 +41,8 @@ def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    """The recipe's results table, filled in (mAP in percent)."""
+def results_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """The recipe's results table, filled in (mAP in percent), for a rich console to print."""
     t = Table(title=title)
     for col in ("model", "online mAP (PyTorch)", "offline mAP (engine)", "Δ mAP", "AP50", "AP75", "online fps", "offline fps", "p50 ms", "p99 ms"):
         t.add_column(col, justify="left" if col == "model" else "right")
@@ -57,7 +59,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
             f"{r['p50_ms']:.1f}",
             f"{r['p99_ms']:.1f}",
         )
-    Console(width=max(Console().width, 150)).print(t)
+    return t
 
 
 def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[str, str], vis: list[str]) -> str:
@@ -126,11 +128,6 @@ def compare_section(c: dict[str, Any]) -> list[str]:
 def _plot(plot, data: Any, out_png: Path, *args: Any) -> str:
     """Draw one plot via a temporary name (a kill never leaves a torn PNG); a write failure (full disk)
     removes the partial file and is one clear error."""
-    import errno
-    import os
-
-    from fcos_offline.errors import DiskFullError, FcosError
-
     tmp = out_png.with_name(f"{out_png.stem}.part{os.getpid()}{out_png.suffix}")
     try:
         plot(data, tmp, *args)
@@ -138,13 +135,11 @@ def _plot(plot, data: Any, out_png: Path, *args: Any) -> str:
         return out_png.name
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(out_png) from None
-        raise FcosError(f"cannot write {out_png}: {exc.strerror or exc}") from None
+        raise translate_os_error(out_png, exc) from None
 
 
 def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, Any], vis_images: int = 4) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and PNG plots in ``root``; print the table."""
+    """Write ``report.json``, ``report.md`` and PNG plots in ``root``; returns the report (its ``table`` rows included)."""
     from fcos_offline.report.plots import plot_classwise_ap, plot_pr_curves, plot_speed
 
     rows = table_rows(entries)
@@ -164,8 +159,6 @@ def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, A
         if src.is_dir():
             vis_out.mkdir(exist_ok=True)
             for f in sorted(src.glob("*.jpg"))[:vis_images]:
-                from fcos_offline.io import atomic_write_bytes
-
                 atomic_write_bytes(vis_out / f.name, f.read_bytes())
                 vis.append(f"detections/{f.name}")
             break
@@ -177,12 +170,8 @@ def write_report(root: Path, entries: list[dict[str, Any]], context: dict[str, A
         "plots": list(plots.values()),
         "detections": vis,
     }
-    from fcos_offline.io import atomic_write_bytes
-
-    atomic_write_bytes(root / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write_json(root / "report.json", report)
     atomic_write_bytes(root / "report.md", _markdown(rows, context, plots, vis).encode())
-    print_table(rows, f"fcos-offline results — {context['num_images']} images, {context['shape'][0]}x{context['shape'][1]}")
-    print(f"report: {root / 'report.md'} and {root / 'report.json'}")
     return report
 
 

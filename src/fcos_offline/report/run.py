@@ -376,6 +376,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
             paths.root,
             entries,
             {
+                "workdir": str(paths.root),
                 "checkpoint": str(checkpoint),
                 "demo": demo,
                 "images": str(images),
