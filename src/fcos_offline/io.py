@@ -73,11 +73,6 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes | memoryview) -> 
             tmp.unlink()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode())
-
-
 def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int | None = 2) -> None:
     """:func:`atomic_write_bytes` for a JSON document."""
     atomic_write_bytes(path, json.dumps(payload, indent=indent).encode())

@@ -12,13 +12,11 @@ import argparse
 import errno
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from fcos_offline import __version__
 from fcos_offline.errors import EXIT_FAILED, EXIT_USAGE, FcosError
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 class _Parser(argparse.ArgumentParser):

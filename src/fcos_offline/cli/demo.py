@@ -71,8 +71,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _make_demo_data(args: argparse.Namespace) -> int:
     from fcos_offline.demo.synthetic import make_demo_data
 
-    if args.num_images < 1:
-        raise UsageError("--num-images must be at least 1")
     summary = make_demo_data(args.out, split=args.split, num_images=args.num_images, seed=args.seed)
     print(
         f"wrote {summary['num_images']} images ({summary['num_annotations']} objects) to {summary['image_dir']} "
@@ -87,9 +85,6 @@ def _train_demo(args: argparse.Namespace) -> int:
 
     if args.seed == args.val_seed:
         raise UsageError("--seed and --val-seed must differ (train and val images would be the same)")
-    for name in ("iters", "batch_size", "train_images", "val_images", "model_input_height", "model_input_width", "threads"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     result = train_demo(
         args.out,
         iters=args.iters,

@@ -131,13 +131,3 @@ def group_errors(stats: list[TensorStat]) -> dict[str, float]:
     for s in stats:
         out[s.group] = max(out.get(s.group, 0.0), s.rel)
     return out
-
-
-def rank_agreement(a: dict[str, float], b: dict[str, float]) -> float:
-    """Spearman rank correlation of two per-group scores over their common groups (1.0 = same order)."""
-    common = sorted(set(a) & set(b))
-    if len(common) < 3:
-        return float("nan")
-    ra = np.argsort(np.argsort([a[g] for g in common])).astype(float)
-    rb = np.argsort(np.argsort([b[g] for g in common])).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])

@@ -197,7 +197,6 @@ def run_inference_ray(
     overrides: Any = None,
     device_id: int = 0,
     perf_dir: str | os.PathLike | None = None,
-    show_progress: bool = True,
 ) -> Any:
     """Distributed :func:`~fcos_offline.engine.infer.run_inference`; returns its :class:`InferSummary` (with ``distributed``)."""
     from dataclasses import replace

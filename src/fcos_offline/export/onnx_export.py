@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fcos_offline.data.letterbox import check_canvas
+from fcos_offline.data.preprocess import MEAN_BGR, STD_BGR
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.export.metadata import encode_metadata, raw_output_names
 from fcos_offline.model.checkpoint import ModelOverrides, load_model
@@ -155,7 +156,7 @@ def export_onnx(
         "class_names": class_names,
         "nms_in_graph": nms,
         "source": source,
-        "preprocess": {"color": "BGR", "mean": [102.9801, 115.9465, 122.7717], "std": [1.0, 1.0, 1.0], "pad": "centred zero"},
+        "preprocess": {"color": "BGR", "mean": list(MEAN_BGR), "std": list(STD_BGR), "pad": "centred zero"},
     }
     post_path: Path | None = None
     network = network.eval()
@@ -176,7 +177,7 @@ def export_onnx(
             _torch_export(PostOnly(network, (height, width)), flat, post_path, names, ["dets", "labels"], post_axes, opset)
             _attach_metadata(post_path, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img)
     _attach_metadata(output, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img if nms else None)
-    raw = verify_raw_head(network, output, nms, example, opset) if verify else None
+    raw = verify_raw_head(network, output, example) if verify else None
     stats = verify_export(network, output, post_path, example.numpy()) if verify else None
     result = ExportResult(
         str(output),
@@ -216,7 +217,7 @@ RAW_RTOL = 1e-3
 _HEAD_CONVS = ("conv_cls", "conv_reg", "conv_centerness")
 
 
-def verify_raw_head(network: FCOS, model_path: Path, nms: bool, example: torch.Tensor, opset: int) -> dict[str, Any]:
+def verify_raw_head(network: FCOS, model_path: Path, example: torch.Tensor) -> dict[str, Any]:
     """The head's raw maps (cls, reg, centerness convolutions per level), PyTorch vs ONNX Runtime, compared numerically.
 
     Detection matching alone passes vacuously when neither side detects anything (e.g. NaN

@@ -73,7 +73,6 @@ class RunOptions:
     ray_cpus_per_actor: float = 1.0
     ray_gpus_per_actor: float = 0.0
     overrides: Any = None
-    demo_images: int | None = None
 
 
 @dataclass
@@ -279,7 +278,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     paths = _Paths(root)
     with WorkdirLock(root):
         if demo:
-            n = opts.num_images or opts.demo_images or DEMO_VAL_IMAGES
+            n = opts.num_images or DEMO_VAL_IMAGES
             data_root = demo_split(paths.root / "data", "val", n, DEMO_VAL_SEED)
             images, ann = data_root / "val2017", data_root / "annotations" / "instances_val2017.json"
         else:
