@@ -31,3 +31,14 @@ def test_features_are_read_from_cpuinfo() -> None:
 def test_this_machine_is_described() -> None:
     here = cpu_description()
     assert here["cpu"] and here["cores"] >= 1 and set(here["features"]) <= {*XEON_AMX.split(), "avx_vnni"}
+
+
+def test_cores_are_the_ones_this_process_may_use(monkeypatch) -> None:
+    """A container pinned to 2 of a host's 64 cores has 2: thread sweeps, decode pools and reports use that."""
+    import os
+
+    from fcos_offline.engine.cpu import cpu_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert cpu_count() == 2 and cpu_description("")["cores"] == 2

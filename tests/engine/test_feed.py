@@ -208,9 +208,9 @@ def test_torch_engine_letterboxed_path_equals_the_float_path(tmp_path) -> None:
     ],
 )
 def test_default_workers_leave_a_cpu_engine_its_cores(monkeypatch, cores, device_input, threads, inter_op, expected) -> None:
-    import fcos_offline.engine.base as base
+    import fcos_offline.engine.cpu as cpu
 
-    monkeypatch.setattr(base, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cpu, "cpu_count", lambda: cores)
     engine = SimpleNamespace(device_input=device_input, config=EngineConfig(threads=threads, inter_op_threads=inter_op))
     photos = [InputItem(f"img{i}", f"/x/img{i}.jpg", "image") for i in range(10)]
     assert default_workers(engine, photos) == expected  # type: ignore[arg-type]

@@ -189,7 +189,9 @@ def list_images(src_dir: str | os.PathLike) -> list[Path]:
 
 def parallel_map(func: Callable[[T], R], items: Iterable[T], total: int, workers: int | None, description: str) -> Iterator[R]:
     """``map`` over a process pool (in-process for one worker) with a progress bar, in order."""
-    workers = max(1, min(workers or os.cpu_count() or 1, total or 1))
+    from fcos_offline.engine.cpu import cpu_count
+
+    workers = max(1, min(workers or cpu_count(), total or 1))
     if workers == 1:
         with progress_bar(total, description, unit="img") as advance:
             for item in items:

@@ -19,7 +19,6 @@ artifact's recorded engine options > the built-in default. ``None`` in
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +68,7 @@ class EngineConfig:
 
 def cap_threads(config: EngineConfig) -> EngineConfig:
     """Threads beyond this machine's cores only add contention: cap them (and say so)."""
+    from fcos_offline.engine.cpu import cpu_count
     from fcos_offline.progress import warn
 
     cores = cpu_count()
@@ -343,11 +343,3 @@ def static_dims(path: Path, shape: list[Any]) -> tuple[int | None, tuple[int, in
     if not (isinstance(shape[2], int) and isinstance(shape[3], int)):
         raise FcosError(f"{path}: model input must have a fixed height and width, got shape {shape}")
     return batch, check_canvas(path, shape[2], shape[3])
-
-
-def cpu_count() -> int:
-    """Cores this process may use (affinity-aware)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1

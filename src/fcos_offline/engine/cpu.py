@@ -8,14 +8,21 @@ CPUs OpenVINO runs bf16 by default and f32 is several times slower). ``tune`` re
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
-from fcos_offline.engine.base import cpu_count
-
 #: the features reported (in this order), from /proc/cpuinfo's flags
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_count() -> int:
+    """Cores this process may use (affinity-aware: a pinned container's, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from fcos_offline.data.dataset import (
     resolve_source,
 )
 from fcos_offline.demo import DEMO_CHECKPOINT
+from fcos_offline.engine.cpu import cpu_description
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.io import process_alive
 from fcos_offline.progress import info
@@ -125,16 +126,6 @@ def _evaluate(dump_dir: Path, eval_dir: Path, jpg_info: Path, ann_file: Path, sh
     from fcos_offline.evaluate.postprocess import postprocess
 
     return postprocess(dump_dir, jpg_info, eval_dir, ann_file, shape[0], shape[1], class_names=class_names, show=show)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _versions() -> dict[str, str | None]:
@@ -387,8 +378,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 "offline_model": str(offline_model),
                 "streaming": not opts.write_bins,
                 "versions": _versions(),
-                "cpu": _cpu_name(),
-                "cores": os.cpu_count(),
+                **cpu_description(),  # cpu, cores (this process's), features
                 "device": opts.device,
                 "accelerator": _accelerator(opts.device),
                 "missing_images": [m["path"] for m in eval_set.missing],

@@ -56,7 +56,7 @@ import numpy as np
 from fcos_offline.engine.artifact import read_artifact, write_artifact
 from fcos_offline.engine.backends import EngineOptions, open_engine
 from fcos_offline.engine.base import Engine
-from fcos_offline.engine.cpu import cpu_description, describe_cpu
+from fcos_offline.engine.cpu import cpu_count, cpu_description, describe_cpu
 from fcos_offline.engine.infer import cap_batch
 from fcos_offline.errors import FcosError, first_line
 from fcos_offline.io import file_digest
@@ -92,7 +92,7 @@ class Tuner:
         self._has_bf16: bool | None = None
         self.ref_key = ""
         self.machine: dict[str, Any] = {}
-        self.nproc = os.cpu_count() or 1
+        self.nproc = cpu_count()
         self.base_batch = 1
 
     def _context(self) -> dict[str, Any]:
