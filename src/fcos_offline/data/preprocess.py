@@ -115,18 +115,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             data = f.read()
     except OSError as exc:
         raise BadFileError(path, f"cannot read ({exc.strerror or exc})") from exc
+    return decode_image(data, path)
+
+
+def decode_image(data: bytes, name: object) -> np.ndarray:
+    """An image file's bytes (``name``: where they came from) decoded as :func:`read_image` does;
+    refused first: no bytes, more declared pixels than :func:`max_image_pixels`, a truncated file."""
     if not data:
-        raise BadFileError(path, "empty file (0 bytes)")
+        raise BadFileError(name, "empty file (0 bytes)")
     size = declared_size(data)
     limit = max_image_pixels()
     if size is not None and size[0] * size[1] > limit:
-        raise BadFileError(path, f"declares {size[0]}x{size[1]} pixels, more than the limit of {limit:,} (set FCOS_OFFLINE_MAX_PIXELS to raise it)")
+        raise BadFileError(name, f"declares {size[0]}x{size[1]} pixels, more than the limit of {limit:,} (set FCOS_OFFLINE_MAX_PIXELS to raise it)")
     problem = _truncation_problem(data)
     if problem:
-        raise BadFileError(path, problem)
+        raise BadFileError(name, problem)
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise BadFileError(path, "not a decodable image (OpenCV cannot read it)")
+        raise BadFileError(name, "not a decodable image (OpenCV cannot read it)")
     return img
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.engine.base import EngineOptions
-from fcos_offline.errors import FcosError, UsageError, first_line, require
+from fcos_offline.errors import BadFileError, FcosError, UsageError, first_line, require
 from fcos_offline.progress import progress_bar, warn
 
 _NO_REGION = np.array([-1, -1, -1, -1], np.int64)
@@ -55,14 +55,16 @@ def absolute(path_or_url: str) -> str:
     return path_or_url if "://" in path_or_url else os.path.abspath(path_or_url)
 
 
-def _read_bytes(path_or_url: str) -> bytes:
-    local = local_path(path_or_url)
-    if local is not None:
-        with open(local, "rb") as f:
-            return f.read()
+def _read_remote(url: str) -> bytes:
+    """An fsspec URL's bytes, refused past the size an image may have (as a local file is)."""
+    from fcos_offline.data.preprocess import MAX_IMAGE_BYTES
+
     fsspec = require("fsspec", "ray")
-    with fsspec.open(path_or_url, "rb") as f:
-        return bytes(f.read())
+    with fsspec.open(url, "rb") as f:
+        data = bytes(f.read(MAX_IMAGE_BYTES + 1))
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadFileError(url, f"more than the {MAX_IMAGE_BYTES:,} bytes an image may have")
+    return data
 
 
 def list_remote_images(url: str) -> list[InputItem]:
@@ -80,8 +82,7 @@ def _load_row(row: dict[str, Any], canvas: tuple[int, int]) -> dict[str, Any]:
     """CPU task: decode + letterbox one image to uint8 on the canvas (a ``.bin`` input is left to the actor)."""
     import cv2
 
-    from fcos_offline.data.preprocess import letterbox_uint8, read_image
-    from fcos_offline.errors import BadFileError
+    from fcos_offline.data.preprocess import decode_image, letterbox_uint8, read_image
 
     t0 = time.perf_counter()
     placed = np.zeros((canvas[0], canvas[1], 3), np.uint8)
@@ -89,14 +90,7 @@ def _load_row(row: dict[str, Any], canvas: tuple[int, int]) -> dict[str, Any]:
     if row["kind"] == "image":
         try:
             local = local_path(row["path"])
-            if local is not None:
-                img = read_image(local)
-            else:
-                data = np.frombuffer(_read_bytes(row["path"]), np.uint8)
-                decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
-                if decoded is None:
-                    raise BadFileError(row["path"], "not a decodable image (OpenCV cannot read it)")
-                img = decoded
+            img = read_image(local) if local is not None else decode_image(_read_remote(row["path"]), row["path"])
             resized, lb = letterbox_uint8(img, *canvas)
             placed[lb.pad_top : lb.pad_top + lb.new_h, lb.pad_left : lb.pad_left + lb.new_w] = resized
             region = np.array([lb.pad_top, lb.pad_left, lb.new_h, lb.new_w], np.int64)
