@@ -78,6 +78,20 @@ def test_read_info_malformed_line_names_file_and_line(tmp_path, line, message):
     assert f"{path}:2:" in str(info.value)
 
 
+def test_a_json_file_or_a_huge_line_is_named_not_echoed(tmp_path):
+    """An annotation JSON given as the .info is called a JSON file; a long bad line is cut, not printed whole."""
+    ann = tmp_path / "instances.json"
+    ann.write_text('{"images": [' + ", ".join(f'{{"id": {i}, "file_name": "{i:012d}.jpg"}}' for i in range(300)) + "]}")
+    with pytest.raises(FcosError, match=r"a JSON file, not an \.info list") as info:
+        read_info(ann)
+    assert len(str(info.value)) < 300
+    long = tmp_path / "long.info"
+    long.write_text("0 ok.jpg 10 10\n" + "x" * 9000 + "\n")
+    with pytest.raises(FcosError, match=r"9,000 characters") as info:
+        read_info(long)
+    assert len(str(info.value)) < 400
+
+
 def test_read_info_missing_file(tmp_path):
     with pytest.raises(FcosError, match="cannot read info file"):
         read_info(tmp_path / "nope.info")

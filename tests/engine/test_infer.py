@@ -544,7 +544,8 @@ def test_the_recipe_benchmark_flags_are_accepted_and_checked(model, images, tmp_
     assert main([*base, f"--input_width={w}"]) == 0
     capsys.readouterr()
     assert main([*base, f"--input_width={w + 32}"]) == 2
-    assert f"takes {h}x{w}" in _one_line_error(capsys)
+    line = _one_line_error(capsys)
+    assert f"takes {h}x{w}" in line and f"not the {h}x{w + 32} asked" in line and "--input_height/--input_width" in line
     assert main(["infer", "--model", str(model.onnx), "--images", str(images), "--input-info", "x.info"]) == 2  # one input, not two
     assert "exactly one input" in _one_line_error(capsys)
 
@@ -650,3 +651,12 @@ def test_bad_images_are_skipped_while_streaming(reference, model, images, tmp_pa
     assert sorted(Path(k["path"]).name for k in s["skipped"]) == ["zz_empty.jpg", "zz_text.png", "zz_thin.png", "zz_truncated.jpg"]
     assert s["num_inferred"] == NUM_IMAGES and "Traceback" not in err
     assert dump_bytes(out) == dump_bytes(reference)
+
+
+def test_convert_with_onnxruntime_says_in_one_line_that_the_layout_is_this_cpus(model, tmp_path, capfd) -> None:
+    """ONNX Runtime's own multi-line warning about a hardware-specific optimised model is replaced by one line of ours."""
+    capfd.readouterr()
+    assert main(["convert", "--model", str(model.onnx), "--engine", "onnxruntime", "--output", str(tmp_path / "art")]) == 0
+    err = capfd.readouterr().err
+    assert "Serializing optimized model" not in err and "\x1b[" not in err
+    assert "lay the graph out for this CPU's instruction set" in err

@@ -49,7 +49,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     )
     if result.a.map is not None and result.b.map is not None:
         delta = 100 * (result.b.map["bbox_mAP"] - result.a.map["bbox_mAP"])
-        print(f"mAP: A {100 * result.a.map['bbox_mAP']:.2f}, B {100 * result.b.map['bbox_mAP']:.2f} (Δ {delta:+.2f} points)")
+        print(f"mAP: A {100 * result.a.map['bbox_mAP']:.2f}%, B {100 * result.b.map['bbox_mAP']:.2f}% (B - A {delta:+.2f} points)")
     worst = result.outputs.worst(args.worst)
     if worst:
         table = Table(title="images that differ most")

@@ -61,7 +61,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     )
     print(
         f"chosen: {chosen['label']}, threads {chosen['threads'] or 'auto'}, batch {chosen['batch_size']}: "
-        f"mAP {chosen['bbox_mAP']:.4f} (drop {chosen['map_drop']:+.2f}{spread} points, budget {opts.max_map_drop:g}), "
+        f"mAP {100 * chosen['bbox_mAP']:.2f}% (drop {chosen['map_drop']:+.2f}{spread} points, budget {opts.max_map_drop:g}), "
         f"{chosen['ms_per_img']:.1f} ms/img = {ref['ms_per_img'] / chosen['ms_per_img']:.2f}x ONNX Runtime default fp32"
     )
     held = chosen.get("holdout")
@@ -104,8 +104,8 @@ def format_table(result: dict[str, Any]) -> Any:
         ("float", "right"),
         ("threads", "right"),
         ("batch", "right"),
-        ("mAP", "right"),
-        ("Δ mAP", "right"),
+        ("mAP %", "right"),
+        ("drop (points)", "right"),
         ("ms/img", "right"),
         ("img/s", "right"),
         ("speedup", "right"),
@@ -127,7 +127,7 @@ def format_table(result: dict[str, Any]) -> Any:
             str(len(t["float_groups"])) if t["float_groups"] else "",
             threads,
             str(t["batch_size"]),
-            f"{t['bbox_mAP']:.4f}",
+            f"{100 * t['bbox_mAP']:.2f}",
             f"{t['map_drop']:+.2f}",
             f"{t['ms_per_img']:.1f}",
             f"{t['img_per_s']:.2f}",

@@ -118,6 +118,11 @@ def make_info(
     return summary
 
 
+def _shown(line: str) -> str:
+    """A line for an error message: whole when short, else its start and length."""
+    return repr(line) if len(line) <= 120 else f"{line[:100]!r}... ({len(line):,} characters)"
+
+
 def read_info(path: str | os.PathLike) -> list[InfoEntry]:
     """Parse an .info file; a malformed line raises FcosError naming the file and line number.
 
@@ -130,13 +135,15 @@ def read_info(path: str | os.PathLike) -> list[InfoEntry]:
             continue
         parts = line.split()
         where = f"{path}:{lineno}"
+        if lineno == 1 and line.lstrip().startswith(("{", "[")):
+            raise FcosError(f"{path}: a JSON file, not an .info list ('<index> <path> <width> <height>' lines; make one with fcos-offline get-info)")
         if len(parts) < 4:
-            raise FcosError(f"{where}: expected '<index> <path> <width> <height>', got {line!r}")
+            raise FcosError(f"{where}: expected '<index> <path> <width> <height>', got {_shown(line)}")
         try:
             index, width, height = int(parts[0]), int(parts[-2]), int(parts[-1])
         except ValueError:
-            raise FcosError(f"{where}: index, width and height must be integers, got {line!r}") from None
+            raise FcosError(f"{where}: index, width and height must be integers, got {_shown(line)}") from None
         if width <= 0 or height <= 0:
-            raise FcosError(f"{where}: width and height must be positive, got {line!r}")
+            raise FcosError(f"{where}: width and height must be positive, got {_shown(line)}")
         entries.append(InfoEntry(index, " ".join(parts[1:-2]), width, height))
     return entries

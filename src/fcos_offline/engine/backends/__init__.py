@@ -144,6 +144,7 @@ def open_engine(
     if shape is not None and source.kind != "checkpoint" and tuple(shape) != tuple(engine.input_hw):
         engine.close()
         raise UsageError(
-            f"--shape {shape[0]} {shape[1]}: {model} takes {engine.input_hw[0]}x{engine.input_hw[1]} inputs (its canvas is set at export)"
+            f"{model} takes {engine.input_hw[0]}x{engine.input_hw[1]} inputs (its canvas is set at export), "
+            f"not the {shape[0]}x{shape[1]} asked (--shape, or --input_height/--input_width)"
         )
     return engine

@@ -19,6 +19,7 @@ from fcos_offline.engine.base import (
     static_dims,
 )
 from fcos_offline.errors import FcosError, MissingExtraError, UsageError, first_line
+from fcos_offline.progress import info
 
 if TYPE_CHECKING:
     from fcos_offline.model.checkpoint import ModelOverrides
@@ -77,7 +78,10 @@ def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
     so = ort.SessionOptions()
     so.graph_optimization_level = optimization_level(request.opt_level)
     so.optimized_model_filepath = str(out / "model.onnx")
+    so.log_severity_level = 3  # its own multi-line colour warning about hardware-specific layouts: said below in one line
     ort.InferenceSession(str(source), so, providers=["CPUExecutionProvider"])
+    if request.opt_level == "all":
+        info("ONNX Runtime's 'all' optimisations lay the graph out for this CPU's instruction set: run this artifact on this machine class")
     copy_metadata(source, out / "model.onnx")
     return Converted("model.onnx")
 
