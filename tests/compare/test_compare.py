@@ -47,12 +47,28 @@ def test_a_model_against_itself_matches_everything(demo, tmp_path, capsys) -> No
     assert o["score_err_max"] == 0.0 and o["box_err_px_max"] == 0.0
     assert c["delta_mAP"] == 0.0 and c["a"]["mAP"]["bbox_mAP"] > 0.3  # a real detector: mAP as a fraction
     tensors = c["layers"]["tensors"]
-    assert len(tensors) > 30 and c["layers"]["first_divergence"] is None
+    assert len(tensors) > 30 and c["layers"]["first_divergence"] is None and c["layers"]["not_compared"] == []
     assert all(t["max_abs"] == 0.0 and t["cosine"] == pytest.approx(1.0) for t in tensors)
     labels = [t["label"] for t in tensors]
     assert labels.index("backbone.conv1") < labels.index("neck.fpn_convs.0.conv @P3") < labels.index("bbox_head.conv_cls @P3")
     assert {f"bbox_head.conv_cls @P{p}" for p in range(3, 8)} <= set(labels)  # head maps per level
-    assert "within tolerance" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "within tolerance" in out and "not compared" not in out
+
+
+def test_convolutions_the_other_graph_fused_away_are_counted_not_hidden(demo, tmp_path, capsys) -> None:
+    """ONNX Runtime's optimised graph (a convert artifact) folds many convolutions into others: --layers
+    compares the rest and says how many of A's convolutions it could not compare."""
+    import onnx
+
+    art = tmp_path / "art"
+    assert main(["convert", "--model", str(demo.onnx), "--engine", "onnxruntime", "--output", str(art)]) == 0
+    capsys.readouterr()
+    code, c = _compare(tmp_path, demo.onnx, art, "--images", demo.images, "--layers", "--num-images", 2, "--layer-images", 1)
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(demo.onnx), load_external_data=False).graph.node)
+    missing, compared = c["layers"]["not_compared"], c["layers"]["tensors"]
+    assert missing and compared and len(missing) + len(compared) == convs
+    assert f"not compared: {len(missing)} of A's {convs} convolutions" in capsys.readouterr().out
 
 
 def _perturbed_copy(src: Path, dst: Path, node: str, factor: float = 1.5) -> None:

@@ -82,6 +82,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             if first
             else "every tapped tensor is within tolerance"
         )
+        if result.untapped:
+            total = len(result.layers) + len(result.untapped)
+            print(
+                f"not compared: {len(result.untapped)} of A's {total} convolutions, which B fused or folded away "
+                f"(first: {result.untapped[0]}); a divergence there shows only downstream"
+            )
     if result.sensitivity:
         order = sorted(result.sensitivity, key=lambda g: -result.sensitivity[g])[:8]
         print(
@@ -108,6 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(backbone, FPN and head convolutions per level; cosine, max/mean abs and relative error in network\n"
             "order) and names the first one beyond --atol/--rtol. It reads ONNX graphs (.onnx, ONNX Runtime\n"
             "artifacts, checkpoints exported on the fly): an OpenVINO artifact is compared by its outputs only.\n"
+            "Convolutions of A that B fused away (an ONNX Runtime optimised graph) are counted, not compared.\n"
             "A checkpoint is exported by this tool, so checkpoint vs its own .onnx shows identical layers: its\n"
             "outputs comparison (PyTorch vs the engine) is what tests the export.\n\n"
             "examples:\n"

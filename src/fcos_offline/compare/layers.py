@@ -55,8 +55,9 @@ def _level(node_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def tap_points(model_a: Path, model_b: Path) -> list[tuple[str, str, str]]:
-    """(tensor, label, group) for every conv output of A that B also computes, in A's graph order."""
+def tap_points(model_a: Path, model_b: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(tensor, label, group) for every conv output of A that B also computes, in A's graph order;
+    and the labels of A's conv outputs B does not compute under their names (fused or folded away)."""
     import onnx
 
     from fcos_offline.tune.quantize import conv_groups
@@ -66,16 +67,20 @@ def tap_points(model_a: Path, model_b: Path) -> list[tuple[str, str, str]]:
         raise FcosError(f"{model_a}: --layers compares models exported by fcos-offline (this graph has none of its tensor names)")
     b_outputs = {o for n in onnx.load(str(model_b), load_external_data=False).graph.node for o in n.output}
     group_of = {out: g.name for g in conv_groups(model_a) for out in g.outputs}
-    taps = []
+    taps, untapped = [], []
     for node in a.graph.node:
-        if node.op_type != "Conv" or node.output[0] not in group_of or node.output[0] not in b_outputs:
+        if node.op_type != "Conv" or node.output[0] not in group_of:
             continue
         level = _level(node.name)
         group = group_of[node.output[0]]
-        taps.append((node.output[0], group + (f" @P{3 + level}" if level is not None else ""), group))
+        label = group + (f" @P{3 + level}" if level is not None else "")
+        if node.output[0] in b_outputs:
+            taps.append((node.output[0], label, group))
+        else:
+            untapped.append(label)
     if not taps:
         raise FcosError(f"{model_b}: none of {model_a}'s convolution outputs are computed under the same names; not the same network")
-    return taps
+    return taps, untapped
 
 
 def _session(model: Path, outputs: list[str]) -> Any:
@@ -94,9 +99,12 @@ def _session(model: Path, outputs: list[str]) -> Any:
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def compare_layers(model_a: Path, model_b: Path, batches: list[np.ndarray], atol: float = 1e-3, rtol: float = 1e-3) -> list[TensorStat]:
-    """Every tap point of A and B compared on ``batches`` (each ``[b,3,H,W]`` at the models' batch size)."""
-    taps = tap_points(model_a, model_b)
+def compare_layers(
+    model_a: Path, model_b: Path, batches: list[np.ndarray], atol: float = 1e-3, rtol: float = 1e-3
+) -> tuple[list[TensorStat], list[str]]:
+    """Every tap point of A and B compared on ``batches`` (each ``[b,3,H,W]`` at the models' batch size),
+    and the convolutions of A that could not be compared (see :func:`tap_points`)."""
+    taps, untapped = tap_points(model_a, model_b)
     stats = [TensorStat(t, label, group) for t, label, group in taps]
     for start in range(0, len(taps), TAPS_PER_RUN):
         chunk = stats[start : start + TAPS_PER_RUN]
@@ -117,7 +125,7 @@ def compare_layers(model_a: Path, model_b: Path, batches: list[np.ndarray], atol
                 s.rel = max(s.rel, float(np.linalg.norm(x - y)) / na if na > 0 else float(nb > 0))
                 s.within = s.within and bool(np.all(diff <= atol + rtol * np.abs(x)))
         del sess_a, sess_b
-    return stats
+    return stats, untapped
 
 
 def first_divergence(stats: list[TensorStat]) -> TensorStat | None:

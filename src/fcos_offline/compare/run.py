@@ -84,6 +84,7 @@ class CompareResult:
     outputs: OutputComparison
     options: CompareOptions
     layers: list[TensorStat] = field(default_factory=list)
+    untapped: list[str] = field(default_factory=list)  # A's convolutions B fused or folded away: not compared
     sensitivity: dict[str, float] = field(default_factory=dict)  # int8 B: tune's per-group quantization signal
     pictures: list[str] = field(default_factory=list)
 
@@ -121,6 +122,7 @@ class CompareResult:
             out["layers"] = {
                 "tensors": [s.to_dict() for s in self.layers],
                 "first_divergence": first.to_dict() if first else None,
+                "not_compared": self.untapped,
                 "groups": dict(sorted(group_errors(self.layers).items(), key=lambda kv: -kv[1])),
             }
         if self.sensitivity:
@@ -332,7 +334,9 @@ def compare(opts: CompareOptions) -> CompareResult:
     if opts.layers:
         model_a, model_b = _onnx_of(a, out, canvas), _onnx_of(b, out, canvas)
         info(f"comparing intermediate tensors on {min(len(items), max(1, opts.layer_images))} image(s)")
-        result.layers = compare_layers(model_a, model_b, _layer_batches(items, layers_batch, canvas, opts.layer_images), opts.atol, opts.rtol)
+        result.layers, result.untapped = compare_layers(
+            model_a, model_b, _layer_batches(items, layers_batch, canvas, opts.layer_images), opts.atol, opts.rtol
+        )
         result.sensitivity = _quantization_sensitivity(model_a, model_b, items[: opts.layer_images], canvas)
     paths = {it.stem: it.path for it in items}
     for im in outputs.worst(opts.draw):
