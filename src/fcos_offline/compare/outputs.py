@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fcos_offline.model.match import iou_matrix
+from fcos_offline.model.match import greedy_pairs, iou_matrix
 
 Dumps = dict[str, tuple[np.ndarray, np.ndarray]]  # stem -> (labels [K], dets [K,5])
 
@@ -60,17 +60,10 @@ def compare_image(stem: str, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarr
     if len(la) == 0 or len(lb) == 0:
         return result
     iou = iou_matrix(da, db)
-    ok = (la[:, None] == lb[None, :]) & (iou >= iou_thr)
-    used = np.zeros(len(lb), dtype=bool)
-    for i in np.argsort(-da[:, 4], kind="stable"):
-        cand = np.flatnonzero(ok[i] & ~used)
-        if len(cand) == 0:
-            continue
-        j = cand[np.argmax(iou[i, cand])]
-        used[j] = True
-        result.matched += 1
-        result.score_errs.append(float(abs(da[i, 4] - db[j, 4])))
-        result.box_errs.append(float(np.abs(da[i, :4] - db[j, :4]).max()))
+    pairs = greedy_pairs(da[:, 4], iou, (la[:, None] == lb[None, :]) & (iou >= iou_thr))
+    result.matched = len(pairs)
+    result.score_errs = [float(abs(da[i, 4] - db[j, 4])) for i, j in pairs]
+    result.box_errs = [float(np.abs(da[i, :4] - db[j, :4]).max()) for i, j in pairs]
     result.max_score_err = max(result.score_errs, default=0.0)
     result.max_box_err = max(result.box_errs, default=0.0)
     return result

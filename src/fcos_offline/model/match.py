@@ -40,6 +40,20 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return iou
 
 
+def greedy_pairs(scores_a: np.ndarray, iou: np.ndarray, ok: np.ndarray) -> list[tuple[int, int]]:
+    """One-to-one pairs ``(i, j)``: A's detections in score order each take the free B detection of
+    highest IoU among those ``ok[i]`` allows."""
+    used = np.zeros(iou.shape[1], dtype=bool)
+    pairs = []
+    for i in np.argsort(-scores_a, kind="stable"):
+        cand = np.flatnonzero(ok[i] & ~used)
+        if len(cand):
+            j = cand[np.argmax(iou[i, cand])]
+            used[j] = True
+            pairs.append((int(i), int(j)))
+    return pairs
+
+
 def match_detections(
     dets_a: np.ndarray,
     labels_a: np.ndarray,
@@ -58,18 +72,10 @@ def match_detections(
         return MatchStats(len(a), len(b), 0, 0.0, 0.0)
     iou = iou_matrix(a, b)
     ok = (la[:, None] == lb[None, :]) & (iou > iou_thr) & (np.abs(a[:, None, 4] - b[None, :, 4]) <= score_tol)
-    used = np.zeros(len(b), dtype=bool)
-    matched, box_err, score_err = 0, 0.0, 0.0
-    for i in np.argsort(-a[:, 4], kind="stable"):
-        cand = np.flatnonzero(ok[i] & ~used)
-        if len(cand) == 0:
-            continue
-        j = cand[np.argmax(iou[i, cand])]
-        used[j] = True
-        matched += 1
-        box_err = max(box_err, float(np.abs(a[i, :4] - b[j, :4]).max()))
-        score_err = max(score_err, float(abs(a[i, 4] - b[j, 4])))
-    return MatchStats(len(a), len(b), matched, box_err, score_err)
+    pairs = greedy_pairs(a[:, 4], iou, ok)
+    box_err = max((float(np.abs(a[i, :4] - b[j, :4]).max()) for i, j in pairs), default=0.0)
+    score_err = max((float(abs(a[i, 4] - b[j, 4])) for i, j in pairs), default=0.0)
+    return MatchStats(len(a), len(b), len(pairs), box_err, score_err)
 
 
 def match_batches(dets_a: np.ndarray, labels_a: np.ndarray, dets_b: np.ndarray, labels_b: np.ndarray, **kw) -> MatchStats:
