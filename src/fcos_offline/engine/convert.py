@@ -24,7 +24,7 @@ from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact, write_artifact
 from fcos_offline.engine.backends import CHECKPOINT_SUFFIXES, CONVERT_ENGINES, backend
 from fcos_offline.engine.base import Backend, ConvertRequest, refuse_settings
 from fcos_offline.errors import FcosError, UsageError, first_line
-from fcos_offline.export.metadata import read_metadata
+from fcos_offline.export.metadata import post_graph_path, read_metadata
 from fcos_offline.io import atomic_folder
 
 
@@ -95,7 +95,7 @@ def _convert_onnx(src: Path, chosen: Backend, output: str | Path, request: Conve
     batch_dim = dims[0]
     if batch_dim.HasField("dim_value") and batch_dim.dim_value != batch_size:
         raise UsageError(f"{src} has a fixed batch of {batch_dim.dim_value}; export with --dynamic-export to convert to batch {batch_size}")
-    post_src = src.with_name(src.name[: -len(".onnx")] + ".post.onnx")
+    post_src = post_graph_path(src)
     if metadata.get("nms_in_graph") is False and not post_src.is_file():
         raise FcosError(f"{src} was exported with --no-nms but {post_src} is missing")
     with atomic_folder(output, ARTIFACT_FILE) as out:

@@ -14,6 +14,11 @@ def raw_output_names(num_levels: int) -> list[str]:
     return [f"{kind}_{lvl}" for lvl in range(num_levels) for kind in ("cls", "reg", "ctr")]
 
 
+def post_graph_path(model: Path) -> Path:
+    """``<name>.post.onnx`` beside a ``--no-nms`` export ``<name>.onnx``: its post-processing graph."""
+    return model.with_name(model.name.removesuffix(model.suffix) + ".post.onnx")
+
+
 def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
     """JSON-encode values under ``fcos_offline.`` keys."""
     return {META_PREFIX + k: json.dumps(v) for k, v in values.items()}

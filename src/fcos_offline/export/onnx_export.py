@@ -23,7 +23,7 @@ import torch
 from fcos_offline.data.letterbox import check_canvas
 from fcos_offline.data.preprocess import MEAN_BGR, STD_BGR
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.export.metadata import encode_metadata, raw_output_names
+from fcos_offline.export.metadata import encode_metadata, post_graph_path, raw_output_names
 from fcos_offline.model.checkpoint import ModelOverrides, load_model
 from fcos_offline.model.fcos import FCOS
 from fcos_offline.model.match import MatchStats, match_batches
@@ -170,7 +170,7 @@ def export_onnx(
             names = raw_output_names(num_levels)
             axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else {}
             _torch_export(RawHead(network), (example,), output, ["input"], names, axes, opset)
-            post_path = output.with_suffix(".post.onnx")
+            post_path = post_graph_path(output)
             raw = network(example)
             flat = tuple(t for level in zip(*raw) for t in level)
             post_axes = {n: {0: "batch"} for n in [*names, "dets", "labels"]}
@@ -299,7 +299,7 @@ def export_checkpoint(
     network, ckpt = load_model(checkpoint, overrides)
     out = Path(output)
     tmp = out.with_name(f".{out.stem}.part{os.getpid()}.onnx")
-    tmp_post = tmp.with_name(tmp.name[: -len(".onnx")] + ".post.onnx")
+    tmp_post = post_graph_path(tmp)
     try:
         canvas = (int(shape[0]), int(shape[1]))
         result = export_onnx(
@@ -308,7 +308,7 @@ def export_checkpoint(
         os.replace(tmp, out)
         result.path = str(out)
         if result.post_path:
-            post = out.with_name(out.name[: -len(out.suffix)] + ".post.onnx")
+            post = post_graph_path(out)
             os.replace(tmp_post, post)
             result.post_path = str(post)
     except OSError as exc:  # e.g. a full disk: no half-written model is left behind

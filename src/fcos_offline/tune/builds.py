@@ -76,7 +76,7 @@ class ModelBuilder:
 
     def save_artifact(self, trial: Trial, best: Path) -> Path:
         """The folder ``best``: ``trial``'s model and ``artifact.json`` with its engine options (written whole)."""
-        from fcos_offline.export.metadata import read_metadata
+        from fcos_offline.export.metadata import post_graph_path, read_metadata
 
         cand = trial.candidate
         model = self.model_file(cand)  # rebuilt if its files were removed
@@ -95,7 +95,7 @@ class ModelBuilder:
                 model_file = "model.onnx"
             post_file = None
             if read_metadata(self.source).get("nms_in_graph") is False:
-                shutil.copy(self.source.with_name(self.source.name[: -len(".onnx")] + ".post.onnx"), tmp / "model.post.onnx")
+                shutil.copy(post_graph_path(self.source), tmp / "model.post.onnx")
                 post_file = "model.post.onnx"
             artifact = Artifact(
                 engine=cand.engine,

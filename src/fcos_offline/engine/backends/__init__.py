@@ -69,7 +69,7 @@ def backend(name: str) -> Backend:
 
 def resolve_model(path: str | os.PathLike) -> ModelSource:
     """Resolve ``--model`` (ONNX file, OpenVINO .xml, artifact folder, checkpoint or ``torch.export`` program)."""
-    from fcos_offline.export.metadata import read_metadata
+    from fcos_offline.export.metadata import post_graph_path, read_metadata
 
     p = Path(path)
     artifact = None
@@ -102,7 +102,7 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
         if artifact is not None and artifact.post_file:
             post = p.parent / artifact.post_file
         else:
-            post = p.with_name(p.name.removesuffix(p.suffix) + ".post.onnx")
+            post = post_graph_path(p)
         if not post.is_file():
             raise FcosError(f"{p} was exported with --no-nms but its post-processing graph {post} is missing")
     return ModelSource(p, kind, post, artifact, metadata)
