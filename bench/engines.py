@@ -105,6 +105,8 @@ def time_engine(name: str, files: dict[str, str], hw: tuple[int, int], batch: np
 
     engine_name, precision = ENGINES[name]
     options = EngineOptions(engine_name, "cpu", args.threads, precision, batch_size=len(batch))
+    from functools import partial
+
     from fcos_offline.engine.timing import run_timed, time_engine
 
     t0 = time.perf_counter()
@@ -112,7 +114,7 @@ def time_engine(name: str, files: dict[str, str], hw: tuple[int, int], batch: np
     with open_engine(model, options, shape=hw) as engine:
         load_s = time.perf_counter() - t0
         times = time_engine(engine, batch, warmup=args.warmup, runs=args.repeats).seconds
-        dets, labels, _ = run_timed(engine, batch)
+        dets, labels, _ = run_timed(partial(engine.run, batch))
         described = engine.describe()
     b = len(batch)
     return {

@@ -39,6 +39,7 @@ from fcos_offline.data.preprocess import (
     to_input_tensor,
 )
 from fcos_offline.engine.base import Engine
+from fcos_offline.engine.timing import run_timed
 from fcos_offline.errors import BadFileError, FcosError, UsageError, first_line
 from fcos_offline.io import atomic_write_json, process_alive
 from fcos_offline.progress import progress_bar, warn
@@ -422,10 +423,7 @@ def run_inference(
         if warmup and done == 0 and not times["infer"]:
             for _ in range(warmup):
                 call()
-        t0 = time.perf_counter()
-        for _ in range(max(1, loop)):
-            dets, labels = call()
-        t_infer = (time.perf_counter() - t0) / max(1, loop)
+        dets, labels, t_infer = run_timed(call, loop)
         infer_total += t_infer
         times["infer"].append(t_infer)
         if writing is not None:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from fcos_offline.engine.base import Engine
 
 
-def run_timed(engine: Engine, batch: np.ndarray, loop: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
-    """Run ``batch`` ``loop`` times; (dets, labels, seconds per run)."""
+def run_timed(call: Callable[[], tuple[np.ndarray, np.ndarray]], loop: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
+    """Run ``call`` (one engine call on one batch) ``loop`` times; (dets, labels, seconds per run)."""
     loop = max(1, loop)
     t0 = time.perf_counter()
     for _ in range(loop):
-        dets, labels = engine.run(batch)
+        dets, labels = call()
     return dets, labels, (time.perf_counter() - t0) / loop
 
 
@@ -58,7 +60,7 @@ def time_engine(engine: Engine, batch: np.ndarray, *, warmup: int = 1, runs: int
     timing = Timing(batch.shape[0])
     end = None if max_seconds is None else time.perf_counter() + max_seconds
     while len(timing.seconds) < max(min_runs, runs):
-        timing.seconds.append(run_timed(engine, batch)[2])
+        timing.seconds.append(run_timed(partial(engine.run, batch))[2])
         if end is not None and len(timing.seconds) >= min_runs and time.perf_counter() > end:
             break
     return timing
@@ -83,5 +85,5 @@ def time_interleaved(
             time.sleep(settle_s)
             warm_up(engine, batch, 1)
             for _ in range(per_round):
-                timing.seconds.append(run_timed(engine, batch)[2])
+                timing.seconds.append(run_timed(partial(engine.run, batch))[2])
     return timings
