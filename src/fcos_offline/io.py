@@ -78,6 +78,15 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int | None 
     atomic_write_bytes(path, json.dumps(payload, indent=indent).encode())
 
 
+def read_stamp(path: str | os.PathLike) -> dict[str, Any]:
+    """A small JSON record we wrote (a key stamp): its object, or {} when it is missing or unreadable."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def check_replaceable(path: str | os.PathLike, marker: str) -> Path:
     """``path`` as an absolute path, if :func:`atomic_folder` may replace it (missing, empty, or holding ``marker``)."""
     final = Path(os.path.abspath(path))

@@ -41,7 +41,7 @@ from fcos_offline.data.preprocess import (
 from fcos_offline.engine.base import Engine
 from fcos_offline.engine.timing import run_timed
 from fcos_offline.errors import BadFileError, FcosError, UsageError, first_line
-from fcos_offline.io import atomic_write_json, process_alive
+from fcos_offline.io import atomic_write_json, process_alive, read_stamp
 from fcos_offline.progress import progress_bar, warn
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "e2e")
@@ -255,10 +255,7 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
     """
     key = engine.output_key()
     stamp = out / STAMP
-    try:
-        previous = json.loads(stamp.read_text()).get("key") if stamp.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        previous = None
+    previous = read_stamp(stamp).get("key")
     dumps = [p for p in out.iterdir() if is_dump_file(p) and p.is_file()]
     if previous != key and dumps:
         if resume or previous is None:

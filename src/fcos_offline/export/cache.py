@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fcos_offline import __version__
-from fcos_offline.io import atomic_write_json, file_digest
+from fcos_offline.io import atomic_write_json, file_digest, read_stamp
 from fcos_offline.model.checkpoint import ModelOverrides
 from fcos_offline.progress import info
 
@@ -24,7 +24,6 @@ GRAPH_REVISION = 2
 
 def cached_export(checkpoint: Path, folder: Path, shape: tuple[int, int], overrides: ModelOverrides | None = None) -> tuple[Path, dict[str, Any]]:
     """``<folder>/model.onnx`` (dynamic batch, NMS in the graph, verified) and its export summary."""
-    import json
 
     from fcos_offline.export.metadata import read_metadata
 
@@ -38,11 +37,8 @@ def cached_export(checkpoint: Path, folder: Path, shape: tuple[int, int], overri
         "graph_revision": GRAPH_REVISION,
         "overrides": asdict(overrides) if overrides else None,
     }
-    try:
-        previous = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        previous = {}
-    if onnx_path.is_file() and isinstance(previous, dict) and previous.get("key") == key and "result" in previous:
+    previous = read_stamp(stamp)
+    if onnx_path.is_file() and previous.get("key") == key and "result" in previous:
         info(f"reusing {onnx_path} (same checkpoint bytes, canvas and settings)")
         return onnx_path, previous["result"]
     if previous:

@@ -13,7 +13,6 @@ Steps, in a work folder (each reused when already finished):
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import shutil
@@ -32,7 +31,7 @@ from fcos_offline.data.dataset import (
 from fcos_offline.demo import DEMO_CHECKPOINT
 from fcos_offline.engine.cpu import cpu_description
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.io import process_alive
+from fcos_offline.io import atomic_write_json, file_digest, json_digest, process_alive, read_stamp
 from fcos_offline.progress import info
 
 #: the engine of the recipe's "online" baseline: PyTorch eager on the checkpoint
@@ -155,7 +154,6 @@ def _compiled_model(checkpoint: Path, engine: str, bs: int, opts: RunOptions, sh
     from fcos_offline.engine.base import ConvertRequest
     from fcos_offline.engine.convert import convert
     from fcos_offline.export.cache import GRAPH_REVISION
-    from fcos_offline.io import atomic_write_json, file_digest, json_digest
 
     request = ConvertRequest(precision=opts.precision, batch_size=bs, device=opts.device, shape=shape, overrides=opts.overrides)
     key = json_digest(
@@ -169,11 +167,8 @@ def _compiled_model(checkpoint: Path, engine: str, bs: int, opts: RunOptions, sh
     )
     out = folder / f"{engine}_bs{bs}_{opts.precision}_{opts.device.replace(':', '')}"
     stamp = folder / f"{out.name}.key.json"
-    try:
-        if out.is_dir() and json.loads(stamp.read_text()).get("key") == key:
-            return out
-    except (OSError, ValueError, AttributeError):
-        pass
+    if out.is_dir() and read_stamp(stamp).get("key") == key:
+        return out
     info(f"compiling the checkpoint for {engine} (batch {bs}, {opts.precision}, {opts.device}); reused on the next run")
     convert(checkpoint, engine, out, request)
     atomic_write_json(stamp, {"key": key})
@@ -182,7 +177,6 @@ def _compiled_model(checkpoint: Path, engine: str, bs: int, opts: RunOptions, sh
 
 def _result_key(model: Path, engine: str, bs: int, opts: RunOptions, eval_set: EvalSet, shape: tuple[int, int]) -> str:
     """Everything that determines a configuration's dumps: model bytes, engine options, canvas, exact inputs."""
-    from fcos_offline.io import file_digest, json_digest
 
     files = [model] if model.is_file() else sorted(p for p in model.iterdir() if p.is_file())
     return json_digest(
@@ -203,14 +197,10 @@ def _result_key(model: Path, engine: str, bs: int, opts: RunOptions, eval_set: E
 
 def _fresh_result_dir(root: Path, key: str) -> Path:
     """The dump folder of one configuration; emptied when it holds another key's dumps."""
-    from fcos_offline.io import atomic_write_json
 
     stamp = root / "key.json"
     dump_dir = root / "dumpOutput_device0"
-    try:
-        previous = json.loads(stamp.read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
-        previous = None
+    previous = read_stamp(stamp).get("key")
     if previous != key and root.exists():
         if previous is not None or any(root.iterdir()):
             info(f"recomputing {root.name}: model, canvas, settings or images changed since its dumps were written")
