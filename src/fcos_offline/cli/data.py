@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from fcos_offline.cli.common import SIDE, THREADS, add_flag
+from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
 from fcos_offline.io import writes_through
 
@@ -34,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_flag(p, "--image-src-path", required=True, metavar="DIR", help="folder of images")
     add_flag(p, "--bin-file-path", required=True, metavar="DIR", help="output folder (created if missing)")
-    add_flag(p, "--model-input-height", type=SIDE, default=800, metavar="H", help="canvas height (default 800)")
-    add_flag(p, "--model-input-width", type=SIDE, default=1333, metavar="W", help="canvas width (default 1333)")
+    add_flag(p, "--model-input-height", type=SIDE, default=DEFAULT_CANVAS[0], metavar="H", help=f"canvas height (default {DEFAULT_CANVAS[0]})")
+    add_flag(p, "--model-input-width", type=SIDE, default=DEFAULT_CANVAS[1], metavar="W", help=f"canvas width (default {DEFAULT_CANVAS[1]})")
     add_flag(p, "--workers", type=THREADS, default=None, metavar="N", help="processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 

@@ -12,6 +12,7 @@ from fcos_offline.cli.common import (
     number,
     overrides_from_args,
 )
+from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.errors import EXIT_OK
 from fcos_offline.io import atomic_write_json
 
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_flag(p, "--checkpoint", required=True, help="mmdet or torchvision FCOS .pth")
     add_flag(p, "--output", "--output-file", dest="output", required=True, help="ONNX file to write")
-    add_flag(p, "--shape", nargs=2, type=SIDE, default=[800, 1333], metavar=("H", "W"), help="input canvas height width")
+    add_flag(p, "--shape", nargs=2, type=SIDE, default=list(DEFAULT_CANVAS), metavar=("H", "W"), help="input canvas height width")
     add_flag(p, "--batch-size", type=number(int, 1, 1024), default=1, help="fixed batch size (ignored with --dynamic-export)")
     add_flag(p, "--dynamic-export", action="store_true", help="dynamic batch dimension")
     add_flag(p, "--opset", type=number(int, 11, 21), default=17, help="ONNX opset (11 to 21)")

@@ -22,6 +22,7 @@ import numpy as np
 from fcos_offline.compare.layers import TensorStat, compare_layers, first_divergence, group_errors
 from fcos_offline.compare.outputs import OutputComparison, compare_dumps
 from fcos_offline.data.dataset import InputItem
+from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.io import atomic_write_json
 from fcos_offline.progress import info
@@ -293,7 +294,7 @@ def compare(opts: CompareOptions) -> CompareResult:
     needs_images = a.kind != "dumps" or b.kind != "dumps" or opts.layers
     if needs_images and not opts.images:
         raise UsageError("give --images DIR: a model side (or --layers) needs the images to run on")
-    canvas = a.canvas or b.canvas or opts.shape or (800, 1333)
+    canvas = a.canvas or b.canvas or opts.shape or DEFAULT_CANVAS
     if opts.shape and (a.canvas or b.canvas) and tuple(opts.shape) != canvas:
         raise UsageError(f"--shape {opts.shape[0]} {opts.shape[1]} contradicts the models' canvas {canvas[0]}x{canvas[1]}")
     if a.canvas and b.canvas and a.canvas != b.canvas:

@@ -43,6 +43,8 @@ import numpy as np
 from fcos_offline.errors import FcosError
 
 RULES = ("exact", "recipe")
+#: the recipe's model input, (height, width)
+DEFAULT_CANVAS = (800, 1333)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 
 from fcos_offline.data.dumps import read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
-from fcos_offline.data.letterbox import RULES, boxes_to_original, letterbox_for
+from fcos_offline.data.letterbox import DEFAULT_CANVAS, RULES, boxes_to_original, letterbox_for
 from fcos_offline.data.preprocess import read_image
 from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.evaluate.coco import (
@@ -69,9 +69,6 @@ def _draw(image: np.ndarray, labels: np.ndarray, boxes: np.ndarray, names: list[
         origin = (p1[0], max(p1[1] - 4, 12))
         cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, 1, cv2.LINE_AA)
     return image
-
-
-DEFAULT_CANVAS = (800, 1333)
 
 
 def dump_canvas(dump_dir: str | os.PathLike, height: int | None, width: int | None) -> tuple[int, int]:

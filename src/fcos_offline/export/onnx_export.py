@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcos_offline.data.letterbox import check_canvas
+from fcos_offline.data.letterbox import DEFAULT_CANVAS, check_canvas
 from fcos_offline.data.preprocess import MEAN_BGR, STD_BGR
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.export.metadata import encode_metadata, post_graph_path, raw_output_names
@@ -129,7 +129,7 @@ class PostOnly(torch.nn.Module):
 def export_onnx(
     network,
     output: str | Path,
-    shape: tuple[int, int] = (800, 1333),
+    shape: tuple[int, int] = DEFAULT_CANVAS,
     batch_size: int = 1,
     dynamic_batch: bool = False,
     opset: int = 17,
@@ -278,7 +278,7 @@ def verify_export(network, model_path: Path, post_path: Path | None, images: np.
 def export_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
-    shape: tuple[int, int] = (800, 1333),
+    shape: tuple[int, int] = DEFAULT_CANVAS,
     batch_size: int = 1,
     dynamic_batch: bool = False,
     opset: int = 17,

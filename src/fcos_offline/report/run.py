@@ -28,6 +28,7 @@ from fcos_offline.data.dataset import (
     prepare_eval_set,
     resolve_source,
 )
+from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.demo import DEMO_CHECKPOINT
 from fcos_offline.engine.cpu import cpu_description
 from fcos_offline.errors import FcosError, UsageError
@@ -253,7 +254,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
 
         shape: tuple[int, int] = opts.shape or DEMO_CANVAS
     else:
-        shape = opts.shape or (800, 1333)
+        shape = opts.shape or DEFAULT_CANVAS
     root = Path(opts.workdir or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     root.mkdir(parents=True, exist_ok=True)
     paths = _Paths(root)

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fcos_offline.data.dataset import EvalSet, class_names_for, demo_split, prepare_eval_set, resolve_source
+from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.engine.artifact import ARTIFACT_FILE
+from fcos_offline.engine.backends import CHECKPOINT_SUFFIXES
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.io import check_replaceable
 from fcos_offline.progress import warn
@@ -118,9 +120,9 @@ def prepare_model(opts: TuneOptions, out: Path, demo: bool) -> Path:
             raise FcosError(f"{src}: no such model file")
         if src.suffix.lower() == ".onnx":
             return src
-        if src.suffix.lower() not in (".pth", ".pt", ".ckpt"):
+        if src.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise UsageError(f"{src}: tune takes an exported .onnx (dynamic batch preferred) or a checkpoint")
-        ckpt, shape = src, tuple(opts.shape or (800, 1333))
+        ckpt, shape = src, tuple(opts.shape or DEFAULT_CANVAS)
     onnx_path, _ = cached_export(ckpt, out / "work", shape)  # type: ignore[arg-type]
     return onnx_path.resolve()
 

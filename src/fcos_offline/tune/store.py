@@ -127,11 +127,13 @@ def load_state(path: Path, context: dict[str, Any], budget: float, fresh: bool) 
     if not isinstance(prev, dict) or prev.get("version") != FORMAT_VERSION or prev.get("context") != context:
         warn(f"{path} was made for another model, data, settings or version; starting over (previous trials ignored)")
         return state
+    from fcos_offline.tune.policy import within_budget  # policy builds on this module's Trial
+
     try:
         for t in prev.get("trials", []):
             if t.get("status") == "ok":
                 trial = Trial.from_dict(t)
-                trial.within_budget = trial.map_drop <= budget + 1e-9  # the budget may differ from last time
+                trial.within_budget = within_budget(trial.map_drop, budget)  # the budget may differ from last time
                 state.add(trial, evaluated=trial.accuracy_from == trial.key)
     except (KeyError, TypeError, FcosError) as exc:
         warn(f"{path}: unreadable trial record ({exc}); starting over")

@@ -14,9 +14,9 @@ from fcos_offline.engine.base import (
     Engine,
     EngineConfig,
     ModelSource,
-    check_canvas,
     check_input,
     detector_outputs,
+    static_dims,
 )
 from fcos_offline.errors import FcosError, UsageError, first_line, require
 from fcos_offline.io import atomic_write_json
@@ -94,15 +94,10 @@ class OpenVINOEngine(Engine):
             raise FcosError(f"{source.path}: OpenVINO cannot read the model ({first_line(exc)})") from None
         check_input(source.path, [(i.get_any_name(), i.get_element_type().is_real(), _shape(i)) for i in model.inputs])
         inp = model.inputs[0]
-        pshape = inp.get_partial_shape()
-        if pshape[2].is_dynamic or pshape[3].is_dynamic:
-            raise FcosError(f"{source.path}: model input must have a fixed height and width")
-        self.input_hw = check_canvas(source.path, pshape[2].get_length(), pshape[3].get_length())
-        if pshape[0].is_dynamic:
+        fixed_batch, self.input_hw = static_dims(source.path, _shape(inp) or [])
+        if fixed_batch is None:
             model.reshape({inp.get_any_name(): [config.batch_size, 3, *self.input_hw]})
-            self.static_batch = config.batch_size
-        else:
-            self.static_batch = pshape[0].get_length()
+        self.static_batch = fixed_batch or config.batch_size
         device = config.device.upper()
         if device not in core.available_devices and not device.startswith(("AUTO", "HETERO", "MULTI")):
             raise FcosError(f"OpenVINO device {device} not found (available: {', '.join(core.available_devices)})")
