@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fcos_offline.engine.cpu import cpu_count
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
 
@@ -69,16 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"local streaming: {local.throughput_fps:.2f} img/s ({local.wall_s:.1f} s)", flush=True)
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cpu_count(), include_dashboard=False, log_to_driver=False)
     cluster_start = time.perf_counter() - t0
     result["ray_cluster_start_s"] = cluster_start
     print(f"Ray local cluster started in {cluster_start:.1f} s", flush=True)
     for n in args.actors:
         out = work / f"ray{n}"
         t0 = time.perf_counter()
-        s = run_inference_ray(
-            model, EngineOptions(), items, str(out), args.batch_size, actors=n, cpus_per_actor=args.cpus_per_actor, show_progress=False
-        )
+        s = run_inference_ray(model, EngineOptions(), items, str(out), args.batch_size, actors=n, cpus_per_actor=args.cpus_per_actor)
         wall = time.perf_counter() - t0
         done = sorted(json.loads((out / "summary.json").read_text())["distributed"]["per_actor"].items())
         firsts = [p.stat().st_mtime for p in out.glob("*_2.bin")]

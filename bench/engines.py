@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
 
+from fcos_offline.engine.cpu import cpu_count
+from fcos_offline.errors import first_line
+
 ENGINES = {
     "torch": ("torch", "fp32"),
     "ort": ("onnxruntime", "fp32"),
@@ -142,7 +145,7 @@ def machine() -> dict:
 
     from fcos_offline.engine.cpu import cpu_description
 
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count(), "onnxruntime": onnxruntime.__version__}
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": cpu_count(), "onnxruntime": onnxruntime.__version__}
     info.update(cpu_description())
     for mod in ("torch", "openvino"):
         try:
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
                 try:
                     row = time_engine(name, files[hw], hw, batch, args)
                 except Exception as exc:
-                    print(f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+                    print(f"failed: {type(exc).__name__}: {first_line(exc)}", flush=True)
                     rows.append({"engine": name, "height": hw[0], "width": hw[1], "batch_size": b, "error": str(exc)[:500]})
                     continue
                 dets, labels = row.pop("_out")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -44,6 +43,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from r50 import build_r50, set_candidates  # bench/r50.py: the shared random-weight FCOS-R50
+
+from fcos_offline.engine.cpu import cpu_count
+from fcos_offline.errors import first_line
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of photos (default: the COCO val2017 sample)")
     p.add_argument("--images", type=int, default=512, help="inputs per end-to-end run (the photos repeated)")
     p.add_argument("--candidates", type=float, default=2000.0, help="(point, class) pairs above 0.05 per image to calibrate to")
-    p.add_argument("--workers", type=int, default=max(1, min(15, (os.cpu_count() or 2) - 1)), help="feed processes")
+    p.add_argument("--workers", type=int, default=max(1, min(15, cpu_count() - 1)), help="feed processes")
     p.add_argument("--repeats", type=int, default=20, help="timed network runs per configuration")
     p.add_argument("--workdir", help="where models and dumps go (default: a temporary folder)")
     p.add_argument("--output", default=str(REPO / "bench" / "results" / "gpu.json"))
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "cores": os.cpu_count(), **device_info(args.device)},
+        "machine": {"python": platform.python_version(), "cores": cpu_count(), **device_info(args.device)},
         "shape": list(shape),
         "images": len(items),
         "workers": args.workers,
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             row["bound"] = min(rates, key=lambda k: rates[k])
         except Exception as exc:  # one failed configuration must not lose the others
-            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            row["error"] = f"{type(exc).__name__}: {first_line(exc, 300)}"
         results["configs"].append(row)
         save()
         if "error" in row:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
+
+from fcos_offline.engine.cpu import cpu_count
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=8, help="timed runs per configuration and round (median)")
     p.add_argument("--seconds", type=float, default=20.0, help="stop timing a configuration after this (at least 3 runs)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over every configuration (noise)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=cpu_count())
     p.add_argument("--workdir", default=str(REPO / "bench" / "results" / "groupnorm"), help="models (reused by later runs)")
     p.add_argument("--output", default=str(REPO / "bench" / "results" / "groupnorm.json"))
     args = p.parse_args(argv)

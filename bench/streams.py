@@ -18,12 +18,13 @@ Rounds alternate the configurations, so a noisy neighbour hits them alike.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import numpy as np
+
+from fcos_offline.engine.cpu import cpu_count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="800x1333", help="input HxW")
     p.add_argument("--precision", default="bf16", choices=("f32", "bf16"), help="INFERENCE_PRECISION_HINT")
     p.add_argument("--batch", type=int, default=4, help="images per timed round")
-    p.add_argument("--streams", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--streams", type=int, default=cpu_count())
     p.add_argument("--runs", type=int, default=5, help="timed rounds per configuration (median reported)")
     p.add_argument("--rounds", type=int, default=2, help="times the whole set of configurations is repeated")
     args = p.parse_args(argv)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_cpu(cpu_description()), flush=True)
     h, w = (int(v) for v in args.shape.split("x"))
     core = ov.Core()
-    threads = os.cpu_count() or 1
+    threads = cpu_count()
     x = np.random.default_rng(0).normal(0.0, 50.0, (args.batch, 3, h, w)).astype(np.float32)
 
     def latency(bs: int) -> float:

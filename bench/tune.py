@@ -37,13 +37,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
+
+from fcos_offline.engine.cpu import cpu_count
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-images", type=int, default=10)
     p.add_argument("--runs", type=int, default=8)
     p.add_argument("--seconds", type=float, default=25.0, help="stop timing a configuration after this (at least 3 runs)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=cpu_count())
     p.add_argument("--workdir", default=str(REPO / "bench" / "results" / "tune"), help="models, timings (tune_bench.json)")
     p.add_argument("--demo-tune", help="a finished 'fcos-offline tune' folder of the demo model (default: run it into WORKDIR/demo)")
     p.add_argument("--demo-eval-images", type=int, default=None, help="eval images for the demo tune (default: tune's)")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     if not paths:
         print(f"no calibration images in {args.calib_dir}", file=sys.stderr)
         return 1
-    nproc = os.cpu_count() or 1
+    nproc = cpu_count()
     report: dict = {"machine": machine, "cpu_threads": args.threads, "cores": nproc, "calibration_images": len(paths), "sizes": {}}
     report["demo"] = demo_recipe(Path(args.demo_tune) if args.demo_tune else work / "demo", args, run=not args.demo_tune)
     recipe = report["demo"]["candidate"]
