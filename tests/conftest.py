@@ -86,7 +86,12 @@ TESTS_DIR = Path(__file__).resolve().parent
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the longest modules first (the order inside a module is kept)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.resolve().relative_to(TESTS_DIR).as_posix(), len(rank)))
+
+    def module(item: pytest.Item) -> str:
+        path = item.path.resolve()
+        return path.relative_to(TESTS_DIR).as_posix() if path.is_relative_to(TESTS_DIR) else str(path)
+
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))
 
 
 @pytest.fixture

@@ -70,8 +70,14 @@ def test_the_library_never_prints_or_exits() -> None:
             if isinstance(node, ast.Call):
                 f = node.func
                 name = f.id if isinstance(f, ast.Name) else f"{getattr(f.value, 'id', '')}.{f.attr}" if isinstance(f, ast.Attribute) else ""
-                if name in ("print", "sys.exit", "exit", "quit"):
-                    offenders.append(f"{rel}:{node.lineno} {name}")
+                on_console = (
+                    isinstance(f, ast.Attribute)
+                    and f.attr == "print"
+                    and isinstance(f.value, ast.Call)
+                    and getattr(f.value.func, "id", "") == "Console"
+                )
+                if name in ("print", "sys.exit", "exit", "quit") or on_console:
+                    offenders.append(f"{rel}:{node.lineno} {name or 'Console().print'}")
     assert not offenders, offenders
 
 

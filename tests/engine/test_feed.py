@@ -217,3 +217,30 @@ def test_default_workers_leave_a_cpu_engine_its_cores(monkeypatch, cores, device
     assert default_workers(engine, photos[:2]) == 0  # a few inputs: no process start-up
     tensors = [InputItem(f"t{i}", f"/x/t{i}.bin", "bin") for i in range(10)]
     assert default_workers(engine, tensors) == 0  # .bin tensors: nothing to decode
+
+
+def test_images_read_from_a_url_get_the_local_guards() -> None:
+    """A decode task reading an fsspec URL refuses what a local read refuses: a header declaring a
+    billion pixels (before decoding), a truncated JPEG, an empty file; a good photo letterboxes."""
+    import struct
+    import zlib
+
+    fsspec = pytest.importorskip("fsspec", reason="fsspec comes with the [ray] extra")
+    from badinputs import jpeg_bytes
+
+    from fcos_offline.engine.distributed import _load_row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    huge = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32000, 32000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    good = jpeg_bytes(72, 96)
+    files = {"huge.png": huge, "cut.jpg": good[: len(good) // 2], "empty.jpg": b"", "good.jpg": good}
+    fs = fsspec.filesystem("memory")
+    for name, data in files.items():
+        fs.pipe(f"/fcos-test/{name}", data)
+    problems = {name: _load_row({"stem": name, "path": f"memory://fcos-test/{name}", "kind": "image"}, (64, 96))["problem"] for name in files}
+    assert "declares 32000x32000 pixels" in problems["huge.png"]
+    assert "truncated" in problems["cut.jpg"]
+    assert "empty file" in problems["empty.jpg"]
+    assert problems["good.jpg"] == ""

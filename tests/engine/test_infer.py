@@ -224,6 +224,16 @@ def test_a_feed_that_does_not_fit_a_fixed_batch_is_said(model, images, ort_artif
     assert "has a fixed batch of 4: each batch of 3 runs as 1 call(s) of 4, 1 of its 4 rows zeros" in err
     assert main(["infer", "--model", str(ort_artifact4), "--images", str(images), "--output", str(tmp_path / "b4")]) == 0
     assert "fixed batch" not in capsys.readouterr().err  # its own batch: nothing to say
+    # a fixed-batch ONNX file (no artifact) runs at its own batch too, and --batch-size 4 on 3 images is not cut to 3
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(images.iterdir())[:3]:
+        (few / p.name).write_bytes(p.read_bytes())
+    for extra, out in (([], "raw"), (["--batch-size", "4"], "asked")):
+        args = ["infer", "--model", str(ort_artifact4 / "model.onnx"), "--images", str(few), "--output", str(tmp_path / out), *extra]
+        assert main(args) == 0
+        assert "fixed batch" not in capsys.readouterr().err
+        assert summary(tmp_path / out)["batch_size"] == 4
 
 
 def _bins_of(images: Path, names: list[str], tmp_path: Path) -> list[Path]:

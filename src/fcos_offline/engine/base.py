@@ -143,6 +143,7 @@ class ModelSource:
     post_path: Path | None = None
     artifact: Artifact | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    fixed_batch: int | None = None  # an ONNX input's fixed batch dimension (None: dynamic or not known before opening)
 
 
 class Engine:
@@ -195,7 +196,7 @@ class Engine:
         padded = f", {calls * fixed - batch_size} of its {calls * fixed} rows zeros" if batch_size % fixed else ""
         return (
             f"{self.source.path} has a fixed batch of {fixed}: each batch of {batch_size} runs as {calls} call(s) of {fixed}{padded}; "
-            f"the fps are this feed's, not the model's at batch {batch_size} (convert it with --batch-size {batch_size} for that)"
+            f"the fps are this feed's, not the model's at batch {batch_size} (export or convert it at batch {batch_size} for that)"
         )
 
     def run_letterboxed(self, images: list[np.ndarray], pads: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -195,7 +195,7 @@ def run_inference_ray(
     """Distributed :func:`~fcos_offline.engine.infer.run_inference`; returns its :class:`InferSummary` (with ``distributed``)."""
     from dataclasses import replace
 
-    from fcos_offline.data.dumps import dumps_complete
+    from fcos_offline.data.dumps import dump_paths, dumps_complete
     from fcos_offline.engine.backends import open_engine
     from fcos_offline.engine.infer import InferSummary, check_dump_folder, fps, latency_stats, listed_size_problem, write_summary
 
@@ -207,7 +207,6 @@ def run_inference_ray(
     out = Path(absolute(out_local))
     out.mkdir(parents=True, exist_ok=True)
     model = absolute(str(model))
-    items = [replace(i, path=absolute(i.path)) for i in items]
     stems = [i.stem for i in items]
     if len(set(stems)) != len(stems):
         raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(sorted({s for s in stems if stems.count(s) > 1})[:3])}")
@@ -229,12 +228,13 @@ def run_inference_ray(
         skipped.append({"path": path, "problem": problem})
         warn(f"skipped {path}: {problem}")
     todo = [i for i in todo if i.path not in wrong_size]
+    given = {i.stem: i.path for i in todo}
     per_actor: dict[str, list[float]] = {}
     load_s: list[float] = []
     done_at: list[float] = []
     if todo:
         ds = ray.data.from_items(
-            [{"stem": i.stem, "path": i.path, "kind": i.kind} for i in todo], override_num_blocks=max(1, min(len(todo), 8 * actors))
+            [{"stem": i.stem, "path": absolute(i.path), "kind": i.kind} for i in todo], override_num_blocks=max(1, min(len(todo), 8 * actors))
         )
         # decode tasks reserve memory for one decoded photo; this also keeps Ray from fusing them into the actors,
         # so decoding overlaps inference instead of running inside the actor between batches
@@ -259,10 +259,11 @@ def run_inference_ray(
         bar = progress_bar(len(todo), f"infer {described['engine']} bs{batch_size} on Ray ({actors} actor(s), {len(nodes)} node(s))")
         with bar as advance:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for path, problem, l_s, i_s, actor, t in zip(
-                    batch["path"], batch["problem"], batch["load_s"], batch["infer_s"], batch["actor"], batch["done_at"]
+                for stem, problem, l_s, i_s, actor, t in zip(
+                    batch["stem"], batch["problem"], batch["load_s"], batch["infer_s"], batch["actor"], batch["done_at"]
                 ):
                     if problem:
+                        path = given[str(stem)]  # as the user gave it (the workers saw it made absolute)
                         warn(f"skipped {path}: {problem}")
                         skipped.append({"path": str(path), "problem": str(problem)})
                     else:
@@ -273,7 +274,7 @@ def run_inference_ray(
     wall = time.perf_counter() - start
     done = sum(len(v) for v in per_actor.values())
     skipped_paths = {s["path"] for s in skipped}
-    lost = [i.stem for i in todo if i.path not in skipped_paths and not dumps_complete(out, i.stem, fmt)]
+    lost = [i.stem for i in todo if i.path not in skipped_paths and not all(p.is_file() for p in dump_paths(out, i.stem, fmt))]
     if lost:
         raise FcosError(
             f"{out}: the Ray workers inferred {len(lost)} image(s) whose dumps are not there (first: {lost[0]}); "

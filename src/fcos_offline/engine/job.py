@@ -99,9 +99,11 @@ def infer(req: InferRequest) -> InferSummary:
     except FcosError as exc:
         items_error = exc
     asked = req.options.batch_size
-    artifact = resolve_model(model).artifact  # its batch unless the request says otherwise
-    batch_size = asked or (artifact.batch_size if artifact else 1)
-    if items and (asked or artifact is None or artifact.dynamic_batch):  # a static batch is padded, not capped
+    source = resolve_model(model)
+    artifact = source.artifact  # its batch unless the request says otherwise
+    fixed = artifact.batch_size if artifact and not artifact.dynamic_batch else source.fixed_batch
+    batch_size = asked or (artifact.batch_size if artifact else fixed or 1)
+    if items and fixed is None:  # a fixed batch is padded, not capped
         batch_size = cap_batch(batch_size, len(items))
     options = replace(req.options, batch_size=batch_size)
     if req.ray is not None:
@@ -130,6 +132,8 @@ def infer(req: InferRequest) -> InferSummary:
     with open_engine(model, options, req.shape, req.overrides) as engine:
         if items_error is not None or not items:
             raise items_error or FcosError("no inputs")
+        if asked is None and engine.static_batch is not None:  # a fixed-batch .onnx/.xml runs at its own batch too
+            batch_size = engine.static_batch
         return run_inference(
             engine, items, req.output, batch_size, req.fmt, req.warmup, req.loop, req.resume, req.workers, req.device_id, req.perf_dir
         )

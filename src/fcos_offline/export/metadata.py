@@ -26,10 +26,18 @@ def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
 
 def read_metadata(model_path: str | Path) -> dict[str, Any]:
     """The ``fcos_offline.*`` metadata of an ONNX file (empty for files we did not export)."""
+    return read_header(model_path)[0]
+
+
+def read_header(model_path: str | Path) -> tuple[dict[str, Any], int | None]:
+    """An ONNX file's ``fcos_offline.*`` metadata and its first input's fixed batch (None: dynamic), in one read."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    return {p.key[len(META_PREFIX) :]: json.loads(p.value) for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    metadata = {p.key[len(META_PREFIX) :]: json.loads(p.value) for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    batch = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+    return metadata, batch
 
 
 def copy_metadata(src: str | Path, dst: str | Path) -> None:

@@ -208,7 +208,8 @@ class Tuner:
         except Exception as exc:
             if cand.key == self.ref_key:
                 raise
-            msg = f"{type(exc).__name__}: {first_line(exc, 300)}"
+            detail = first_line(exc, 300)
+            msg = detail if detail == type(exc).__name__ else f"{type(exc).__name__}: {detail}"
             warn(f"{cand.label()} failed: {msg}")
             st.skip(cand.key, f"failed: {msg}")
             return None

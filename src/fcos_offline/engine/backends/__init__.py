@@ -69,7 +69,7 @@ def backend(name: str) -> Backend:
 
 def resolve_model(path: str | os.PathLike) -> ModelSource:
     """Resolve ``--model`` (ONNX file, OpenVINO .xml, artifact folder, checkpoint or ``torch.export`` program)."""
-    from fcos_offline.export.metadata import post_graph_path, read_metadata
+    from fcos_offline.export.metadata import post_graph_path, read_header
 
     p = Path(path)
     artifact = None
@@ -83,6 +83,7 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
         return ModelSource(p, "checkpoint", None, artifact, {})
     if suffix == ".pt2":
         return ModelSource(p, "torch-export", None, artifact, {})
+    fixed_batch = None
     if suffix == ".xml":
         kind = "openvino-ir"
         meta_file = p.with_suffix(".meta.json")
@@ -92,7 +93,7 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
     elif suffix == ".onnx":
         kind = "onnx"
         try:
-            metadata = read_metadata(p)
+            metadata, fixed_batch = read_header(p)
         except Exception as exc:
             raise FcosError(f"{p}: not a readable ONNX file ({first_line(exc, 160)})") from None
     else:
@@ -105,7 +106,7 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
             post = post_graph_path(p)
         if not post.is_file():
             raise FcosError(f"{p} was exported with --no-nms but its post-processing graph {post} is missing")
-    return ModelSource(p, kind, post, artifact, metadata)
+    return ModelSource(p, kind, post, artifact, metadata, fixed_batch)
 
 
 def open_engine(
