@@ -401,13 +401,16 @@ def test_a_dump_folder_never_mixes_models(model, images, tmp_path, capsys) -> No
     for p in sorted(images.iterdir())[:2]:
         (two / p.name).write_bytes(p.read_bytes())
     base = ["infer", "--model", str(model.onnx), "--output", str(out), "--workers", "0"]
-    assert main([*base, "--images", str(images)]) == 0
+    assert main([*base, "--images", str(images), "--batch-size", "2"]) == 0
     assert len(read_dumps(out)) == NUM_IMAGES
+    earlier_perf = Path(summary(out)["perf_file"])
+    assert earlier_perf.name == "perf_vision_batchsize_2_device_0.txt" and earlier_perf.is_file()
     (out / "mine.bin").write_bytes(b"a user's file, not a dump")
     capsys.readouterr()
     assert main([*base, "--images", str(two), "--engine", "openvino", "--precision", "fp32"]) == 0
-    assert f"removed the {2 * NUM_IMAGES} dump files of an earlier run" in capsys.readouterr().err
+    assert f"removed the {2 * NUM_IMAGES} dump files (and summary, perf file) of an earlier run" in capsys.readouterr().err
     assert (out / "mine.bin").is_file() and summary(out)["num_images"] == 2  # other files stay; the summary is this run's
+    assert not earlier_perf.exists() and Path(summary(out)["perf_file"]).is_file()  # parse reads only this run's perf file
     (out / "mine.bin").unlink()
     assert set(read_dumps(out)) == set(stems(two))  # only this run's images: postprocess cannot score a mixture
     assert main([*base, "--images", str(images), "--resume"]) == 1

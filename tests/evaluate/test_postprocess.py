@@ -201,3 +201,19 @@ def test_bad_and_missing_dumps_exit_3(setup, capsys):
     assert "fits neither" in summary["skipped"][0]["problem"]
     assert 0.0 < summary["bbox_mAP"] < 1.0
     assert f"skipped: {summary['skipped'][0]['path']}" in printed
+
+
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_text_files(setup):
+    """The per-image .txt files of an earlier evaluation into the same folder do not outlive it; a user's own files stay."""
+    tmp_path, dumps, info, data, _ = setup
+    ann = SAMPLE / "annotations" / "instances_val2017_sample.json"
+    out = tmp_path / "ret"
+    postprocess(dumps, info, out, ann, CANVAS_H, CANVAS_W)
+    stems = sorted(Path(img["file_name"]).stem for img in data["images"])
+    assert {p.stem for p in out.glob("*.txt")} == set(stems)
+    (out / "notes.txt").write_text("a user's file")
+    for path in dumps.glob(f"{stems[0]}_*.bin"):
+        path.unlink()  # the next evaluation has no result for this image
+    summary = postprocess(dumps, info, out, ann, CANVAS_H, CANVAS_W)
+    assert {p.stem for p in out.glob("*.txt")} == set(stems[1:]) | {"notes"}
+    assert sorted(summary["text_files"]) == [f"{s}.txt" for s in stems[1:]]

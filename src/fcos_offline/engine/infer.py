@@ -267,9 +267,10 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
                     else "another tool or an unknown run; use a fresh --output (or remove them)"
                 )
             )
-        for p in [*dumps, out / "summary.json"]:  # its summary too: an interrupted run must not inherit it
-            p.unlink(missing_ok=True)
-        warn(f"{out}: removed the {len(dumps)} dump files of an earlier run with another model or settings")
+        perf = read_stamp(out / "summary.json").get("perf_file")  # the earlier run's perf file, which parse would read
+        for p in [*dumps, out / "summary.json", *([Path(perf)] if perf and Path(perf).name.startswith("perf_") else [])]:
+            p.unlink(missing_ok=True)  # its summary too: an interrupted run must not inherit it
+        warn(f"{out}: removed the {len(dumps)} dump files (and summary, perf file) of an earlier run with another model or settings")
     atomic_write_json(stamp, {"key": key, "engine": engine.name, "model": str(engine.source.path)})
 
 

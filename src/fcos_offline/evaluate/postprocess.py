@@ -40,7 +40,7 @@ from fcos_offline.evaluate.coco import (
     label_to_category,
     load_annotations,
 )
-from fcos_offline.io import atomic_write_bytes, atomic_write_json, read_json_bounded
+from fcos_offline.io import atomic_write_bytes, atomic_write_json, read_json_bounded, read_stamp
 from fcos_offline.progress import progress_bar, warn
 
 RESULTS_FILE = "bbox_results.json"
@@ -150,6 +150,8 @@ def postprocess(
     if show:
         (out_dir / VIS_DIR).mkdir(exist_ok=True)
     images = sorted(data["images"], key=lambda img: img["id"])
+    earlier_texts = read_stamp(out_dir / SUMMARY_FILE).get("text_files") or []  # what a run into this folder wrote before
+    texts: list[str] = []
     results: list[dict[str, Any]] = []
     missing: list[str] = []
     size_mismatch: list[str] = []
@@ -180,6 +182,7 @@ def postprocess(
                 continue
             evaluated += 1
             atomic_write_bytes(out_dir / f"{stem}.txt", _detection_lines(labels, boxes, names).encode())
+            texts.append(f"{stem}.txt")
             if show:
                 try:
                     picture = _draw(read_image(entry.path), labels, boxes, names, show_score_thr)
@@ -207,6 +210,9 @@ def postprocess(
             f"(first: {missing[0]}; all in {SUMMARY_FILE} 'missing_dump_files')"
         )
 
+    for name in set(earlier_texts) - set(texts):  # an earlier run's files for images not evaluated now: not this result
+        if isinstance(name, str) and Path(name).name == name and name.endswith(".txt"):
+            (out_dir / name).unlink(missing_ok=True)
     atomic_write_json(out_dir / RESULTS_FILE, results, indent=1)
     metrics = evaluate_bbox(data, results)
     atomic_write_json(out_dir / PR_CURVES_FILE, metrics.pop("pr_curves"), indent=1)
@@ -221,6 +227,7 @@ def postprocess(
         "missing_dump_files": missing,
         "dumps_not_annotated": sorted(set(dumps) - {Path(i["file_name"]).stem for i in images}),
         "skipped": [{"path": e.path, "problem": e.problem} for e in sorted(skipped, key=lambda e: e.path)],
+        "text_files": texts,
     }
     atomic_write_json(out_dir / SUMMARY_FILE, summary, indent=1)
     return summary
