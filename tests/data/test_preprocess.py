@@ -160,8 +160,11 @@ def test_cli_preprocess_fails_when_nothing_usable(tmp_path, capsys):
 
 
 def test_cli_preprocess_refuses_a_file_as_the_output_folder(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    assert cv2.imwrite(str(images / "a.jpg"), np.full((40, 60, 3), 128, np.uint8))
     target = tmp_path / "afile"
     target.write_text("mine")
-    code = main(["preprocess", f"--image_src_path={SAMPLE / 'val2017'}", f"--bin_file_path={target}"])
+    code = main(["preprocess", f"--image_src_path={images}", f"--bin_file_path={target}"])
     err = capsys.readouterr().err
     assert code == 2 and "is not a folder" in err and "Traceback" not in err and target.read_text() == "mine"
