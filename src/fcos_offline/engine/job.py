@@ -132,7 +132,7 @@ def infer(req: InferRequest) -> InferSummary:
     with open_engine(model, options, req.shape, req.overrides) as engine:
         if items_error is not None or not items:
             raise items_error or FcosError("no inputs")
-        if asked is None and engine.static_batch is not None:  # a fixed-batch .onnx/.xml runs at its own batch too
+        if asked is None and engine.static_batch is not None:  # a fixed-batch OpenVINO IR: its batch is known once open
             batch_size = engine.static_batch
         return run_inference(
             engine, items, req.output, batch_size, req.fmt, req.warmup, req.loop, req.resume, req.workers, req.device_id, req.perf_dir
