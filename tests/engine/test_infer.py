@@ -126,6 +126,8 @@ def test_engines_give_the_same_detections(image_set, runs, model, images, tmp_pa
     engines = {d: summary(d)["engine"] for d in (ort_dir, ov_dir, torch_dir)}
     assert [e["engine"] for e in engines.values()] == ["onnxruntime", "openvino", "torch"]
     assert engines[ov_dir]["execution_precision"] == "fp32" and engines[ov_dir]["static_batch"] == 3
+    # each records the model's labels, which postprocess maps to categories with (the random model: COCO's 80)
+    assert {e["num_classes"] for e in engines.values()} == {80}
 
 
 # --------------------------------------------------------------------------- input modes

@@ -12,6 +12,7 @@ from fcos_offline.cli import main
 from fcos_offline.data.dumps import write_dumps
 from fcos_offline.data.info import make_info
 from fcos_offline.data.letterbox import boxes_to_canvas, letterbox_for
+from fcos_offline.errors import FcosError
 from fcos_offline.evaluate.coco import COCO80_CATEGORY_IDS, COCO80_NAMES
 from fcos_offline.evaluate.postprocess import postprocess
 
@@ -217,3 +218,28 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_text_files(setup):
     summary = postprocess(dumps, info, out, ann, CANVAS_H, CANVAS_W)
     assert {p.stem for p in out.glob("*.txt")} == set(stems[1:]) | {"notes"}
     assert sorted(summary["text_files"]) == [f"{s}.txt" for s in stems[1:]]
+
+
+def test_the_labels_infer_recorded_decide_the_category_mapping(setup, tmp_path):
+    """Dumps whose summary.json (written by infer) records a 91-label model, torchvision's layout,
+    are scored with label = category id, with no --class-names; a 6-label model against COCO's
+    categories is refused instead of being scored with COCO's mapping."""
+    _, dumps, info, data, _ = setup
+    ann = SAMPLE / "annotations" / "instances_val2017_sample.json"
+    tv = tmp_path / "tv_dumps"
+    tv.mkdir()
+    for path in dumps.iterdir():  # the same boxes, labels as torchvision's 91-label model gives them
+        tv.joinpath(path.name).write_bytes(path.read_bytes())
+    for labels_path in tv.glob("*.bin"):
+        if labels_path.stat().st_size == 800:  # the int64 labels of a pair
+            labels = np.fromfile(labels_path, np.int64)
+            labels[labels >= 0] = np.array(COCO80_CATEGORY_IDS)[labels[labels >= 0]]
+            labels.tofile(labels_path)
+    engine = {"input_hw": [CANVAS_H, CANVAS_W], "num_classes": 91, "class_names": None}
+    (tv / "summary.json").write_text(json.dumps({"engine": engine}))
+    assert postprocess(tv, info, tmp_path / "tv_eval", ann, CANVAS_H, CANVAS_W)["bbox_mAP"] == pytest.approx(1.0)
+    (tv / "summary.json").unlink()  # without the record the labels read as COCO-80 indices: wrong categories
+    assert postprocess(tv, info, tmp_path / "tv_eval2", ann, CANVAS_H, CANVAS_W)["bbox_mAP"] < 0.5
+    (dumps / "summary.json").write_text(json.dumps({"engine": {**engine, "num_classes": 6, "class_names": list("abcdef")}}))
+    with pytest.raises(FcosError, match="the model has 6 classes but the annotation file lists 23 categories"):
+        postprocess(dumps, info, tmp_path / "six", ann, CANVAS_H, CANVAS_W)

@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
              help="draw detections (score >= --show-score-thr) on the images into DIR/vis/")  # fmt: skip
     add_flag(p, "--show-score-thr", type=number(float, 0.0, 1.0), default=0.3, metavar="S", help="score threshold for drawing (0.3)")
     add_flag(p, "--class-names", metavar="FILE",
-             help="text file, one class name per line, for a non-COCO-80 model (default: the 80 COCO classes)")  # fmt: skip
+             help="text file, one class name per line, for a non-COCO-80 model (default: the model's labels as infer "
+                  "recorded them in the dumps' summary.json, else the 80 COCO classes)")  # fmt: skip
     p.set_defaults(func=_postprocess)
 
     q = sub.add_parser(

@@ -154,7 +154,7 @@ def prepare_eval_set(
     return EvalSet(images_dir, ann_file, items, jpg_info, missing, demo, description)
 
 
-def class_names_for(metadata: dict[str, Any], ann_file: Path) -> list[str] | None:
+def class_names_for(metadata: dict[str, Any], ann_file: Path | dict) -> list[str] | None:
     """Names for a model's labels: its own, COCO's (None = the 80 classes; torchvision's 91), else the annotations'.
 
     A label count other than COCO's must be the annotations' category count: refused here, before any

@@ -231,7 +231,14 @@ class Engine:
             "static_batch": self.static_batch,
             "input_hw": list(self.input_hw),
             "model": str(self.source.path),
+            **self.label_info(),
         }
+
+    def label_info(self) -> dict[str, Any]:
+        """``num_classes`` and ``class_names`` as far as the model says (None: unknown); ``postprocess``
+        maps the dumps' labels to categories with them."""
+        config = self.model_settings() or self.source.metadata.get("config") or {}
+        return {"num_classes": (config.get("head") or {}).get("num_classes"), "class_names": self.source.metadata.get("class_names")}
 
     def output_key(self) -> str:
         """A digest of everything that determines this engine's detections for a given input.

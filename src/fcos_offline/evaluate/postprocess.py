@@ -27,6 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fcos_offline.data.dataset import class_names_for
 from fcos_offline.data.dumps import read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
 from fcos_offline.data.letterbox import DEFAULT_CANVAS, RULES, boxes_to_original, letterbox_for
@@ -71,19 +72,28 @@ def _draw(image: np.ndarray, labels: np.ndarray, boxes: np.ndarray, names: list[
     return image
 
 
+def recorded_engine(dump_dir: str | os.PathLike) -> dict[str, Any]:
+    """What ``infer`` recorded of its engine and model in the dumps' ``summary.json`` ({} for other dumps)."""
+    summary = Path(dump_dir) / "summary.json"
+    if not summary.is_file():
+        return {}
+    try:
+        engine = read_json_bounded(summary, 256 << 20, "summary").get("engine")
+    except (FcosError, AttributeError):
+        return {}
+    return engine if isinstance(engine, dict) else {}
+
+
 def dump_canvas(dump_dir: str | os.PathLike, height: int | None, width: int | None) -> tuple[int, int]:
     """The canvas the dumps' boxes are in: given, else recorded by ``infer`` in ``summary.json``, else 800x1333.
 
     A given canvas that contradicts the recorded one is an error: every box would be mapped back wrong.
     """
-    recorded = None
-    summary = Path(dump_dir) / "summary.json"
-    if summary.is_file():
-        try:
-            hw = read_json_bounded(summary, 256 << 20, "summary")["engine"]["input_hw"]
-            recorded = (int(hw[0]), int(hw[1]))
-        except (FcosError, KeyError, TypeError, ValueError, IndexError):
-            recorded = None
+    try:
+        hw = recorded_engine(dump_dir)["input_hw"]
+        recorded: tuple[int, int] | None = (int(hw[0]), int(hw[1]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        recorded = None
     given = (height or (recorded or DEFAULT_CANVAS)[0], width or (recorded or DEFAULT_CANVAS)[1])
     if recorded is not None and given != recorded:
         raise FcosError(
@@ -110,7 +120,8 @@ def postprocess(
     """Evaluate engine dumps against COCO annotations; write and return the summary (see module doc).
 
     ``net_out_num`` None detects the dump naming by file size (recipe ``_1``/``_2``, ais_bench
-    ``_0``/``_1``); ``class_names`` None means the 80 COCO classes. Bad dumps and images that
+    ``_0``/``_1``); ``class_names`` None means the model's labels as ``infer`` recorded them beside the
+    dumps (torchvision's 91, a custom model's own), else the 80 COCO classes. Bad dumps and images that
     cannot be mapped are skipped and listed in ``summary["skipped"]``.
     """
     if pad_rule not in RULES:
@@ -118,6 +129,11 @@ def postprocess(
     net_input_height, net_input_width = dump_canvas(bin_data_path, net_input_height, net_input_width)
     ann_file = find_annotation_file(annotations_path)
     data = load_annotations(ann_file)
+    if class_names is None:  # the labels of the model infer recorded (torchvision's 91, a custom model's own), else COCO's 80
+        recorded = recorded_engine(bin_data_path)
+        if recorded.get("class_names") or isinstance(recorded.get("num_classes"), int):
+            model = {"class_names": recorded.get("class_names"), "config": {"head": {"num_classes": recorded.get("num_classes") or 80}}}
+            class_names = class_names_for(model, data)
     names = list(COCO80_NAMES if class_names is None else class_names)
     cat_ids = label_to_category(data, len(names))
     unknown = [c for c in data["categories"] if c["id"] not in set(cat_ids)]

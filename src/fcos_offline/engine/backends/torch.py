@@ -82,6 +82,9 @@ class TorchEngine(Engine):
     def model_settings(self) -> dict[str, Any]:
         return dict(self.checkpoint.config.to_dict())
 
+    def label_info(self) -> dict[str, Any]:
+        return {"num_classes": self.checkpoint.config.head.num_classes, "class_names": self.checkpoint.class_names}
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "accelerator": device_info(self.device)}
 
