@@ -197,7 +197,7 @@ def run_inference_ray(
 
     from fcos_offline.data.dumps import dump_paths, dumps_complete
     from fcos_offline.engine.backends import open_engine
-    from fcos_offline.engine.infer import InferSummary, check_dump_folder, fps, latency_stats, listed_size_problem, write_summary
+    from fcos_offline.engine.infer import InferSummary, check_dump_folder, check_unique_stems, fps, latency_stats, listed_size_problem, write_summary
 
     if batch_size < 1 or actors < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0:
         raise UsageError("--batch-size and --ray-actors must be >= 1, --ray-cpus-per-actor > 0, --ray-gpus-per-actor >= 0")
@@ -207,9 +207,7 @@ def run_inference_ray(
     out = Path(absolute(out_local))
     out.mkdir(parents=True, exist_ok=True)
     model = absolute(str(model))
-    stems = [i.stem for i in items]
-    if len(set(stems)) != len(stems):
-        raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(sorted({s for s in stems if stems.count(s) > 1})[:3])}")
+    check_unique_stems(items)
     options = replace(options, batch_size=batch_size)
     with open_engine(model, options, shape, overrides) as engine:  # the driver checks the model once and keys the dumps
         canvas = engine.input_hw

@@ -245,6 +245,14 @@ class Feed:
 STAMP = ".fcos-dumps.json"
 
 
+def check_unique_stems(items: list[InputItem]) -> None:
+    """Dumps are named by file stem: two inputs with one stem would overwrite each other's."""
+    counts = collections.Counter(i.stem for i in items)
+    dup = sorted(s for s, n in counts.items() if n > 1)[:3]
+    if dup:
+        raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(dup)}")
+
+
 def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
     """A dump folder only ever holds one model's dumps: the same model and settings, or none.
 
@@ -367,10 +375,7 @@ def run_inference(
         raise UsageError("--batch-size must be >= 1")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stems = [i.stem for i in items]
-    if len(set(stems)) != len(stems):
-        dup = sorted({s for s in stems if stems.count(s) > 1})[:3]
-        raise FcosError(f"input names collide (dumps are named by file stem): {', '.join(dup)}")
+    check_unique_stems(items)
     check_dump_folder(out, engine, resume)
     note = engine.feed_note(batch_size)
     if note:
