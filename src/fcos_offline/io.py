@@ -10,15 +10,18 @@ interrupted run leaves either the old file or the new one. A full disk becomes
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from functools import wraps
+from inspect import signature
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from fcos_offline.errors import DiskFullError, FcosError, UsageError
 
@@ -98,38 +101,40 @@ def check_replaceable(path: str | os.PathLike, marker: str) -> Path:
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike, marker: str) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, marker: str, verb: str = "fcos-offline process") -> Iterator[Path]:
     """Yield a fresh ``<path>.part`` folder; on success it replaces ``path`` whole.
 
     An existing ``path`` is only replaced when it is an empty folder or one holding ``marker``
     (an earlier output of the same kind); anything else (a file, someone's folder) is refused
     before any work starts. On failure the partial folder is removed and ``path`` is left untouched.
+    One writer at a time: an :class:`OutputLock` beside ``path`` is held throughout.
     """
     final = check_replaceable(path, marker)
-    tmp = final.with_name(final.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        yield tmp
-    except BaseException:
+    with OutputLock(final, verb, beside=True):
+        tmp = final.with_name(final.name + ".part")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    try:
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-    except OSError as exc:
-        raise translate_os_error(final, exc) from None
-    shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        try:
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise translate_os_error(final, exc) from None
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_text_bounded(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what: str = "file") -> str:
     """The text of ``path``, refusing files (or devices) larger than ``limit`` bytes."""
     p = Path(path)
     try:
-        with open(p, "rb") as f:
+        with open(p, "rb", opener=opens_without_waiting) as f:  # a named pipe is refused, not waited on
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise FcosError(f"{p}: not a regular file (a device, pipe or socket), expected {_a(what)}")
@@ -182,3 +187,112 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output_apart(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None], inside_ok: bool = False) -> None:
+    """Refuse (one line, :class:`UsageError`) when an output path and an input path overlap.
+
+    Paths are compared resolved (symlinks followed). An output overlaps an input when it is the
+    same path, holds it (the verb writes into, clears or replaces a folder the input is in) or lies
+    inside it (the verb writes into a folder of its inputs, where its files could be read as
+    inputs; ``inside_ok``: a verb whose output there is never read as an input). ``None`` entries
+    and inputs that do not exist (URLs, files not made yet) are skipped.
+    """
+    given = [(str(i), Path(i).resolve()) for i in inputs if i is not None and Path(i).exists()]
+    for out in outputs:
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        for text, source in given:
+            if _overlap(target, source) and not (inside_ok and source in target.parents):
+                how = "is" if target == source else ("holds" if target in source.parents else "is inside")
+                raise UsageError(
+                    f"the output {out} {how} the input {text}"
+                    + ("" if how == "is" else f" ({target} vs {source})")
+                    + "; an output never overlaps an input: choose an output outside it"
+                )
+
+
+class OutputLock:
+    """One writer per output: an exclusive ``flock`` on a lock file, refused in one line when held.
+
+    The lock file is ``<folder>/.fcos-lock`` (``beside``: ``<parent>/.<name>.lock``, for an output
+    replaced whole). The kernel releases the lock when its holder exits, however it ends (a killed
+    run never leaves the folder locked); the holder removes the file when it is done, and a lock
+    taken on a file another holder has just removed is retaken on the current one. A folder the lock
+    created is removed again when the work fails before writing anything into it.
+    """
+
+    def __init__(self, folder: str | os.PathLike, verb: str, beside: bool = False) -> None:
+        self.folder = Path(os.path.abspath(folder))
+        self.verb = verb
+        self.path = self.folder.with_name(f".{self.folder.name}.lock") if beside else self.folder / ".fcos-lock"
+        self.fd: int | None = None
+        self.created = False
+
+    def __enter__(self) -> OutputLock:
+        self.created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise translate_os_error(self.path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise FcosError(
+                    f"{self.folder} is in use by another {self.verb} (pid {holder or '?'}); wait for it to finish or choose another output"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed this file as we opened it: lock the current one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+        if exc_type is not None and self.created:
+            with suppress(OSError):  # not empty: the failed work's files stay for the user to see
+                self.path.parent.rmdir()
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def locks_output(verb: str, argument: str = "output_dir") -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function so that it runs holding the :class:`OutputLock` of its ``argument`` folder."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        params = signature(fn)
+
+        @wraps(fn)
+        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+            with OutputLock(params.bind(*args, **kwargs).arguments[argument], verb):
+                return fn(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
+def opens_without_waiting(path: str | os.PathLike, flags: int) -> int:
+    """An ``opener`` for :func:`open`: ``O_NONBLOCK``, so that a named pipe opens at once (its
+    ``fstat`` then refuses it) instead of waiting forever for a writer; regular files read as usual."""
+    return os.open(path, flags | os.O_NONBLOCK)

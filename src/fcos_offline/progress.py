@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, cast
@@ -25,9 +26,27 @@ if TYPE_CHECKING:
 console = Console(stderr=True, highlight=False)
 
 
-def warn(message: str) -> None:
-    """Print one warning line to stderr."""
+#: warnings of one kind shown before the rest are only counted (see :func:`warn`)
+WARN_LIMIT = 20
+_WARNED: Counter[str] = Counter()
+
+
+def warn(message: str, kind: str | None = None) -> None:
+    """Print one warning line to stderr; of one ``kind`` (e.g. "skipped"), only the first :data:`WARN_LIMIT`
+    (20 000 bad images must not bury the console: callers list them all in their JSON summary)."""
+    if kind is not None:
+        _WARNED[kind] += 1
+        if _WARNED[kind] > WARN_LIMIT:
+            return
     console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+def end_warnings() -> None:
+    """One line per kind of warning :func:`warn` held back (how many, and where they are listed); counts start again."""
+    for kind, count in sorted(_WARNED.items()):
+        if count > WARN_LIMIT:
+            console.print(f"[yellow]warning:[/] {count - WARN_LIMIT} more '{kind}' warnings like these, listed in summary.json", soft_wrap=True)
+    _WARNED.clear()
 
 
 def info(message: str) -> None:

@@ -68,7 +68,23 @@ def test_convolutions_the_other_graph_fused_away_are_counted_not_hidden(demo, tm
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(demo.onnx), load_external_data=False).graph.node)
     missing, compared = c["layers"]["not_compared"], c["layers"]["tensors"]
     assert missing and compared and len(missing) + len(compared) == convs
-    assert f"not compared: {len(missing)} of A's {convs} convolutions" in capsys.readouterr().out
+    assert f"not compared: {len(missing)} of the network's {convs} convolutions" in capsys.readouterr().out
+
+
+def test_layers_compares_an_optimised_graph_given_as_a_like_given_as_b(demo, tmp_path, capsys) -> None:
+    """The optimised artifact as A and its source as B used to be "not the same network"; either order compares
+    the same convolutions and counts the same ones as fused away."""
+    art = tmp_path / "art"
+    assert main(["convert", "--model", str(demo.onnx), "--engine", "onnxruntime", "--output", str(art)]) == 0
+    runs = {}
+    for name, (a, b) in {"source first": (demo.onnx, art), "artifact first": (art, demo.onnx)}.items():
+        capsys.readouterr()
+        code, c = _compare(tmp_path / name, a, b, "--images", demo.images, "--layers", "--num-images", 1, "--layer-images", 1)
+        assert "not the same network" not in capsys.readouterr().err
+        runs[name] = c["layers"]
+    forward, backward = runs["source first"], runs["artifact first"]
+    assert [t["label"] for t in backward["tensors"]] == [t["label"] for t in forward["tensors"]] != []
+    assert backward["not_compared"] == forward["not_compared"] != []
 
 
 def _perturbed_copy(src: Path, dst: Path, node: str, factor: float = 1.5) -> None:
@@ -197,3 +213,34 @@ def test_run_compare_writes_a_report_section(tmp_path) -> None:
     c = json.loads((tmp_path / "w" / "compare" / "compare.json").read_text())
     assert c["within_tolerance"] and c["overall"]["matched"] > 0 and report["compare"]["overall"] == c["overall"]
     assert "## compare: offline vs online" in (tmp_path / "w" / "report.md").read_text()
+
+
+def test_max_map_drop_accepts_differing_detections_within_the_budget(demo, tmp_path, capsys) -> None:
+    """compare --max-map-drop P: exit 0 when B's mAP is within P points of A's however the detections differ (an
+    int8 build inside tune's budget exited 1 before); over the budget, or without the flag, differing outputs exit 1."""
+    from fcos_offline.data.dumps import read_dumps, write_dumps
+    from fcos_offline.data.info import make_info
+
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    assert main(["infer", "--model", str(demo.onnx), "--images", str(demo.images), "--output", str(a_dir), "--workers", "0"]) == 0
+    b_dir.mkdir()
+    for stem, (labels, dets) in read_dumps(a_dir).items():  # every box 3 px off: matched, but beyond the 1 px tolerance
+        moved = dets.copy()
+        moved[labels >= 0, :4] += 3.0
+        write_dumps(b_dir, stem, labels, moved)
+    info = tmp_path / "jpg.info"
+    make_info("jpg", demo.images, info, workers=1)
+    common = ("--annotations", demo.ann, "--info", info)
+    code, plain = _compare(tmp_path / "plain", a_dir, b_dir, *common)
+    drop = plain["map_drop_points"]
+    assert code == 1 and not plain["within_tolerance"] and plain["accepted"] is False and drop is not None
+    assert drop == pytest.approx(100 * (plain["a"]["mAP"]["bbox_mAP"] - plain["b"]["mAP"]["bbox_mAP"]))
+    capsys.readouterr()
+    code, within = _compare(tmp_path / "within", a_dir, b_dir, *common, "--max-map-drop", max(0.0, drop) + 0.05)
+    assert code == 0 and within["accepted"] and not within["within_tolerance"]
+    assert "within the" in capsys.readouterr().out
+    if drop > 0.05:
+        code, over = _compare(tmp_path / "over", a_dir, b_dir, *common, "--max-map-drop", drop - 0.05)
+        assert code == 1 and not over["accepted"]
+    assert main(["compare", str(a_dir), str(b_dir), "--max-map-drop", "0.3", "--output", str(tmp_path / "u")]) == 2
+    assert "--annotations" in capsys.readouterr().err

@@ -284,6 +284,7 @@ def test_summary_and_perf_file_round_trip(reference, runs, model, images, tmp_pa
     assert s["num_images"] == s["num_inferred"] == NUM_IMAGES and s["num_resumed"] == 0 and s["skipped"] == []
     assert s["throughput_fps"] == pytest.approx(NUM_IMAGES / s["wall_s"])
     assert s["infer_fps"] >= s["throughput_fps"] > 0
+    assert s["engine_spread_pct"] is not None and s["engine_spread_pct"] >= 0  # 10 batches: three segments
     assert set(s["latency_ms"]) == set(STAGES) == {"read", "preprocess", "infer", "postprocess", "e2e"}
     counts = {"read": NUM_IMAGES, "preprocess": NUM_IMAGES, "infer": NUM_IMAGES, "postprocess": NUM_IMAGES, "e2e": NUM_IMAGES}
     for stage, lat in s["latency_ms"].items():
@@ -312,9 +313,9 @@ def test_summary_and_perf_file_round_trip(reference, runs, model, images, tmp_pa
     assert main(["parse", str(perf)]) == 0
     out = capsys.readouterr().out
     assert f"310 bs1 fps:{parsed['recipe_fps']:.3f}" in out
-    assert f"{parsed['interface_fps']:.3f} fps model only" in out and f"{parsed['e2e_fps']:.3f} fps end to end" in out
+    assert f"{parsed['interface_fps']:.3f} img/s in the model" in out and f"{parsed['e2e_fps']:.3f} img/s end to end" in out
     assert main(["parse", str(reference / "summary.json")]) == 0
-    assert f"{s['throughput_fps']:.3f} fps end to end" in capsys.readouterr().out
+    assert f"{s['throughput_fps']:.3f} img/s (files in -> dumps out)" in capsys.readouterr().out
 
     # batch 4 over 10 images: per-image infer latency is the per-batch mean over 4
     s4 = summary(runs("ort_bs4", "--model", model.onnx, "--images", images, "--batch-size", 4))
@@ -639,7 +640,7 @@ def test_convert_never_replaces_what_is_not_an_artifact(model, tmp_path, capsys)
     assert main(["convert", "--model", str(src), "--output", str(theirs)]) == 2
     assert "other files" in _one_line_error(capsys) and (theirs / "notes.txt").read_text() == "mine"
     assert main(["convert", "--model", str(src), "--output", str(src)]) == 2
-    assert "not a folder" in _one_line_error(capsys) and src.read_bytes() == model.onnx.read_bytes()
+    assert "is the input" in _one_line_error(capsys) and src.read_bytes() == model.onnx.read_bytes()
     assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.old"))
     (tmp_path / "empty").mkdir()
     for out in (tmp_path / "empty", tmp_path / "new", tmp_path / "new"):  # the second time: an earlier artifact, replaced

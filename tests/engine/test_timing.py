@@ -7,6 +7,7 @@ import time
 from typing import cast
 
 import numpy as np
+import pytest
 
 from fcos_offline.engine.base import Engine
 from fcos_offline.engine.timing import time_engine, time_interleaved
@@ -49,3 +50,25 @@ def test_time_engine_counts_runs_after_the_warm_up() -> None:
     engine = _Fake("a", 0.001, 0.001)
     timing = time_engine(cast(Engine, engine), np.zeros((1, 3, 8, 8), np.float32), warmup=2, runs=5)
     assert len(timing.seconds) == 5 and len(LOG) == 7
+
+
+def test_spread_is_the_coefficient_of_variation_and_segments_average_the_content() -> None:
+    """spread_pct: standard deviation / mean of repeated timings, in percent; none below three runs. A run over many
+    inputs is cut into consecutive segments first, so batches that are slow by content (more detections to suppress)
+    do not read as a noisy machine, while a slow stretch of time does."""
+    import statistics
+
+    from fcos_offline.engine.timing import busy_note, segment_spread_pct, spread_pct
+
+    runs = [0.010, 0.012, 0.011, 0.013]
+    assert spread_pct(runs) == pytest.approx(100 * statistics.stdev(runs) / statistics.mean(runs))
+    assert spread_pct([0.01, 0.02]) is None and spread_pct([0.01] * 5) == 0.0
+    alternating = [0.010, 0.020] * 15  # content: every other batch slow, the same on average in every stretch
+    assert spread_pct(alternating) > 30 and segment_spread_pct(alternating) == pytest.approx(0.0, abs=1e-9)
+    stalled = [0.010] * 24 + [0.030] * 6  # another process took the cores for the last fifth
+    assert segment_spread_pct(stalled) > 50
+    assert segment_spread_pct([0.01] * 8) is None  # fewer than three segments of three batches
+    quiet = busy_note({"load_avg_1m": 0.4, "cores": 2, "busy": False}, {"a": 3.0, "b": None})
+    assert quiet["note"] is None and quiet["noisy"] == []
+    busy = busy_note({"load_avg_1m": 3.5, "cores": 2, "busy": True}, {"a": 3.0, "b": 25.0})
+    assert busy["noisy"] == ["b (25%)"] and "load average 3.50" in busy["note"] and "b (25%)" in busy["note"]

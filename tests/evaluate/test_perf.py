@@ -66,7 +66,10 @@ def test_write_then_parse_round_trip(tmp_path, capsys):
 
     assert main(["parse", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "310 bs16 fps:166.000" in out and "41.500 fps model only" in out and "38.299 fps end to end" in out
+    lines = out.splitlines()
+    # this machine's measured figure comes first; the recipe's x4 number only as the recipe's convention
+    assert lines[1] == "measured, one device, batch 16: 41.500 img/s in the model (Interface throughputRate), 38.299 img/s end to end"
+    assert lines[2].startswith("recipe's table convention (not a measurement): 310 bs16 fps:166.000 = Interface throughputRate x 4 chips")
     assert main(["parse", str(path), "--chips=1"]) == 0
     assert "310 bs16 fps:41.500" in capsys.readouterr().out
 
@@ -99,12 +102,13 @@ def test_summary_json(tmp_path, capsys):
     assert parsed["throughput_fps"] == 12.5 and "unrelated" not in parsed
     assert main(["parse", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "throughput (batch size 1): 12.500 fps end to end" in out and "model only: 20.000 fps" in out
+    assert "end-to-end throughput (batch size 1): 12.500 img/s (files in -> dumps out)" in out
+    assert "engine throughput: 20.000 img/s (time inside the engine call only)" in out
     assert "engine: backend onnxruntime, precision fp32, batch_size 4\n" in out  # a count stays an integer; unset fields are left out
     assert "latency e2e: mean 80.100, p99 95.000 ms" in out and "latency infer: mean 70.250 ms" in out
     path.write_text(json.dumps({"bbox_mAP": 0.357, "bbox_mAP_50": 0.55}))
     assert main(["parse", str(path)]) == 0
-    assert "mAP 0.357" in capsys.readouterr().out
+    assert "bbox mAP 35.7  mAP_50 55.0  (percent)" in capsys.readouterr().out  # percent, as run and postprocess print it
 
 
 def test_unknown_files_fail(tmp_path, capsys):

@@ -79,6 +79,9 @@ def test_perfect_dumps_give_map_one(setup, capsys):
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
+    # people read percent (the class table and the headline, as run and tune print them); JSON keeps fractions
+    assert "bbox AP 100.0  AP50 100.0" in printed and "(percent; summary.json holds fractions)" in printed
+    assert "AP %" in printed and "(fractions)" not in printed
     summary = json.loads((out / "summary.json").read_text())
     for key in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"):
         assert key in summary
@@ -88,7 +91,7 @@ def test_perfect_dumps_give_map_one(setup, capsys):
     assert summary["num_images"] == 10 and summary["missing_dumps"] == 0 and summary["skipped"] == []
     assert {row["category_id"] for row in summary["classwise"]} == {c["id"] for c in data["categories"]}
     assert all(row["AP"] == pytest.approx(1.0) for row in summary["classwise"])
-    assert "class-wise bbox AP" in printed and "fire hydrant" in printed and "AP50 1.000" in printed
+    assert "class-wise bbox AP" in printed and "fire hydrant" in printed and "AP50 100.0" in printed
 
     results = json.loads((out / "bbox_results.json").read_text())
     assert len(results) == len(data["annotations"])
@@ -191,6 +194,8 @@ def test_bad_and_missing_dumps_exit_3(setup, capsys):
             f"--test-annotation={info}",
             f"--det-results-path={out}",
             f"--annotations-path={SAMPLE / 'annotations' / 'instances_val2017_sample.json'}",
+            f"--net-input-height={CANVAS_H}",
+            f"--net-input-width={CANVAS_W}",
         ]
     )
     printed = capsys.readouterr().err  # skip notices go to stderr

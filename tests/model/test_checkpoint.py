@@ -471,3 +471,40 @@ def test_gn_groups_from_meta(tmp_path, x):
     default, ckpt32 = load_model(save_mmdet_ckpt(model, tmp_path / "gn.pth", meta={}))
     assert ckpt32.config.head.gn_groups == 32
     assert not outputs_close(default, model, x)
+
+
+# --------------------------------------------------------------------------- meta values out of range
+
+
+@pytest.mark.parametrize(
+    "setting, bad",
+    [("score_thr=0.05", "score_thr=1.5"), ("iou_thr=0.5", "iou_thr=-3"), ("max_per_img=100", "max_per_img=0"), ("nms_pre=1000", "nms_pre=0")],
+)
+def test_out_of_range_meta_post_setting_is_refused_naming_file_and_key(tmp_path, caffe3, setting: str, bad: str) -> None:
+    """A meta config value outside the CLI flag's range is one line naming the file and the key, not a silent mAP of 0."""
+    meta = {"mmdet_version": "1.0rc0+8c5a2e0", "config": V1_CONFIG.replace(setting, bad)}
+    path = save_mmdet_ckpt(caffe3, tmp_path / "bad_meta.pth", head_names="fcos", meta=meta)
+    key = bad.split("=")[0]
+    with pytest.raises(FcosError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and key in message and "\n" not in message
+    # the flag that fixes it overrides the file's value
+    good = {"score_thr": 0.3, "iou_thr": 0.6, "max_per_img": 50, "nms_pre": 500}[key]
+    assert getattr(load_checkpoint(path, ModelOverrides(**{key: good})).config.post, key) == good
+
+
+def test_cli_flags_and_file_checks_share_one_range_table() -> None:
+    """The argparse types of the post-processing flags take their limits from the model layer's table."""
+    import argparse
+
+    from fcos_offline.cli.common import add_model_flags
+    from fcos_offline.model.config import POST_RANGES
+
+    parser = argparse.ArgumentParser()
+    add_model_flags(parser)
+    types = {a.dest: a.type for a in parser._actions if a.dest in POST_RANGES}
+    assert set(types) == set(POST_RANGES)
+    for name, allowed in POST_RANGES.items():
+        parse = types[name]
+        assert (parse.low, parse.high, parse.low_open) == (allowed.low, allowed.high, allowed.low_open), name

@@ -490,6 +490,10 @@ def test_a_device_as_input_is_refused_at_once(verb, tiny, photos, tmp_path, caps
             "/dev/zero",
             "--det-results-path",
             tmp_path / "r",
+            "--net-input-height",
+            H,
+            "--net-input-width",
+            W,
         ],
         "postprocess": [
             "postprocess",
@@ -501,6 +505,10 @@ def test_a_device_as_input_is_refused_at_once(verb, tiny, photos, tmp_path, caps
             photos.ann_file,
             "--det-results-path",
             tmp_path / "r",
+            "--net-input-height",
+            H,
+            "--net-input-width",
+            W,
         ],
         "infer": ["infer", "--model", tiny.onnx, "--input-info", "/dev/zero", "--output", tmp_path / "d"],
     }[verb]

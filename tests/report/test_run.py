@@ -10,10 +10,22 @@ import pytest
 from conftest import make_fcos, save_mmdet_ckpt, shared_data_dir
 
 from fcos_offline.cli import main
-from fcos_offline.errors import FcosError
+from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.report.run import DEMO_CHECKPOINT, RunOptions, WorkdirLock, run
 
-ENTRY_KEYS = {"mode", "engine", "precision", "batch_size", "bbox_mAP", "bbox_mAP_50", "fps", "latency_ms_p50", "latency_ms_p99"}
+ENTRY_KEYS = {
+    "mode",
+    "engine",
+    "precision",
+    "execution_precision",
+    "batch_size",
+    "bbox_mAP",
+    "bbox_mAP_50",
+    "engine_img_per_s",
+    "e2e_img_per_s",
+    "engine_ms_per_batch",
+    "engine_spread_pct",
+}
 
 
 def _check_report(root: Path, report: dict, n_configs: int) -> None:
@@ -23,13 +35,22 @@ def _check_report(root: Path, report: dict, n_configs: int) -> None:
     for e in on_disk["entries"]:
         assert ENTRY_KEYS <= set(e)
         assert 0.0 <= e["bbox_mAP"] <= 1.0 and 0.0 <= e["bbox_mAP_50"] <= 1.0  # fractions, not percent
-        assert e["fps"] > 0 and e["latency_ms_p99"] >= e["latency_ms_p50"] > 0
+        lat, summary = e["engine_ms_per_batch"], json.loads((Path(e["dumps"]) / "summary.json").read_text())
+        assert lat["p99"] >= lat["p90"] >= lat["median"] > 0
+        # each figure is the one its name says: the engine's own rate and latency, and the wall-clock rate
+        assert e["engine_img_per_s"] == summary["infer_fps"] and e["e2e_img_per_s"] == summary["throughput_fps"]
+        assert lat["median"] == summary["latency_ms"]["infer"]["median"] and lat["count"] == summary["latency_ms"]["infer"]["count"]
+        assert e["engine_img_per_s"] >= e["e2e_img_per_s"] > 0  # the engine alone is never slower than the whole pipeline
         assert Path(e["perf_file"]).is_file()
     assert on_disk["versions"]["onnxruntime"] and on_disk["cpu"]
+    load = on_disk["machine_load"]
+    assert load["cores"] >= 1 and isinstance(load["busy"], bool) and ("busy machine" in load["note"]) == bool(load["busy"] or load["noisy"])
+    assert on_disk["units"]["bbox_mAP"].startswith("fraction")
     for png in on_disk["plots"]:
         assert (root / png).stat().st_size > 1000 and (root / png).read_bytes()[:4] == b"\x89PNG"
     md = (root / "report.md").read_text()
-    assert "| model | online mAP (PyTorch) | offline mAP (engine) |" in md
+    assert "| model | online mAP % (PyTorch) | offline mAP % (engine) | Δ mAP (points) |" in md
+    assert "| engine img/s | end-to-end img/s | engine ms/batch p50 | p99 |" in md
     assert md.count("\n| onnxruntime") + md.count("\n| openvino") == len([e for e in on_disk["entries"] if e["mode"] == "offline"])
 
 
@@ -147,3 +168,62 @@ def test_a_class_count_the_annotations_lack_is_refused_before_inference(tmp_path
     err = capsys.readouterr().err
     assert code == 1 and "the model has 6 classes but the annotation file lists 23 categories" in err
     assert not (root / "result").exists()
+
+
+def _bf16_artifact(tmp_path: Path, onnx: str) -> Path:
+    """An OpenVINO artifact at 192x320, batch 2, whose artifact.json records bf16 execution (as tune writes one)."""
+    from dataclasses import replace
+
+    from fcos_offline.engine.artifact import read_artifact, write_artifact
+    from fcos_offline.engine.base import ConvertRequest, EngineOptions
+    from fcos_offline.engine.convert import convert
+
+    artifact = tmp_path / "ov_bf16"
+    convert(onnx, "openvino", artifact, ConvertRequest(batch_size=2))
+    write_artifact(artifact, replace(read_artifact(artifact), engine_options=EngineOptions(precision="bf16"), tuned=True))
+    return artifact
+
+
+def test_run_model_takes_the_artifacts_precision_canvas_and_batch(tmp_path: Path) -> None:
+    """run --model on a bf16 OpenVINO artifact at 192x320 with no --shape/--precision/--batch-sizes: it runs bf16 and
+    says so, at 192x320 and the artifact's batch, and the checkpoint is exported at 192x320 only (it was exported at
+    800x1333, refused the artifact's canvas, and ran fp32 under a 'bf16' label). A flag still overrides."""
+    import onnx
+
+    sample = shared_data_dir()
+    ckpt = save_mmdet_ckpt(make_fcos(seed=5), tmp_path / "m.pth")
+    common = dict(checkpoint=str(ckpt), coco=str(sample), online=False, num_images=4, vis_images=0)
+    first = run(RunOptions(**common, shape=(192, 320), batch_sizes=(2,), engines=("onnxruntime",), workdir=str(tmp_path / "a")))
+    artifact = _bf16_artifact(tmp_path, first["onnx"])
+
+    report = run(RunOptions(**common, model=str(artifact), workdir=str(tmp_path / "b")))
+    (entry,) = report["entries"]
+    info = entry["engine_info"]
+    assert report["shape"] == [192, 320] and info["input_hw"] == [192, 320] and entry["batch_size"] == 2
+    assert info["precision"] == "bf16"  # asked of OpenVINO: the artifact's recorded precision
+    assert entry["execution_precision"] == info["execution_precision"] and entry["precision"] == info["execution_precision"]
+    import openvino as ov
+
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert entry["precision"] == "bf16"
+    exported = sorted((tmp_path / "b").rglob("*.onnx"))
+    assert exported, "the checkpoint is exported for the online side and the export check"
+    for f in exported:  # nothing at a canvas the artifact does not use
+        dims = onnx.load(str(f), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        assert (dims[2].dim_value, dims[3].dim_value) == (192, 320), f
+
+    forced = run(RunOptions(**common, model=str(artifact), precision="fp32", workdir=str(tmp_path / "c")))
+    assert forced["entries"][0]["engine_info"]["precision"] == "fp32" == forced["entries"][0]["execution_precision"]
+    with pytest.raises(UsageError, match="takes 192x320 inputs"):
+        run(RunOptions(**common, model=str(artifact), shape=(256, 384), workdir=str(tmp_path / "d")))
+
+
+def test_run_cli_defaults_leave_the_artifact_in_charge(tmp_path: Path, monkeypatch) -> None:
+    """The CLI gives no --precision/--device/--batch-sizes of its own (they were fp32, cpu and 1 4, passed on as if given)."""
+    import fcos_offline.report.run as run_module
+
+    seen: list[RunOptions] = []
+    monkeypatch.setattr(run_module, "run", lambda opts: seen.append(opts) or (_ for _ in ()).throw(FcosError("stop")))
+    assert main(["run", "--model", str(tmp_path / "x"), "--workdir", str(tmp_path / "w")]) == 1
+    (opts,) = seen
+    assert opts.precision is None and opts.device is None and opts.batch_sizes is None and opts.threads is None and opts.shape is None

@@ -91,7 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        code = int(args.func(args) or 0)
+        try:
+            code = int(args.func(args) or 0)
+        finally:
+            from fcos_offline.progress import end_warnings
+
+            end_warnings()  # how many warnings of a kind were held back (before an error's line)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
         return code
     except FcosError as exc:

@@ -14,7 +14,7 @@ from typing import Any
 from fcos_offline.engine.backends import ENGINES
 from fcos_offline.engine.base import PRECISIONS, EngineOptions
 from fcos_offline.model.checkpoint import ModelOverrides
-from fcos_offline.model.config import POST_RULES
+from fcos_offline.model.config import POST_RANGES, POST_RULES, Range
 
 ArgParser = argparse.ArgumentParser | argparse._ArgumentGroup
 
@@ -30,8 +30,9 @@ def add_flag(parser: ArgParser, *names: str, **kwargs: Any) -> argparse.Action:
     return parser.add_argument(*spellings, **kwargs)
 
 
-def number(kind: Callable[[str], Any], low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable[[str], Any]:
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Callable[[str], Any]:
     """An argparse ``type`` that parses ``kind`` and checks ``low <= value <= high`` (``low < value`` if ``low_open``)."""
+    allowed = Range(kind, low, high, low_open)
 
     def parse(text: str) -> Any:
         try:
@@ -40,17 +41,18 @@ def number(kind: Callable[[str], Any], low: float | None = None, high: float | N
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if kind is float and value != value:  # NaN
             raise argparse.ArgumentTypeError("expected a number, got NaN")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and value > high
-        if too_low or too_high:
-            lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
-            hi = "" if high is None else f"<= {high:g}"
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(x for x in (lo, hi) if x)}, got {text}")
+        if allowed.problem(value) is not None:
+            raise argparse.ArgumentTypeError(f"{allowed.describe()}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     parse.low, parse.high, parse.low_open = low, high, low_open  # type: ignore[attr-defined]  # read by the flag tests
     return parse
+
+
+def ranged(allowed: Range) -> Callable[[str], Any]:
+    """:func:`number` for a range of the model layer's table (the same limits as files are checked against)."""
+    return number(allowed.kind, allowed.low, allowed.high, allowed.low_open)
 
 
 #: the usual ranges
@@ -84,10 +86,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="test-time post-processing: mmdet2 = spec §7.2 (mmdet 1.x/2.x<2.18 files and files without a version), "
         "mmdet218 = §7.3 as mmdet 2.18+ (files whose meta says so), mmdet3 = §7.3 with v3's size filter, torchvision = §10",
     )
-    add_flag(g, "--score-thr", type=number(float, 0.0, 1.0), help="score threshold in [0, 1] (default 0.05 mmdet, 0.2 torchvision)")
-    add_flag(g, "--nms-pre", type=number(int, 1, 1_000_000), help="candidates kept per level before NMS (default 1000)")
-    add_flag(g, "--iou-thr", type=number(float, 0.0, 1.0, low_open=True), help="NMS IoU threshold in (0, 1] (default 0.5 mmdet, 0.6 torchvision)")
-    add_flag(g, "--max-per-img", type=number(int, 1, 100_000), help="detections kept per image (default 100)")
+    add_flag(g, "--score-thr", type=ranged(POST_RANGES["score_thr"]), help="score threshold in [0, 1] (default 0.05 mmdet, 0.2 torchvision)")
+    add_flag(g, "--nms-pre", type=ranged(POST_RANGES["nms_pre"]), help="candidates kept per level before NMS (default 1000)")
+    add_flag(g, "--iou-thr", type=ranged(POST_RANGES["iou_thr"]), help="NMS IoU threshold in (0, 1] (default 0.5 mmdet, 0.6 torchvision)")
+    add_flag(g, "--max-per-img", type=ranged(POST_RANGES["max_per_img"]), help="detections kept per image (default 100)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> ModelOverrides:

@@ -7,6 +7,7 @@ import sys
 
 from fcos_offline.cli.common import BATCH, SIDE, add_flag, number
 from fcos_offline.errors import EXIT_FAILED, EXIT_OK
+from fcos_offline.units import map_text, points
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -36,6 +37,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             layer_images=args.layer_images,
             worst=args.worst,
             draw=args.draw,
+            max_map_drop=args.max_map_drop,
         )
     )
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -48,8 +50,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         f"(p99 {o['box_err_px_p99']:.2f})"
     )
     if result.a.map is not None and result.b.map is not None:
-        delta = 100 * (result.b.map["bbox_mAP"] - result.a.map["bbox_mAP"])
-        print(f"mAP: A {100 * result.a.map['bbox_mAP']:.2f}%, B {100 * result.b.map['bbox_mAP']:.2f}% (B - A {delta:+.2f} points)")
+        delta = points(result.b.map["bbox_mAP"] - result.a.map["bbox_mAP"])
+        print(f"mAP: A {map_text(result.a.map['bbox_mAP'], 2)}, B {map_text(result.b.map['bbox_mAP'], 2)} (B - A {delta} points)")
     worst = result.outputs.worst(args.worst)
     if worst:
         table = Table(title="images that differ most")
@@ -85,7 +87,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if result.untapped:
             total = len(result.layers) + len(result.untapped)
             print(
-                f"not compared: {len(result.untapped)} of A's {total} convolutions, which B fused or folded away "
+                f"not compared: {len(result.untapped)} of the network's {total} convolutions, which one graph fused or folded away "
                 f"(first: {result.untapped[0]}); a divergence there shows only downstream"
             )
     if result.sensitivity:
@@ -95,7 +97,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             + ", ".join(f"{g} {result.sensitivity[g]:.2e}" for g in order)
         )
     print(f"{'within' if result.within_tolerance else 'NOT within'} tolerance; details in {args.output}/compare.json")
-    return EXIT_OK if result.within_tolerance else EXIT_FAILED
+    if args.max_map_drop is not None:
+        drop = result.map_drop_points
+        print(
+            f"mAP budget: B is {drop:+.2f} points below A, {'within' if result.accepted else 'over'} the {args.max_map_drop:g}-point budget"
+            + ("" if result.within_tolerance else " (the exit code follows the budget: --max-map-drop)")
+        )
+    return EXIT_OK if result.accepted else EXIT_FAILED
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -114,16 +122,17 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(backbone, FPN and head convolutions per level; cosine, max/mean abs and relative error in network\n"
             "order) and names the first one beyond --atol/--rtol. It reads ONNX graphs (.onnx, ONNX Runtime\n"
             "artifacts, checkpoints exported on the fly): an OpenVINO artifact is compared by its outputs only.\n"
-            "Convolutions of A that B fused away (an ONNX Runtime optimised graph) are counted, not compared.\n"
+            "Convolutions one graph fused away (an ONNX Runtime optimised graph, as A or B) are counted, not compared.\n"
             "A checkpoint is exported by this tool, so checkpoint vs its own .onnx shows identical layers: its\n"
             "outputs comparison (PyTorch vs the engine) is what tests the export.\n\n"
             "examples:\n"
             "  fcos-offline compare fcos.pth fcos_bs4/ --images val2017 --num-images 50\n"
             "  fcos-offline compare fcos.onnx tuned/best --images val2017 --layers   # best: an ONNX Runtime build\n"
+            "  fcos-offline compare fcos.onnx tuned/best --images val2017 --annotations ann.json --max-map-drop 0.3\n"
             "  fcos-offline compare result/dumpOutput_device0 result_ascend/dumpOutput_device0 \\\n"
             "      --annotations instances_val2017.json --info fcos_jpeg.info\n\n"
             "Writes <output>/compare.json (mAP as fractions) and <output>/worst/*.jpg.\n"
-            "exit codes: 0 within tolerance, 1 not (or failed), 2 usage error"
+            "exit codes: 0 within tolerance (with --max-map-drop: within that mAP budget), 1 not (or failed), 2 usage error"
         ),
     )
     p.add_argument("a", help="reference: checkpoint, .onnx, .xml, artifact folder or dump folder")
@@ -138,6 +147,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--iou-thr", type=number(float, 0.0, 1.0, low_open=True), default=0.5, help="IoU for two detections to match (0.5)")
     add_flag(p, "--score-tol", type=number(float, 0.0), default=1e-3, help="largest score error within tolerance (1e-3)")
     add_flag(p, "--box-tol", type=number(float, 0.0), default=1.0, help="largest box error within tolerance, canvas pixels (1.0)")
+    add_flag(
+        p,
+        "--max-map-drop",
+        type=number(float, 0.0),
+        metavar="P",
+        help="accept B (exit 0) when its mAP is at most P points below A's, even if detections differ (as tune's budget; "
+        "needs --annotations); without it, exit 0 only within the output tolerances",
+    )
     add_flag(p, "--layers", action="store_true", help="compare intermediate tensors and name the first divergence")
     add_flag(p, "--atol", type=number(float, 0.0), default=1e-3, help="layer tolerance: |a-b| <= atol + rtol*|a| (atol 1e-3)")
     add_flag(p, "--rtol", type=number(float, 0.0), default=1e-3, help="layer tolerance, relative part (1e-3)")

@@ -37,7 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--bin-file-path", required=True, metavar="DIR", help="output folder (created if missing)")
     add_flag(p, "--model-input-height", type=SIDE, default=DEFAULT_CANVAS[0], metavar="H", help=f"canvas height (default {DEFAULT_CANVAS[0]})")
     add_flag(p, "--model-input-width", type=SIDE, default=DEFAULT_CANVAS[1], metavar="W", help=f"canvas width (default {DEFAULT_CANVAS[1]})")
-    add_flag(p, "--workers", type=THREADS, default=None, metavar="N", help="processes (default: all cores)")
+    add_flag(
+        p,
+        "--workers",
+        type=THREADS,
+        default=None,
+        metavar="N",
+        help="processes (default and most: the cores this process may use; more are capped, with a warning)",
+    )
     p.set_defaults(func=_preprocess)
 
     g = sub.add_parser(
@@ -64,7 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("out", help="the .info file to write")
     g.add_argument("width", type=SIDE, nargs="?", help="canvas width (bin mode only)")
     g.add_argument("height", type=SIDE, nargs="?", help="canvas height (bin mode only)")
-    add_flag(g, "--workers", type=THREADS, default=None, metavar="N", help="jpg mode processes (default: all cores)")
+    add_flag(
+        g,
+        "--workers",
+        type=THREADS,
+        default=None,
+        metavar="N",
+        help="jpg mode processes (default and most: the cores this process may use; more are capped, with a warning)",
+    )
     g.set_defaults(func=_get_info)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from fcos_offline.cli.common import (
     BATCH,
@@ -21,6 +22,7 @@ from fcos_offline.data.dumps import FORMATS
 from fcos_offline.engine.backends import CONVERT_ENGINES, CONVERT_PRECISIONS
 from fcos_offline.engine.backends.onnxruntime import ORT_OPT_LEVELS
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS, FcosError, UsageError
+from fcos_offline.io import check_output_apart
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
@@ -31,6 +33,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     if args.input_width is not None and args.shape and tuple(args.shape) != (args.input_height, args.input_width):
         raise UsageError(f"--shape {args.shape[0]} {args.shape[1]} contradicts --input_height {args.input_height} --input_width {args.input_width}")
     shape = tuple(args.shape) if args.shape else (args.input_height, args.input_width) if args.input_width else None
+    _check_infer_output(args)
     s = infer(
         InferRequest(
             model=args.model,
@@ -54,13 +57,31 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     lat = s.latency_ms
     print(
         f"{s.num_inferred} images inferred ({s.num_resumed} resumed, {len(s.skipped)} skipped) with "
-        f"{s.engine['engine']} {s.engine['version']} bs{s.batch_size}: {s.throughput_fps:.2f} img/s end to end, "
-        f"{s.infer_fps:.2f} img/s in the engine; infer latency p50 {lat['infer']['median']:.1f} ms, p99 {lat['infer']['p99']:.1f} ms per batch"
+        f"{s.engine['engine']} {s.engine['version']} {s.engine['execution_precision']} bs{s.batch_size}"
+    )
+    spread = f" (±{s.engine_spread_pct:.0f}% over the run)" if s.engine_spread_pct is not None else ""
+    print(
+        f"engine throughput {s.infer_fps:.2f} img/s{spread}; end-to-end throughput {s.throughput_fps:.2f} img/s (files in -> dumps out); "
+        f"engine latency per batch of {s.batch_size}: p50 {lat['infer']['median']:.1f} ms, p90 {lat['infer']['p90']:.1f} ms, "
+        f"p99 {lat['infer']['p99']:.1f} ms"
     )
     print(f"dumps in {s.output_dir}; perf file {s.perf_file}; summary {s.output_dir}/summary.json")
     if s.skipped and not (s.num_inferred or s.num_resumed):
         raise FcosError(f"no usable inputs: all {len(s.skipped)} were skipped (each named above and in {s.output_dir}/summary.json)")
     return EXIT_SKIPS if s.skipped else EXIT_OK
+
+
+def _check_infer_output(args: argparse.Namespace) -> None:
+    """The dump folder is not, and holds none of, the model, the images, the .info and the folders of the files it lists.
+
+    It may lie inside them: inputs are listed from a folder itself, never its subfolders.
+    """
+    listed: set[str] = set()
+    if args.input_info and os.path.isfile(args.input_info):
+        from fcos_offline.engine.infer import items_from_info
+
+        listed = {os.path.dirname(os.path.abspath(i.path)) for i in items_from_info(args.input_info)}
+    check_output_apart([args.output], [args.model, args.checkpoint, args.images, args.input_info, *sorted(listed)], inside_ok=True)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -69,6 +90,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.checkpoint):
         raise UsageError("give --model X.onnx (onnxruntime, openvino) or --checkpoint X.pth --shape H W (inductor)")
+    check_output_apart([args.output], [args.model, args.checkpoint])
     request = ConvertRequest(
         precision=args.precision,
         batch_size=args.batch_size,
@@ -141,7 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p,
         "--workers",
         type=number(int, 0, 1024),
-        help="preprocessing worker processes (0 = in-process; default: one per core a CPU engine leaves free, none when it uses them all; up to 8 for a GPU engine)",
+        help="preprocessing worker processes (0 = in-process; default: one per core a CPU engine leaves free, none when it uses them all; up to 8 for a GPU engine; at most the cores this process may use: more are capped, with a warning)",
     )
     add_flag(p, "--device-id", type=COUNT, default=0, help="N in perf_vision_batchsize_{B}_device_{N}.txt")
     add_ray_flags(p)
@@ -155,9 +177,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The recipe's ATC step on real engines: fix the batch size, apply the engine's graph "
         "optimisations and save an artifact folder (model + artifact.json) that 'infer --model FOLDER' accepts. "
         "onnxruntime/openvino read an exported --model X.onnx. inductor (the GPU analog of ATC's .om) reads "
-        "--checkpoint X.pth --shape H W: the network is saved as a torch.export program (model.pt2, no checkpoint or "
-        "model code needed to load it), compiled once by PyTorch's inductor for --device cpu or cuda and checked "
-        "against eager PyTorch; the compile cache is kept in the folder so infer starts warm. "
+        "--checkpoint X.pth --shape H W: the weights are saved as plain tensors (model.weights, loaded weights-only) "
+        "with the model config in artifact.json, compiled once by PyTorch's inductor for --device cpu or cuda and checked "
+        "against eager PyTorch; the compile cache is kept in this user's cache folder ($FCOS_OFFLINE_CACHE, default "
+        "~/.cache/fcos-offline), never in the artifact, so infer on this machine starts warm. Every file's sha256 is "
+        "recorded in artifact.json and verified when the folder is opened. "
         "TensorRT runs through onnxruntime-gpu's TensorRT provider: infer --engine onnxruntime --device tensorrt.",
         epilog="examples:\n"
         "  fcos-offline convert --model fcos.onnx --engine openvino --batch-size 4 --output fcos_bs4\n"

@@ -9,6 +9,7 @@ from typing import Any
 from fcos_offline.cli.common import SIDE, add_flag, number
 from fcos_offline.data.letterbox import RULES
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
+from fcos_offline.io import OutputLock, check_output_apart
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "      --net_out_num=3 --net_input_height=800 --net_input_width=1333 --ifShowDetObj \\\n"
             "      --annotations_path /opt/npu/coco/annotations\n\n"
             "exit codes: 0 ok, 1 failed, 2 usage error, 3 evaluated but some dumps were skipped\n"
-            "or some annotated images had no dumps"
+            "or some annotated images had no dumps, or some detections had implausible boxes\n"
+            "(inverted, or far off the canvas: not evaluated, counted in summary.json)"
         ),
     )
     add_flag(p, "--bin-data-path", default="./result/dumpOutput_device0/", metavar="DIR",
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=SIDE,
         default=None,
         metavar="H",
-        help="canvas height (default: what infer recorded in the dumps' summary.json, else 800)",
+        help="canvas height (default: what infer recorded in the dumps' summary.json; required without it, the recipe's is 800)",
     )
     add_flag(
         p,
@@ -61,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=SIDE,
         default=None,
         metavar="W",
-        help="canvas width (default: what infer recorded in the dumps' summary.json, else 1333)",
+        help="canvas width (default: what infer recorded in the dumps' summary.json; required without it, the recipe's is 1333)",
     )
     add_flag(p, "--net-out-num", type=number(int, 2, 64), default=None, metavar="N",
              help="read labels from _{N-2}.bin and dets from _{N-1}.bin like the recipe (3: _1/_2); "
@@ -104,15 +106,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     from fcos_offline.evaluate.coco import STAT_NAMES, SUMMARY_KEYS
+    from fcos_offline.units import percent
 
     table = Table(title="class-wise bbox AP")
     table.add_column("category")
     table.add_column("id", justify="right")
     table.add_column("AP %", justify="right")
     for row in summary["classwise"]:
-        table.add_row(row["name"], str(row["category_id"]), "-" if row["AP"] is None else f"{100 * row['AP']:.1f}")
+        table.add_row(row["name"], str(row["category_id"]), "-" if row["AP"] is None else percent(row["AP"]))
     Console(highlight=False).print(table)
-    print("bbox " + "  ".join(f"{n} {summary[k]:.3f}" for n, k in zip(STAT_NAMES, SUMMARY_KEYS)) + "  (fractions)")
+    print("bbox " + "  ".join(f"{n} {percent(summary[k])}" for n, k in zip(STAT_NAMES, SUMMARY_KEYS)) + "  (percent; summary.json holds fractions)")
     print(
         f"{summary['num_images']} images, {summary['num_detections']} detections, "
         f"{summary['missing_dumps']} without dumps, {len(summary['skipped'])} skipped"
@@ -125,22 +128,25 @@ def _postprocess(args: argparse.Namespace) -> int:
     from fcos_offline.evaluate.coco import read_class_names
     from fcos_offline.evaluate.postprocess import postprocess
 
-    summary = postprocess(
-        bin_data_path=args.bin_data_path,
-        test_annotation=args.test_annotation,
-        det_results_path=args.det_results_path,
-        annotations_path=args.annotations_path,
-        net_input_height=args.net_input_height,
-        net_input_width=args.net_input_width,
-        net_out_num=args.net_out_num,
-        pad_rule=args.pad_rule,
-        show=args.show_det_obj,
-        class_names=read_class_names(args.class_names) if args.class_names else None,
-        show_score_thr=args.show_score_thr,
-    )
+    inputs = [args.bin_data_path, args.test_annotation, args.annotations_path, args.class_names]
+    check_output_apart([args.det_results_path], inputs, inside_ok=True)  # dumps are read from their folder, not below
+    with OutputLock(args.det_results_path, "postprocess"):
+        summary = postprocess(
+            bin_data_path=args.bin_data_path,
+            test_annotation=args.test_annotation,
+            det_results_path=args.det_results_path,
+            annotations_path=args.annotations_path,
+            net_input_height=args.net_input_height,
+            net_input_width=args.net_input_width,
+            net_out_num=args.net_out_num,
+            pad_rule=args.pad_rule,
+            show=args.show_det_obj,
+            class_names=read_class_names(args.class_names) if args.class_names else None,
+            show_score_thr=args.show_score_thr,
+        )
     _print_summary(summary)
     print(f"results in {args.det_results_path} (summary.json, bbox_results.json)")
-    return EXIT_SKIPS if summary["skipped"] or summary["missing_dumps"] else EXIT_OK
+    return EXIT_SKIPS if summary["skipped"] or summary["missing_dumps"] or summary["implausible_boxes"] else EXIT_OK
 
 
 def _parse(args: argparse.Namespace) -> int:

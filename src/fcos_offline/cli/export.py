@@ -14,7 +14,7 @@ from fcos_offline.cli.common import (
 )
 from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.errors import EXIT_OK
-from fcos_offline.io import atomic_write_json
+from fcos_offline.io import atomic_write_json, check_output_apart
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -22,6 +22,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         export_checkpoint,  # torch: imported only for this verb
     )
 
+    check_output_apart([args.output, args.summary], [args.checkpoint])
     summary = export_checkpoint(
         args.checkpoint,
         args.output,

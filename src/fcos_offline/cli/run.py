@@ -35,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         images=args.images,
         annotations=args.annotations,
         shape=tuple(args.shape) if args.shape else None,
-        batch_sizes=tuple(args.batch_sizes),
+        batch_sizes=tuple(args.batch_sizes) if args.batch_sizes else None,
         engines=tuple(args.engines) if args.engines else None,
         device=args.device,
         precision=args.precision,
@@ -54,7 +54,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     report = run(opts)
     title = f"fcos-offline results — {report['num_images']} images, {report['shape'][0]}x{report['shape'][1]}"
-    Console(width=max(Console().width, 150)).print(results_table(report["table"], title))
+    busy = report["machine_load"]["note"]
+    Console(width=max(Console().width, 150)).print(results_table(report["table"], title, busy))
     root = Path(report["workdir"])
     print(f"report: {root / 'report.md'} and {root / 'report.json'}")
     skipped = sum(len(e["skipped"]) for e in report["entries"]) + len(report.get("missing_images") or [])
@@ -69,7 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Export -> offline inference per engine and batch size -> post-processing -> COCO mAP, plus the "
         "online PyTorch baseline, in a work folder (finished steps are reused when rerun with the same --workdir). "
         "Prints the recipe's results table and writes report.md, report.json (mAP as fractions), PR-curve, "
-        "per-class AP and speed plots, and images with drawn detections.\n\n"
+        "per-class AP and speed plots, and images with drawn detections. Each configuration gets three speed figures: "
+        "engine img/s (time inside the engine call), end-to-end img/s (files in -> dumps out) and the engine's latency "
+        "per batch (p50/p99); docs/measurement.md says how each is timed.\n\n"
+        "With --model, the artifact's own canvas, batch, precision and threads apply unless a flag says otherwise.\n\n"
         "With no arguments it runs the embedded demo: a small FCOS trained by this project on synthetic shapes, "
         "evaluated on a synthetic validation set generated on the fly.\n\n"
         "On an NVIDIA GPU, --device cuda runs PyTorch eager online and the checkpoint compiled by inductor "
@@ -94,8 +98,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "--coco", help="COCO folder with val2017/ and annotations/instances_val2017.json")
     add_flag(p, "--images", help="image folder (instead of --coco; needs --annotations)")
     add_flag(p, "--annotations", help="COCO instances JSON, or a folder holding one")
-    add_flag(p, "--shape", nargs=2, type=SIDE, metavar=("H", "W"), help="input canvas (default 800 1333; the demo's own for the demo)")
-    add_flag(p, "--batch-sizes", nargs="+", type=BATCH, default=[1, 4], help="batch sizes to run (default: 1 4)")
+    add_flag(
+        p,
+        "--shape",
+        nargs=2,
+        type=SIDE,
+        metavar=("H", "W"),
+        help="input canvas (default: a --model's own, else 800 1333; the demo's own for the demo)",
+    )
+    add_flag(p, "--batch-sizes", nargs="+", type=BATCH, help="batch sizes to run (default: a --model artifact's own batch, else 1 4)")
     add_flag(
         p,
         "--engines",
@@ -106,11 +117,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(
         p,
         "--device",
-        default="cpu",
-        help="cpu, or cuda (cuda:N): the online baseline and the offline engines run on the GPU; report.json names it (GPU, driver, CUDA)",
+        help="cpu (default), or cuda (cuda:N): the online baseline and the offline engines run on the GPU; report.json names it (GPU, driver, CUDA)",
     )
-    add_flag(p, "--precision", choices=PRECISIONS, default="fp32", help="offline execution precision (default fp32)")
-    add_flag(p, "--threads", type=THREADS, help="engine threads (default: all cores)")
+    add_flag(p, "--precision", choices=PRECISIONS, help="offline execution precision (default: a --model artifact's own, else fp32)")
+    add_flag(p, "--threads", type=THREADS, help="engine threads (default: a --model artifact's own, else all cores)")
     add_flag(p, "--workdir", help="work folder (default runs/<timestamp>); rerun with the same one to reuse finished steps")
     add_flag(p, "--num-images", type=POSITIVE_INT, help="use only the first N images (sorted by file name)")
     add_flag(p, "--no-online", action="store_true", help="skip the online PyTorch baseline")

@@ -19,6 +19,7 @@ from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
 from fcos_offline.tune.policy import HOLDOUT_MAX_IMAGES
 from fcos_offline.tune.quantize import CALIB_METHODS
 from fcos_offline.tune.space import TUNE_ENGINES
+from fcos_offline.units import map_text, percent
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -61,14 +62,22 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     )
     print(
         f"chosen: {chosen['label']}, threads {chosen['threads'] or 'auto'}, batch {chosen['batch_size']}: "
-        f"mAP {100 * chosen['bbox_mAP']:.2f}% (drop {chosen['map_drop']:+.2f}{spread} points, budget {opts.max_map_drop:g}), "
-        f"{chosen['ms_per_img']:.1f} ms/img = {ref['ms_per_img'] / chosen['ms_per_img']:.2f}x ONNX Runtime default fp32"
+        f"mAP {map_text(chosen['bbox_mAP'], 2)} (drop {chosen['map_drop']:+.2f}{spread} points, budget {opts.max_map_drop:g}), "
+        f"{chosen['ms_per_img']:.1f} ms/img = {chosen['speedup_vs_reference']:.2f}x ONNX Runtime default fp32 ({ref['ms_per_img']:.1f} ms/img)"
     )
+    check = result.get("accuracy_check") or {}
+    agreement = chosen.get("agreement")
+    if check.get("criterion") == "agreement" and agreement:
+        print(
+            f"accuracy check: output agreement with the reference, not mAP drop ({check['why']}): {agreement['matched']} of "
+            f"{agreement['detections_a']} detections matched, score error max {agreement['score_err_max']:.1e}, box error max "
+            f"{agreement['box_err_px_max']:.2f} px ({'within' if agreement['within_tolerance'] else 'beyond'} {check['agreement_tolerance']})"
+        )
     held = chosen.get("holdout")
     if held:
         print(
             f"held-out check: drop {held['map_drop']:+.2f} +- {held['map_drop_se'] or 0:.2f} points on {held['images']} images the search "
-            f"never saw (mAP {held['bbox_mAP']:.4f} vs {held['reference_bbox_mAP']:.4f})"
+            f"never saw (mAP {map_text(held['bbox_mAP'], 2)} vs {map_text(held['reference_bbox_mAP'], 2)})"
         )
     for c in (result.get("holdout") or {}).get("checks", []):
         if not c["within_budget"]:
@@ -90,12 +99,40 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _age(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def format_table(result: dict[str, Any]) -> Any:
-    """A rich Table of every trial (the chosen one marked)."""
+    """A rich Table of every trial (the chosen one marked), with a legend of its markers as the caption."""
     from rich.table import Table
 
     chosen_key = (result.get("chosen") or {}).get("key")
-    table = Table(title=f"tune: {len(result['trials'])} configurations (budget {result['settings']['max_map_drop']:g} mAP points)")
+    check = result.get("accuracy_check") or {}
+    by_agreement = check.get("criterion") == "agreement"
+    retimed_at = (result.get("confirmation") or {}).get("at")
+    title = f"tune: {len(result['trials'])} configurations on {check.get('eval_images', '?')} eval images (budget {result['settings']['max_map_drop']:g} mAP points"
+    title += ", judged by output agreement)" if by_agreement else ")"
+    legend = [
+        "→ chosen; ✗ fails the accuracy check ("
+        + (
+            f"outputs beyond compare's tolerance of the reference's: {check.get('agreement_tolerance')}"
+            if by_agreement
+            else "mAP drop over the budget"
+        )
+        + "); agrees: outputs within that tolerance (✓) or not (✗) on the eval images.",
+        "threads: N* = the engine's default (N cores), +Nio = inter-op threads. ms/img: median of the timed runs, ± their spread "
+        "(coefficient of variation); speedup: against ONNX Runtime's default fp32 (the reference) timed alongside.",
+    ]
+    if retimed_at:
+        legend.append(
+            "· = not re-timed in the final interleaved rounds with the reference and the finalists: its timing is the age shown "
+            "older, and its speedup is against the reference's own first timing."
+        )
+    busy = (result.get("machine_load") or {}).get("note")
+    if busy:
+        legend.insert(0, busy)
+    table = Table(title=title, caption="\n".join(legend), caption_justify="left")
     for col, just in (
         ("", "left"),
         ("engine", "left"),
@@ -106,9 +143,11 @@ def format_table(result: dict[str, Any]) -> Any:
         ("batch", "right"),
         ("mAP %", "right"),
         ("drop (points)", "right"),
+        ("agrees", "left"),
         ("ms/img", "right"),
         ("img/s", "right"),
         ("speedup", "right"),
+        ("timed", "right"),
         ("size MB", "right"),
     ):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -119,6 +158,11 @@ def format_table(result: dict[str, Any]) -> Any:
         threads = f"{t['threads_effective']}" + ("" if t["threads"] else "*") + (f"+{t['inter_op_threads']}io" if t.get("inter_op_threads") else "")
         opt = f" opt-{t['ort_opt_level']}" if t["engine"] == "onnxruntime" and t["ort_opt_level"] != "all" else ""
         mark = "→" if t["key"] == chosen_key else ("" if t["within_budget"] else "✗")
+        agreement = t.get("agreement")
+        agrees = "" if agreement is None else ("✓" if agreement["within_tolerance"] else "✗")
+        spread = "" if t.get("spread_pct") is None else f" ±{t['spread_pct']:.0f}%"
+        stale = bool(retimed_at) and not t.get("confirmed_runs")
+        timed = "re-timed" if retimed_at and not stale else (f"· {_age(retimed_at - t['timed_at'])}" if stale and t.get("timed_at") else "")
         table.add_row(
             mark,
             t["engine"] + opt,
@@ -127,11 +171,13 @@ def format_table(result: dict[str, Any]) -> Any:
             str(len(t["float_groups"])) if t["float_groups"] else "",
             threads,
             str(t["batch_size"]),
-            f"{100 * t['bbox_mAP']:.2f}",
+            percent(t["bbox_mAP"], 2),
             f"{t['map_drop']:+.2f}",
-            f"{t['ms_per_img']:.1f}",
+            agrees,
+            f"{t['ms_per_img']:.1f}{spread}",
             f"{t['img_per_s']:.2f}",
-            f"{t['speedup_vs_reference']:.2f}x",
+            f"{t['speedup_vs_reference']:.2f}x" + ("·" if stale else ""),
+            timed,
             f"{t['size_mb']:.1f}",
         )
     return table

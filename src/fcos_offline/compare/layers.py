@@ -1,12 +1,13 @@
 """Intermediate tensors of two ONNX models that fcos-offline exported: where they start to differ.
 
-The tap points are the outputs of every convolution of model A that model B computes under the
-same tensor name (exports of one network keep their names through ONNX Runtime quantization and
-convert): backbone convolutions, FPN lateral/output convolutions (one per level) and the head's
+The tap points are the outputs of every convolution of one model that the other computes under
+the same tensor name (exports of one network keep their names through ONNX Runtime quantization
+and convert; of the two graphs, the one keeping more, so A and B may be given in either order):
+backbone convolutions, FPN lateral/output convolutions (one per level) and the head's
 convolutions per FPN level (cls/reg/centerness maps included). Both models run with graph
 optimisations off on the same preprocessed images; per tensor we report cosine similarity,
-max/mean absolute error and relative error ``||a - b|| / ||a||``, in A's graph order, and name
-the first tensor beyond tolerance (``|a - b| > atol + rtol * |a|`` anywhere).
+max/mean absolute error and relative error ``||a - b|| / ||a||`` (A is the reference), in network
+order, and name the first tensor beyond tolerance (``|a - b| > atol + rtol * |a|`` anywhere).
 
 Per conv group (a module; the head's shared convs over all levels) the largest relative error is
 the same signal ``tune`` uses to choose which layers to return to float
@@ -55,32 +56,44 @@ def _level(node_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def tap_points(model_a: Path, model_b: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """(tensor, label, group) for every conv output of A that B also computes, in A's graph order;
-    and the labels of A's conv outputs B does not compute under their names (fused or folded away)."""
-    import onnx
-
+def _conv_outputs(model: Path, graph: Any) -> list[tuple[str, str, str]]:
+    """(tensor, label, group) of every convolution of ``graph`` in a conv group, in graph order."""
     from fcos_offline.tune.quantize import conv_groups
 
-    a = onnx.load(str(model_a), load_external_data=False)
-    if not any(n.name.startswith("/network/") for n in a.graph.node):
-        raise FcosError(f"{model_a}: --layers compares models exported by fcos-offline (this graph has none of its tensor names)")
-    b_outputs = {o for n in onnx.load(str(model_b), load_external_data=False).graph.node for o in n.output}
-    group_of = {out: g.name for g in conv_groups(model_a) for out in g.outputs}
-    taps, untapped = [], []
-    for node in a.graph.node:
-        if node.op_type != "Conv" or node.output[0] not in group_of:
-            continue
-        level = _level(node.name)
-        group = group_of[node.output[0]]
-        label = group + (f" @P{3 + level}" if level is not None else "")
-        if node.output[0] in b_outputs:
-            taps.append((node.output[0], label, group))
-        else:
-            untapped.append(label)
-    if not taps:
-        raise FcosError(f"{model_b}: none of {model_a}'s convolution outputs are computed under the same names; not the same network")
-    return taps, untapped
+    group_of = {out: g.name for g in conv_groups(model) for out in g.outputs}
+    convs = []
+    for node in graph.node:
+        if node.op_type == "Conv" and node.output[0] in group_of:
+            level = _level(node.name)
+            group = group_of[node.output[0]]
+            convs.append((node.output[0], group + (f" @P{3 + level}" if level is not None else ""), group))
+    return convs
+
+
+def tap_points(model_a: Path, model_b: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(tensor, label, group) for every convolution output one model computes under its exported name and the
+    other computes too; and the labels of those the other does not compute (fused or folded away).
+
+    Symmetric: the convolutions are those of whichever graph keeps more of them under names both
+    compute (the source graph, when the other is an optimised one: its fused convolutions have
+    layout-specific names), in that graph's order; A's when both keep as many.
+    """
+    import onnx
+
+    paths = (model_a, model_b)
+    graphs = [onnx.load(str(m), load_external_data=False).graph for m in paths]
+    for model, graph in zip(paths, graphs):
+        if not any(n.name.startswith("/network/") for n in graph.node):
+            raise FcosError(f"{model}: --layers compares models exported by fcos-offline (this graph has none of its tensor names)")
+    computed = [{o for n in g.node for o in n.output} for g in graphs]
+    convs = [_conv_outputs(m, g) for m, g in zip(paths, graphs)]
+    shared = [[c for c in convs[i] if c[0] in computed[1 - i]] for i in (0, 1)]
+    ref = 0 if len(shared[0]) >= len(shared[1]) else 1
+    if not shared[ref]:
+        raise FcosError(
+            f"{model_b}: none of {model_a}'s convolution outputs are computed under the same names (nor the other way); not the same network"
+        )
+    return shared[ref], [label for t, label, _ in convs[ref] if t not in computed[1 - ref]]
 
 
 def _session(model: Path, outputs: list[str]) -> Any:

@@ -112,3 +112,34 @@ def compare_dumps(a: Dumps, b: Dumps, iou_thr: float = 0.5) -> OutputComparison:
     """Compare the images both sides dumped; the others are listed."""
     common = sorted(set(a) & set(b))
     return OutputComparison([compare_image(s, a[s], b[s], iou_thr) for s in common], sorted(set(a) - set(b)), sorted(set(b) - set(a)), iou_thr)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When two runs' outputs count as the same (``compare``'s exit code, and ``tune``'s accuracy check by agreement)."""
+
+    iou_thr: float = 0.5
+    score_tol: float = 1e-3
+    box_tol: float = 1.0  # canvas pixels
+
+    def describe(self) -> str:
+        """The rule in words."""
+        return f"every detection matched (same label, IoU >= {self.iou_thr:g}), score error <= {self.score_tol:g}, box error <= {self.box_tol:g} px"
+
+
+def outputs_within(overall: dict[str, Any], tol: Tolerance) -> bool:
+    """Do the figures of :meth:`OutputComparison.overall` hold ``tol``: nothing unmatched, errors within it?"""
+    return (
+        overall["only_a"] == 0
+        and overall["only_b"] == 0
+        and not overall["images_only_in_a"]
+        and not overall["images_only_in_b"]
+        and overall["score_err_max"] <= tol.score_tol
+        and overall["box_err_px_max"] <= tol.box_tol
+    )
+
+
+def agreement(a: Dumps, b: Dumps, tol: Tolerance) -> dict[str, Any]:
+    """How closely B's outputs agree with A's: the overall figures and whether they hold ``tol`` (``within_tolerance``)."""
+    overall = compare_dumps(a, b, tol.iou_thr).overall()
+    return {**overall, "within_tolerance": outputs_within(overall, tol), "tolerance": tol.describe()}

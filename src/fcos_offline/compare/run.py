@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from fcos_offline.compare.layers import TensorStat, compare_layers, first_divergence, group_errors
-from fcos_offline.compare.outputs import OutputComparison, compare_dumps
+from fcos_offline.compare.outputs import OutputComparison, Tolerance, compare_dumps, outputs_within
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.io import atomic_write_json
+from fcos_offline.io import OutputLock, atomic_write_json, check_output_apart
 from fcos_offline.progress import info
 
 COMPARE_FILE = "compare.json"
@@ -52,6 +52,7 @@ class CompareOptions:
     layer_images: int = 2
     worst: int = 10
     draw: int = 3
+    max_map_drop: float | None = None  # points: accept B when its mAP is at most this much below A's (needs annotations)
 
 
 @dataclass
@@ -85,23 +86,31 @@ class CompareResult:
     outputs: OutputComparison
     options: CompareOptions
     layers: list[TensorStat] = field(default_factory=list)
-    untapped: list[str] = field(default_factory=list)  # A's convolutions B fused or folded away: not compared
+    untapped: list[str] = field(default_factory=list)  # convolutions one graph fused or folded away: not compared
     sensitivity: dict[str, float] = field(default_factory=dict)  # int8 B: tune's per-group quantization signal
     pictures: list[str] = field(default_factory=list)
 
     @property
     def within_tolerance(self) -> bool:
         """Every detection matched, errors within tolerance, no tensor beyond tolerance."""
-        o = self.outputs.overall()
-        outputs_ok = (
-            o["only_a"] == 0
-            and o["only_b"] == 0
-            and not o["images_only_in_a"]
-            and not o["images_only_in_b"]
-            and o["score_err_max"] <= self.options.score_tol
-            and o["box_err_px_max"] <= self.options.box_tol
-        )
-        return outputs_ok and first_divergence(self.layers) is None
+        tol = Tolerance(self.options.iou_thr, self.options.score_tol, self.options.box_tol)
+        return outputs_within(self.outputs.overall(), tol) and first_divergence(self.layers) is None
+
+    @property
+    def map_drop_points(self) -> float | None:
+        """How much lower B's mAP is than A's, in points (None without mAPs)."""
+        if self.a.map is None or self.b.map is None:
+            return None
+        return 100.0 * (self.a.map["bbox_mAP"] - self.b.map["bbox_mAP"])
+
+    @property
+    def accepted(self) -> bool:
+        """The verdict: within ``max_map_drop`` points of A's mAP when that budget is given (however the
+        detections differ), else :attr:`within_tolerance`."""
+        if self.options.max_map_drop is None:
+            return self.within_tolerance
+        drop = self.map_drop_points
+        return drop is not None and drop <= self.options.max_map_drop + 1e-9
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (mAP as fractions)."""
@@ -116,6 +125,10 @@ class CompareResult:
             "worst": [im.to_dict() for im in self.outputs.worst(o.worst)],
             "pictures": self.pictures,
             "within_tolerance": self.within_tolerance,
+            "max_map_drop_points": o.max_map_drop,
+            "map_drop_points": self.map_drop_points,
+            "accepted": self.accepted,
+            "units": {"mAP": "fraction", "delta_mAP": "fraction (B - A)", "map_drop_points": "mAP points (A - B)", "box_err_px": "canvas pixels"},
         }
         if self.a.map is not None and self.b.map is not None:
             out["delta_mAP"] = self.b.map["bbox_mAP"] - self.a.map["bbox_mAP"]
@@ -281,15 +294,26 @@ def _draw_pair(
 
 
 def compare(opts: CompareOptions) -> CompareResult:
-    """Run the comparison (see the module docstring); writes ``<output>/compare.json``."""
+    """Run the comparison (see the module docstring); writes ``<output>/compare.json``.
+
+    The output folder (whose ``a/`` and ``b/`` are cleared) must not be or hold an input, and has
+    one writer at a time.
+    """
+    if opts.max_map_drop is not None and not opts.annotations:
+        raise UsageError("--max-map-drop judges B by its mAP: give --annotations (and --images, or --info for dump folders)")
+    out = Path(opts.output)
+    check_output_apart([out], [opts.a, opts.b, opts.images, opts.annotations, opts.info_file], inside_ok=True)  # inputs: never listed below
+    with OutputLock(out, "compare"):
+        return _compare(opts, out)
+
+
+def _compare(opts: CompareOptions, out: Path) -> CompareResult:
     from fcos_offline.data.dataset import prepare_eval_set
     from fcos_offline.data.dumps import read_dumps
     from fcos_offline.engine.infer import gather_items
     from fcos_offline.evaluate.coco import find_annotation_file
     from fcos_offline.evaluate.postprocess import postprocess
 
-    out = Path(opts.output)
-    out.mkdir(parents=True, exist_ok=True)
     a, b = _side("a", opts.a), _side("b", opts.b)
     needs_images = a.kind != "dumps" or b.kind != "dumps" or opts.layers
     if needs_images and not opts.images:

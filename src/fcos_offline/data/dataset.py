@@ -17,11 +17,12 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.io import atomic_write_bytes, json_digest
+from fcos_offline.io import atomic_write_bytes, file_digest, json_digest
 from fcos_offline.progress import info, warn
 
 
@@ -48,11 +49,15 @@ class EvalSet:
     demo: bool = False
     description: str = ""
 
-    @property
+    @cached_property
     def digest(self) -> str:
-        """A digest of exactly which images (path, size, mtime) and annotations make up this set."""
-        files = [(i.path, os.path.getsize(i.path), os.path.getmtime(i.path)) for i in self.items]
-        return json_digest({"items": files, "ann": [str(self.ann_file), os.path.getsize(self.ann_file), os.path.getmtime(self.ann_file)]})
+        """A digest of exactly which images and annotations make up this set: their paths and bytes (SHA-256).
+
+        Content, not size and time: a file replaced by another of the same size and mtime is a
+        new set. Read once per set (about 1.2 s per GB from the page cache on one core: SHA-256 has CPU support).
+        """
+        files = [(i.path, file_digest(i.path)) for i in self.items]
+        return json_digest({"items": files, "ann": [str(self.ann_file), file_digest(self.ann_file)]})
 
 
 def demo_split(root: Path, split: str, num_images: int, seed: int, first: int = 0) -> Path:
@@ -149,7 +154,7 @@ def prepare_eval_set(
         subset = dict(data, images=annotated, annotations=[a for a in data.get("annotations", []) if a["image_id"] in ids])
         ann_file = listing / f"annotations_first{len(annotated)}.json"
         text = json.dumps(subset).encode()
-        if not ann_file.is_file() or ann_file.read_bytes() != text:  # unchanged: its mtime (in the set's digest) stays
+        if not ann_file.is_file() or ann_file.read_bytes() != text:  # unchanged: left as it is
             atomic_write_bytes(ann_file, text)
     return EvalSet(images_dir, ann_file, items, jpg_info, missing, demo, description)
 

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from fcos_offline.data.preprocess import first_per_stem, list_images, parallel_map, read_image
+from fcos_offline.data.preprocess import IMAGE_EXTENSIONS, first_per_stem, list_images, parallel_map, read_image
 from fcos_offline.errors import BadFileError, FcosError
-from fcos_offline.io import atomic_write_bytes, read_text_bounded
+from fcos_offline.io import atomic_write_bytes, check_output_apart, read_text_bounded
 
 MODES = ("bin", "jpg")
 _LINE_BREAK = re.compile(r"[\r\n]")
+#: a line: the index from the left, width and height from the right, the path between them verbatim
+_INFO_LINE = re.compile(r"(\S+)\s(.+?)\s(\S+)\s(\S+)")
 
 
 class InfoEntry(NamedTuple):
@@ -69,13 +71,16 @@ def make_info(
     """Write the .info list of ``src_dir`` (``mode`` "bin" needs the canvas width and height).
 
     Bad files are skipped and listed in the summary; nothing is written when no file is usable,
-    and a folder without any candidate file raises FcosError.
+    and a folder without any candidate file raises FcosError. ``workers``: jpg-mode processes
+    (default and most: the cores this process may use, see :func:`~fcos_offline.data.preprocess.cap_workers`).
     """
     if mode not in MODES:
         raise FcosError(f"mode must be one of {MODES}, got {mode!r}")
     src = Path(src_dir)
     if not src.is_dir():
         raise FcosError(f"folder not found: {src}")
+    listed = Path(out_path).suffix.lower() in ({".bin"} if mode == "bin" else IMAGE_EXTENSIONS)
+    check_output_apart([out_path], [src], inside_ok=not listed)  # the list may sit in the folder it lists, unless listed itself
     summary = InfoSummary(out_path=str(out_path))
     found: list[tuple[str, int, int]] = []
     if mode == "bin":
@@ -126,24 +131,25 @@ def _shown(line: str) -> str:
 def read_info(path: str | os.PathLike) -> list[InfoEntry]:
     """Parse an .info file; a malformed line raises FcosError naming the file and line number.
 
-    Paths may contain spaces (the last two fields are the sizes); blank lines are ignored.
+    The index is the first field and the sizes the last two; the path is everything between them,
+    kept verbatim (any number of spaces, as :func:`format_info` wrote it). Blank lines are ignored.
     """
     text = read_text_bounded(path, 256 << 20, "info file")
     entries: list[InfoEntry] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        parts = line.split()
         where = f"{path}:{lineno}"
         if lineno == 1 and line.lstrip().startswith(("{", "[")):
             raise FcosError(f"{path}: a JSON file, not an .info list ('<index> <path> <width> <height>' lines; make one with fcos-offline get-info)")
-        if len(parts) < 4:
+        fields = _INFO_LINE.fullmatch(line.strip())
+        if fields is None:
             raise FcosError(f"{where}: expected '<index> <path> <width> <height>', got {_shown(line)}")
         try:
-            index, width, height = int(parts[0]), int(parts[-2]), int(parts[-1])
+            index, width, height = int(fields[1]), int(fields[3]), int(fields[4])
         except ValueError:
             raise FcosError(f"{where}: index, width and height must be integers, got {_shown(line)}") from None
         if width <= 0 or height <= 0:
             raise FcosError(f"{where}: width and height must be positive, got {_shown(line)}")
-        entries.append(InfoEntry(index, " ".join(parts[1:-2]), width, height))
+        entries.append(InfoEntry(index, fields[2], width, height))
     return entries

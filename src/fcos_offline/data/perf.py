@@ -17,7 +17,8 @@ The recipe's parse script joins the lines with commas, takes every ``:(.*?),`` m
 match number 7 (0-based) -- ``Interface throughputRate`` when the lines are in the order above --
 times 4, the Ascend 310 card's four chips, printing ``310 bs{B} fps:{value}``. We write the
 lines in that order, so that script reads our files the same way; :func:`recipe_fps` does the
-same extraction, and ``fcos-offline parse`` prints both that number and the plain one-device fps.
+same extraction, and ``fcos-offline parse`` prints this machine's one-device fps first and that number only labelled as the
+recipe's convention.
 
 ``parse`` also reads our ``summary.json`` files: ``infer``'s (``throughput_fps``, ``latency_ms``
 per stage) and ``postprocess``'s (``bbox_mAP``...).
@@ -121,8 +122,11 @@ def parse_perf(path: str | os.PathLike, chips: int = CHIPS_PER_310_CARD) -> dict
         for part in match.group("fields").split(","):
             name, sep, raw = part.partition(":")
             number = _NUMBER.search(raw)
-            if sep and number:
-                values[name.strip()] = float(number.group())
+            value = float(number.group()) if sep and number else None
+            if sep and (value is None or not 0 <= value < float("inf")):  # a rate or latency: a finite number >= 0
+                raise FcosError(f"{p}: [{stage}] {name.strip()} is {raw.strip()!r}; rates and latencies are finite numbers >= 0")
+            if value is not None:
+                values[name.strip()] = value
         stages[_STAGE_ALIASES.get(stage, stage)] = values
     try:
         interface = stages["infer"]["Interface throughputRate"]
@@ -170,23 +174,32 @@ def _fps_text(value: Any) -> str:
 
 
 def describe(result: dict[str, Any]) -> list[str]:
-    """Human lines for a :func:`parse_file` result."""
+    """Human lines for a :func:`parse_file` result: this machine's measured figures first, the recipe's
+    multiplied "310" convention only labelled as such; mAP in percent."""
+    from fcos_offline.units import percent
+
     lines = [result["path"]]
     if "interface_fps" in result:
         bs = result["batch_size"] if result["batch_size"] is not None else "?"
-        lines.append(f"310 bs{bs} fps:{result['recipe_fps']:.3f}  (recipe table: Interface throughputRate x {result['chips']} chips)")
-        lines.append(f"one device: {result['interface_fps']:.3f} fps model only (Interface throughputRate), {result['e2e_fps']:.3f} fps end to end")
+        lines.append(
+            f"measured, one device, batch {bs}: {result['interface_fps']:.3f} img/s in the model (Interface throughputRate), "
+            f"{result['e2e_fps']:.3f} img/s end to end"
+        )
+        lines.append(
+            f"recipe's table convention (not a measurement): 310 bs{bs} fps:{result['recipe_fps']:.3f} "
+            f"= Interface throughputRate x {result['chips']} chips of an Ascend 310 card (--chips)"
+        )
         return lines
     if isinstance(result.get("engine"), dict):
         lines.append(f"engine: {_fps_text(result['engine'])}")
+    if "infer_fps" in result:
+        lines.append(f"engine throughput: {_fps_text(result['infer_fps'])} img/s (time inside the engine call only)")
     if "throughput_fps" in result:
         bs = f" (batch size {result['batch_size']})" if "batch_size" in result else ""
-        lines.append(f"throughput{bs}: {_fps_text(result['throughput_fps'])} fps end to end")
-    if "infer_fps" in result:
-        lines.append(f"model only: {_fps_text(result['infer_fps'])} fps")
+        lines.append(f"end-to-end throughput{bs}: {_fps_text(result['throughput_fps'])} img/s (files in -> dumps out)")
     for stage, stats in (result.get("latency_ms") or {}).items():
         lines.append(f"latency {stage}: {_fps_text(stats)} ms")
     if "bbox_mAP" in result:
         keys = [k for k in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75") if k in result]
-        lines.append("bbox " + "  ".join(f"{k[5:]} {result[k]:.3f}" for k in keys))
+        lines.append("bbox " + "  ".join(f"{k[5:]} {percent(result[k])}" for k in keys) + "  (percent)")
     return lines

@@ -9,7 +9,10 @@ Bad inputs are detected before decoding where OpenCV might otherwise return a pa
 - a JPEG whose last start-of-scan marker (FFDA) is not followed by an end-of-image marker (FFD9):
   the file was cut (bytes after a complete image, e.g. camera trailers, are accepted);
 - a PNG without its IEND chunk, a BMP shorter than the size its header declares;
-- anything OpenCV cannot decode (``imdecode`` returns None), e.g. a text file named ``.jpg``.
+- anything OpenCV cannot decode (``imdecode`` returns None), e.g. a text file named ``.jpg``;
+- a JPEG whose decoding libjpeg reports as corrupt ("Corrupt JPEG data: ...", "Premature end
+  of JPEG file"): bit rot, or a cut file with an end-of-image marker appended. OpenCV returns a
+  picture for these and libjpeg only prints to stderr, so that output is captured around the call.
 
 Each is reported as :class:`~fcos_offline.errors.BadFileError`; :func:`preprocess_folder`
 skips and lists them.
@@ -21,6 +24,9 @@ import multiprocessing
 import os
 import signal
 import stat
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,8 +38,8 @@ import numpy as np
 
 from fcos_offline.data.letterbox import Letterbox, letterbox_for
 from fcos_offline.errors import BadFileError, FcosError, UsageError
-from fcos_offline.io import atomic_write_bytes, atomic_write_json
-from fcos_offline.progress import progress_bar
+from fcos_offline.io import OutputLock, atomic_write_bytes, atomic_write_json, check_output_apart, opens_without_waiting
+from fcos_offline.progress import progress_bar, warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 MEAN_BGR = (102.9801, 115.9465, 122.7717)
@@ -106,7 +112,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     would otherwise take 3 GB and seconds to decode).
     """
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=opens_without_waiting) as f:  # a named pipe is refused, not waited on
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise BadFileError(path, "not a regular file (a device, pipe or socket)")
@@ -118,9 +124,42 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return decode_image(data, path)
 
 
+#: what libjpeg prints (and OpenCV passes over) when the data it decodes is damaged
+_LIBJPEG_CORRUPT = ("Corrupt JPEG data", "Premature end of JPEG file")
+_STDERR_LOCK = threading.Lock()
+
+
+def _imdecode_with_stderr(data: bytes) -> tuple[np.ndarray | None, str]:
+    """``cv2.imdecode`` and what it printed on file descriptor 2 meanwhile (libjpeg warns there, never raising).
+
+    One thread at a time redirects the descriptor; whatever else reached it meanwhile (another
+    thread's progress line) is passed on, so only the decoder's own lines are kept.
+    """
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no descriptor 2 (a daemon): what libjpeg prints is lost anyway
+            return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR), ""
+        try:
+            os.dup2(sink.fileno(), 2)
+            img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        printed = sink.read().decode(errors="replace")
+    ours = [line for line in printed.splitlines() if line.startswith(_LIBJPEG_CORRUPT)]
+    others = "".join(line for line in printed.splitlines(keepends=True) if not line.startswith(_LIBJPEG_CORRUPT))
+    if others:
+        os.write(2, others.encode())
+    return img, "; ".join(ours)
+
+
 def decode_image(data: bytes, name: object) -> np.ndarray:
     """An image file's bytes (``name``: where they came from) decoded as :func:`read_image` does;
-    refused first: no bytes, more declared pixels than :func:`max_image_pixels`, a truncated file."""
+    refused first: no bytes, more declared pixels than :func:`max_image_pixels`, a truncated file;
+    refused after: a JPEG libjpeg reports as corrupt while decoding it (the picture would be partly garbage)."""
     if not data:
         raise BadFileError(name, "empty file (0 bytes)")
     size = declared_size(data)
@@ -130,7 +169,12 @@ def decode_image(data: bytes, name: object) -> np.ndarray:
     problem = _truncation_problem(data)
     if problem:
         raise BadFileError(name, problem)
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if data[:2] == b"\xff\xd8":
+        img, corrupt = _imdecode_with_stderr(data)
+        if corrupt and img is not None:
+            raise BadFileError(name, f"corrupt JPEG (libjpeg: {corrupt}); its picture would be partly wrong")
+    else:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise BadFileError(name, "not a decodable image (OpenCV cannot read it)")
     return img
@@ -193,11 +237,29 @@ def list_images(src_dir: str | os.PathLike) -> list[Path]:
     )
 
 
-def parallel_map(func: Callable[[T], R], items: Iterable[T], total: int, workers: int | None, description: str) -> Iterator[R]:
-    """``map`` over a process pool (in-process for one worker) with a progress bar, in order."""
+def cap_workers(workers: int) -> int:
+    """Worker processes asked for, at most the cores this process may use (said in one line when capped).
+
+    Decoding is CPU-bound: more processes than cores only take turns on them, each with its own
+    memory (``--workers 64`` on 2 cores: 66 processes, 4.3 GB, 2.5x slower than 2).
+    """
     from fcos_offline.engine.cpu import cpu_count
 
-    workers = max(1, min(workers or cpu_count(), total or 1))
+    cores = cpu_count()
+    if workers > cores:
+        warn(f"{workers} worker processes asked for, more than the {cores} cores this process may use; using {cores}")
+        return cores
+    return workers
+
+
+def parallel_map(func: Callable[[T], R], items: Iterable[T], total: int, workers: int | None, description: str) -> Iterator[R]:
+    """``map`` over a process pool (in-process for one worker) with a progress bar, in order.
+
+    ``workers`` None means one per core; more than the cores are capped to them (:func:`cap_workers`).
+    """
+    from fcos_offline.engine.cpu import cpu_count
+
+    workers = max(1, min(cap_workers(workers) if workers else cpu_count(), total or 1))
     if workers == 1:
         with progress_bar(total, description, unit="img") as advance:
             for item in items:
@@ -268,8 +330,9 @@ def preprocess_folder(
 ) -> PreprocessSummary:
     """Write ``<stem>.bin`` (float32 [3, H, W], C order) for every image of ``src_dir``.
 
-    Runs on ``workers`` processes (default: all cores); bad files are skipped and listed in
-    the summary; two images with the same stem keep the first by file name.
+    Runs on ``workers`` processes (default and most: the cores this process may use); bad files are skipped and listed in
+    the summary; two images with the same stem keep the first by file name. ``dst_dir`` must lie
+    apart from ``src_dir`` and has one writer at a time.
     """
     images = list_images(src_dir)
     if not images:
@@ -277,23 +340,24 @@ def preprocess_folder(
     dst = Path(dst_dir)
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"{dst}: exists and is not a folder; --bin_file_path names the folder the tensors go to")
-    dst.mkdir(parents=True, exist_ok=True)
-    summary = PreprocessSummary(dst_dir=str(dst), canvas_h=canvas_h, canvas_w=canvas_w)
-    kept, summary.bad = first_per_stem(images)
-    tasks = [(str(image), str(dst / f"{image.stem}.bin"), canvas_h, canvas_w) for image in kept]
-    start = time.perf_counter()
-    try:
-        for src, problem in parallel_map(_preprocess_one, tasks, len(tasks), workers, "preprocess"):
-            if problem is None:
-                summary.written += 1
-            else:
-                summary.bad.append(BadFileError(src, problem))
-    except BaseException:
-        # the pool is gone (terminated): remove what its workers were writing when they stopped
-        for part in dst.glob("*.bin.part*"):
-            part.unlink(missing_ok=True)
-        raise
-    summary.seconds = time.perf_counter() - start
-    summary.bad.sort(key=lambda e: e.path)
-    atomic_write_json(dst / SUMMARY_FILE, summary.to_json())
+    check_output_apart([dst], [src_dir], inside_ok=True)  # images are listed from their folder, not below
+    with OutputLock(dst, "preprocess"):
+        summary = PreprocessSummary(dst_dir=str(dst), canvas_h=canvas_h, canvas_w=canvas_w)
+        kept, summary.bad = first_per_stem(images)
+        tasks = [(str(image), str(dst / f"{image.stem}.bin"), canvas_h, canvas_w) for image in kept]
+        start = time.perf_counter()
+        try:
+            for src, problem in parallel_map(_preprocess_one, tasks, len(tasks), workers, "preprocess"):
+                if problem is None:
+                    summary.written += 1
+                else:
+                    summary.bad.append(BadFileError(src, problem))
+        except BaseException:
+            # the pool is gone (terminated): remove what its workers were writing when they stopped
+            for part in dst.glob("*.bin.part*"):
+                part.unlink(missing_ok=True)
+            raise
+        summary.seconds = time.perf_counter() - start
+        summary.bad.sort(key=lambda e: e.path)
+        atomic_write_json(dst / SUMMARY_FILE, summary.to_json())
     return summary

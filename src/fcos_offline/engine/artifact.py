@@ -7,17 +7,25 @@ apply wherever the caller does not give them (see :func:`engine.base.resolve_opt
 
 Schema 2 (this writer). Schema 1 files (written before the schema was versioned, by ``convert``
 and ``tune`` with slightly different keys) are read too.
+
+Integrity: the writer records the sha256 of every other file in the folder (``files``); the reader
+verifies them and refuses a changed, missing or added file (or a link) in one line naming it. A
+file without digests (written by an older version) reads with empty ``files``: fine for engines
+whose model files are data (ONNX, OpenVINO IR: parsing them runs no code); the compiled engines
+refuse it (:func:`engine.backends.resolve_model`), as older versions wrote theirs with pickles and
+compiled code.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from fcos_offline.engine.base import EngineOptions
 from fcos_offline.errors import FcosError
-from fcos_offline.io import atomic_write_json, read_json_bounded
+from fcos_offline.io import atomic_write_json, file_digest, read_json_bounded
 
 ARTIFACT_FILE = "artifact.json"
 SCHEMA = 2
@@ -40,6 +48,7 @@ class Artifact:
     tuned: bool = False
     tuning: dict[str, Any] = field(default_factory=dict)  # tune's record: trial, quantization, mAP, speed
     settings: dict[str, Any] = field(default_factory=dict)  # what the model file cannot tell (inductor: model config, layout)
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of every other file in the folder (filled by write_artifact)
     schema: int = SCHEMA
 
     @property
@@ -54,18 +63,55 @@ class Artifact:
         return out
 
 
+def _folder_files(folder: Path) -> list[str]:
+    """Every entry below ``folder`` but its ``artifact.json`` and (unlinked) folders, as POSIX paths relative to it."""
+    names = []
+    for root, dirs, files in os.walk(folder):  # links to folders are listed in dirs, not followed
+        here = Path(root)
+        names += [(here / n).relative_to(folder).as_posix() for n in files + [d for d in dirs if (here / d).is_symlink()]]
+    return sorted(n for n in names if n != ARTIFACT_FILE)
+
+
 def write_artifact(folder: str | Path, artifact: Artifact) -> Path:
-    """Write ``<folder>/artifact.json`` atomically; returns its path."""
-    path = Path(folder) / ARTIFACT_FILE
+    """Record the digest of every file in ``folder`` in ``artifact.files``, then write
+    ``<folder>/artifact.json`` atomically; returns its path."""
+    folder = Path(folder)
+    artifact.files = {name: file_digest(folder / name) for name in _folder_files(folder)}
+    path = folder / ARTIFACT_FILE
     atomic_write_json(path, artifact.to_json())
     return path
+
+
+def verify_files(folder: Path, files: Any) -> dict[str, str]:
+    """Check the folder against the digests ``artifact.json`` records (None: an older file without them); returns them.
+
+    A changed, missing or added file (or a link) is one line naming it; nothing in the folder is
+    opened by an engine before this passed.
+    """
+    path = folder / ARTIFACT_FILE
+    if files is None:
+        return {}
+    if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        raise FcosError(f"{path}: files must be an object of file name -> sha256")
+    for name in _folder_files(folder):
+        entry = folder / name
+        if entry.is_symlink() or not entry.is_file():
+            raise FcosError(f"{entry}: a link or special file in an artifact folder (artifacts hold plain files only); convert again")
+        if name not in files:
+            raise FcosError(f"{entry}: not part of the artifact ({ARTIFACT_FILE} lists no such file); remove it or convert again")
+        if file_digest(entry) != files[name]:
+            raise FcosError(f"{entry}: changed since it was written (its sha256 differs from {ARTIFACT_FILE}'s); convert again")
+    for name in files:
+        if not (folder / name).is_file():
+            raise FcosError(f"{folder / name}: missing ({ARTIFACT_FILE} lists it); convert again")
+    return dict(files)
 
 
 _SCHEMA1_TUNING = ("trial", "quantization", "float_groups", "float_nodes", "float_precision", "bbox_mAP", "map_drop", "ms_per_img", "infer")
 
 
 def read_artifact(folder: str | Path) -> Artifact:
-    """The artifact of ``folder``; a missing, malformed or incomplete file is one line naming it."""
+    """The artifact of ``folder``, its files verified; a missing, malformed, incomplete or changed file is one line naming it."""
     path = Path(folder) / ARTIFACT_FILE
     if not path.is_file():
         raise FcosError(f"{folder}: a model folder needs an {ARTIFACT_FILE} (made by 'fcos-offline convert' or 'tune')")
@@ -98,6 +144,7 @@ def read_artifact(folder: str | Path) -> Artifact:
         raise FcosError(f"{path}: settings must be an object")
     if schema == 1:
         tuning.update({k: data[k] for k in _SCHEMA1_TUNING if k in data})
+    files = verify_files(Path(folder), data.get("files"))
     try:
         return Artifact(
             engine=str(data["engine"]),
@@ -113,6 +160,7 @@ def read_artifact(folder: str | Path) -> Artifact:
             tuned=bool(data.get("tuned", False)),
             tuning=tuning,
             settings=settings,
+            files=files,
             schema=SCHEMA,
         )
     except TypeError as exc:  # pragma: no cover - guarded above

@@ -139,7 +139,7 @@ class ModelSource:
     """Where the model comes from, resolved from a path (see :func:`engine.backends.resolve_model`)."""
 
     path: Path
-    kind: str  # "onnx", "openvino-ir", "checkpoint", "torch-export"
+    kind: str  # "onnx", "openvino-ir", "checkpoint", "torch-weights" (an inductor artifact)
     post_path: Path | None = None
     artifact: Artifact | None = None
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -12,20 +12,55 @@ What each engine builds is its backend's ``convert``:
 TensorRT runs through ONNX Runtime's TensorRT execution provider (``infer --engine onnxruntime
 --device tensorrt`` with ``onnxruntime-gpu``), which builds and caches its engine itself.
 The folder is written whole or not at all: a failed convert leaves an existing artifact as it was.
+A failed write is one line naming the output and the cause (a full disk says so; the engine
+libraries' own serialisation errors are translated, not passed through).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact, write_artifact
 from fcos_offline.engine.backends import CHECKPOINT_SUFFIXES, CONVERT_ENGINES, backend
 from fcos_offline.engine.base import Backend, ConvertRequest, refuse_settings
-from fcos_offline.errors import FcosError, UsageError, first_line
+from fcos_offline.errors import DiskFullError, FcosError, UsageError, first_line
 from fcos_offline.export.metadata import post_graph_path, read_metadata
-from fcos_offline.io import atomic_folder
+from fcos_offline.io import atomic_folder, atomic_write_bytes, translate_os_error
+
+#: free bytes below which a failed write is reported as a full disk
+_NEARLY_FULL = 1 << 20
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes for an unprivileged writer on ``folder``'s file system (None when unknown)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextmanager
+def _writing(output: Path, engine: str, need: int) -> Iterator[None]:
+    """Refuse to start when the disk has less than ``need`` bytes free (some engine libraries abort
+    on a full disk); turn whatever the engine's writers raise into one line naming ``output``."""
+    free = _free_bytes(output.parent)
+    if free is not None and free < need:
+        raise DiskFullError(output, f"{free:,} bytes free, the {engine} artifact needs about {need:,}")
+    try:
+        yield
+    except FcosError:
+        raise
+    except OSError as exc:
+        raise translate_os_error(output, exc) from None
+    except Exception as exc:  # the libraries' serialisation errors ("iostream error", "Protobuf serialization failed")
+        free = _free_bytes(output.parent)
+        if free is not None and free < _NEARLY_FULL:
+            raise DiskFullError(output, f"{engine}: {first_line(exc, 120)}") from None
+        raise FcosError(f"{output}: {engine} could not build or write the artifact ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _fix_batch(model: Any, batch_size: int) -> Any:
@@ -56,7 +91,7 @@ def convert(model: str | Path, engine: str, output: str | Path, request: Convert
 def _convert_checkpoint(src: Path, chosen: Backend, output: str | Path, request: ConvertRequest) -> Artifact:
     if not src.is_file() or src.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise UsageError(f"{src}: {chosen.NAME} builds from a checkpoint (--checkpoint X.pth --shape H W)")
-    with atomic_folder(output, ARTIFACT_FILE) as out:
+    with atomic_folder(output, ARTIFACT_FILE) as out, _writing(Path(output), chosen.NAME, src.stat().st_size):
         done = chosen.convert(src, out, request)
         artifact = Artifact(
             engine=chosen.NAME,
@@ -98,9 +133,10 @@ def _convert_onnx(src: Path, chosen: Backend, output: str | Path, request: Conve
     post_src = post_graph_path(src)
     if metadata.get("nms_in_graph") is False and not post_src.is_file():
         raise FcosError(f"{src} was exported with --no-nms but {post_src} is missing")
-    with atomic_folder(output, ARTIFACT_FILE) as out:
+    need = 2 * src.stat().st_size + (post_src.stat().st_size if post_src.is_file() else 0)  # the batch-fixed copy and the engine's model
+    with atomic_folder(output, ARTIFACT_FILE) as out, _writing(Path(output), chosen.NAME, need):
         fixed = out / "fixed.onnx"
-        onnx.save(_fix_batch(proto, batch_size), str(fixed))
+        atomic_write_bytes(fixed, _fix_batch(proto, batch_size).SerializeToString())
         post_file = None
         if metadata.get("nms_in_graph") is False:
             post_file = "model.post.onnx"

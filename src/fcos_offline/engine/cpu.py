@@ -42,6 +42,16 @@ def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
     return {"cpu": name, "cores": cpu_count(), "features": [f for f in CPU_FEATURES if f in flags]}
 
 
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average against the cores this process may use; ``busy`` when it is above them
+    (other work then shares the cores, and timings are not a quiet machine's). Read before a run adds its own."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not available
+        return {"load_avg_1m": None, "cores": cpu_count(), "busy": False}
+    return {"load_avg_1m": load, "cores": cpu_count(), "busy": load > cpu_count()}
+
+
 def describe_cpu(description: dict[str, Any]) -> str:
     """One line: ``AMD EPYC, 2 cores, features: avx2``."""
     features = " ".join(description["features"]) or "none of " + " ".join(CPU_FEATURES)

@@ -35,6 +35,7 @@ import numpy as np
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.engine.base import EngineOptions
 from fcos_offline.errors import BadFileError, FcosError, UsageError, first_line, require
+from fcos_offline.io import OutputLock
 from fcos_offline.progress import progress_bar, warn
 
 _NO_REGION = np.array([-1, -1, -1, -1], np.int64)
@@ -198,6 +199,7 @@ def run_inference_ray(
     from fcos_offline.data.dumps import dump_paths, dumps_complete
     from fcos_offline.engine.backends import open_engine
     from fcos_offline.engine.infer import InferSummary, check_dump_folder, check_unique_stems, fps, latency_stats, listed_size_problem, write_summary
+    from fcos_offline.engine.timing import segment_spread_pct
 
     if batch_size < 1 or actors < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0:
         raise UsageError("--batch-size and --ray-actors must be >= 1, --ray-cpus-per-actor > 0, --ray-gpus-per-actor >= 0")
@@ -205,114 +207,116 @@ def run_inference_ray(
     if out_local is None:
         raise UsageError(f"{output_dir}: dumps are written to a local or shared path (or file:// URL); mount the store first")
     out = Path(absolute(out_local))
-    out.mkdir(parents=True, exist_ok=True)
-    model = absolute(str(model))
-    check_unique_stems(items)
-    options = replace(options, batch_size=batch_size)
-    with open_engine(model, options, shape, overrides) as engine:  # the driver checks the model once and keys the dumps
-        canvas = engine.input_hw
-        described = engine.describe()
-        check_dump_folder(out, engine, resume)
-        note = engine.feed_note(batch_size)
-    if note:
-        warn(note)
-    todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
-    ray = _init_ray(address)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    start = time.perf_counter()
-    skipped: list[dict[str, str]] = []
-    wrong_size = {i.path: p for i in todo if (p := listed_size_problem(i, canvas))}  # the workers see only paths: judged here
-    for path, problem in wrong_size.items():
-        skipped.append({"path": path, "problem": problem})
-        warn(f"skipped {path}: {problem}")
-    todo = [i for i in todo if i.path not in wrong_size]
-    given = {i.stem: i.path for i in todo}
-    per_actor: dict[str, list[float]] = {}
-    load_s: list[float] = []
-    done_at: list[float] = []
-    if todo:
-        ds = ray.data.from_items(
-            [{"stem": i.stem, "path": absolute(i.path), "kind": i.kind} for i in todo], override_num_blocks=max(1, min(len(todo), 8 * actors))
-        )
-        # decode tasks reserve memory for one decoded photo; this also keeps Ray from fusing them into the actors,
-        # so decoding overlaps inference instead of running inside the actor between batches
-        ds = ds.map(_load_row, fn_kwargs={"canvas": canvas}, num_cpus=0.5, memory=DECODE_MEMORY)
-        ds = ds.map_batches(
-            _EngineActor,
+    with OutputLock(out, "infer"):  # one writer per dump folder (the nodes write under the driver's lock)
+        out.mkdir(parents=True, exist_ok=True)
+        model = absolute(str(model))
+        check_unique_stems(items)
+        options = replace(options, batch_size=batch_size)
+        with open_engine(model, options, shape, overrides) as engine:  # the driver checks the model once and keys the dumps
+            canvas = engine.input_hw
+            described = engine.describe()
+            check_dump_folder(out, engine, resume)
+            note = engine.feed_note(batch_size)
+        if note:
+            warn(note)
+        todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
+        ray = _init_ray(address)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        start = time.perf_counter()
+        skipped: list[dict[str, str]] = []
+        wrong_size = {i.path: p for i in todo if (p := listed_size_problem(i, canvas))}  # the workers see only paths: judged here
+        for path, problem in wrong_size.items():
+            skipped.append({"path": path, "problem": problem})
+            warn(f"skipped {path}: {problem}")
+        todo = [i for i in todo if i.path not in wrong_size]
+        given = {i.stem: i.path for i in todo}
+        per_actor: dict[str, list[float]] = {}
+        load_s: list[float] = []
+        done_at: list[float] = []
+        if todo:
+            ds = ray.data.from_items(
+                [{"stem": i.stem, "path": absolute(i.path), "kind": i.kind} for i in todo], override_num_blocks=max(1, min(len(todo), 8 * actors))
+            )
+            # decode tasks reserve memory for one decoded photo; this also keeps Ray from fusing them into the actors,
+            # so decoding overlaps inference instead of running inside the actor between batches
+            ds = ds.map(_load_row, fn_kwargs={"canvas": canvas}, num_cpus=0.5, memory=DECODE_MEMORY)
+            ds = ds.map_batches(
+                _EngineActor,
+                batch_size=batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=cpus_per_actor,
+                num_gpus=gpus_per_actor or None,
+                fn_constructor_kwargs={
+                    "model": model,
+                    "options": options,
+                    "shape": shape,
+                    "overrides": overrides,
+                    "output": str(out),
+                    "fmt": fmt,
+                    "canvas": canvas,
+                },
+            )
+            bar = progress_bar(len(todo), f"infer {described['engine']} bs{batch_size} on Ray ({actors} actor(s), {len(nodes)} node(s))")
+            with bar as advance:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for stem, problem, l_s, i_s, actor, t in zip(
+                        batch["stem"], batch["problem"], batch["load_s"], batch["infer_s"], batch["actor"], batch["done_at"]
+                    ):
+                        if problem:
+                            path = given[str(stem)]  # as the user gave it (the workers saw it made absolute)
+                            warn(f"skipped {path}: {problem}")
+                            skipped.append({"path": str(path), "problem": str(problem)})
+                        else:
+                            per_actor.setdefault(str(actor), []).append(float(i_s))
+                            load_s.append(float(l_s))
+                            done_at.append(float(t))
+                        advance(1)
+        wall = time.perf_counter() - start
+        done = sum(len(v) for v in per_actor.values())
+        skipped_paths = {s["path"] for s in skipped}
+        lost = [i.stem for i in todo if i.path not in skipped_paths and not all(p.is_file() for p in dump_paths(out, i.stem, fmt))]
+        if lost:
+            raise FcosError(
+                f"{out}: the Ray workers inferred {len(lost)} image(s) whose dumps are not there (first: {lost[0]}); "
+                "--output must be a folder every node sees at the same path"
+            )
+        infer_all = [s for v in per_actor.values() for s in v]
+        latency = {
+            "read": latency_stats(load_s),
+            "preprocess": latency_stats([]),
+            "infer": latency_stats([s * batch_size for s in infer_all]),
+            "postprocess": latency_stats([]),
+            "e2e": latency_stats([]),
+        }
+        summary = InferSummary(
+            engine=described,
+            num_images=len(items),
+            num_inferred=done,
+            num_resumed=len(items) - len(todo),
             batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor or None,
-            fn_constructor_kwargs={
-                "model": model,
-                "options": options,
-                "shape": shape,
-                "overrides": overrides,
-                "output": str(out),
-                "fmt": fmt,
-                "canvas": canvas,
+            wall_s=wall,
+            throughput_fps=fps(done, wall),
+            infer_fps=fps(done, sum(infer_all) / max(1, len(per_actor))),
+            latency_ms=latency,
+            skipped=skipped,
+            output_dir=str(out),
+            warmup=0,
+            loop=1,
+            engine_spread_pct=segment_spread_pct(infer_all),
+            distributed={
+                "framework": f"ray {ray.__version__}",
+                "address": address,
+                "nodes": len(nodes),
+                "actors": actors,
+                "cpus_per_actor": cpus_per_actor,
+                "gpus_per_actor": gpus_per_actor,
+                "model_transport": "shared path",
+                "per_actor": {
+                    a: {"images": len(v), "engine_img_per_s": fps(len(v), sum(v)), "latency_ms": latency_stats(v)} for a, v in per_actor.items()
+                },
             },
         )
-        bar = progress_bar(len(todo), f"infer {described['engine']} bs{batch_size} on Ray ({actors} actor(s), {len(nodes)} node(s))")
-        with bar as advance:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for stem, problem, l_s, i_s, actor, t in zip(
-                    batch["stem"], batch["problem"], batch["load_s"], batch["infer_s"], batch["actor"], batch["done_at"]
-                ):
-                    if problem:
-                        path = given[str(stem)]  # as the user gave it (the workers saw it made absolute)
-                        warn(f"skipped {path}: {problem}")
-                        skipped.append({"path": str(path), "problem": str(problem)})
-                    else:
-                        per_actor.setdefault(str(actor), []).append(float(i_s))
-                        load_s.append(float(l_s))
-                        done_at.append(float(t))
-                    advance(1)
-    wall = time.perf_counter() - start
-    done = sum(len(v) for v in per_actor.values())
-    skipped_paths = {s["path"] for s in skipped}
-    lost = [i.stem for i in todo if i.path not in skipped_paths and not all(p.is_file() for p in dump_paths(out, i.stem, fmt))]
-    if lost:
-        raise FcosError(
-            f"{out}: the Ray workers inferred {len(lost)} image(s) whose dumps are not there (first: {lost[0]}); "
-            "--output must be a folder every node sees at the same path"
-        )
-    infer_all = [s for v in per_actor.values() for s in v]
-    latency = {
-        "read": latency_stats(load_s),
-        "preprocess": latency_stats([]),
-        "infer": latency_stats([s * batch_size for s in infer_all]),
-        "postprocess": latency_stats([]),
-        "e2e": latency_stats([]),
-    }
-    summary = InferSummary(
-        engine=described,
-        num_images=len(items),
-        num_inferred=done,
-        num_resumed=len(items) - len(todo),
-        batch_size=batch_size,
-        wall_s=wall,
-        throughput_fps=fps(done, wall),
-        infer_fps=fps(done, sum(infer_all) / max(1, len(per_actor))),
-        latency_ms=latency,
-        skipped=skipped,
-        output_dir=str(out),
-        warmup=0,
-        loop=1,
-        distributed={
-            "framework": f"ray {ray.__version__}",
-            "address": address,
-            "nodes": len(nodes),
-            "actors": actors,
-            "cpus_per_actor": cpus_per_actor,
-            "gpus_per_actor": gpus_per_actor,
-            "model_transport": "shared path",
-            "per_actor": {
-                a: {"images": len(v), "engine_img_per_s": fps(len(v), sum(v)), "latency_ms": latency_stats(v)} for a, v in per_actor.items()
-            },
-        },
-    )
-    if not todo and not skipped and resume and (out / "summary.json").is_file():
-        warn(f"every dump in {out} was complete: nothing to run")
-    return write_summary(summary, out, device_id, perf_dir)
+        if not todo and not skipped and resume and (out / "summary.json").is_file():
+            warn(f"every dump in {out} was complete: nothing to run")
+        return write_summary(summary, out, device_id, perf_dir)

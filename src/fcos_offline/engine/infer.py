@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -33,15 +34,16 @@ from fcos_offline.data.dumps import dumps_complete, is_dump_file, write_dumps
 from fcos_offline.data.perf import PerfStats, perf_file_name, write_perf_file
 from fcos_offline.data.preprocess import (
     IMAGE_EXTENSIONS,
+    cap_workers,
     letterbox_uint8,
     list_images,
     read_image,
     to_input_tensor,
 )
 from fcos_offline.engine.base import Engine
-from fcos_offline.engine.timing import run_timed
+from fcos_offline.engine.timing import run_timed, segment_spread_pct
 from fcos_offline.errors import BadFileError, FcosError, UsageError, first_line
-from fcos_offline.io import atomic_write_json, process_alive, read_stamp
+from fcos_offline.io import atomic_write_json, locks_output, process_alive, read_stamp
 from fcos_offline.progress import progress_bar, warn
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "e2e")
@@ -213,11 +215,12 @@ class Feed:
             return
         pool, shm = self.pool, self.shm
         free = list(range(self.window))
-        pending: collections.deque[tuple[Future, int, float]] = collections.deque()
+        pending: collections.deque[tuple[Future, InputItem, int, float]] = collections.deque()
 
         def submit(item: InputItem) -> None:
             slot = free.pop()
-            pending.append((pool.submit(_read_into_slot, item, self.canvas_hw, shm.name, slot * self.slot_bytes), slot, time.perf_counter()))
+            future = pool.submit(_read_into_slot, item, self.canvas_hw, shm.name, slot * self.slot_bytes)
+            pending.append((future, item, slot, time.perf_counter()))
 
         it = iter(self.items)
         try:
@@ -226,8 +229,9 @@ class Feed:
                 if not free:
                     break
             while pending:
-                fut, slot, submitted = pending.popleft()
+                fut, _, slot, submitted = pending[0]
                 loaded, shape, dtype = fut.result()
+                pending.popleft()
                 loaded.submitted = submitted
                 if shape:
                     loaded.pixels = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf, offset=slot * self.slot_bytes).copy()
@@ -236,6 +240,13 @@ class Feed:
                 if nxt is not None:
                     submit(nxt)
                 yield loaded
+        except BrokenProcessPool:
+            paths = [entry[1].path for entry in pending] or ["the next input"]
+            others = f" (or one of the {len(paths) - 1} read after it)" if len(paths) > 1 else ""
+            raise FcosError(
+                f"a decode worker died (killed, or out of memory) reading {paths[0]}{others}; "
+                "rerun with --workers 0 to read in this process, or --resume to go on"
+            ) from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             shm.close()
@@ -276,9 +287,12 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
                 )
             )
         perf = read_stamp(out / "summary.json").get("perf_file")  # the earlier run's perf file, which parse would read
-        for p in [*dumps, out / "summary.json", *([Path(perf)] if perf and Path(perf).name.startswith("perf_") else [])]:
+        perf_path = Path(perf) if isinstance(perf, str) and Path(perf).name.startswith("perf_") else None
+        inside = perf_path is not None and out.resolve() in perf_path.resolve().parents  # never remove outside the output
+        for p in [*dumps, out / "summary.json", *([perf_path] if inside and perf_path else [])]:
             p.unlink(missing_ok=True)  # its summary too: an interrupted run must not inherit it
-        warn(f"{out}: removed the {len(dumps)} dump files (and summary, perf file) of an earlier run with another model or settings")
+        left = f"; its perf file {perf_path} is outside {out} and was left as it is" if perf_path and not inside else ""
+        warn(f"{out}: removed the {len(dumps)} dump files (and summary, perf file) of an earlier run with another model or settings{left}")
     atomic_write_json(stamp, {"key": key, "engine": engine.name, "model": str(engine.source.path)})
 
 
@@ -346,6 +360,7 @@ class InferSummary:
     warmup: int = 0
     loop: int = 1
     distributed: dict[str, Any] | None = None  # a Ray run: cluster, actors, per-actor throughput and latency
+    engine_spread_pct: float | None = None  # how much the engine's speed varies over the run (engine.timing.segment_spread_pct)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON view."""
@@ -356,6 +371,7 @@ def fps(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else 0.0
 
 
+@locks_output("infer")  # one writer per dump folder
 def run_inference(
     engine: Engine,
     items: list[InputItem],
@@ -370,7 +386,11 @@ def run_inference(
     perf_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
 ) -> InferSummary:
-    """Run ``engine`` over ``items`` in batches of ``batch_size`` and write one dump pair per image."""
+    """Run ``engine`` over ``items`` in batches of ``batch_size`` and write one dump pair per image.
+
+    ``workers``: feed processes (0: read in this process; None: :func:`default_workers`); more than
+    the cores this process may use are capped to them (:func:`~fcos_offline.data.preprocess.cap_workers`).
+    """
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     out = Path(output_dir)
@@ -392,8 +412,7 @@ def run_inference(
             kept.num_resumed = resumed
             return kept
     canvas = engine.input_hw
-    if workers is None:
-        workers = default_workers(engine, todo)
+    workers = default_workers(engine, todo) if workers is None else cap_workers(workers)
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     infer_total = 0.0
     skipped: list[dict[str, str]] = []
@@ -442,7 +461,7 @@ def run_inference(
         with progress_bar(len(todo), f"infer {engine.name} bs{batch_size}", unit="img") if show_progress else _null_bar() as advance:
             for loaded in Feed(todo, canvas, workers, window):
                 if loaded.problem is not None:
-                    warn(f"skipped {loaded.item.path}: {loaded.problem}")
+                    warn(f"skipped {loaded.item.path}: {loaded.problem}", kind="skipped")
                     skipped.append({"path": loaded.item.path, "problem": loaded.problem})
                     advance(1)
                     continue
@@ -475,6 +494,7 @@ def run_inference(
         output_dir=str(out),
         warmup=warmup,
         loop=loop,
+        engine_spread_pct=segment_spread_pct(times["infer"]),
     )
     return write_summary(summary, out, device_id, perf_dir)
 

@@ -38,6 +38,7 @@ class InferRequest:
     checkpoint: str | None = None
     images: str | None = None  # a folder, one image, or (with ray) a URL
     input_info: str | None = None  # a bin-mode or jpg-mode .info
+    items: list[InputItem] | None = None  # inputs a library caller gathered itself (run), instead of images/input_info
     output: str | os.PathLike = "result/dumpOutput_device0"
     options: EngineOptions = field(default_factory=EngineOptions)  # batch_size: None = the artifact's, else 1
     shape: tuple[int, int] | None = None
@@ -93,7 +94,7 @@ def infer(req: InferRequest) -> InferSummary:
     items: list[InputItem] | None = None
     items_error: FcosError | None = None
     try:  # counted first (the batch is capped to them), reported after the model's own problems
-        items = gather_inputs(req.images, req.input_info, req.ray is not None)
+        items = req.items if req.items is not None else gather_inputs(req.images, req.input_info, req.ray is not None)
         if not items:
             items_error = FcosError(f"{req.input_info or req.images}: no inputs listed; nothing to infer")
     except FcosError as exc:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,53 @@ def run_timed(call: Callable[[], tuple[np.ndarray, np.ndarray]], loop: int = 1) 
     for _ in range(loop):
         dets, labels = call()
     return dets, labels, (time.perf_counter() - t0) / loop
+
+
+#: fewer timed runs than this give no spread (one or two runs say nothing about the noise)
+MIN_RUNS_FOR_SPREAD = 3
+
+
+def spread_pct(seconds: list[float]) -> float | None:
+    """How much repeated timings of the same work vary: their coefficient of variation in percent
+    (standard deviation / mean); None below :data:`MIN_RUNS_FOR_SPREAD` runs."""
+    if len(seconds) < MIN_RUNS_FOR_SPREAD:
+        return None
+    values = np.asarray(seconds, dtype=np.float64)
+    mean = float(values.mean())
+    return 100.0 * float(values.std(ddof=1)) / mean if mean > 0 else None
+
+
+#: a run's batches are cut into this many consecutive segments for :func:`segment_spread_pct`
+SEGMENTS = 5
+
+
+def segment_spread_pct(batch_seconds: list[float], segments: int = SEGMENTS) -> float | None:
+    """How much one pass over many inputs varies in speed: the batches are cut into up to ``segments``
+    consecutive segments of equal count, and this is :func:`spread_pct` of the segments' engine
+    times. A segment averages the batches' content (NMS time follows the detections) and keeps
+    what changes over time (another process taking the cores). None with fewer than
+    :data:`MIN_RUNS_FOR_SPREAD` segments of at least :data:`MIN_RUNS_FOR_SPREAD` batches."""
+    n = min(segments, len(batch_seconds) // MIN_RUNS_FOR_SPREAD)
+    if n < MIN_RUNS_FOR_SPREAD:
+        return None
+    size = len(batch_seconds) // n
+    return spread_pct([sum(batch_seconds[i * size : (i + 1) * size]) for i in range(n)])
+
+
+#: timings varying more than this (percent, :func:`spread_pct`) are called noisy
+NOISY_SPREAD_PCT = 10.0
+
+
+def busy_note(load: dict[str, Any], spreads: dict[str, float | None]) -> dict[str, Any]:
+    """``load`` (:func:`engine.cpu.machine_load`, read before the work) with the measurements whose spread is above
+    :data:`NOISY_SPREAD_PCT` (``noisy``) and one line saying the machine was busy (``note``; None when quiet)."""
+    noisy = [f"{name} ({s:.0f}%)" for name, s in spreads.items() if s is not None and s > NOISY_SPREAD_PCT]
+    notes = []
+    if load["busy"]:
+        notes.append(f"load average {load['load_avg_1m']:.2f} before the run, above the {load['cores']} cores this process may use")
+    if noisy:
+        notes.append(f"timings vary more than {NOISY_SPREAD_PCT:g}% in " + ", ".join(noisy))
+    return {**load, "noisy": noisy, "note": ("busy machine: " + "; ".join(notes) + ": speeds are not a quiet machine's") if notes else None}
 
 
 @dataclass
@@ -38,13 +86,19 @@ class Timing:
         """Images per second at the median."""
         return 1000.0 / self.ms_per_img if self.ms_per_img > 0 else 0.0
 
-    def to_dict(self) -> dict[str, float]:
-        """ms_per_img, img_per_s, runs, ms_per_batch_min."""
+    @property
+    def spread_pct(self) -> float | None:
+        """How much the runs vary (:func:`spread_pct`)."""
+        return spread_pct(self.seconds)
+
+    def to_dict(self) -> dict[str, float | None]:
+        """ms_per_img, img_per_s, runs, ms_per_batch_min, spread_pct."""
         return {
             "ms_per_img": self.ms_per_img,
             "img_per_s": self.img_per_s,
             "runs": len(self.seconds),
             "ms_per_batch_min": min(self.seconds) * 1000.0 if self.seconds else 0.0,
+            "spread_pct": self.spread_pct,
         }
 
 

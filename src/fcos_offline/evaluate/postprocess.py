@@ -4,7 +4,8 @@ For every image of the annotation file (stem of ``file_name`` = dump stem): read
 the letterbox with the image size from the jpg-mode ``.info`` (``pad_rule`` "exact" or "recipe",
 see :mod:`fcos_offline.data.letterbox`), clip to ``[0, w] x [0, h]`` ("exact" only: the recipe's
 script does not clip, so "recipe" reproduces its numbers), drop padded rows.
-Images without dumps count as images with no detections (``missing_dumps``).
+Images without dumps count as images with no detections (``missing_dumps``); detections with an
+inverted box or one far off the canvas are dropped and counted per image (``implausible_boxes``).
 
 Files written to ``det_results_path``:
 
@@ -84,17 +85,36 @@ def recorded_engine(dump_dir: str | os.PathLike) -> dict[str, Any]:
     return engine if isinstance(engine, dict) else {}
 
 
-def dump_canvas(dump_dir: str | os.PathLike, height: int | None, width: int | None) -> tuple[int, int]:
-    """The canvas the dumps' boxes are in: given, else recorded by ``infer`` in ``summary.json``, else 800x1333.
+def implausible_rows(labels: np.ndarray, dets: np.ndarray, canvas_hw: tuple[int, int]) -> np.ndarray:
+    """Detections (rows of canvas-pixel ``dets``) no engine output can hold: x2 < x1 or y2 < y1, or a
+    coordinate more than 4 canvas sides off it (3e38: an overflow). Clipping would turn either into a
+    plausible-looking, wrong box."""
+    far = 4 * max(canvas_hw)
+    x1, y1, x2, y2 = (dets[:, i] for i in range(4))
+    real = (labels >= 0) & (dets[:, 4] > 0)
+    return np.asarray(real & ((x2 < x1) | (y2 < y1) | (np.abs(dets[:, :4]) > far).any(axis=1)))
 
-    A given canvas that contradicts the recorded one is an error: every box would be mapped back wrong.
+
+def dump_canvas(dump_dir: str | os.PathLike, height: int | None, width: int | None) -> tuple[int, int]:
+    """The canvas the dumps' boxes are in: given, else recorded by ``infer`` in ``summary.json``.
+
+    Dumps without that record (another tool's, or an ``infer`` killed before writing it) need
+    both sides given: a guessed canvas maps every box back wrong and gives a plausible, wrong mAP.
+    A given canvas that contradicts the recorded one is an error for the same reason.
     """
     try:
         hw = recorded_engine(dump_dir)["input_hw"]
         recorded: tuple[int, int] | None = (int(hw[0]), int(hw[1]))
     except (KeyError, TypeError, ValueError, IndexError):
         recorded = None
-    given = (height or (recorded or DEFAULT_CANVAS)[0], width or (recorded or DEFAULT_CANVAS)[1])
+    if recorded is None:
+        if height is None or width is None:
+            raise UsageError(
+                f"{dump_dir}: no summary.json of infer records the canvas these dumps were made on; give it with "
+                f"--net_input_height and --net_input_width (the recipe's: {DEFAULT_CANVAS[0]} and {DEFAULT_CANVAS[1]})"
+            )
+        return height, width
+    given = (height or recorded[0], width or recorded[1])
     if recorded is not None and given != recorded:
         raise FcosError(
             f"{dump_dir}: the dumps were made on a {recorded[0]}x{recorded[1]} canvas (its summary.json) but "
@@ -171,6 +191,7 @@ def postprocess(
     results: list[dict[str, Any]] = []
     missing: list[str] = []
     size_mismatch: list[str] = []
+    implausible: dict[str, int] = {}  # stem -> detections dropped (inverted, or far off the canvas)
     evaluated = 0  # images whose dumps were read and mapped (with or without detections)
     with progress_bar(len(images), "postprocess") as advance:
         for img in images:
@@ -186,6 +207,10 @@ def postprocess(
                 continue
             if (entry.width, entry.height) != (img.get("width", entry.width), img.get("height", entry.height)):
                 size_mismatch.append(stem)
+            odd = implausible_rows(labels, dets, (net_input_height, net_input_width))
+            if odd.any():
+                implausible[stem] = int(odd.sum())
+                labels = np.where(odd, -1, labels)
             lb = letterbox_for(entry.width, entry.height, net_input_height, net_input_width)
             boxes = boxes_to_original(dets, lb, pad_rule)
             if pad_rule == "exact":  # spec §9: the recipe keeps boxes reaching into the letterbox pad
@@ -220,6 +245,13 @@ def postprocess(
             f"{len(size_mismatch)} image(s) have a different size in {test_annotation} than in the "
             f"annotation file (first: {size_mismatch[0]}); boxes use the .info size"
         )
+    if implausible:
+        first = next(iter(implausible))
+        warn(
+            f"{sum(implausible.values())} detection(s) in {len(implausible)} image(s) have an inverted box or one far "
+            f"off the {net_input_height}x{net_input_width} canvas (first: {first}); not evaluated, counted per image in "
+            f"{SUMMARY_FILE} 'implausible_boxes'"
+        )
     if missing:
         warn(
             f"{len(missing)} annotated image(s) have no usable dumps and count as having no detections "
@@ -241,6 +273,7 @@ def postprocess(
         "num_detections": len(results),
         "missing_dumps": len(missing),
         "missing_dump_files": missing,
+        "implausible_boxes": implausible,
         "dumps_not_annotated": sorted(set(dumps) - {Path(i["file_name"]).stem for i in images}),
         "skipped": [{"path": e.path, "problem": e.problem} for e in sorted(skipped, key=lambda e: e.path)],
         "text_files": texts,

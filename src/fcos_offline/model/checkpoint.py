@@ -32,14 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from fcos_offline.errors import BadFileError, FcosError, first_line
+from fcos_offline.errors import BadFileError, FcosError, UsageError, first_line
 from fcos_offline.model.config import (
+    POST_RANGES,
     POST_RULES,
     BackboneConfig,
     FCOSConfig,
     HeadConfig,
     InputAdapter,
     NeckConfig,
+    PostConfig,
     PostRule,
     default_post_config,
 )
@@ -371,6 +373,18 @@ def _mmdet_version(meta: dict[str, Any]) -> str | None:
     return None
 
 
+def _check_post(path: str | Path, post: PostConfig, sources: dict[str, str]) -> None:
+    """Post-processing values in :data:`POST_RANGES`: a bad meta value is one line naming the file and the key."""
+    for name, allowed in POST_RANGES.items():
+        why = allowed.problem(getattr(post, name))
+        if why is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if sources.get(name) == "flag":
+            raise UsageError(f"{flag} {why}")
+        raise BadFileError(path, f"its meta config's {name} {why} (give {flag} to override it)")
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -460,6 +474,7 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
             setattr(target, name, value)
             sources[name] = "flag"
     config = FCOSConfig(backbone=backbone, neck=neck, head=head, post=post, input_adapter=adapter)
+    _check_post(path, post, sources)
     classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
     names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
     if names is not None and len(names) != head.num_classes:

@@ -8,6 +8,7 @@ defaults, or explicit overrides.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -107,6 +108,61 @@ class FCOSConfig:
             post=PostConfig(**_tuples(data["post"])),
             input_adapter=data.get("input_adapter", "none"),
         )
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a setting may take: ``kind`` (int or float) in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def describe(self) -> str:
+        """``must be >= 1 and <= 100000``."""
+        lo = "" if self.low is None else (f"> {self.low:g}" if self.low_open else f">= {self.low:g}")
+        hi = "" if self.high is None else f"<= {self.high:g}"
+        return "must be " + " and ".join(x for x in (lo, hi) if x)
+
+    def problem(self, value: object) -> str | None:
+        """Why ``value`` is not allowed (its type or range), or None when it is."""
+        kinds = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"must be {'an integer' if self.kind is int else 'a number'}, got {value!r}"
+        if isinstance(value, float) and math.isnan(value):
+            return "must be a number, got NaN"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        return f"{self.describe()}, got {value!r}" if too_low or too_high else None
+
+
+#: the one table of allowed post-processing values: the CLI flags, checkpoint meta and artifact.json all use it
+POST_RANGES: dict[str, Range] = {
+    "score_thr": Range(float, 0.0, 1.0),
+    "nms_pre": Range(int, 1, 1_000_000),
+    "iou_thr": Range(float, 0.0, 1.0, low_open=True),
+    "max_per_img": Range(int, 1, 100_000),
+}
+#: a feature level's stride (in input pixels)
+STRIDE_RANGE = Range(int, 1, 4096)
+
+
+def check_config(config: FCOSConfig) -> None:
+    """Raise ValueError naming the first out-of-range setting (``post.iou_thr must be > 0 and <= 1, got -3``)."""
+    for name, allowed in POST_RANGES.items():
+        if (why := allowed.problem(getattr(config.post, name))) is not None:
+            raise ValueError(f"post.{name} {why}")
+    strides = config.head.strides
+    if not isinstance(strides, tuple) or len(strides) != config.neck.num_outs:
+        raise ValueError(f"head.strides must list one stride per FPN level ({config.neck.num_outs}), got {strides!r}")
+    for s in strides:
+        if (why := STRIDE_RANGE.problem(s)) is not None:
+            raise ValueError(f"head.strides {why}")
+    if list(strides) != sorted(set(strides)):
+        raise ValueError(f"head.strides must increase level by level, got {list(strides)}")
+    if config.post.rule not in POST_RULES:
+        raise ValueError(f"post.rule must be one of {', '.join(POST_RULES)}, got {config.post.rule!r}")
 
 
 def default_post_config(rule: PostRule) -> PostConfig:

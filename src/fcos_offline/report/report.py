@@ -10,10 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from fcos_offline.io import atomic_write_bytes, atomic_write_json, translate_os_error
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
+from fcos_offline.units import percent, points
 
 
 def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -31,40 +28,62 @@ def table_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "delta_mAP": (e["bbox_mAP"] - on["bbox_mAP"]) if on else None,
                 "AP50": e["bbox_mAP_50"],
                 "AP75": e["bbox_mAP_75"],
-                "online_fps": on["fps"] if on else None,
-                "offline_fps": e["fps"],
-                "p50_ms": e["latency_ms_p50"],
-                "p99_ms": e["latency_ms_p99"],
+                "engine_img_per_s": e["engine_img_per_s"],
+                "engine_spread_pct": e["engine_spread_pct"],
+                "e2e_img_per_s": e["e2e_img_per_s"],
+                "engine_ms_per_batch_p50": e["engine_ms_per_batch"]["median"],
+                "engine_ms_per_batch_p99": e["engine_ms_per_batch"]["p99"],
+                "online_engine_img_per_s": on["engine_img_per_s"] if on else None,
                 "dumps": e["dumps"],
             }
         )
     return rows
 
 
-def results_table(rows: list[dict[str, Any]], title: str) -> Table:
+def _speed(value: float | None, spread: float | None = None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" + (f" ±{spread:.0f}%" if spread is not None else "")
+
+
+#: the results table's columns: header, and the cell of a row (mAP in percent, differences in points)
+COLUMNS: list[tuple[str, Any]] = [
+    ("model", lambda r: r["model"]),
+    ("online mAP % (PyTorch)", lambda r: percent(r["online_mAP"])),
+    ("offline mAP % (engine)", lambda r: percent(r["offline_mAP"])),
+    ("Δ mAP (points)", lambda r: points(r["delta_mAP"])),
+    ("AP50 %", lambda r: percent(r["AP50"])),
+    ("AP75 %", lambda r: percent(r["AP75"])),
+    ("engine img/s", lambda r: _speed(r["engine_img_per_s"], r["engine_spread_pct"])),
+    ("end-to-end img/s", lambda r: _speed(r["e2e_img_per_s"])),
+    ("engine ms/batch p50", lambda r: f"{r['engine_ms_per_batch_p50']:.1f}"),
+    ("p99", lambda r: f"{r['engine_ms_per_batch_p99']:.1f}"),
+    ("online engine img/s", lambda r: _speed(r["online_engine_img_per_s"])),
+]
+
+#: what the columns measure, under every results table (docs/measurement.md says more)
+TABLE_NOTE = (
+    "mAP in percent, Δ in points (B - A: offline - online); JSON holds fractions. engine img/s = images / time inside "
+    "the engine call (± = how much its speed varies between five consecutive segments of the run); end-to-end img/s = images / wall time from the first "
+    "file read to the last dump written (decode, preprocess, engine, dump writing); engine ms/batch = the engine "
+    "call's latency per batch (service time), p50 and p99."
+)
+
+
+def results_table(rows: list[dict[str, Any]], title: str, caption: str | None = None) -> Table:
     """The recipe's results table, filled in (mAP in percent), for a rich console to print."""
-    t = Table(title=title)
-    for col in ("model", "online mAP (PyTorch)", "offline mAP (engine)", "Δ mAP", "AP50", "AP75", "online fps", "offline fps", "p50 ms", "p99 ms"):
+    t = Table(title=title, caption="\n".join(filter(None, [caption, TABLE_NOTE])), caption_justify="left")
+    for col, _ in COLUMNS:
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
-        t.add_row(
-            r["model"],
-            _pct(r["online_mAP"]),
-            _pct(r["offline_mAP"]),
-            "—" if r["delta_mAP"] is None else f"{100 * r['delta_mAP']:+.2f}",
-            _pct(r["AP50"]),
-            _pct(r["AP75"]),
-            "—" if r["online_fps"] is None else f"{r['online_fps']:.2f}",
-            f"{r['offline_fps']:.2f}",
-            f"{r['p50_ms']:.1f}",
-            f"{r['p99_ms']:.1f}",
-        )
+        t.add_row(*(cell(r) for _, cell in COLUMNS))
     return t
 
 
 def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[str, str], vis: list[str]) -> str:
     verify = context["export"].get("verify")
     check = f"{verify['match_rate']:.2%} of PyTorch's detections matched by ONNX Runtime" if verify else "not run"
+    busy = (context.get("machine_load") or {}).get("note")
     lines = [
         "# fcos-offline run report",
         "",
@@ -74,23 +93,13 @@ def _markdown(rows: list[dict[str, Any]], context: dict[str, Any], plots: dict[s
         f"- ONNX: `{context['onnx']}`; export check: {check}",
         f"- machine: {context['cpu']} ({context['cores']} cores); versions: " + ", ".join(f"{k} {v}" for k, v in context["versions"].items() if v),
         *_accelerator_lines(context.get("accelerator")),
+        *([f"- **{busy}**"] if busy else []),
         "",
-        "| model | online mAP (PyTorch) | offline mAP (engine) | Δ mAP | AP50 | AP75 | online fps | offline fps | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(col for col, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
     ]
-    for r in rows:
-        delta = "—" if r["delta_mAP"] is None else f"{100 * r['delta_mAP']:+.2f}"
-        online_fps = "—" if r["online_fps"] is None else f"{r['online_fps']:.2f}"
-        lines.append(
-            f"| {r['model']} | {_pct(r['online_mAP'])} | {_pct(r['offline_mAP'])} | {delta} | {_pct(r['AP50'])} | "
-            f"{_pct(r['AP75'])} | {online_fps} | {r['offline_fps']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
-        )
-    lines += [
-        "",
-        "mAP in percent here; report.json stores fractions. fps = images/s end to end (decode, preprocess, "
-        "inference, dump writing); p50/p99 = per-image end-to-end latency.",
-        "",
-    ]
+    lines += ["| " + " | ".join(cell(r) for _, cell in COLUMNS) + " |" for r in rows]
+    lines += ["", TABLE_NOTE, ""]
     for name, path in plots.items():
         lines += [f"## {name}", "", f"![{name}]({path})", ""]
     if vis:

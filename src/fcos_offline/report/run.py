@@ -30,10 +30,13 @@ from fcos_offline.data.dataset import (
 )
 from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.demo import DEMO_CHECKPOINT
+from fcos_offline.engine.base import ModelSource
 from fcos_offline.engine.cpu import cpu_description
+from fcos_offline.engine.infer import InferSummary
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.io import atomic_write_json, file_digest, json_digest, process_alive, read_stamp
 from fcos_offline.progress import info
+from fcos_offline.units import JSON_UNITS
 
 #: the engine of the recipe's "online" baseline: PyTorch eager on the checkpoint
 ONLINE_ENGINE = "torch"
@@ -58,10 +61,10 @@ class RunOptions:
     images: str | None = None
     annotations: str | None = None
     shape: tuple[int, int] | None = None
-    batch_sizes: tuple[int, ...] = (1, 4)
+    batch_sizes: tuple[int, ...] | None = None  # None: the artifact's (--model), else (1, 4)
     engines: tuple[str, ...] | None = None  # None: default_engines(device)
-    device: str = "cpu"  # where every engine runs: cpu, or cuda for the online baseline and the GPU engines
-    precision: str = "fp32"
+    device: str | None = None  # where every engine runs: cpu (None), or cuda for the online baseline and the GPU engines
+    precision: str | None = None  # offline execution precision; None: the artifact's, else fp32
     workdir: str | None = None
     num_images: int | None = None
     online: bool = True
@@ -156,7 +159,8 @@ def _compiled_model(checkpoint: Path, engine: str, bs: int, opts: RunOptions, sh
     from fcos_offline.engine.convert import convert
     from fcos_offline.export.cache import GRAPH_REVISION
 
-    request = ConvertRequest(precision=opts.precision, batch_size=bs, device=opts.device, shape=shape, overrides=opts.overrides)
+    precision, device = opts.precision or "fp32", opts.device or "cpu"
+    request = ConvertRequest(precision=precision, batch_size=bs, device=device, shape=shape, overrides=opts.overrides)
     key = json_digest(
         {
             "checkpoint": file_digest(checkpoint),
@@ -166,11 +170,11 @@ def _compiled_model(checkpoint: Path, engine: str, bs: int, opts: RunOptions, sh
             "graph_revision": GRAPH_REVISION,
         }
     )
-    out = folder / f"{engine}_bs{bs}_{opts.precision}_{opts.device.replace(':', '')}"
+    out = folder / f"{engine}_bs{bs}_{precision}_{device.replace(':', '')}"
     stamp = folder / f"{out.name}.key.json"
     if out.is_dir() and read_stamp(stamp).get("key") == key:
         return out
-    info(f"compiling the checkpoint for {engine} (batch {bs}, {opts.precision}, {opts.device}); reused on the next run")
+    info(f"compiling the checkpoint for {engine} (batch {bs}, {precision}, {device}); reused on the next run")
     convert(checkpoint, engine, out, request)
     atomic_write_json(stamp, {"key": key})
     return out
@@ -211,11 +215,38 @@ def _fresh_result_dir(root: Path, key: str) -> Path:
     return dump_dir
 
 
+def model_defaults(source: ModelSource | None) -> tuple[tuple[int, int] | None, tuple[int, ...] | None]:
+    """The canvas and batch sizes ``run --model`` takes from the model when no flag says otherwise
+    (an artifact's recorded ones, else what the file fixes; None where it leaves them open)."""
+    if source is None:
+        return None, None
+    if source.artifact is not None:
+        return source.artifact.canvas, (source.artifact.batch_size,)
+    shape = source.metadata.get("input_shape")
+    canvas = (int(shape[0]), int(shape[1])) if shape else None
+    return canvas, (source.fixed_batch,) if source.fixed_batch else None
+
+
+def _precision_label(stored: str | None, executed: str) -> str:
+    """What a row is called: the execution precision, an int8 model's with its float ops' (``int8+bf16``)."""
+    return f"int8+{executed}" if stored == "int8" and executed != "int8" else executed
+
+
 def run(opts: RunOptions) -> dict[str, Any]:
-    """Run the whole recipe; returns the report dict (also written to ``report.json``)."""
-    from fcos_offline.engine.backends import EngineOptions, backend, open_engine, resolve_model
-    from fcos_offline.engine.base import settings_flags
-    from fcos_offline.engine.infer import cap_batch, run_inference
+    """Run the whole recipe; returns the report dict (also written to ``report.json``).
+
+    Every configuration is one :class:`~fcos_offline.engine.job.InferRequest` through
+    :func:`~fcos_offline.engine.job.infer`, the path ``infer`` takes (local or Ray, flag > artifact >
+    default). With ``--model``, the model's canvas, batch, precision and threads apply wherever no
+    flag is given, and the checkpoint (for the online baseline and the export check) is exported
+    at the model's canvas.
+    """
+    from fcos_offline.engine.backends import backend, resolve_model
+    from fcos_offline.engine.base import EngineOptions, settings_flags
+    from fcos_offline.engine.cpu import machine_load
+    from fcos_offline.engine.infer import cap_batch
+    from fcos_offline.engine.job import InferRequest, RayPlan, infer
+    from fcos_offline.engine.timing import busy_note
     from fcos_offline.export.cache import cached_export
     from fcos_offline.export.metadata import read_metadata
 
@@ -230,21 +261,27 @@ def run(opts: RunOptions) -> dict[str, Any]:
             f"{' '.join(given)} with --model: {opts.model} has its settings built in; "
             "export or convert it with them, or drop --model to export the checkpoint with them"
         )
-    if any(b < 1 for b in opts.batch_sizes):  # usage errors first, before any file is looked at
+    if opts.batch_sizes is not None and any(b < 1 for b in opts.batch_sizes):  # usage errors first, before any file is looked at
         raise UsageError("batch sizes must be >= 1")
-    if opts.device.lower().split(":")[0] not in DEFAULT_ENGINES:
-        raise UsageError(f"run --device takes cpu or cuda (cuda:N), not {opts.device!r}")
-    engines = opts.engines or default_engines(opts.device)
+    device = opts.device or "cpu"
+    if device.lower().split(":")[0] not in DEFAULT_ENGINES:
+        raise UsageError(f"run --device takes cpu or cuda (cuda:N), not {device!r}")
+    engines = opts.engines or default_engines(device)
     compiled = [e for e in engines if backend(e).CONVERT_FROM == "checkpoint"]
-    if opts.device.lower().startswith("cuda") and (opts.online or compiled):  # no CUDA for torch: say so before exporting anything
+    if device.lower().startswith("cuda") and (opts.online or compiled):  # no CUDA for torch: say so before exporting anything
         from fcos_offline.engine.torch_runtime import torch_device
 
-        torch_device(opts.device)
+        torch_device(device)
     checkpoint = Path(opts.checkpoint) if opts.checkpoint else DEMO_CHECKPOINT
     if not checkpoint.is_file():
         raise FcosError(f"{checkpoint}: no such checkpoint")
-    if opts.model:  # before any data is made or exported
-        resolve_model(opts.model)
+    source = resolve_model(opts.model) if opts.model else None  # before any data is made or exported
+    model_canvas, model_batches = model_defaults(source)
+    if opts.shape and model_canvas and tuple(opts.shape) != model_canvas:
+        raise UsageError(
+            f"{opts.model} takes {model_canvas[0]}x{model_canvas[1]} inputs (its canvas is set at export), not the "
+            f"{opts.shape[0]}x{opts.shape[1]} asked (--shape); drop --shape to run it at its own"
+        )
     if demo:
         from fcos_offline.demo.synthetic import (
             DEMO_CANVAS,
@@ -252,9 +289,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
             DEMO_VAL_SEED,
         )
 
-        shape: tuple[int, int] = opts.shape or DEMO_CANVAS
+        shape: tuple[int, int] = opts.shape or model_canvas or DEMO_CANVAS
     else:
-        shape = opts.shape or DEFAULT_CANVAS
+        shape = opts.shape or model_canvas or DEFAULT_CANVAS
+    load = machine_load()  # before this run adds its own
     root = Path(opts.workdir or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     root.mkdir(parents=True, exist_ok=True)
     paths = _Paths(root)
@@ -271,16 +309,18 @@ def run(opts: RunOptions) -> dict[str, Any]:
         onnx_path, export_result = cached_export(checkpoint, paths.sub("model"), shape, opts.overrides)
         cached_names = export_result.get("metadata_class_names")
         class_names = class_names_for({"class_names": cached_names} if cached_names else read_metadata(onnx_path), ann_file)
-        offline_model, model_precision = onnx_path, None
+        offline_model: Path = onnx_path
+        artifact = source.artifact if source else None
         if opts.model:  # a convert/tune artifact (or another ONNX/IR) replaces the exported model offline
-            artifact = resolve_model(opts.model).artifact
             offline_model = Path(opts.model)
             engines = (artifact.engine,) if artifact else engines
-            model_precision = artifact.precision if artifact else None
-        batch_sizes = list(dict.fromkeys(cap_batch(b, len(run_items)) for b in opts.batch_sizes))
+        asked = opts.batch_sizes or model_batches or (1, 4)
+        fixed = source is not None and (source.fixed_batch is not None or (artifact is not None and not artifact.dynamic_batch))
+        batch_sizes = list(dict.fromkeys(asked if fixed else (cap_batch(b, len(run_items)) for b in asked)))
         configs = [("offline", e, b) for e in engines for b in batch_sizes]
         if opts.online:
             configs += [("online", ONLINE_ENGINE, b) for b in batch_sizes]
+        ray = RayPlan(opts.ray, opts.ray_actors, opts.ray_cpus_per_actor, opts.ray_gpus_per_actor) if opts.ray else None
         entries = []
         first_eval = True
         for mode, engine_name, bs in configs:
@@ -289,50 +329,43 @@ def run(opts: RunOptions) -> dict[str, Any]:
             model = checkpoint if online else offline_model
             if not online and not opts.model and backend(engine_name).CONVERT_FROM == "checkpoint":
                 model = _compiled_model(checkpoint, engine_name, bs, opts, shape, paths.sub("model"))
-            options = EngineOptions(engine_name, opts.device, opts.threads, "fp32" if online else opts.precision, bs)
-            overrides = opts.overrides if online else None  # exported and compiled models have them built in
+            # offline: None = the artifact's recorded option, else the default (flag > artifact > default)
+            options = (
+                EngineOptions(engine_name, device, opts.threads, "fp32", bs)
+                if online
+                else EngineOptions(engine_name, opts.device, opts.threads, opts.precision, bs)
+            )
             dump_dir = _fresh_result_dir(paths.root / "result" / tag, _result_key(model, engine_name, bs, opts, eval_set, shape))
-            if opts.ray:
-                from fcos_offline.engine.distributed import run_inference_ray
-
-                s = run_inference_ray(
-                    model,
-                    options,
-                    run_items,
-                    str(dump_dir),
-                    bs,
-                    resume=True,
-                    address=opts.ray,
-                    actors=opts.ray_actors,
-                    cpus_per_actor=opts.ray_cpus_per_actor,
-                    gpus_per_actor=opts.ray_gpus_per_actor,
+            s = infer(
+                InferRequest(
+                    model=None if online else str(model),
+                    checkpoint=str(model) if online else None,
+                    items=run_items,
+                    output=dump_dir,
+                    options=options,
                     shape=shape,
-                    overrides=overrides,
+                    overrides=opts.overrides if online else None,  # exported and compiled models have them built in
+                    resume=True,
                     perf_dir=dump_dir.parent,
+                    ray=ray,
                 )
-                described = s.engine
-            else:
-                with open_engine(model, options, shape, overrides) as engine:
-                    s = run_inference(engine, run_items, dump_dir, bs, resume=True, perf_dir=dump_dir.parent)
-                    described = engine.describe()
+            )
             ev = _evaluate(dump_dir, paths.sub("eval", tag), jpg_info, ann_file, shape, class_names, show=first_eval)
             first_eval = False
-            lat = s.latency_ms
+            executed = s.engine["execution_precision"]
+            stored = artifact.precision if artifact is not None and not online else None
             entries.append(
                 {
                     "mode": mode,
                     "engine": engine_name,
-                    "precision": model_precision if mode == "offline" and model_precision else described["execution_precision"],
+                    "precision": _precision_label(stored, executed),
+                    "stored_precision": stored,
+                    "execution_precision": executed,
                     "batch_size": bs,
                     "bbox_mAP": ev["bbox_mAP"],
                     "bbox_mAP_50": ev["bbox_mAP_50"],
                     "bbox_mAP_75": ev["bbox_mAP_75"],
-                    "fps": s.throughput_fps,
-                    "engine_fps": s.infer_fps,
-                    "latency_ms_p50": lat["e2e"]["median"],
-                    "latency_ms_p99": lat["e2e"]["p99"],
-                    "infer_latency_ms_p50": lat["infer"]["median"],
-                    "infer_latency_ms_p99": lat["infer"]["p99"],
+                    **speed_figures(s),
                     "num_images": s.num_images - len(s.skipped),
                     "resumed": s.num_resumed,
                     "skipped": eval_set.missing + s.skipped + ev.get("skipped", []),
@@ -370,12 +403,33 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 "streaming": not opts.write_bins,
                 "versions": _versions(),
                 **cpu_description(),  # cpu, cores (this process's), features
-                "device": opts.device,
-                "accelerator": _accelerator(opts.device),
+                "machine_load": busy_note(load, {f"{e['mode']} {e['engine']} bs{e['batch_size']}": e["engine_spread_pct"] for e in entries}),
+                "device": device,
+                "accelerator": _accelerator(device),
                 "missing_images": [m["path"] for m in eval_set.missing],
                 "missing_image_problems": eval_set.missing,
                 "compare": comparison,
+                "units": JSON_UNITS,
             },
             opts.vis_images,
         )
     return report
+
+
+def speed_figures(s: InferSummary) -> dict[str, Any]:
+    """The three speed figures of one configuration, each named for what it measures (see docs/measurement.md).
+
+    ``engine_img_per_s``: images / time inside the engine call; ``e2e_img_per_s``: images / wall time
+    from the first file read to the last dump written; ``engine_ms_per_batch``: the engine call's
+    latency per batch (service time) p50/p90/p99; ``engine_spread_pct``: how much the timed batches
+    vary. ``read_to_dump_ms``: an image's time from being queued for reading to its dumps on disk,
+    read-ahead queueing included (not a latency of the model).
+    """
+    lat = s.latency_ms
+    return {
+        "engine_img_per_s": s.infer_fps,
+        "e2e_img_per_s": s.throughput_fps,
+        "engine_ms_per_batch": {k: lat["infer"][k] for k in ("median", "p90", "p99", "count")},
+        "engine_spread_pct": s.engine_spread_pct,
+        "read_to_dump_ms": {k: lat["e2e"][k] for k in ("median", "p99")},
+    }

@@ -1,16 +1,21 @@
-"""Each candidate's model file: built once under ``<output>/models`` (quantized with its float groups), then reused;
-the chosen one is copied into an artifact folder."""
+"""Each candidate's model file: built once under ``<output>/models`` (quantized with its float groups), then reused
+while its key stamp (``<model>.key.json``: the source model's and calibration images' digests, the canvas, the build's
+settings and the library versions) still matches; the chosen one is copied into an artifact folder."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import shutil
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
+from fcos_offline import __version__
 from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact, write_artifact
 from fcos_offline.engine.backends import backend
-from fcos_offline.io import atomic_folder, atomic_write_json
+from fcos_offline.io import atomic_folder, atomic_write_json, file_digest, json_digest, read_stamp
 from fcos_offline.progress import info
 from fcos_offline.tune import quantize as q
 from fcos_offline.tune.space import Candidate, nncf_config, ort_config, parse_build, quant_description
@@ -23,6 +28,14 @@ def model_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files if p.is_file()) / 2**20
 
 
+def installed_version(dist: str) -> str:
+    """A distribution's version, "" when it is not installed (its build then fails with the install hint)."""
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return ""
+
+
 class ModelBuilder:
     """Builds (or reuses) the model file of each candidate from the fp32 ONNX ``source``."""
 
@@ -31,6 +44,38 @@ class ModelBuilder:
         self.calib_paths, self.canvas = calib_paths, canvas
         self._images: q.ImageTensors | None = None
         self._groups: dict[str, q.ConvGroup] | None = None
+        self._source_key: dict[str, Any] | None = None
+
+    def source_key(self) -> dict[str, Any]:
+        """What every build depends on besides its own settings: the source's and calibration images' bytes, the canvas, our version."""
+        if self._source_key is None:
+            self._source_key = {
+                "source_sha256": file_digest(self.source),
+                "calibration": json_digest([[p, file_digest(p)] for p in self.calib_paths]),
+                "canvas": list(self.canvas),
+                "fcos_offline": __version__,
+            }
+        return self._source_key
+
+    def _cached(self, dst: Path, settings: dict[str, Any], build: Callable[[], object]) -> Path:
+        """``dst`` as built by ``build()``, reused only when its stamp holds this source's key and ``settings``; stale files are removed first."""
+        stamp = dst.with_suffix(".key.json")
+        key = json_digest({**self.source_key(), **settings})
+        files = [dst, dst.with_suffix(".bin")] if dst.suffix == ".xml" else [dst]
+        if all(f.is_file() for f in files) and read_stamp(stamp).get("key") == key:
+            return dst
+        for f in (stamp, *files):
+            f.unlink(missing_ok=True)
+        build()
+        atomic_write_json(stamp, {"key": key, **settings})
+        return dst
+
+    def preprocessed(self) -> Path:
+        """The source after ORT's ``quant_pre_process`` (what ONNX Runtime quantizes), rebuilt for another source."""
+        dst = self.out / "models" / "ort-preprocessed.onnx"
+        return self._cached(
+            dst, {"build": "ort-preprocessed", "onnxruntime": backend("onnxruntime").version()}, lambda: q.preprocess_for_ort(self.source, dst)
+        )
 
     def images(self) -> q.ImageTensors:
         """The calibration images (preprocessed once, lazily)."""
@@ -53,26 +98,36 @@ class ModelBuilder:
         models = self.out / "models"
         models.mkdir(parents=True, exist_ok=True)
         kind, tag = parse_build(cand.build)
+        engine_version = backend(cand.engine).version()
         if kind == "fp32":
-            return self.source if cand.engine == "onnxruntime" else onnx_to_ir(self.source, models / "openvino-fp32" / "model.xml")
+            if cand.engine == "onnxruntime":
+                return self.source
+            ir = models / "openvino-fp32" / "model.xml"
+            return self._cached(ir, {"build": cand.build, "openvino": engine_version}, lambda: onnx_to_ir(self.source, ir))
         folder = models / cand.model_id
         nodes = self.float_nodes(cand.float_groups)
         float_note = f", {len(nodes)} conv nodes float" if nodes else ""
+        settings = {"engine": cand.engine, "build": cand.build, "float_nodes": nodes, cand.engine: engine_version}
         quiet = contextlib.redirect_stdout(io.StringIO())  # ORT's histogram calibrators print; our progress is on stderr
         if kind == "ort-qdq":
             dst = folder / "model.onnx"
-            if not dst.is_file():
-                pre = q.preprocess_for_ort(self.source, models / "ort-preprocessed.onnx")
+
+            def ort_build() -> None:
+                pre = self.preprocessed()
                 info(f"  quantizing with onnxruntime quantize_static ({tag}{float_note})")
+                calibration = self.out / "work" / "calibration" / json_digest(self.source_key())  # ranges of this source and images only
                 with quiet:
-                    q.ort_quantize(pre, dst, self.images(), ort_config(tag), nodes, cache_dir=self.out / "work" / "calibration")
-            return dst
+                    q.ort_quantize(pre, dst, self.images(), ort_config(tag), nodes, cache_dir=calibration)
+
+            return self._cached(dst, settings, ort_build)
         dst = folder / "model.xml"
-        if not (dst.is_file() and dst.with_suffix(".bin").is_file()):
+
+        def nncf_build() -> None:
             info(f"  quantizing with nncf.quantize ({tag}{float_note})")
             with quiet:
                 q.nncf_quantize(self.source, dst, self.images(), nncf_config(tag), nodes)
-        return dst
+
+        return self._cached(dst, {**settings, "nncf": installed_version("nncf")}, nncf_build)
 
     def save_artifact(self, trial: Trial, best: Path) -> Path:
         """The folder ``best``: ``trial``'s model and ``artifact.json`` with its engine options (written whole)."""

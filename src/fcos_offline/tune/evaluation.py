@@ -16,10 +16,11 @@ from fcos_offline.progress import info, warn
 from fcos_offline.tune.inputs import TuneData
 
 
-def evaluate_engine(engine: Engine, data: TuneData, work: Path, batch_size: int, keep: Path | None = None) -> float:
+def evaluate_engine(engine: Engine, data: TuneData, work: Path, batch_size: int, keep: Path | None = None, dumps_to: Path | None = None) -> float:
     """COCO bbox mAP (fraction) of ``engine`` on the eval subset through infer + postprocess, in ``work`` (removed after).
 
-    ``keep``: where to keep the COCO results (for :func:`drop_spread`).
+    ``keep``: where to keep the COCO results (for :func:`drop_spread`); ``dumps_to``: where to keep the dumps
+    (for :func:`output_agreement`).
     """
     from fcos_offline.engine.infer import run_inference
     from fcos_offline.evaluate.postprocess import RESULTS_FILE, postprocess
@@ -37,8 +38,21 @@ def evaluate_engine(engine: Engine, data: TuneData, work: Path, batch_size: int,
     if keep is not None:
         keep.parent.mkdir(parents=True, exist_ok=True)
         os.replace(work / "eval" / RESULTS_FILE, keep)
+    if dumps_to is not None:
+        shutil.rmtree(dumps_to, ignore_errors=True)
+        dumps_to.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(dumps, dumps_to)
     shutil.rmtree(work, ignore_errors=True)
     return float(summary["bbox_mAP"])
+
+
+def output_agreement(reference_dumps: Path, dumps: Path) -> dict[str, Any]:
+    """How closely the outputs in ``dumps`` agree with the reference's on the same images: ``compare``'s figures and
+    its tolerance (:func:`fcos_offline.compare.outputs.agreement`)."""
+    from fcos_offline.compare.outputs import Tolerance, agreement
+    from fcos_offline.data.dumps import read_dumps
+
+    return agreement(read_dumps(reference_dumps), read_dumps(dumps), Tolerance())
 
 
 def drop_spread(data: TuneData, reference: Path, best: Path, budget: float, flag: str = "--eval-images") -> dict[str, Any]:

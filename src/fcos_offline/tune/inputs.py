@@ -12,7 +12,7 @@ from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.engine.artifact import ARTIFACT_FILE
 from fcos_offline.engine.backends import CHECKPOINT_SUFFIXES
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.io import check_replaceable
+from fcos_offline.io import check_output_apart, check_replaceable
 from fcos_offline.progress import warn
 from fcos_offline.tune.quantize import CALIB_METHODS
 from fcos_offline.tune.space import TUNE_ENGINES
@@ -98,6 +98,7 @@ def validate(o: TuneOptions) -> None:
         raise UsageError("--model needs data: --coco DIR (or --images DIR and --annotations FILE)")
     if o.images and not o.annotations:
         raise UsageError("--images needs --annotations")
+    check_output_apart([o.output], [o.model, o.coco, o.images, o.annotations, o.demo_checkpoint], inside_ok=True)  # images: never listed below
     check_replaceable(Path(o.output) / BEST_DIR, ARTIFACT_FILE)
 
 
@@ -157,8 +158,10 @@ def prepare_data(o: TuneOptions, out: Path, demo: bool, metadata: dict[str, Any]
             if extra:
                 warn(f"only {len(calib)} images outside the eval subset; calibration also uses {len(extra)} eval images")
             calib += extra
+        used = len(eval_set.items)
+        asked = "" if used + len(eval_set.missing) >= n_eval else f" (asked for {n_eval}; no more are annotated)"
         description = (
-            f"{images_dir}: first {n_eval} annotated images (by file name) for mAP; {len(calib)} calibration "
+            f"{images_dir}: {used} annotated images (the first by file name){asked} for mAP; {len(calib)} calibration "
             "images (not in the eval subset where possible)"
         )
     return TuneData(eval_set, calib, canvas, class_names_for(metadata, eval_set.ann_file), description)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fcos_offline.tune.store import Trial
+from fcos_offline.units import map_text
 
 
 def within_budget(map_drop: float, budget: float) -> bool:
@@ -17,26 +18,74 @@ def within_budget(map_drop: float, budget: float) -> bool:
     return map_drop <= budget + 1e-9
 
 
-def choose(trials: list[Trial], budget: float, reference: Trial) -> tuple[Trial, str]:
-    """The fastest trial within the budget (ties: the smaller drop), with the reason in words."""
+#: below this reference mAP (a fraction) a drop in mAP measures nothing: candidates are judged by agreement instead
+MAP_FLOOR = 0.05
+MAP = "mAP"
+AGREEMENT = "agreement"
+
+
+def floor_criterion(reference_map: float) -> tuple[str, str]:
+    """How candidates are judged once the reference's mAP is known, and why in words: by their mAP drop, or by output
+    agreement with the reference when that mAP is below :data:`MAP_FLOOR` (a build has nothing measurable to lose)."""
+    if reference_map < MAP_FLOOR:
+        return AGREEMENT, (
+            f"the reference's mAP {map_text(reference_map, 2)} is below the {map_text(MAP_FLOOR, 0)} floor, so an mAP drop "
+            "cannot show what a build loses"
+        )
+    return MAP, ""
+
+
+def spread_criterion(se_points: float | None, images: int, budget: float) -> tuple[str, str]:
+    """The same once a drop's standard error is known: agreement when the images that judged it leave it uncertain by
+    more than a third of the budget (``se_points`` None: too few images to measure it)."""
+    if budget > 0 and (se_points is None or se_points > budget / 3):
+        if se_points is None:
+            return AGREEMENT, f"{images} images are too few to measure how much of an mAP drop the image sample decides"
+        return AGREEMENT, (
+            f"on {images} images the mAP drop is judged only to +-{se_points:.2f} points (standard error), more than a third "
+            f"of the {budget:g}-point budget, and no held-out images are left"
+        )
+    return MAP, f"mAP drop within {budget:g} points"
+
+
+def judged_within(trial: Trial, criterion: str, budget: float) -> bool:
+    """Does ``trial`` hold the accuracy check: its mAP drop within ``budget`` points, or (``agreement``) its outputs within
+    ``compare``'s tolerance of the reference's (no agreement measured: no)."""
+    if criterion == AGREEMENT:
+        return bool(trial.agreement and trial.agreement.get("within_tolerance"))
+    return within_budget(trial.map_drop, budget)
+
+
+def _accuracy_words(t: Trial, reference: Trial, criterion: str) -> str:
+    if criterion == AGREEMENT and t.agreement:
+        a = t.agreement
+        return (
+            f"outputs agree with the reference's ({a['matched']} of {a['detections_a']} detections matched, score error "
+            f"max {a['score_err_max']:.1e}, box error max {a['box_err_px_max']:.2f} px)"
+        )
+    return f"mAP {map_text(t.bbox_mAP, 2)} vs {map_text(reference.bbox_mAP, 2)} (drop {t.map_drop:+.2f} points)"
+
+
+def choose(trials: list[Trial], budget: float, reference: Trial, criterion: str = MAP) -> tuple[Trial, str]:
+    """The fastest trial holding the accuracy check (ties: the smaller drop), with the reason in words."""
     ok = [t for t in trials if t.status == "ok"]
     within = [t for t in ok if t.within_budget]
     if not within:
-        return reference, "nothing else holds the budget: the reference configuration"
+        return reference, "nothing else holds the accuracy check: the reference configuration"
     best = min(within, key=lambda t: (t.ms_per_img, t.map_drop))
     rejected = sorted((t for t in ok if not t.within_budget and t.ms_per_img < best.ms_per_img), key=lambda t: t.ms_per_img)
+    check = f"the {budget:g}-point mAP budget" if criterion == MAP else "compare's output tolerance of the reference"
     reason = (
-        f"fastest of {len(within)} measured configurations within the {budget:g}-point mAP budget "
+        f"fastest of {len(within)} measured configurations within {check} "
         f"({len(ok)} measured): {best.ms_per_img:.1f} ms/img, {best.speedup_vs_reference:.2f}x ONNX Runtime's "
-        f"default fp32 ({reference.ms_per_img:.1f} ms/img), mAP {best.bbox_mAP:.4f} vs {reference.bbox_mAP:.4f} "
-        f"(drop {best.map_drop:+.2f} points)"
+        f"default fp32 ({reference.ms_per_img:.1f} ms/img), {_accuracy_words(best, reference, criterion)}"
     )
     if best.candidate.float_groups:
         groups = best.candidate.float_groups
         reason += f"; {len(groups)} conv group(s) kept float by the accuracy fallback: {', '.join(groups)}"
     if rejected:
         r = rejected[0]
-        reason += f"; faster but over budget: {r.label} ({r.ms_per_img:.1f} ms/img, drop {r.map_drop:+.2f} points)"
+        reason += f"; faster but failing the check: {r.label} ({r.ms_per_img:.1f} ms/img, {_accuracy_words(r, reference, criterion)})"
     return best, reason
 
 

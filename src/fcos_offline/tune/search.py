@@ -34,6 +34,14 @@ The search, in a work folder (``--output``):
    until the eval images hold the budget again), sweep and re-timing follow, and the next choice
    is checked.
 
+7. **An accuracy check that cannot be vacuous**: when the reference's mAP is below
+   :data:`policy.MAP_FLOOR` (a random or untrained model: every drop is 0), or the images that judged
+   the chosen drop leave it uncertain by more than a third of the budget and no held-out images are
+   left, an mAP drop decides nothing; candidates are then judged by their outputs' agreement with the
+   reference's on the eval images, by ``compare``'s tolerance (:class:`compare.outputs.Tolerance`),
+   which every trial records (``agreement``). ``tune.json["accuracy_check"]`` says which criterion
+   decided and why; the change is said in one line.
+
 Every finished trial is written to ``<output>/tune.json`` at once (keyed by configuration);
 a rerun with the same model, data and settings skips finished trials. ``time_budget`` stops
 starting new work (the reference, saving and verifying the choice always run).
@@ -53,22 +61,25 @@ from typing import Any
 
 import numpy as np
 
+from fcos_offline.compare.outputs import Tolerance
 from fcos_offline.engine.artifact import read_artifact, write_artifact
 from fcos_offline.engine.backends import EngineOptions, open_engine
 from fcos_offline.engine.base import Engine
-from fcos_offline.engine.cpu import cpu_count, cpu_description, describe_cpu
+from fcos_offline.engine.cpu import cpu_count, cpu_description, describe_cpu, machine_load
 from fcos_offline.engine.infer import cap_batch
+from fcos_offline.engine.timing import busy_note
 from fcos_offline.errors import FcosError, first_line
 from fcos_offline.io import file_digest
 from fcos_offline.progress import info, warn
 from fcos_offline.tune import policy
 from fcos_offline.tune import sensitivity as sens
 from fcos_offline.tune.builds import ModelBuilder, model_size_mb
-from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, warn_if_loosely_judged
+from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, output_agreement, warn_if_loosely_judged
 from fcos_offline.tune.inputs import BEST_DIR, TuneOptions, holdout_data, prepare_data, prepare_model, validate
 from fcos_offline.tune.quantize import vnni_cpu
 from fcos_offline.tune.space import ORT_QDQ_DEFAULT, Candidate, candidate_list, sweep_variants
 from fcos_offline.tune.store import TUNE_FILE, SearchState, Trial, load_state, save_state
+from fcos_offline.units import JSON_UNITS, map_text
 
 __all__ = ["BEST_DIR", "TUNE_FILE", "TuneOptions", "Tuner", "tune"]
 
@@ -94,6 +105,8 @@ class Tuner:
         self.machine: dict[str, Any] = {}
         self.nproc = cpu_count()
         self.base_batch = 1
+        self.criterion, self.criterion_why = policy.MAP, ""
+        self.load = machine_load()  # before the search adds its own
 
     def _context(self) -> dict[str, Any]:
         return {
@@ -125,12 +138,37 @@ class Tuner:
     def _open(self, cand: Candidate, model: Path) -> Engine:
         return open_engine(model, cand.engine_options("cpu"))
 
-    def evaluate_engine(self, engine: Engine, batch_size: int, tag: str, keep: str | None = None) -> float:
-        """COCO bbox mAP of ``engine`` on the eval subset; ``keep``: keep its results as ``work/results/<keep>.json``."""
+    def evaluate_engine(self, engine: Engine, batch_size: int, tag: str, keep: str | None = None, dumps: str | None = None) -> float:
+        """COCO bbox mAP of ``engine`` on the eval subset; ``keep``: keep its results as ``work/results/<keep>.json``;
+        ``dumps``: keep its dumps as ``work/dumps/<dumps>``."""
         results = None if keep is None else self.out / "work" / "results" / f"{keep}.json"
-        return evaluate_engine(engine, self.data, self.out / "work" / "eval" / tag, batch_size, results)
+        dumps_to = None if dumps is None else self.out / "work" / "dumps" / dumps
+        return evaluate_engine(engine, self.data, self.out / "work" / "eval" / tag, batch_size, results, dumps_to)
 
-    def bench(self, engine: Engine, batch_size: int) -> dict[str, float]:
+    def agreement(self, dumps: str) -> dict[str, Any]:
+        """How ``work/dumps/<dumps>`` agree with the reference's outputs (evaluated again when an earlier run left none)."""
+        reference = self.out / "work" / "dumps" / "reference"
+        if not reference.is_dir():
+            ref = self.state.trials[self.ref_key].candidate
+            with self._open(ref, self.builder.model_file(ref)) as engine:
+                self.evaluate_engine(engine, ref.batch_size, "reference", dumps="reference")
+        return output_agreement(reference, self.out / "work" / "dumps" / dumps)
+
+    def set_criterion(self, criterion: str, why: str) -> None:
+        """Judge every trial (and every later one) by ``criterion`` from now on; said in one line when it changes."""
+        if criterion != self.criterion:
+            info(
+                f"judging by output agreement with the reference ({Tolerance().describe()}), not by mAP drop: {why}"
+                if criterion == policy.AGREEMENT
+                else f"judging by mAP drop: {why}"
+            )
+        self.criterion, self.criterion_why = criterion, why
+        for t in self.state.trials.values():
+            t.within_budget = policy.judged_within(t, criterion, self.opts.max_map_drop)
+        self._apply_holdout_verdicts()
+        self.save()
+
+    def bench(self, engine: Engine, batch_size: int) -> dict[str, Any]:
         """Median ms per image over repeated runs of one batch (after warm-up): the shared timing loop."""
         from fcos_offline.engine.timing import time_engine
 
@@ -169,6 +207,15 @@ class Tuner:
             "model": str(self.source),
             "reference": {"key": self.ref_key, **({"bbox_mAP": ref.bbox_mAP, "ms_per_img": ref.ms_per_img} if ref else {})},
             "float_by_design": self.float_by_design,
+            "accuracy_check": {
+                "criterion": self.criterion,
+                "why": self.criterion_why,
+                "map_floor": policy.MAP_FLOOR,
+                "agreement_tolerance": Tolerance().describe(),
+                "eval_images": len(self.data.eval_set.items),
+            },
+            "units": {**JSON_UNITS, "speedup_vs_reference": "times the reference's speed"},
+            "machine_load": busy_note(self.load, {t.label + f" bs{t.candidate.batch_size}": t.spread_pct for t in self.state.trials.values()}),
         }
         save_state(self.out / TUNE_FILE, header, self.state, {"chosen": self.chosen, "elapsed_s": _now() - self.start})
 
@@ -191,6 +238,7 @@ class Tuner:
             + (f" ({note})" if note else "")
         )
         t0 = _now()
+        agreement: dict[str, Any] | None
         try:
             model = self.builder.model_file(cand)
             build_s = _now() - t0
@@ -199,9 +247,11 @@ class Tuner:
                 if evaluate:
                     tag = cand.key.replace("|", "_").replace("/", "_")
                     keep = "reference" if cand.key == self.ref_key else None
-                    bbox_map, accuracy_from = self.evaluate_engine(engine, cand.batch_size, tag, keep), cand.key
+                    bbox_map, accuracy_from = self.evaluate_engine(engine, cand.batch_size, tag, keep, keep or "candidate"), cand.key
+                    agreement = self.agreement(keep or "candidate")
                 else:
                     bbox_map, accuracy_from = st.accuracy[cand.accuracy_id]
+                    agreement = st.trials[accuracy_from].agreement if accuracy_from in st.trials else None
                 eval_s = _now() - t1
                 speed = self.bench(engine, cand.batch_size)
                 executed = engine.execution_precision()
@@ -215,7 +265,7 @@ class Tuner:
             return None
         ref = st.trials.get(self.ref_key)
         ref_map = bbox_map if ref is None else ref.bbox_mAP
-        ref_ms = speed["ms_per_img"] if ref is None else ref.ms_per_img
+        ref_ms = speed["ms_per_img"] if ref is None else ref.first_ms  # timed in the same phase as this trial
         drop = 100.0 * (ref_map - bbox_map)
         trial = Trial(
             candidate=cand,
@@ -236,10 +286,18 @@ class Tuner:
             build_s=build_s,
             eval_s=eval_s,
             note=note,
-            within_budget=policy.within_budget(drop, self.opts.max_map_drop),
+            agreement=agreement,
+            spread_pct=speed.get("spread_pct"),
+            timed_at=time.time(),
         )
+        trial.within_budget = policy.judged_within(trial, self.criterion, self.opts.max_map_drop)
         st.add(trial, evaluated=evaluate)
-        info(f"    mAP {bbox_map:.4f} (drop {drop:+.2f} points), {trial.ms_per_img:.1f} ms/img, {trial.speedup_vs_reference:.2f}x reference")
+        agrees = "" if agreement is None else f", outputs {'within' if agreement['within_tolerance'] else 'beyond'} compare's tolerance"
+        spread = "" if trial.spread_pct is None else f" ±{trial.spread_pct:.0f}%"
+        info(
+            f"    mAP {map_text(bbox_map, 2)} (drop {drop:+.2f} points{agrees}), {trial.ms_per_img:.1f} ms/img{spread}, "
+            f"{trial.speedup_vs_reference:.2f}x reference"
+        )
         self.save()
         return trial
 
@@ -363,8 +421,9 @@ class Tuner:
 
         On a shared machine a trial's timing can catch a busy moment; round-robin rounds give the
         finalists the same conditions. Their ``ms_per_img`` become the medians of these runs (the
-        first measurement stays in ``ms_per_img_first``) and every trial's speedup is taken against
-        the re-timed reference.
+        first measurement stays in ``ms_per_img_first``) and their speedups are taken against the
+        re-timed reference; every other trial keeps its own timing and its speedup against the
+        reference's first timing (``confirmed_runs`` None marks it, ``timed_at`` dates it).
         """
         from fcos_offline.engine.timing import time_interleaved
 
@@ -387,14 +446,19 @@ class Tuner:
         finally:
             for e in engines:
                 e.close()
+        now = time.time()
+        for t in trials.values():
+            t.confirmed_runs = None  # only this round's rows count as re-timed
         for t, timing in zip(chosen, timings):
             if t.ms_per_img_first is None:
                 t.ms_per_img_first = t.ms_per_img
             t.ms_per_img, t.img_per_s, t.confirmed_runs = timing.ms_per_img, timing.img_per_s, len(timing.seconds)
-        ref_ms = trials[self.ref_key].ms_per_img
+            t.spread_pct, t.timed_at = timing.spread_pct, now
+        ref = trials[self.ref_key]
         for t in trials.values():
+            ref_ms = ref.ms_per_img if t.confirmed_runs else ref.first_ms  # the reference timed alongside it
             t.speedup_vs_reference = ref_ms / t.ms_per_img if t.ms_per_img > 0 else 0.0
-        self.state.confirmation = {"keys": keys, "rounds": rounds, "runs_per_round": per_round}
+        self.state.confirmation = {"keys": keys, "rounds": rounds, "runs_per_round": per_round, "at": now}
         self.save()
 
     # ------------------------------------------------------------------ artifact
@@ -403,10 +467,11 @@ class Tuner:
         """``<output>/best``: the chosen model and ``artifact.json`` with its engine options (written whole)."""
         return self.builder.save_artifact(trial, self.out / BEST_DIR)
 
-    def verify_artifact(self, best: Path, batch_size: int) -> float:
-        """mAP of the artifact as ``infer`` runs it (engine options from artifact.json)."""
+    def verify_artifact(self, best: Path, batch_size: int) -> tuple[float, dict[str, Any]]:
+        """mAP of the artifact as ``infer`` runs it (engine options from artifact.json), and its outputs' agreement with the reference's."""
         with open_engine(best, EngineOptions()) as engine:
-            return self.evaluate_engine(engine, batch_size, "best", keep="best")
+            bbox_map = self.evaluate_engine(engine, batch_size, "best", keep="best", dumps="best")
+        return bbox_map, self.agreement("best")
 
     def drop_spread(self) -> dict[str, Any]:
         """The chosen artifact's drop's standard error (:func:`fcos_offline.tune.evaluation.drop_spread`); a reference
@@ -538,8 +603,10 @@ class Tuner:
         self.base_batch = 1 if 1 in self.opts.batch_sizes else min(self.opts.batch_sizes)
         ref = Candidate("onnxruntime", "fp32", "fp32", batch_size=self.base_batch)
         self.ref_key = ref.key
-        if self.trial(ref, note="reference: ONNX Runtime defaults") is None:
+        reference = self.trial(ref, note="reference: ONNX Runtime defaults")
+        if reference is None:
             raise FcosError("the reference configuration (ONNX Runtime fp32) failed; see the warning above")
+        self.set_criterion(*policy.floor_criterion(reference.bbox_mAP))
         for cand in candidate_list(self.opts.engines, self.opts.calib_methods, self.base_batch, self.opts.candidates, int8_rest, vnni):
             if cand.build == "fp32" and cand.exec_precision == "bf16":
                 auto = self.state.trials.get(dataclasses.replace(cand, exec_precision="auto").key)
@@ -550,27 +617,37 @@ class Tuner:
         reference = self.state.trials[self.ref_key]
         while True:
             self._apply_holdout_verdicts()
-            best_trial, reason = policy.choose(list(self.state.trials.values()), self.opts.max_map_drop, reference)
+            best_trial, reason = policy.choose(list(self.state.trials.values()), self.opts.max_map_drop, reference, self.criterion)
             best = self.save_artifact(best_trial)
             info(f"verifying {best} through infer + postprocess")
-            verified = self.verify_artifact(best, best_trial.candidate.batch_size)
+            verified, agreement = self.verify_artifact(best, best_trial.candidate.batch_size)
             drop = 100.0 * (reference.bbox_mAP - verified)
             if abs(verified - best_trial.bbox_mAP) > 1e-6:
-                warn(f"the artifact's mAP {verified:.4f} differs from its trial's {best_trial.bbox_mAP:.4f} (batch/threads numerics)")
-            ok = policy.within_budget(drop, self.opts.max_map_drop)
+                warn(
+                    f"the artifact's mAP {map_text(verified, 2)} differs from its trial's {map_text(best_trial.bbox_mAP, 2)} (batch/threads numerics)"
+                )
+            ok = policy.within_budget(drop, self.opts.max_map_drop) if self.criterion == policy.MAP else bool(agreement["within_tolerance"])
             spread = holdout = None
             if best_trial.accuracy_id == reference.accuracy_id:
                 break  # the reference's numbers: no drop to judge
-            if not ok:  # its own numbers put it over budget: record them and choose again
+            if not ok:  # its own numbers fail the check: record them and choose again
                 best_trial.bbox_mAP, best_trial.map_drop, best_trial.within_budget = verified, drop, False
-                best_trial.accuracy_from = "verification"
+                best_trial.agreement, best_trial.accuracy_from = agreement, "verification"
                 continue
+            if self.criterion == policy.AGREEMENT:
+                break  # its outputs agree with the reference's: no drop to judge
             spread = self.drop_spread()
             holdout = self.holdout_check(best_trial, spread)
-            if holdout is None or holdout["within_budget"]:
+            if holdout is not None and not holdout["within_budget"]:
+                self.refine()  # over budget on unseen images: its fallback goes on from there
+                continue
+            se = holdout["map_drop_se"] if holdout else spread["se_points"]
+            criterion, why = policy.spread_criterion(se, (holdout or spread)["images"], self.opts.max_map_drop)
+            if criterion == policy.MAP:
                 break
-            self.refine()  # over budget on unseen images: its fallback goes on from there
-        warn_if_loosely_judged(spread, holdout, self.opts.max_map_drop)
+            self.set_criterion(criterion, why)  # the images cannot resolve the budget: judge by agreement and choose again
+        if self.criterion == policy.MAP:
+            warn_if_loosely_judged(spread, holdout, self.opts.max_map_drop)
         chosen = {
             **best_trial.to_dict(),
             "reason": reason,
@@ -581,6 +658,8 @@ class Tuner:
             "map_drop_spread": spread,
             "holdout": holdout,
             "within_budget": ok,
+            "accuracy_check": self.criterion,
+            "agreement": agreement,
             "artifact": str(best),
             "verified": True,
         }

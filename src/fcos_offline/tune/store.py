@@ -3,7 +3,8 @@
 A :class:`Trial` is one measured configuration (its :class:`Candidate`, mAP, drop, speed,
 provenance of its accuracy). ``tune.json`` holds every trial plus the search's context (model
 and data digests): a rerun with the same context skips finished trials; another context starts
-over. mAP values are fractions; ``map_drop`` is in mAP points (``100 * (reference - mAP)``).
+over. mAP values are fractions; ``map_drop`` is in mAP points (``100 * (reference - mAP)``); ``tune.json``'s
+``units`` names each.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fcos_offline.progress import info, warn
 from fcos_offline.tune.space import Candidate
 
 TUNE_FILE = "tune.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: output agreement with the reference, timing spread and time per trial
 
 
 @dataclass
@@ -48,6 +49,9 @@ class Trial:
     ms_per_img_first: float | None = None  # the first timing, before the interleaved re-timing
     confirmed_runs: int | None = None
     status: str = "ok"
+    agreement: dict[str, Any] | None = None  # its outputs against the reference's on the eval images (compare's figures)
+    spread_pct: float | None = None  # how much its timed runs varied (engine.timing.spread_pct)
+    timed_at: float = 0.0  # when it was timed (Unix time): a row not re-timed with the others shows its age
 
     @property
     def key(self) -> str:

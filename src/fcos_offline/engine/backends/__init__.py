@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fcos_offline.engine.artifact import read_artifact
+from fcos_offline.engine.artifact import ARTIFACT_FILE, read_artifact
 from fcos_offline.engine.backends import inductor, onnxruntime, openvino, torch
 from fcos_offline.engine.base import (
     Backend,
@@ -68,7 +68,7 @@ def backend(name: str) -> Backend:
 
 
 def resolve_model(path: str | os.PathLike) -> ModelSource:
-    """Resolve ``--model`` (ONNX file, OpenVINO .xml, artifact folder, checkpoint or ``torch.export`` program)."""
+    """Resolve ``--model`` (ONNX file, OpenVINO .xml, artifact folder or checkpoint)."""
     from fcos_offline.export.metadata import post_graph_path, read_header
 
     p = Path(path)
@@ -78,11 +78,17 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
         p = p / artifact.model_file
     if not p.is_file():
         raise FcosError(f"{p}: no such model file")
+    maker = BACKENDS.get(artifact.engine) if artifact is not None else None
+    if artifact is not None and maker is not None and maker.CONVERT_FROM == "checkpoint":  # a compiled engine's artifact
+        if not artifact.files:
+            raise FcosError(
+                f"{p.parent / ARTIFACT_FILE}: records no file digests (written by an older fcos-offline); "
+                f"a {artifact.engine} artifact is only opened with every file verified: convert it again"
+            )
+        return ModelSource(p, maker.MODEL_KINDS[0], None, artifact, {})
     suffix = p.suffix.lower()
     if suffix in CHECKPOINT_SUFFIXES:
         return ModelSource(p, "checkpoint", None, artifact, {})
-    if suffix == ".pt2":
-        return ModelSource(p, "torch-export", None, artifact, {})
     fixed_batch = None
     if suffix == ".xml":
         kind = "openvino-ir"
@@ -96,8 +102,10 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
             metadata, fixed_batch = read_header(p)
         except Exception as exc:
             raise FcosError(f"{p}: not a readable ONNX file ({first_line(exc, 160)})") from None
+    elif (p.parent / ARTIFACT_FILE).is_file():
+        raise UsageError(f"{p}: part of an artifact; give its folder (--model {p.parent})")
     else:
-        raise FcosError(f"{p}: unknown model type '{suffix}' (expected .onnx, .xml, a convert folder, a .pth or a .pt2)")
+        raise FcosError(f"{p}: unknown model type '{suffix}' (expected .onnx, .xml, a convert folder or a .pth)")
     post = None
     if metadata.get("nms_in_graph") is False:
         if artifact is not None and artifact.post_file:

@@ -2,49 +2,63 @@
 
 ``convert --engine inductor --checkpoint X.pth --shape H W`` writes an artifact folder:
 
-* ``model.pt2`` — the network as a ``torch.export`` program at a fixed batch, canvas, device and
-  precision (fp32, fp16 or bf16 weights; ``channels_last`` activations on CUDA). It loads with no
-  checkpoint and no network code;
-* ``artifact.json`` — those settings, the post-processing config and the engine options;
-* ``compile-cache/`` — inductor's cache, filled by the compile ``convert`` already did (and
-  checked against eager PyTorch), so ``infer --model FOLDER`` starts warm.
+* ``model.weights`` — the network's weights at the stored precision (fp32, fp16 or bf16), a
+  ``torch.save`` file of plain tensors that loads with ``torch.load(weights_only=True)``: opening
+  an artifact unpickles nothing else and runs no code from it (``torch.export`` programs are not
+  used: their loader falls back to unrestricted unpickling);
+* ``artifact.json`` — the model config (architecture and post-processing, range-checked when
+  read), the batch, canvas, device, precision, layout and engine options, and the sha256 of
+  ``model.weights`` (verified before it is read, :mod:`engine.artifact`).
 
-Loading compiles the program with ``torch.compile`` (inductor: C++/OpenMP kernels on CPU, Triton
-on CUDA; CUDA graphs replay the static batch on CUDA) and runs FCOS post-processing on the same
-device (exact class-wise NMS without a host loop on GPUs). ``tf32`` is the fp32 program with
-TF32 matmuls/convolutions, a CUDA runtime switch. AOTInductor packaging is not used: it crashed
-on the GPU machine this was built for.
+Opening rebuilds the FCOS network from that config, loads the weights and compiles it with
+``torch.compile`` (inductor: C++/OpenMP kernels on CPU, Triton on CUDA; CUDA graphs replay the
+static batch on CUDA), then runs FCOS post-processing on the same device (exact class-wise NMS
+without a host loop on GPUs). ``tf32`` is the fp32 network with TF32 matmuls/convolutions, a CUDA
+runtime switch. Inductor's compile cache holds Python modules and shared libraries that are
+loaded, so it is never part of an artifact: it lives in a per-user folder (:func:`user_cache`,
+mode 0700, ``$FCOS_OFFLINE_CACHE`` or ``~/.cache/fcos-offline``) keyed by the weights' digest;
+``convert`` fills it, so ``infer`` on the same machine starts warm, and a cache that fails to load
+is removed and rebuilt. AOTInductor packaging is not used: it crashed on the GPU machine this was
+built for.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
+import shutil
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact
 from fcos_offline.engine.base import Converted, ConvertRequest, Engine, EngineConfig, EngineOptions, ModelSource, check_canvas
 from fcos_offline.engine.torch_runtime import DeviceFeed, device_info, set_fp32_mode, torch_device
 from fcos_offline.errors import FcosError, UsageError, first_line, require
+from fcos_offline.io import atomic_write_bytes, file_digest, translate_os_error
 
 if TYPE_CHECKING:
     from fcos_offline.model.checkpoint import ModelOverrides
+    from fcos_offline.model.config import FCOSConfig
 
 NAME: str = "inductor"
 EXTRA: str = "torch"
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16", "auto")
 CONVERT_PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16")
 CONVERT_FROM: str = "checkpoint"
-MODEL_KINDS: tuple[str, ...] = ("torch-export",)
-MODEL_FILE = "model.pt2"
-CACHE_DIR = "compile-cache"
+MODEL_KINDS: tuple[str, ...] = ("torch-weights",)
+MODEL_FILE = "model.weights"
+#: the environment variable that moves the per-user compile cache
+CACHE_ENV = "FCOS_OFFLINE_CACHE"
 #: precisions that need a GPU (no fast CPU kernels / no meaning on CPU)
 GPU_ONLY = ("fp16", "tf32")
+T = TypeVar("T")
 #: worst relative error of the compiled network vs eager PyTorch that convert accepts in fp32
 FP32_TOLERANCE = 1e-3
 
@@ -80,21 +94,37 @@ def _check_precision(precision: str, device: str) -> None:
         raise UsageError(f"{precision} is a GPU precision; on CPU the inductor engine runs fp32 or bf16")
 
 
-@contextlib.contextmanager
-def compile_cache(folder: Path) -> Iterator[bool]:
-    """Compile inside ``folder`` (inductor's cache directory); yields whether it is writable.
+def user_cache(key: str) -> Path:
+    """This user's compile cache for the weights of digest ``key``: ``$FCOS_OFFLINE_CACHE`` (or
+    ``$XDG_CACHE_HOME/fcos-offline``, ``~/.cache/fcos-offline``) ``/inductor/<key>``.
 
-    A read-only artifact compiles in the default per-user cache instead (a cold start, not an error).
+    Folders are created with mode 0700; one that another user owns or others may write is refused
+    (its compiled code would be loaded).
     """
-    if os.access(folder.parent, os.W_OK):
-        folder.mkdir(exist_ok=True)
-    if not (folder.is_dir() and os.access(folder, os.W_OK)):
-        yield False
-        return
+    base = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "fcos-offline")
+    root = Path(base)
+    folder = root / "inductor" / key[:32]
+    for d in (root, root / "inductor", folder):
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.stat(d)
+        except OSError as exc:
+            raise translate_os_error(d, exc) from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise FcosError(
+                f"{d}: the compile cache must be a folder of yours that others cannot write (its compiled code is loaded); "
+                f"'chmod 700' it or set {CACHE_ENV} to another folder"
+            )
+    return folder
+
+
+@contextlib.contextmanager
+def compile_cache(folder: Path) -> Iterator[None]:
+    """Compile with ``folder`` as inductor's cache directory."""
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
     with temporary_cache_dir(str(folder.resolve())):
-        yield True
+        yield
 
 
 def _cache_hits() -> int:
@@ -110,9 +140,58 @@ def _compile(module: Any, device: str, cuda_graphs: bool) -> Any:
     return torch.compile(module, dynamic=False, mode=mode)
 
 
+def _first_call(cache: Path, call: Callable[[], T]) -> T:
+    """Run ``call`` (a compiled module's first call, which compiles it) with ``cache`` as inductor's cache.
+
+    The cache is derived data: a failure is retried once in an emptied cache, then is one line
+    naming it and the cause (not the compiler's or dynamo's pages of output).
+    """
+    import torch
+
+    for attempt in (1, 2):
+        try:
+            with compile_cache(cache):
+                return call()
+        except FcosError:
+            raise
+        except Exception as exc:
+            if attempt == 2:
+                raise FcosError(f"compiling the network with inductor (cache {cache}) failed: {type(exc).__name__}: {first_line(exc)}") from None
+            torch._dynamo.reset()
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(mode=0o700, exist_ok=True)
+    raise AssertionError("unreachable")
+
+
 def _flatten(outputs: Any) -> list[Any]:
     cls, reg, ctr = outputs
     return [*cls, *reg, *ctr]
+
+
+def _save_weights(network: Any, path: Path) -> None:
+    """The network's tensors as a ``torch.save`` file of plain tensors (a full disk is one line naming it)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def _load_network(path: Path, config: FCOSConfig, device: str, dtype: Any, memory_format: Any) -> Any:
+    """Rebuild the network from ``config`` and the weights file (``weights_only``: nothing in it runs)."""
+    import torch
+
+    from fcos_offline.model.fcos import FCOS
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"holds a {type(state).__name__}, not a dict of tensors")
+        network: Any = FCOS(config)
+        network.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise FcosError(f"{path}: not loadable as this artifact's network weights ({first_line(exc)})") from None
+    return network.to(device=device, dtype=dtype, memory_format=memory_format).eval()
 
 
 def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
@@ -133,16 +212,18 @@ def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
     dtype = _dtype(request.precision)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network = network.to(device=device, dtype=dtype, memory_format=memory_format)
-    example = torch.from_numpy(sample_input(request.batch_size, h, w, seed=0)).to(device)
+    example = torch.from_numpy(sample_input(request.batch_size, h, w, seed=0)).to(device).to(dtype).contiguous(memory_format=memory_format)
     set_fp32_mode(device, request.precision == "tf32")
     with torch.no_grad():
-        eager = _flatten(network(example.to(dtype).contiguous(memory_format=memory_format)))
-        program = torch.export.export(network, (example.to(dtype).contiguous(memory_format=memory_format),))
-    torch.export.save(program, str(out / MODEL_FILE))
+        eager = _flatten(network(example))
+    _save_weights(network, out / MODEL_FILE)
     settings = {"model": ckpt.config.to_dict(), "channels_last": channels_last, "cuda_graphs": cuda_graphs}
-    with compile_cache(out / CACHE_DIR), torch.no_grad():
-        compiled = _compile(torch.export.load(str(out / MODEL_FILE)).module(), device, cuda_graphs)
-        got = _flatten(compiled(example.to(dtype).contiguous(memory_format=memory_format)))
+    # what infer will run: the network rebuilt from the written file, compiled into this user's cache
+    rebuilt = _load_network(out / MODEL_FILE, ckpt.config, device, dtype, memory_format)
+    cache = user_cache(file_digest(out / MODEL_FILE))
+    compiled = _compile(rebuilt, device, cuda_graphs)
+    with torch.no_grad():
+        got = _first_call(cache, lambda: _flatten(compiled(example)))
     worst = max(float(((g.float() - e.float()).abs().max() / e.float().abs().max().clamp(min=1e-6)).item()) for g, e in zip(got, eager))
     if request.precision == "fp32" and worst > FP32_TOLERANCE:
         raise FcosError(f"the compiled network differs from eager PyTorch by {worst:.2e} (relative) in fp32; not writing the artifact")
@@ -158,56 +239,73 @@ def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
     )
 
 
+def _read_settings(folder: Path, artifact: Artifact) -> tuple[FCOSConfig, bool, bool]:
+    """The model config, channels-last and CUDA-graphs flags ``artifact.json`` records, checked (one line naming it)."""
+    from fcos_offline.model.config import FCOSConfig, check_config
+
+    where = folder / ARTIFACT_FILE
+    if artifact.precision not in CONVERT_PRECISIONS:
+        raise FcosError(f"{where}: precision {artifact.precision!r} is not one an inductor artifact is stored in ({', '.join(CONVERT_PRECISIONS)})")
+    settings = artifact.settings
+    try:
+        config = FCOSConfig.from_dict(settings["model"])
+        check_config(config)
+    except KeyError as exc:
+        raise FcosError(f"{where}: settings.model lacks {exc}; convert again") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise FcosError(f"{where}: settings.model is not a valid FCOS config: {first_line(exc)}") from None
+    flags = [settings.get(k, False) for k in ("channels_last", "cuda_graphs")]
+    if not all(isinstance(v, bool) for v in flags):
+        raise FcosError(f"{where}: settings.channels_last and settings.cuda_graphs must be true or false")
+    return config, flags[0], flags[1]
+
+
 class InductorEngine(Engine):
-    """A ``torch.export`` program compiled by inductor, plus FCOS post-processing on the same device."""
+    """The FCOS network rebuilt from an artifact's config and weights, compiled by inductor, plus post-processing on the same device."""
 
     name = NAME
 
     def __init__(self, source: ModelSource, config: EngineConfig) -> None:
         super().__init__(source, config)
         self.torch = torch = require("torch", EXTRA)
-        from fcos_offline.model.config import FCOSConfig
         from fcos_offline.model.postprocess import FCOSPostProcess
 
         artifact = source.artifact
         if artifact is None:
-            raise UsageError(f"{source.path}: open the folder 'convert --engine inductor' wrote (infer --model FOLDER), not the .pt2 alone")
+            raise UsageError(f"{source.path}: open the folder 'convert --engine inductor' wrote (infer --model FOLDER), not a file in it")
+        folder = source.path.parent
+        self.model_config, self.channels_last, cuda_graphs = _read_settings(folder, artifact)
         stored = artifact.precision
         precision = stored if config.precision == "auto" else config.precision
         if precision != stored and {precision, stored} != {"fp32", "tf32"}:
-            raise UsageError(f"{source.path.parent} was compiled for {stored}; convert again with --precision {precision}")
+            raise UsageError(f"{folder} was compiled for {stored}; convert again with --precision {precision}")
         self.device = torch_device(config.device)
         _check_precision(precision, self.device)
         _check_compiler(self.device)
         self.precision = precision
         if config.threads:
             torch.set_num_threads(config.threads)
-        settings = artifact.settings
-        self.model_config = FCOSConfig.from_dict(settings["model"])
-        self.channels_last = bool(settings.get("channels_last", False))
         self.dtype = _dtype(stored)
         self.static_batch = artifact.batch_size
         self.input_hw = artifact.canvas
-        try:
-            module = torch.export.load(str(source.path)).module().to(self.device)
-        except Exception as exc:
-            raise FcosError(f"{source.path}: PyTorch cannot load the exported program ({first_line(exc)})") from None
-        self.network = _compile(module, self.device, bool(settings.get("cuda_graphs", False)))
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        network = _load_network(source.path, self.model_config, self.device, self.dtype, memory_format)
+        self.network = _compile(network, self.device, cuda_graphs)
         self.post = FCOSPostProcess(self.model_config.post, self.model_config.head.strides)
         self.feed = DeviceFeed(self.device, self.input_hw)
-        # compile now (not in the first timed batch), in the artifact's cache: warm after convert
+        # compile now (not in the first timed batch), in this user's cache for these weights: warm after convert
+        self.cache = user_cache(artifact.files.get(source.path.name) or file_digest(source.path))
         hits = _cache_hits()
         start = time.perf_counter()
-        with compile_cache(source.path.parent / CACHE_DIR) as self.cache_writable:
-            self._forward(torch.zeros((self.static_batch, 3, *self.input_hw), device=self.device))
+        _first_call(self.cache, lambda: self._forward(torch.zeros((self.static_batch, 3, *self.input_hw), device=self.device)))
         self.compile_s = time.perf_counter() - start
         self.cache_hit = _cache_hits() > hits
         if not self.cache_hit:
             from fcos_offline.progress import warn
 
             warn(
-                f"compiled {source.path.parent} in {self.compile_s:.0f} s: its compile cache did not fit this run "
-                "(another machine, torch version or thread count than convert's)"
+                f"compiled {folder} in {self.compile_s:.0f} s: no compile cache of it in {self.cache} fitted this run "
+                "(converted on another machine or account, or another torch version or thread count than convert's)"
             )
 
     def _forward(self, x: Any) -> tuple[Any, Any]:
