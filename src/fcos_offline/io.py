@@ -84,7 +84,10 @@ def atomic_write_json(path: str | os.PathLike, payload: Any, indent: int | None 
 def read_stamp(path: str | os.PathLike) -> dict[str, Any]:
     """A small JSON record we wrote (a key stamp): its object, or {} when it is missing or unreadable."""
     try:
-        value = json.loads(Path(path).read_text())
+        with open(path, "rb", opener=opens_without_waiting) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a pipe or device named like our stamp: not ours
+                return {}
+            value = json.loads(f.read())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
@@ -236,7 +239,10 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         self.created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FcosError(f"cannot make the output folder {self.path.parent}: {exc.strerror or exc}") from None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -250,6 +256,9 @@ class OutputLock:
                 raise FcosError(
                     f"{self.folder} is in use by another {self.verb} (pid {holder or '?'}); wait for it to finish or choose another output"
                 ) from None
+            except OSError as exc:  # a file system without locks
+                os.close(fd)
+                raise FcosError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

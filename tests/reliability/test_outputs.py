@@ -292,3 +292,23 @@ def test_the_eval_set_digest_follows_the_images_bytes_not_their_size_and_time(tm
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
     assert EvalSet(images, ann, items, tmp_path / "x.info").digest != before
+
+
+def test_tune_and_run_hold_their_output_and_run_refuses_a_workdir_holding_an_input(tmp_path, capsys) -> None:
+    """A second tune into a --output another tune holds is refused before any work; run's --workdir must not hold its
+    checkpoint (run writes and clears folders in it), and a run into a busy work folder is refused too."""
+    out = tmp_path / "tuned"
+    with OutputLock(out, "tune"):
+        code, stdout, err = cli(capsys, "tune", "--output", out)
+        record("a second tune into one --output", "tune", code, err, "refused in one line")
+        assert_clean(code, stdout, err, 1, "in use by another tune")
+        _one_line(err)
+    assert not (out / "tune.json").exists()
+    ckpt = tmp_path / "models" / "m.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"not read: refused first")
+    code, stdout, err = cli(capsys, "run", "--checkpoint", ckpt, "--coco", tmp_path / "coco", "--workdir", ckpt.parent)
+    record("run --workdir holding its checkpoint", "run", code, err, "refused in one line before anything is written")
+    assert_clean(code, stdout, err, 2, "an output never overlaps an input")
+    _one_line(err)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["m.pth"]

@@ -326,3 +326,16 @@ def test_run_in_a_workdir_with_two_spaces_in_its_name(tiny, photos, tmp_path, ca
     assert_clean(code, out, err, 0)
     assert [e["skipped"] for e in json.loads((work / "report.json").read_text())["entries"]] == [[]]
     record("run --workdir 'a  b'", "run", code, err, "runs as anywhere else (was: every image skipped, exit 3, nothing said)")
+
+
+def test_a_named_pipe_named_like_our_stamp_is_not_read(tmp_path) -> None:
+    """A FIFO where a key stamp (``.fcos-dumps.json``, ``summary.json``) would be: read_stamp says 'no stamp' at once
+    (it waited forever for a writer)."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / ".fcos-dumps.json"
+    os.mkfifo(fifo)
+    code = f"from fcos_offline.io import read_stamp; assert read_stamp({str(fifo)!r}) == {{}}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -11,7 +11,8 @@ from conftest import make_fcos, save_mmdet_ckpt, shared_data_dir
 
 from fcos_offline.cli import main
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.report.run import DEMO_CHECKPOINT, RunOptions, WorkdirLock, run
+from fcos_offline.io import OutputLock
+from fcos_offline.report.run import DEMO_CHECKPOINT, RunOptions, run
 
 ENTRY_KEYS = {
     "mode",
@@ -111,18 +112,18 @@ def test_write_bins_matches_streaming(tmp_path: Path) -> None:
 def test_workdir_lock_refuses_a_second_run(tmp_path: Path, capsys) -> None:
     root = tmp_path / "busy"
     root.mkdir()
-    with WorkdirLock(root):
+    with OutputLock(root, "run"):
         with pytest.raises(FcosError, match="in use by another run"):
-            with WorkdirLock(root):
+            with OutputLock(root, "run"):
                 pass
         code = main(["run", "--workdir", str(root), "--num-images", "2"])
         assert code == 1
         assert "in use by another run" in capsys.readouterr().err
-    assert not (root / ".lock").exists()
-    # a stale lock (dead pid) is taken over
-    (root / ".lock").write_text(str(2**22 + 12345))
-    with WorkdirLock(root):
-        assert (root / ".lock").read_text() == str(os.getpid())
+    assert not (root / ".fcos-lock").exists()
+    # a lock file a killed run left (its pid dead, no process holding the lock) is taken over
+    (root / ".fcos-lock").write_text(str(2**22 + 12345))
+    with OutputLock(root, "run"):
+        assert (root / ".fcos-lock").read_text() == str(os.getpid())
 
 
 def test_usage_errors(capsys) -> None:

@@ -99,8 +99,8 @@ def test_over_budget_on_held_out_images_chooses_again_and_resumes(tiny16, tmp_pa
     monkeypatch.setattr(Tuner, "bench", _bench)
     real = search_mod.evaluate_engine
 
-    def worse_held_out(engine, data, work, batch_size, keep=None) -> float:
-        value = real(engine, data, work, batch_size, keep)
+    def worse_held_out(engine, data, work, batch_size, keep=None, dumps_to=None) -> float:
+        value = real(engine, data, work, batch_size, keep, dumps_to)
         held_out = "holdout" in work.parts
         return max(0.0, value - 0.95) if held_out and "ort-qdq" in str(engine.source.path) else value
 
@@ -128,7 +128,9 @@ def test_over_budget_on_held_out_images_chooses_again_and_resumes(tiny16, tmp_pa
         raise AssertionError("a finished held-out evaluation was run again")
 
     monkeypatch.setattr(search_mod, "evaluate_engine", no_evaluation)
-    monkeypatch.setattr(Tuner, "verify_artifact", lambda self, best, bs: self.state.trials[chosen["key"]].bbox_mAP)
+    monkeypatch.setattr(
+        Tuner, "verify_artifact", lambda self, best, bs: (self.state.trials[chosen["key"]].bbox_mAP, self.state.trials[chosen["key"]].agreement)
+    )
     again = tune(_opts(tiny16, out))
     assert again["chosen"]["key"] == chosen["key"] and again["holdout"]["checks"] == checks
     assert json.loads((out / TUNE_FILE).read_text())["holdout"]["checks"] == checks
@@ -147,7 +149,8 @@ def test_holdout_size() -> None:
 
 def test_automatic_check_takes_more_images_when_its_own_spread_asks(tiny16, tmp_path, monkeypatch) -> None:
     """Automatic size: the eval images' spread asks for 3 held-out images; those 3 judge the drop loosely
-    and ask for 6, so the check is made again on 6 (once), and that is the recorded verdict."""
+    and ask for 6, so the check is made again on 6 (once), and that is the recorded verdict. The 6 still judge it
+    loosely (faked) and no images are left: the mAP drop cannot decide, so tune judges by output agreement."""
     monkeypatch.setattr(Tuner, "bench", _bench)
     real = search_mod.drop_spread
     asked: list[int] = []
@@ -159,10 +162,13 @@ def test_automatic_check_takes_more_images_when_its_own_spread_asks(tiny16, tmp_
 
     monkeypatch.setattr(search_mod, "drop_spread", spread)
     result = tune(_opts(tiny16, tmp_path / "grow", holdout_images=None))
-    held = result["chosen"]["holdout"]
+    held = result["holdout"]["checks"][0]
     assert asked == [N_EVAL, 3, 6]  # eval images, the first held-out set, the grown one (not grown again)
     assert held["images"] == 6 == result["holdout"]["requested"] and result["holdout"]["grown"]
     _check_record(result, held)
+    check = result["accuracy_check"]
+    assert check["criterion"] == result["chosen"]["accuracy_check"] == "agreement" and "on 6 images" in check["why"]
+    assert result["chosen"]["agreement"]["within_tolerance"]
 
 
 def test_holdout_regrow() -> None:

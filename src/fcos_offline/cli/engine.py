@@ -122,7 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(dets float32 [100,5]) or .npy, the vendor perf file perf_vision_batchsize_{B}_device_{N}.txt and summary.json "
         "(throughput; latency min/mean/median/p90/p99 per stage). Dumps are written atomically; --resume skips "
         "images whose dumps are complete. The dump folder holds one model's dumps: a fresh run replaces an earlier "
-        "run's of another model (and says so) and refuses dumps this tool did not make. Exit 3 when some inputs were "
+        "run's of another model (and says so) and refuses dumps this tool did not make; it has one writer at a time (a second "
+        "infer into it is refused) and is never, nor holds, an input. Exit 3 when some inputs were "
         "skipped, 1 when none could be used.",
         epilog="examples:\n"
         "  fcos-offline infer --model fcos.onnx --input_text_path fcos.info --batch_size 4 \\\n"

@@ -20,6 +20,7 @@ from fcos_offline.cli.common import (
 from fcos_offline.engine.backends import OFFLINE_ENGINES
 from fcos_offline.engine.base import PRECISIONS
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
+from fcos_offline.io import check_output_apart
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -52,6 +53,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         vis_images=args.vis_images,
         overrides=overrides_from_args(args),
     )
+    check_output_apart([args.workdir], [args.checkpoint, args.model, args.coco, args.images, args.annotations], inside_ok=True)
     report = run(opts)
     title = f"fcos-offline results — {report['num_images']} images, {report['shape'][0]}x{report['shape'][1]}"
     busy = report["machine_load"]["note"]

@@ -227,7 +227,7 @@ def run_inference_ray(
         wrong_size = {i.path: p for i in todo if (p := listed_size_problem(i, canvas))}  # the workers see only paths: judged here
         for path, problem in wrong_size.items():
             skipped.append({"path": path, "problem": problem})
-            warn(f"skipped {path}: {problem}")
+            warn(f"skipped {path}: {problem}", kind="skipped")
         todo = [i for i in todo if i.path not in wrong_size]
         given = {i.stem: i.path for i in todo}
         per_actor: dict[str, list[float]] = {}
@@ -265,7 +265,7 @@ def run_inference_ray(
                     ):
                         if problem:
                             path = given[str(stem)]  # as the user gave it (the workers saw it made absolute)
-                            warn(f"skipped {path}: {problem}")
+                            warn(f"skipped {path}: {problem}", kind="skipped")
                             skipped.append({"path": str(path), "problem": str(problem)})
                         else:
                             per_actor.setdefault(str(actor), []).append(float(i_s))

@@ -13,7 +13,6 @@ Steps, in a work folder (each reused when already finished):
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from fcos_offline.engine.base import ModelSource
 from fcos_offline.engine.cpu import cpu_description
 from fcos_offline.engine.infer import InferSummary
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.io import atomic_write_json, file_digest, json_digest, process_alive, read_stamp
-from fcos_offline.progress import info
+from fcos_offline.io import OutputLock, atomic_write_json, file_digest, json_digest, read_stamp
+from fcos_offline.progress import info, warn
 from fcos_offline.units import JSON_UNITS
 
 #: the engine of the recipe's "online" baseline: PyTorch eager on the checkpoint
@@ -87,29 +86,6 @@ class _Paths:
         p = self.root.joinpath(*parts)
         p.mkdir(parents=True, exist_ok=True)
         return p
-
-
-class WorkdirLock:
-    """A lock file so two runs never interleave outputs in one work folder."""
-
-    def __init__(self, root: Path) -> None:
-        self.path = root / ".lock"
-
-    def __enter__(self) -> WorkdirLock:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = self.path.read_text().strip() or "?"
-            if pid.isdigit() and not process_alive(int(pid)):
-                self.path.unlink()
-                return self.__enter__()
-            raise FcosError(f"{self.path.parent} is in use by another run (pid {pid}); wait for it or remove {self.path}") from None
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 def _bin_items(eval_set: EvalSet, paths: _Paths, shape: tuple[int, ...]) -> list[InputItem]:
@@ -296,7 +272,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     root = Path(opts.workdir or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     root.mkdir(parents=True, exist_ok=True)
     paths = _Paths(root)
-    with WorkdirLock(root):
+    with OutputLock(root, "run"):
         if demo:
             n = opts.num_images or DEMO_VAL_IMAGES
             data_root = demo_split(paths.root / "data", "val", n, DEMO_VAL_SEED)
@@ -352,6 +328,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
             )
             ev = _evaluate(dump_dir, paths.sub("eval", tag), jpg_info, ann_file, shape, class_names, show=first_eval)
             first_eval = False
+            for item in ev.get("skipped", []):  # postprocess's own skips; infer's and the evaluation set's were said already
+                warn(f"skipped {item['path']}: {item['problem']} (evaluating {tag}; listed in report.json)", kind="skipped")
             executed = s.engine["execution_precision"]
             stored = artifact.precision if artifact is not None and not online else None
             entries.append(

@@ -53,7 +53,6 @@ mAP values are fractions (``bbox_mAP``); ``map_drop`` is in mAP *points* (percen
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -69,7 +68,7 @@ from fcos_offline.engine.cpu import cpu_count, cpu_description, describe_cpu, ma
 from fcos_offline.engine.infer import cap_batch
 from fcos_offline.engine.timing import busy_note
 from fcos_offline.errors import FcosError, first_line
-from fcos_offline.io import file_digest
+from fcos_offline.io import OutputLock, file_digest, json_digest
 from fcos_offline.progress import info, warn
 from fcos_offline.tune import policy
 from fcos_offline.tune import sensitivity as sens
@@ -115,7 +114,7 @@ class Tuner:
             "eval_annotations_sha1": file_digest(self.data.eval_set.ann_file, "sha1"),
             "eval_images": len(self.data.eval_set.items),
             "calib_images": len(self.data.calib_paths),
-            "calib_sha1": hashlib.sha1("\n".join(self.data.calib_paths).encode()).hexdigest(),
+            "calib_sha1": json_digest([[p, file_digest(p)] for p in self.data.calib_paths]),  # the images' bytes, not only their names
             "canvas": list(self.data.canvas),
         }
 
@@ -311,7 +310,7 @@ class Tuner:
             return {k: v["score"] for k, v in done["scores"].items()}
         n = sens.probe_images(self.opts.sensitivity_images, self.data.canvas, len(self.data.calib_paths))
         info(f"measuring each conv group's int8 error at the head's outputs (ONNX Runtime {ORT_QDQ_DEFAULT} quantization, {n} calibration image(s))")
-        pre = q.preprocess_for_ort(self.source, self.out / "models" / "ort-preprocessed.onnx")
+        pre = self.builder.preprocessed()
         probe = self.builder.model_file(Candidate("onnxruntime", f"ort-qdq:{ORT_QDQ_DEFAULT}"))
         groups = q.conv_groups(pre)
         detail = sens.output_sensitivity(pre, probe, self.builder.images(), groups, n)
@@ -674,5 +673,7 @@ class Tuner:
 
 
 def tune(opts: TuneOptions) -> dict[str, Any]:
-    """Run the search (see the module docstring); returns the ``tune.json`` content."""
-    return Tuner(opts).run()
+    """Run the search (see the module docstring); returns the ``tune.json`` content. One writer per ``--output``."""
+    validate(opts)  # usage errors before the output folder is made or locked
+    with OutputLock(opts.output, "tune"):
+        return Tuner(opts).run()
