@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+from badinputs import record, reliability_log  # noqa: F401 - session fixture writing the reliability table
 from conftest import make_fcos
 
 from fcos_offline.engine.artifact import read_artifact
@@ -57,6 +58,9 @@ def test_convert_records_every_file_and_opening_verifies_them(tiny_onnx: Path, t
         f.write(b"\0")
     with pytest.raises(FcosError) as err:
         resolve_model(folder)
+    record(
+        f"{engine} artifact: its model file changed (a byte appended)", "open (library)", None, str(err.value), "refused in one line naming the file"
+    )
     assert str(model) in str(err.value) and "changed" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -67,11 +71,13 @@ def test_an_added_or_linked_file_is_refused_naming_it(tiny_onnx: Path, tmp_path:
     extra.write_bytes(b"\x7fELF")
     with pytest.raises(FcosError) as err:
         resolve_model(folder)
+    record(f"{engine} artifact: a file added (plugin.so)", "open (library)", None, str(err.value), "refused in one line naming the file")
     assert str(extra) in str(err.value) and "not part of the artifact" in str(err.value) and "\n" not in str(err.value)
     extra.unlink()
     (folder / "link.onnx").symlink_to(tiny_onnx)
-    with pytest.raises(FcosError, match=r"link\.onnx"):
+    with pytest.raises(FcosError, match=r"link\.onnx") as err:
         resolve_model(folder)
+    record(f"{engine} artifact: a link added", "open (library)", None, str(err.value), "refused in one line naming the file")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -96,6 +102,7 @@ def test_a_full_disk_during_convert_is_one_line_naming_the_output(tiny_onnx: Pat
     monkeypatch.setattr(onnxruntime, "convert", enospc)
     with pytest.raises(DiskFullError) as err:
         convert(tiny_onnx, "onnxruntime", out, ConvertRequest())
+    record("disk full while convert writes", "convert (library)", None, str(err.value), "one line naming the output; no partial folder")
     assert str(out) in str(err.value) and not out.exists() and not out.with_name("art.part").exists()
 
 

@@ -87,13 +87,18 @@ def _ray_args(data, cluster, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_ray_dumps_are_the_local_runs_byte_for_byte(data, cluster, tmp_path) -> None:
+def test_ray_dumps_are_the_local_runs_byte_for_byte(data, cluster, tmp_path, capsys) -> None:
     out = tmp_path / "ray"
+    capsys.readouterr()
     assert main(_ray_args(data, cluster, out)) == 0
+    first = capsys.readouterr().err.strip().splitlines()[0]  # the cluster joined, named first
+    assert first.startswith(f"Ray: joined the running cluster at {cluster.address}: 2 node(s), 2 CPU"), first
     assert _dumps(out) == _dumps(data.local) and len(_dumps(out)) == 2 * NUM_IMAGES
     summary = json.loads((out / "summary.json").read_text())
     dist = summary["distributed"]
     assert dist["nodes"] == 2 and dist["actors"] == 2 and summary["num_inferred"] == NUM_IMAGES
+    assert dist["cluster_address"] == cluster.address and dist["cluster"] == "joined"
+    assert dist["cluster_resources"]["CPU"] == 2 and [n["CPU"] for n in dist["cluster_nodes"]] == [1, 1]
     assert sum(a["images"] for a in dist["per_actor"].values()) == NUM_IMAGES
     assert all(a["latency_ms"]["p99"] > 0 for a in dist["per_actor"].values())
     assert (out / "perf_vision_batchsize_4_device_0.txt").is_file()
@@ -247,3 +252,112 @@ def test_run_on_ray_gives_the_local_reports_numbers(cluster, tmp_path) -> None:
     assert distributed["entries"][0]["bbox_mAP"] == local["entries"][0]["bbox_mAP"] > 0.3
     assert _dumps(Path(distributed["entries"][0]["dumps"])) == _dumps(Path(local["entries"][0]["dumps"]))
     assert distributed["entries"][0]["engine_info"]["engine"] == "onnxruntime"
+
+
+# --------------------------------------------------------------------------- what cannot run is said, never waited on
+
+
+@pytest.mark.parametrize(
+    ("nodes", "actors", "cpus", "gpus", "said"),
+    [
+        ([{"CPU": 2.0}], 16, 1.0, 0.0, ["--ray-actors 16", "16 CPU", "1 node(s) with 2 CPU", "at most 1"]),
+        ([{"CPU": 2.0}], 1, 64.0, 0.0, ["64 CPU", "no node has that", "largest node: 2 CPU"]),
+        ([{"CPU": 2.0}], 1, 1.0, 1.0, ["1 GPU", "no node has that", "0 GPU"]),
+        ([{"CPU": 2.0}], 2, 1.0, 0.0, ["--ray-actors 2", "decode tasks", "at most 1"]),  # both cores taken: nothing decodes
+        ([{"CPU": 1.0}, {"CPU": 1.0}], 4, 0.5, 0.0, ["--ray-actors 4", "2 node(s) with 2 CPU", "at most 3"]),
+        ([{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}], 4, 1.0, 1.0, ["4 GPU", "3 GPU in all", "at most 3"]),
+    ],
+)
+def test_a_pool_the_cluster_cannot_hold_is_refused(nodes, actors, cpus, gpus, said) -> None:
+    from fcos_offline.engine.distributed import check_resources
+    from fcos_offline.errors import UsageError
+
+    with pytest.raises(UsageError) as caught:
+        check_resources(nodes, actors, cpus, gpus)
+    assert all(s in str(caught.value) for s in said), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "actors", "cpus", "gpus"),
+    [
+        ([{"CPU": 1.0}, {"CPU": 1.0}], 2, 0.5, 0.0),  # the tests' cluster: room left for the decode tasks
+        ([{"CPU": 1.0}, {"CPU": 1.0}], 1, 1.0, 0.0),  # the actor on one node, the decode tasks on the other
+        ([{"CPU": 2.0}], 1, 1.0, 0.0),  # `--ray` alone on this machine
+        ([{"CPU": 16.0, "GPU": 4.0}], 4, 1.0, 1.0),
+        ([{"CPU": 16.0, "GPU": 1.0}], 4, 1.0, 0.25),
+    ],
+)
+def test_a_pool_the_cluster_can_hold_passes(nodes, actors, cpus, gpus) -> None:
+    from fcos_offline.engine.distributed import check_resources
+
+    check_resources(nodes, actors, cpus, gpus)
+
+
+def test_an_impossible_pool_is_refused_in_one_line_naming_the_cluster(data, cluster, tmp_path, capsys) -> None:
+    out = tmp_path / "too_many"
+    capsys.readouterr()
+    assert main(_ray_args(data, cluster, out, "--ray-actors", "16")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"Ray: joined the running cluster at {cluster.address}"), err
+    assert len(err) == 2 and "--ray-actors 16" in err[1] and "2 node(s) with 2 CPU" in err[1], err
+    assert not _dumps(out)
+
+
+def test_actors_that_cannot_start_end_the_run_in_one_line(data, cluster, tmp_path, capsys, monkeypatch) -> None:
+    """Another job holds most of the cluster: the pool fits the cluster but cannot start; the run ends after
+    the start timeout (here 5 s) instead of waiting for ever."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    monkeypatch.setenv("FCOS_RAY_START_TIMEOUT_S", "5")
+    if not ray.is_initialized():
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="error")
+    held = placement_group([{"CPU": 1.0}, {"CPU": 0.5}], strategy="SPREAD")  # 1.5 of the 2 CPUs
+    assert held.wait(timeout_seconds=60)
+    try:
+        capsys.readouterr()
+        code = main(_ray_args(data, cluster, tmp_path / "stalled"))  # 2 actors x 0.5 CPU: only 0.5 CPU is free
+    finally:
+        remove_placement_group(held)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "did not start within 5 s" in last and "FCOS_RAY_START_TIMEOUT_S" in last and "Traceback" not in err, err
+
+
+def test_a_worker_error_is_the_local_runs_line(data, cluster, tmp_path, capsys) -> None:
+    """A dump the workers cannot write (a folder where the file goes) fails the run with the line a local run gives."""
+    first = sorted(data.local.glob("*_2.bin"))[0].name
+    lines = {}
+    for where, extra in (("local", []), ("ray", ["--ray", cluster.address, "--ray-cpus-per-actor", "0.5"])):
+        out = tmp_path / where
+        (out / first).mkdir(parents=True)
+        capsys.readouterr()
+        args = ["infer", "--model", str(data.onnx), "--images", str(data.images), "--output", str(out), "--batch-size", "4", *extra]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "\x1b[" not in err, err
+        lines[where] = err.strip().splitlines()[-1].replace(str(out), "OUT")
+    assert lines["ray"] == lines["local"] and first in lines["local"], lines
+
+
+def test_worker_errors_are_unwrapped_to_the_local_runs_error() -> None:
+    """Ray's task error around a worker's disk-full / OSError / FcosError gives that error itself; anything
+    else one line without ANSI codes or traceback."""
+    from ray.exceptions import GetTimeoutError, RayTaskError, UserCodeException
+
+    from fcos_offline.engine.distributed import worker_error
+    from fcos_offline.errors import DiskFullError, FcosError
+
+    trace = "\x1b[36mray::MapWorker(_EngineActor).submit()\x1b[39m (pid=1, ip=10.0.0.1)\nTraceback (most recent call last):\n  File x\n"
+    full = DiskFullError("/out/a_2.bin", "No space left on device")
+    wrapped = RayTaskError("submit", trace + "fcos_offline.errors.DiskFullError: disk full", full)
+    try:
+        raise UserCodeException("UDF failed") from wrapped
+    except UserCodeException as exc:
+        assert worker_error(exc, "stalled") is full
+    os_error = FileNotFoundError(2, "No such file or directory", "/model.onnx")
+    assert worker_error(RayTaskError("f", trace, os_error).as_instanceof_cause(), "stalled") is os_error
+    opaque = RayTaskError("f", trace + "    raise ValueError\n\x1b[31mValueError: bad \x1b[0mvalue\n", KeyError("x"))
+    made = worker_error(opaque, "stalled")
+    assert isinstance(made, FcosError) and str(made) == "a Ray worker failed: ValueError: bad value"
+    assert str(worker_error(GetTimeoutError("Timed out while starting actors."), "stalled")) == "stalled"

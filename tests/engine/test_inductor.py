@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from badinputs import record, reliability_log  # noqa: F401 - session fixture writing the reliability table
 from conftest import assert_same_detections
 
 from fcos_offline.cli import main
@@ -138,12 +139,13 @@ def _infer(built, folder: Path, tmp_path: Path) -> int:
     return main(["infer", "--model", str(folder), "--images", str(built.images), "--output", str(tmp_path / "out")])
 
 
-def _refused(built, capsys, folder: Path, tmp_path: Path) -> str:
-    """``infer --model folder`` fails with exit 1 and one line (no traceback)."""
+def _refused(built, capsys, folder: Path, tmp_path: Path, case: str) -> str:
+    """``infer --model folder`` fails with exit 1 and one line (no traceback); recorded in the reliability table as ``case``."""
     code = _infer(built, folder, tmp_path)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    record(f"inductor artifact: {case}", "infer", code, err, "refused in one line naming the file; nothing in the artifact runs")
     return lines[0]
 
 
@@ -154,7 +156,7 @@ def test_a_pickle_planted_in_the_weights_never_runs(built, tmp_path, capsys, red
     torch.save({"weights": _Payload(marker)}, folder / MODEL_FILE)
     if redigest:
         _redigest(folder)
-    line = _refused(built, capsys, folder, tmp_path)
+    line = _refused(built, capsys, folder, tmp_path, f"a pickle planted in {MODEL_FILE} ({'digest rewritten' if redigest else 'digest kept'})")
     assert not marker.exists(), "a pickle in the artifact was executed"
     assert str(folder / MODEL_FILE) in line
 
@@ -175,7 +177,7 @@ def test_code_planted_beside_the_weights_is_refused_naming_it(built, tmp_path, c
         target.write_bytes(pickle.dumps(_Payload(marker)))
     else:
         target.write_bytes(b"\x7fELF" + bytes(64))
-    line = _refused(built, capsys, folder, tmp_path)
+    line = _refused(built, capsys, folder, tmp_path, f"{planted} planted beside the weights")
     assert str(target) in line and "not part of the artifact" in line
     assert not marker.exists()
 
@@ -188,7 +190,15 @@ def test_a_compile_cache_in_a_handed_over_folder_is_never_loaded(built, tmp_path
         (folder / sub).mkdir(parents=True)
         (folder / sub / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
     _redigest(folder)
-    assert _infer(built, folder, tmp_path) == 0
+    code = _infer(built, folder, tmp_path)
+    record(
+        "inductor artifact: a compile cache planted and recorded in artifact.json",
+        "infer",
+        code,
+        "",
+        "never loaded (compiled in this user's own cache); nothing in it runs",
+    )
+    assert code == 0
     assert not marker.exists()
 
 
@@ -201,14 +211,14 @@ def test_a_tampered_artifact_json_runs_nothing(built, tmp_path, capsys) -> None:
     doc["model_file"] = "evil.py"
     (folder / "artifact.json").write_text(json.dumps(doc))
     _redigest(folder)
-    line = _refused(built, capsys, folder, tmp_path)
+    line = _refused(built, capsys, folder, tmp_path, "artifact.json naming a planted .py as the model, digests rewritten")
     assert str(folder / "evil.py") in line and not marker.exists()
     # an artifact.json without digests (an older version's) is refused for inductor: it may hold pickles
     doc.pop("files")
     doc["model_file"] = MODEL_FILE
     (folder / "evil.py").unlink()
     (folder / "artifact.json").write_text(json.dumps(doc))
-    line = _refused(built, capsys, folder, tmp_path)
+    line = _refused(built, capsys, folder, tmp_path, "artifact.json without digests (an older version's)")
     assert str(folder / "artifact.json") in line and "convert it again" in line
 
 
@@ -218,9 +228,9 @@ def test_a_changed_missing_or_added_file_is_one_line_naming_it(built, tmp_path, 
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    assert str(weights) in (line := _refused(built, capsys, folder, tmp_path)) and "changed" in line
+    assert str(weights) in (line := _refused(built, capsys, folder, tmp_path, f"{MODEL_FILE} changed (one byte)")) and "changed" in line
     weights.unlink()
-    assert str(weights) in (line := _refused(built, capsys, folder, tmp_path)) and "missing" in line
+    assert str(weights) in (line := _refused(built, capsys, folder, tmp_path, f"{MODEL_FILE} missing")) and "missing" in line
 
 
 @pytest.mark.parametrize(
@@ -235,12 +245,12 @@ def test_a_changed_missing_or_added_file_is_one_line_naming_it(built, tmp_path, 
     ],
     ids=["no-model", "iou", "max-per-img", "zero-stride", "stride-count", "unknown-key"],
 )
-def test_bad_settings_in_artifact_json_are_one_line_naming_it(built, tmp_path, capsys, edit, needle: str) -> None:
+def test_bad_settings_in_artifact_json_are_one_line_naming_it(built, tmp_path, capsys, request, edit, needle: str) -> None:
     folder = _copy(built, tmp_path)
     doc = json.loads((folder / "artifact.json").read_text())
     edit(doc["settings"])
     (folder / "artifact.json").write_text(json.dumps(doc))
-    line = _refused(built, capsys, folder, tmp_path)
+    line = _refused(built, capsys, folder, tmp_path, f"artifact.json settings edited: {request.node.callspec.id} ({needle})")
     assert str(folder / "artifact.json") in line and needle in line
 
 

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from badinputs import record, reliability_log  # noqa: F401 - session fixture writing the reliability table
 from conftest import V2_GN_CONFIG, make_fcos, param_count, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt, torchvision_state_dict
 
 from fcos_offline.cli import main
@@ -488,6 +489,7 @@ def test_out_of_range_meta_post_setting_is_refused_naming_file_and_key(tmp_path,
     with pytest.raises(FcosError) as err:
         load_checkpoint(path)
     message = str(err.value)
+    record(f"checkpoint meta: {bad}", "load (library)", None, message, "refused in one line naming the file and the key; the flag overrides it")
     assert str(path) in message and key in message and "\n" not in message
     # the flag that fixes it overrides the file's value
     good = {"score_thr": 0.3, "iou_thr": 0.6, "max_per_img": 50, "nms_pre": 500}[key]

@@ -173,7 +173,7 @@ def test_run_killed_at_several_points_then_rerun_gives_the_uninterrupted_results
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert_clean(done.returncode, done.stdout, done.stderr, 0)
     assert_no_torn_files(work)
-    assert not (work / ".lock").exists()
+    assert not (work / ".fcos-lock").exists()
     got = _results(work)
     for key in ("dumps", "bbox_results", "txt", "metrics", "entry"):
         assert got[key] == reference[key], key
@@ -196,9 +196,9 @@ def test_second_run_on_a_busy_workdir_is_refused(tiny, data, reference, tmp_path
         longer = [*args[: i + 2], "2", *args[i + 2 :]]  # batch sizes 1 and 2: the first run holds the lock longer
         first = subprocess.Popen([*console_script(), *longer], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while not (work / ".lock").exists() and first.poll() is None and time.monotonic() < deadline:
+        while not (work / ".fcos-lock").exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert (work / ".lock").exists(), "the first run never took the lock"
+        assert (work / ".fcos-lock").exists(), "the first run never took the lock"
         second = subprocess.run([*console_script(), *_run_args(tiny, data, work)], capture_output=True, text=True, timeout=300)
         still_running = first.poll() is None
         assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
@@ -213,7 +213,7 @@ def test_second_run_on_a_busy_workdir_is_refused(tiny, data, reference, tmp_path
         "in use by another run",
     )
     assert [ln for ln in second.stderr.splitlines() if ln.strip()] == [line]
-    assert not (work / ".lock").exists()
+    assert not (work / ".fcos-lock").exists()
     assert _results(work)["metrics"] == reference["metrics"]
 
 
@@ -529,7 +529,7 @@ def test_injected_enospc_run_then_same_workdir(tiny, data, reference, full_disk,
         "stops: one line naming the file; no partial file; the same --workdir completes with the uninterrupted results",
         "disk full",
     )
-    assert not _parts(work) and not (work / ".lock").exists()
+    assert not _parts(work) and not (work / ".fcos-lock").exists()
     assert_no_torn_files(work)
     full_disk(10**6)
     code, out, err = cli(capsys, *_run_args(tiny, data, work))

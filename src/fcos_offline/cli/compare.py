@@ -49,6 +49,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         f"score error max {o['score_err_max']:.2e} (p99 {o['score_err_p99']:.2e}); box error max {o['box_err_px_max']:.2f} px "
         f"(p99 {o['box_err_px_p99']:.2f})"
     )
+    if o["images_unreadable"]:
+        print(f"{len(o['images_unreadable'])} more image(s) differ: a side's dumps could not be read (listed in compare.json)")
+        for u in result.outputs.unreadable[:10]:
+            print(f"  {u['stem']}: {u['side'].upper()}: {u['path']}: {u['problem']}")
     if result.a.map is not None and result.b.map is not None:
         delta = points(result.b.map["bbox_mAP"] - result.a.map["bbox_mAP"])
         print(f"mAP: A {map_text(result.a.map['bbox_mAP'], 2)}, B {map_text(result.b.map['bbox_mAP'], 2)} (B - A {delta} points)")

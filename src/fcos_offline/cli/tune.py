@@ -16,6 +16,7 @@ from fcos_offline.cli.common import (
     number,
 )
 from fcos_offline.errors import EXIT_OK, EXIT_SKIPS
+from fcos_offline.tune.inputs import DEMO_MAX_IMAGES
 from fcos_offline.tune.policy import HOLDOUT_MAX_IMAGES
 from fcos_offline.tune.quantize import CALIB_METHODS
 from fcos_offline.tune.space import TUNE_ENGINES
@@ -219,7 +220,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p,
         "--eval-images",
         type=POSITIVE_INT,
-        help="images for mAP, the first N by file name (default 500, the demo's too: enough to judge a 0.3-point drop to about +-0.1)",
+        help="images for mAP, the first N by file name (default 500, the demo's too: enough to judge a 0.3-point drop to about +-0.1; "
+        f"the demo generates at most {DEMO_MAX_IMAGES:,} for each of --eval-images, --calib-images and --holdout-images)",
     )
     add_flag(
         p,
@@ -252,7 +254,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p,
         "--time-budget",
         type=number(float, 0.0, low_open=True),
-        help="seconds: no new trial starts after this (the choice is still saved and verified)",
+        help="seconds: no new trial, accuracy fallback, sweep, re-timing or held-out check starts after this; preparing the "
+        "data, the reference trial, a trial already under way and saving and verifying the choice always run, so a run "
+        "takes longer than the budget by about their time",
     )
     add_flag(p, "--bench-runs", type=number(int, 1, 10_000), default=10, help="timed runs per configuration, median taken (default 10)")
     add_flag(

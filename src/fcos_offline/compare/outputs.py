@@ -77,6 +77,7 @@ class OutputComparison:
     only_in_a_set: list[str]  # stems dumped by A only
     only_in_b_set: list[str]
     iou_thr: float
+    unreadable: list[dict[str, str]] = field(default_factory=list)  # dumps a side could not read (NaN, truncated): images that differ
 
     def overall(self) -> dict[str, Any]:
         """Totals, match rate and score/box error max and p99 over every matched pair."""
@@ -99,6 +100,7 @@ class OutputComparison:
             "box_err_px_p99": float(np.percentile(box, 99)) if box.size else 0.0,
             "images_only_in_a": self.only_in_a_set,
             "images_only_in_b": self.only_in_b_set,
+            "images_unreadable": sorted({u["stem"] for u in self.unreadable}),
             "iou_thr": self.iou_thr,
         }
 
@@ -108,10 +110,15 @@ class OutputComparison:
         return [im for im in ranked[:n] if im.only_a + im.only_b or im.max_score_err or im.max_box_err]
 
 
-def compare_dumps(a: Dumps, b: Dumps, iou_thr: float = 0.5) -> OutputComparison:
-    """Compare the images both sides dumped; the others are listed."""
+def compare_dumps(a: Dumps, b: Dumps, iou_thr: float = 0.5, unreadable: list[dict[str, str]] | None = None) -> OutputComparison:
+    """Compare the images both sides dumped; the others are listed. ``unreadable``: dumps either side could not
+    read (``{"side", "stem", "path", "problem"}``); those images count as differing, whatever the other side holds."""
+    bad = {u["stem"] for u in unreadable or []}
+    a, b = {k: v for k, v in a.items() if k not in bad}, {k: v for k, v in b.items() if k not in bad}
     common = sorted(set(a) & set(b))
-    return OutputComparison([compare_image(s, a[s], b[s], iou_thr) for s in common], sorted(set(a) - set(b)), sorted(set(b) - set(a)), iou_thr)
+    return OutputComparison(
+        [compare_image(s, a[s], b[s], iou_thr) for s in common], sorted(set(a) - set(b)), sorted(set(b) - set(a)), iou_thr, list(unreadable or [])
+    )
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ def outputs_within(overall: dict[str, Any], tol: Tolerance) -> bool:
         and overall["only_b"] == 0
         and not overall["images_only_in_a"]
         and not overall["images_only_in_b"]
+        and not overall.get("images_unreadable")
         and overall["score_err_max"] <= tol.score_tol
         and overall["box_err_px_max"] <= tol.box_tol
     )

@@ -23,7 +23,7 @@ from fcos_offline.compare.layers import TensorStat, compare_layers, first_diverg
 from fcos_offline.compare.outputs import OutputComparison, Tolerance, compare_dumps, outputs_within
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.data.letterbox import DEFAULT_CANVAS
-from fcos_offline.errors import FcosError, UsageError
+from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.io import OutputLock, atomic_write_json, check_output_apart
 from fcos_offline.progress import info
 
@@ -123,6 +123,7 @@ class CompareResult:
             "overall": self.outputs.overall(),
             "per_image": [im.to_dict() for im in self.outputs.images],
             "worst": [im.to_dict() for im in self.outputs.worst(o.worst)],
+            "unreadable": self.outputs.unreadable,  # dumps a side could not read: those images count as differing
             "pictures": self.pictures,
             "within_tolerance": self.within_tolerance,
             "max_map_drop_points": o.max_map_drop,
@@ -268,6 +269,12 @@ def _quantization_sensitivity(fp32: Path, other: Path, items: list[InputItem], c
     return {g: float(v["score"]) for g, v in detail.items()}
 
 
+def _dump_stem(path: str) -> str:
+    """The image a dump file belongs to (``<stem>_<n>.bin``, ``<stem>_dets.npy``); the file's own stem otherwise."""
+    stem = Path(path).stem
+    return stem.rpartition("_")[0] or stem
+
+
 def _draw_pair(
     image_path: str, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], canvas: tuple[int, int], target: Path, names: tuple[str, str]
 ) -> None:
@@ -338,15 +345,19 @@ def _compare(opts: CompareOptions, out: Path) -> CompareResult:
     for side in (a, b):
         if side.kind != "dumps":
             side.dumps = _infer(side, items, out, opts)
-    dumps_a, dumps_b = read_dumps(a.dumps), read_dumps(b.dumps)  # type: ignore[arg-type]
+    bad: dict[str, list[BadFileError]] = {"a": [], "b": []}
+    dumps_a, dumps_b = read_dumps(a.dumps, skipped=bad["a"]), read_dumps(b.dumps, skipped=bad["b"])  # type: ignore[arg-type]
+    unreadable = [{"side": s, "stem": _dump_stem(e.path), "path": e.path, "problem": e.problem} for s, errors in bad.items() for e in errors]
     if items:
         wanted = {it.stem for it in items}
         dumps_a = {k: v for k, v in dumps_a.items() if k in wanted}
         dumps_b = {k: v for k, v in dumps_b.items() if k in wanted}
+        unreadable = [u for u in unreadable if u["stem"] in wanted]
     elif opts.num_images:
-        keep = sorted(set(dumps_a) | set(dumps_b))[: opts.num_images]
+        keep = sorted(set(dumps_a) | set(dumps_b) | {u["stem"] for u in unreadable})[: opts.num_images]
         dumps_a, dumps_b = {k: dumps_a[k] for k in keep if k in dumps_a}, {k: dumps_b[k] for k in keep if k in dumps_b}
-    outputs = compare_dumps(dumps_a, dumps_b, opts.iou_thr)
+        unreadable = [u for u in unreadable if u["stem"] in keep]
+    outputs = compare_dumps(dumps_a, dumps_b, opts.iou_thr, unreadable)
     result = CompareResult(a, b, outputs, opts)
     if opts.annotations:
         jpg_info = eval_set.jpg_info if eval_set else (Path(opts.info_file) if opts.info_file else None)

@@ -20,13 +20,24 @@ Faults: a killed worker process is restarted by Ray and its batch retried (Ray D
 decode tasks ``max_retries=-1``, actors ``max_restarts=-1``, ``max_task_retries=-1``; lost blocks are rebuilt from lineage); the dumps of
 a retried batch are rewritten whole, so every dump ends identical. A rerun after the driver died
 skips images whose dumps are complete (the ``--resume`` rule, checked against the dumps' key).
+
+Nothing hangs or buries its message: the cluster joined (or started) is named in the first line and
+recorded; a pool the cluster could never hold is refused before anything starts
+(:func:`check_resources`); actors not started within :data:`START_TIMEOUT_S` (other jobs hold the
+resources) end the run in one line; an error raised in a worker reaches the user as the one line a
+local run gives (:func:`worker_error`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +47,18 @@ from fcos_offline.data.dataset import InputItem
 from fcos_offline.engine.base import EngineOptions
 from fcos_offline.errors import BadFileError, FcosError, UsageError, first_line, require
 from fcos_offline.io import OutputLock
-from fcos_offline.progress import progress_bar, warn
+from fcos_offline.progress import info, progress_bar, warn
 
 _NO_REGION = np.array([-1, -1, -1, -1], np.int64)
 #: what a decode task reserves (a 24-megapixel photo decodes to 72 MB)
 DECODE_MEMORY = 128 << 20
+#: the CPUs a decode task reserves
+DECODE_CPUS = 0.5
+#: seconds the engine actors may take to be placed and to open the model before the run is called stalled
+START_TIMEOUT_S = 120.0
+#: the environment variable that sets another start timeout (seconds)
+START_TIMEOUT_ENV = "FCOS_RAY_START_TIMEOUT_S"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def local_path(path_or_url: str) -> str | None:
@@ -159,21 +177,177 @@ class _EngineActor:
         }
 
 
-def _init_ray(address: str) -> Any:
+def _slots(node: dict[str, float], cpus: float, gpus: float, reserve_cpus: float = 0.0) -> int:
+    """How many actors of ``cpus``/``gpus`` fit on a node with ``node``'s resources, ``reserve_cpus`` kept free."""
+    eps = 1e-9
+    free = node.get("CPU", 0.0) - reserve_cpus
+    if free < -eps:
+        return -1  # the reserve itself does not fit
+    n = math.floor(free / cpus + eps)
+    if gpus > 0:
+        n = min(n, math.floor(node.get("GPU", 0.0) / gpus + eps))
+    return n
+
+
+def check_resources(nodes: list[dict[str, float]], actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
+    """Refuse (:class:`UsageError`) an actor pool the cluster could never hold: ``nodes`` are the alive nodes'
+    resources (``ray.nodes()``'s ``Resources``: ``CPU``, ``GPU``, ...). One actor must fit on a node, and
+    ``actors`` of them must fit on the nodes together while one node keeps room for a decode task."""
+    cpu = sum(n.get("CPU", 0.0) for n in nodes)
+    gpu = sum(n.get("GPU", 0.0) for n in nodes)
+    has = f"the cluster has {len(nodes)} node(s) with {cpu:g} CPU and {gpu:g} GPU in all"
+    each = f"{cpus_per_actor:g} CPU" + (f" and {gpus_per_actor:g} GPU" if gpus_per_actor else "")
+    if not any(_slots(n, cpus_per_actor, gpus_per_actor) >= 1 for n in nodes):
+        biggest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
+        raise UsageError(
+            f"one Ray actor asks for {each} (--ray-cpus-per-actor, --ray-gpus-per-actor), but no node has that "
+            f"({has}; the largest node: {biggest.get('CPU', 0.0):g} CPU, {biggest.get('GPU', 0.0):g} GPU)"
+        )
+    slots = [max(0, _slots(n, cpus_per_actor, gpus_per_actor)) for n in nodes]
+    fit = 0
+    for i, n in enumerate(nodes):  # node i also keeps room for a decode task
+        here = _slots(n, cpus_per_actor, gpus_per_actor, DECODE_CPUS)
+        if here >= 0:
+            fit = max(fit, sum(slots) - slots[i] + here)
+    if fit < actors:
+        need = f"{actors * cpus_per_actor:g} CPU" + (f" and {actors * gpus_per_actor:g} GPU" if gpus_per_actor else "")
+        raise UsageError(
+            f"--ray-actors {actors} x {each} need {need}, plus {DECODE_CPUS:g} CPU for the decode tasks; {has}: "
+            f"at most {fit} such actor(s) fit (lower --ray-actors or --ray-cpus-per-actor)"
+        )
+
+
+def start_timeout() -> float:
+    """Seconds the actors may take to start: :data:`START_TIMEOUT_S`, or ``$FCOS_RAY_START_TIMEOUT_S``."""
+    text = os.environ.get(START_TIMEOUT_ENV)
+    if text is None:
+        return START_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:
+        raise UsageError(f"{START_TIMEOUT_ENV}={text!r}: give the seconds the Ray actors may take to start (a number > 0)")
+    return value
+
+
+def _error_line(text: str) -> str:
+    """The line of an error's text that says what went wrong, ANSI codes stripped: a (remote) traceback's last
+    ``Type: message`` line, else the first line."""
+    lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
+    said = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*:", ln)]
+    return (said[-1] if said else lines[0] if lines else "no message")[:300]
+
+
+def worker_error(exc: BaseException, stalled: str) -> BaseException:
+    """The error a local run would raise for ``exc``, a Ray task or actor error: the :class:`FcosError` or
+    :class:`OSError` raised in the worker (Ray's wrappers unwrapped), else one :class:`FcosError` line;
+    ``stalled`` is the line for actors that did not start in time."""
+    ray_exceptions = require("ray.exceptions", "ray")
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ray_exceptions.GetTimeoutError):
+            return FcosError(stalled)
+        if isinstance(e, (FcosError, OSError)) and not isinstance(e, ray_exceptions.RayError):
+            return e
+        todo += [c for c in (getattr(e, "cause", None), e.__cause__, e.__context__) if isinstance(c, BaseException)]
+    return FcosError(f"a Ray worker failed: {_error_line(str(exc))}")
+
+
+def _is_ray_error(exc: BaseException) -> bool:
+    return any(type(e).__module__.startswith("ray.") for e in (exc, exc.__cause__, exc.__context__) if e is not None)
+
+
+@contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """File descriptor 2 points at /dev/null meanwhile (output written there by C++ code, which ``sys.stderr`` does not see)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+#: per address given, whether this process joined a running cluster (True) or started one (False) when it initialised Ray
+_JOINED: dict[str, bool | None] = {}
+
+
+def _init_ray(address: str) -> tuple[Any, bool | None]:
+    """Ray, initialised quietly (our own lines on stderr only), and whether it joined a running cluster; a
+    cluster that cannot be joined or started is one line."""
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's own warnings (our progress bar reports)
     ray = require("ray", "ray")
     if not ray.is_initialized():
+        _JOINED[address] = _joins_running_cluster(address)
         kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False, "ignore_reinit_error": True}
-        if address == "auto":
-            ray.init(**kwargs)  # RAY_ADDRESS's cluster, else the one `ray start` began here, else a new local one
-        else:
-            ray.init(address=address, **kwargs)
+        where = "$RAY_ADDRESS's or this machine's Ray cluster (or a new local one)" if address == "auto" else f"the Ray cluster at {address}"
+        try:
+            with _stderr_to_devnull():  # Ray's C++ logger announces the log level it read, on fd 2
+                if address == "auto":
+                    ray.init(**kwargs)  # RAY_ADDRESS's cluster, else the one `ray start` began here, else a new local one
+                else:
+                    ray.init(address=address, **kwargs)
+        except Exception as exc:
+            if ray.is_initialized():
+                ray.shutdown()
+            raise FcosError(f"cannot use {where}: {_error_line(str(exc) or type(exc).__name__)}") from exc
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
     for name in ("ray", "ray.data"):  # Ray Data configures its loggers on import: quiet them after
         logging.getLogger(name).setLevel(logging.ERROR)
-    return ray
+    return ray, _JOINED.get(address)
+
+
+def _joins_running_cluster(address: str) -> bool | None:
+    """Whether ``ray.init`` joins a running cluster rather than starting one (None: cannot tell), asked before it runs."""
+    if address.startswith("ray://"):
+        return True
+    try:
+        from ray._private import services  # Ray's own rule, as ray.init applies it
+
+        return services.canonicalize_bootstrap_address(None if address == "auto" else address) is not None  # type: ignore[arg-type]  # None: as ray.init
+    except Exception:
+        return None
+
+
+def cluster_record(ray: Any, nodes: list[dict[str, Any]], address: str, joined: bool | None) -> dict[str, Any]:
+    """Which cluster the run uses: its address, how it was reached, its alive ``nodes`` (``ray.nodes()``) and their resources."""
+    try:
+        gcs = str(ray.get_runtime_context().gcs_address)
+    except Exception:  # Ray Client: the address given is the one known
+        gcs = address
+    total: dict[str, float] = {}
+    for n in nodes:
+        for k in ("CPU", "GPU", "memory", "object_store_memory"):
+            total[k] = total.get(k, 0.0) + float(n.get("Resources", {}).get(k, 0.0))
+    return {
+        "cluster_address": gcs,
+        "cluster": {True: "joined", False: "started", None: "unknown"}[joined],  # a running cluster, or a local one started here
+        "cluster_nodes": [
+            {"address": n.get("NodeManagerAddress", "?"), **{k: float(n.get("Resources", {}).get(k, 0.0)) for k in ("CPU", "GPU")}} for n in nodes
+        ],
+        "cluster_resources": total,
+    }
+
+
+def describe_cluster(record: dict[str, Any]) -> str:
+    """One line for :func:`cluster_record`."""
+    r = record["cluster_resources"]
+    how = {"joined": "joined the running cluster", "started": "started a local cluster"}.get(record["cluster"], "using the cluster")
+    return (
+        f"Ray: {how} at {record['cluster_address']}: {len(record['cluster_nodes'])} node(s), {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU, "
+        f"{r.get('memory', 0) / 2**30:.1f} GiB memory, {r.get('object_store_memory', 0) / 2**30:.1f} GiB object store"
+    )
 
 
 def run_inference_ray(
@@ -203,6 +377,7 @@ def run_inference_ray(
 
     if batch_size < 1 or actors < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0:
         raise UsageError("--batch-size and --ray-actors must be >= 1, --ray-cpus-per-actor > 0, --ray-gpus-per-actor >= 0")
+    timeout = start_timeout()
     out_local = local_path(str(output_dir))
     if out_local is None:
         raise UsageError(f"{output_dir}: dumps are written to a local or shared path (or file:// URL); mount the store first")
@@ -212,6 +387,11 @@ def run_inference_ray(
         model = absolute(str(model))
         check_unique_stems(items)
         options = replace(options, batch_size=batch_size)
+        ray, joined = _init_ray(address)  # the cluster first: named in the first line, and checked before the dumps are touched
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cluster = cluster_record(ray, nodes, address, joined)
+        info(describe_cluster(cluster))
+        check_resources([n.get("Resources", {}) for n in nodes], actors, cpus_per_actor, gpus_per_actor)
         with open_engine(model, options, shape, overrides) as engine:  # the driver checks the model once and keys the dumps
             canvas = engine.input_hw
             described = engine.describe()
@@ -220,8 +400,6 @@ def run_inference_ray(
         if note:
             warn(note)
         todo = [i for i in items if not (resume and dumps_complete(out, i.stem, fmt))]
-        ray = _init_ray(address)
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
         start = time.perf_counter()
         skipped: list[dict[str, str]] = []
         wrong_size = {i.path: p for i in todo if (p := listed_size_problem(i, canvas))}  # the workers see only paths: judged here
@@ -234,6 +412,7 @@ def run_inference_ray(
         load_s: list[float] = []
         done_at: list[float] = []
         if todo:
+            ray.data.DataContext.get_current().wait_for_min_actors_s = timeout  # a pool that cannot start fails, never hangs
             ds = ray.data.from_items(
                 [{"stem": i.stem, "path": absolute(i.path), "kind": i.kind} for i in todo], override_num_blocks=max(1, min(len(todo), 8 * actors))
             )
@@ -258,20 +437,29 @@ def run_inference_ray(
                 },
             )
             bar = progress_bar(len(todo), f"infer {described['engine']} bs{batch_size} on Ray ({actors} actor(s), {len(nodes)} node(s))")
-            with bar as advance:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    for stem, problem, l_s, i_s, actor, t in zip(
-                        batch["stem"], batch["problem"], batch["load_s"], batch["infer_s"], batch["actor"], batch["done_at"]
-                    ):
-                        if problem:
-                            path = given[str(stem)]  # as the user gave it (the workers saw it made absolute)
-                            warn(f"skipped {path}: {problem}", kind="skipped")
-                            skipped.append({"path": str(path), "problem": str(problem)})
-                        else:
-                            per_actor.setdefault(str(actor), []).append(float(i_s))
-                            load_s.append(float(l_s))
-                            done_at.append(float(t))
-                        advance(1)
+            stalled = (
+                f"the {actors} Ray engine actor(s) ({cpus_per_actor:g} CPU, {gpus_per_actor:g} GPU each) did not start within {timeout:g} s: "
+                f"the cluster's resources are held by other work, or the model opens slowly (${START_TIMEOUT_ENV} sets the wait)"
+            )
+            try:
+                with bar as advance:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        for stem, problem, l_s, i_s, actor, t in zip(
+                            batch["stem"], batch["problem"], batch["load_s"], batch["infer_s"], batch["actor"], batch["done_at"]
+                        ):
+                            if problem:
+                                path = given[str(stem)]  # as the user gave it (the workers saw it made absolute)
+                                warn(f"skipped {path}: {problem}", kind="skipped")
+                                skipped.append({"path": str(path), "problem": str(problem)})
+                            else:
+                                per_actor.setdefault(str(actor), []).append(float(i_s))
+                                load_s.append(float(l_s))
+                                done_at.append(float(t))
+                            advance(1)
+            except Exception as exc:
+                if isinstance(exc, FcosError) or not _is_ray_error(exc):
+                    raise
+                raise worker_error(exc, stalled) from None
         wall = time.perf_counter() - start
         done = sum(len(v) for v in per_actor.values())
         skipped_paths = {s["path"] for s in skipped}
@@ -307,6 +495,7 @@ def run_inference_ray(
             distributed={
                 "framework": f"ray {ray.__version__}",
                 "address": address,
+                **cluster,
                 "nodes": len(nodes),
                 "actors": actors,
                 "cpus_per_actor": cpus_per_actor,

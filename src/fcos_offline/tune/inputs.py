@@ -20,6 +20,8 @@ from fcos_offline.tune.space import TUNE_ENGINES
 #: eval images by default, the demo's too: on the demo model 100 images judged the int8 builds' drop
 #: to about +-0.2 points and 0.2 points too low; 500 judge it to about +-0.08 (README: Tuning)
 EVAL_IMAGES = 500
+#: the most demo images tune generates for each of its eval, calibration and held-out sets (more is refused in one line)
+DEMO_MAX_IMAGES = 10_000
 
 
 @dataclass
@@ -92,6 +94,9 @@ def validate(o: TuneOptions) -> None:
     if bad:
         raise UsageError(f"unknown calibration method(s) {', '.join(bad)} (choose from {', '.join(CALIB_METHODS)})")
     demo = not (o.model or o.coco or o.images)
+    for n, v in (("--eval-images", o.eval_images), ("--calib-images", o.calib_images), ("--holdout-images", o.holdout_images)):
+        if demo and v is not None and v > DEMO_MAX_IMAGES:
+            raise UsageError(f"{n} {v}: the demo generates its images, at most {DEMO_MAX_IMAGES:,} (give --model and --coco for more)")
     if not demo and not o.model:
         raise UsageError("--coco/--images need --model (the demo model only fits the demo data)")
     if o.model and not (o.coco or o.images):

@@ -44,7 +44,9 @@ The search, in a work folder (``--output``):
 
 Every finished trial is written to ``<output>/tune.json`` at once (keyed by configuration);
 a rerun with the same model, data and settings skips finished trials. ``time_budget`` stops
-starting new work (the reference, saving and verifying the choice always run).
+starting new work — trials, fallbacks (and their sensitivity probe), sweeps, re-timing, the
+held-out check; preparing the data, the reference, a trial under way, and saving and verifying
+the choice always run, so a run overshoots the budget by about their time.
 
 mAP values are fractions (``bbox_mAP``); ``map_drop`` is in mAP *points* (percent units):
 ``100 * (reference mAP - mAP)``, the unit of ``--max-map-drop``.
@@ -327,6 +329,9 @@ class Tuner:
         """Return conv groups to float until ``base``'s drop holds the budget (see module doc)."""
         from fcos_offline.tune import quantize as q
 
+        if self.time_left() <= 0:  # before the sensitivity probe, which quantizes and runs the model
+            self.state.skip(f"fallback {base.key}", "time budget")
+            return None
         # no shortcut on resume: the walk is cheap (finished steps are cached trials) and the budget may have changed
         scores = self._ensure_sensitivity()
         groups = {g.name: g for g in q.conv_groups(self.source)}
