@@ -361,3 +361,34 @@ def test_worker_errors_are_unwrapped_to_the_local_runs_error() -> None:
     made = worker_error(opaque, "stalled")
     assert isinstance(made, FcosError) and str(made) == "a Ray worker failed: ValueError: bad value"
     assert str(worker_error(GetTimeoutError("Timed out while starting actors."), "stalled")) == "stalled"
+    note = "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\nTo change retry attempts, ..."  # Ray Data's
+    noted = FcosError(f"cannot write /out/a_2.bin: Is a directory\n{note}")
+    assert str(worker_error(RayTaskError("f", trace, noted), "stalled")) == "cannot write /out/a_2.bin: Is a directory"
+    got = worker_error(RayTaskError("f", trace, PermissionError(13, "Permission denied", note)), "stalled")
+    assert isinstance(got, PermissionError) and got.strerror == "Permission denied" and got.filename is None
+
+
+def test_an_address_where_no_cluster_answers_is_one_line(data, tmp_path) -> None:
+    """ray.init retried such an address for minutes without a word."""
+    args = ["infer", "--model", str(data.onnx), "--images", str(data.images), "--output", str(tmp_path / "o"), "--ray", "127.0.0.1:1"]
+    proc = subprocess.run([*_console(), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "cannot reach the Ray cluster at" in proc.stderr and "--ray 127.0.0.1:1" in proc.stderr and "Connection refused" in proc.stderr
+
+
+def test_a_cluster_ray_cannot_join_is_one_line(monkeypatch) -> None:
+    """ray.init's own failure (another user's cluster: its session folder unreadable) was a 73-line traceback."""
+    from fcos_offline.engine import distributed
+    from fcos_offline.errors import FcosError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", "/tmp/ray/session_latest/sockets/plasma_store")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(distributed, "_cluster_to_join", lambda address: (True, None))
+    with pytest.raises(FcosError) as caught:
+        distributed._init_ray("10.0.0.5:6379")
+    assert str(caught.value) == (
+        "cannot use the Ray cluster at 10.0.0.5:6379: [Errno 13] Permission denied: '/tmp/ray/session_latest/sockets/plasma_store'"
+    )

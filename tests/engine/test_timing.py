@@ -72,3 +72,5 @@ def test_spread_is_the_coefficient_of_variation_and_segments_average_the_content
     assert quiet["note"] is None and quiet["noisy"] == []
     busy = busy_note({"load_avg_1m": 3.5, "cores": 2, "busy": True}, {"a": 3.0, "b": 25.0})
     assert busy["noisy"] == ["b (25%)"] and "load average 3.50" in busy["note"] and "b (25%)" in busy["note"]
+    many = busy_note({"load_avg_1m": 0.1, "cores": 2, "busy": False}, {f"c{i}": 20.0 + i for i in range(6)})
+    assert len(many["noisy"]) == 6 and "6 of 6 measurements (first: c0 (20%))" in many["note"]  # one line, however many

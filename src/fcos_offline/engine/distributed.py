@@ -58,6 +58,8 @@ DECODE_CPUS = 0.5
 START_TIMEOUT_S = 120.0
 #: the environment variable that sets another start timeout (seconds)
 START_TIMEOUT_ENV = "FCOS_RAY_START_TIMEOUT_S"
+#: seconds a cluster's address may take to accept a connection before it is called unreachable
+REACH_TIMEOUT_S = 10.0
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -239,6 +241,17 @@ def _error_line(text: str) -> str:
     return (said[-1] if said else lines[0] if lines else "no message")[:300]
 
 
+def _without_retry_note(e: BaseException) -> BaseException:
+    """``e`` without the retry note Ray Data appends to a map task's error (to its message, or as one more argument)."""
+    if isinstance(e, OSError) and isinstance(e.filename, str) and e.filename.startswith("Failed to "):
+        return type(e)(e.errno, e.strerror)  # the note, one more argument, came back as the file name
+    args = list(e.args)
+    if not (args and isinstance(args[0], str) and "\nFailed to " in args[0]):
+        return e
+    e.args = (args[0].split("\nFailed to ", 1)[0], *args[1:])  # its message, mended in place (subclasses take other arguments)
+    return e
+
+
 def worker_error(exc: BaseException, stalled: str) -> BaseException:
     """The error a local run would raise for ``exc``, a Ray task or actor error: the :class:`FcosError` or
     :class:`OSError` raised in the worker (Ray's wrappers unwrapped), else one :class:`FcosError` line;
@@ -254,7 +267,7 @@ def worker_error(exc: BaseException, stalled: str) -> BaseException:
         if isinstance(e, ray_exceptions.GetTimeoutError):
             return FcosError(stalled)
         if isinstance(e, (FcosError, OSError)) and not isinstance(e, ray_exceptions.RayError):
-            return e
+            return _without_retry_note(e)
         todo += [c for c in (getattr(e, "cause", None), e.__cause__, e.__context__) if isinstance(c, BaseException)]
     return FcosError(f"a Ray worker failed: {_error_line(str(exc))}")
 
@@ -287,7 +300,9 @@ def _init_ray(address: str) -> tuple[Any, bool | None]:
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's own warnings (our progress bar reports)
     ray = require("ray", "ray")
     if not ray.is_initialized():
-        _JOINED[address] = _joins_running_cluster(address)
+        _JOINED[address], target = _cluster_to_join(address)
+        if target is not None:
+            _check_reachable(target, "found by --ray alone" if address == "auto" else f"--ray {address}")
         kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False, "ignore_reinit_error": True}
         where = "$RAY_ADDRESS's or this machine's Ray cluster (or a new local one)" if address == "auto" else f"the Ray cluster at {address}"
         try:
@@ -303,21 +318,41 @@ def _init_ray(address: str) -> tuple[Any, bool | None]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
+    ctx.raise_original_map_exception = True  # a worker's FcosError/OSError itself, not Ray Data's UserCodeException around it
     for name in ("ray", "ray.data"):  # Ray Data configures its loggers on import: quiet them after
         logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:  # its console: a failed run is our one line (its log file keeps the trace)
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.CRITICAL + 1)
     return ray, _JOINED.get(address)
 
 
-def _joins_running_cluster(address: str) -> bool | None:
-    """Whether ``ray.init`` joins a running cluster rather than starting one (None: cannot tell), asked before it runs."""
+def _cluster_to_join(address: str) -> tuple[bool | None, str | None]:
+    """Asked before ``ray.init`` runs: whether it joins a running cluster rather than starting one (None: cannot
+    tell), and that cluster's ``host:port`` when known (not for Ray Client's ``ray://``)."""
     if address.startswith("ray://"):
-        return True
+        return True, None
     try:
         from ray._private import services  # Ray's own rule, as ray.init applies it
 
-        return services.canonicalize_bootstrap_address(None if address == "auto" else address) is not None  # type: ignore[arg-type]  # None: as ray.init
+        found = services.canonicalize_bootstrap_address(None if address == "auto" else address)  # type: ignore[arg-type]  # None: as ray.init
     except Exception:
-        return None
+        return None, None
+    return found is not None, found
+
+
+def _check_reachable(target: str, given: str) -> None:
+    """One line when nothing answers at ``host:port`` (``ray.init`` would retry for minutes, silently); ``given``: how it was named."""
+    import socket
+
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise FcosError(
+            f"cannot reach the Ray cluster at {target} ({given}): {detail}; is it running? (--ray ADDRESS names the cluster to use)"
+        ) from None
 
 
 def cluster_record(ray: Any, nodes: list[dict[str, Any]], address: str, joined: bool | None) -> dict[str, Any]:
@@ -418,7 +453,7 @@ def run_inference_ray(
             )
             # decode tasks reserve memory for one decoded photo; this also keeps Ray from fusing them into the actors,
             # so decoding overlaps inference instead of running inside the actor between batches
-            ds = ds.map(_load_row, fn_kwargs={"canvas": canvas}, num_cpus=0.5, memory=DECODE_MEMORY)
+            ds = ds.map(_load_row, fn_kwargs={"canvas": canvas}, num_cpus=DECODE_CPUS, memory=DECODE_MEMORY)
             ds = ds.map_batches(
                 _EngineActor,
                 batch_size=batch_size,
@@ -457,7 +492,7 @@ def run_inference_ray(
                                 done_at.append(float(t))
                             advance(1)
             except Exception as exc:
-                if isinstance(exc, FcosError) or not _is_ray_error(exc):
+                if not _is_ray_error(exc):  # a Ray error may also be an FcosError: RayTaskError(FcosError), the remote traceback its text
                     raise
                 raise worker_error(exc, stalled) from None
         wall = time.perf_counter() - start

@@ -65,7 +65,8 @@ def busy_note(load: dict[str, Any], spreads: dict[str, float | None]) -> dict[st
     if load["busy"]:
         notes.append(f"load average {load['load_avg_1m']:.2f} before the run, above the {load['cores']} cores this process may use")
     if noisy:
-        notes.append(f"timings vary more than {NOISY_SPREAD_PCT:g}% in " + ", ".join(noisy))
+        named = ", ".join(noisy) if len(noisy) <= 3 else f"{len(noisy)} of {len(spreads)} measurements (first: {noisy[0]})"
+        notes.append(f"timings vary more than {NOISY_SPREAD_PCT:g}% in {named}")
     return {**load, "noisy": noisy, "note": ("busy machine: " + "; ".join(notes) + ": speeds are not a quiet machine's") if notes else None}
 
 
