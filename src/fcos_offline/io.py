@@ -231,7 +231,7 @@ class OutputLock:
     """
 
     def __init__(self, folder: str | os.PathLike, verb: str, beside: bool = False) -> None:
-        self.folder = Path(os.path.abspath(folder))
+        self.folder = Path(folder).resolve()  # links followed: two spellings of one folder share one lock
         self.verb = verb
         self.path = self.folder.with_name(f".{self.folder.name}.lock") if beside else self.folder / ".fcos-lock"
         self.fd: int | None = None
@@ -251,10 +251,10 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                pid, _, verb = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
                 os.close(fd)
                 raise FcosError(
-                    f"{self.folder} is in use by another {self.verb} (pid {holder or '?'}); wait for it to finish or choose another output"
+                    f"{self.folder} is in use by another {verb or self.verb} (pid {pid or '?'}); wait for it to finish or choose another output"
                 ) from None
             except OSError as exc:  # a file system without locks
                 os.close(fd)
@@ -266,8 +266,12 @@ class OutputLock:
             if same:
                 break
             os.close(fd)  # its holder removed this file as we opened it: lock the current one
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {self.verb}".encode(), 0)  # who holds it, for the refusal line
+        except OSError as exc:
+            os.close(fd)
+            raise translate_os_error(self.path, exc) from None
         self.fd = fd
         return self
 

@@ -45,7 +45,9 @@ def end_warnings() -> None:
     """One line per kind of warning :func:`warn` held back (how many, and where they are listed); counts start again."""
     for kind, count in sorted(_WARNED.items()):
         if count > WARN_LIMIT:
-            console.print(f"[yellow]warning:[/] {count - WARN_LIMIT} more '{kind}' warnings like these, listed in summary.json", soft_wrap=True)
+            console.print(
+                f"[yellow]warning:[/] {count - WARN_LIMIT} more '{kind}' warnings like these, listed in the run's JSON summary", soft_wrap=True
+            )
     _WARNED.clear()
 
 

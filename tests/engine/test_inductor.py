@@ -293,3 +293,17 @@ def test_a_compile_cache_others_can_write_is_refused(tmp_path, monkeypatch) -> N
         user_cache("0" * 64)
     shared.chmod(0o700)
     assert (user_cache("0" * 64).stat().st_mode & 0o777) == 0o700
+
+
+def test_a_cache_folder_that_cannot_be_made_falls_back_to_a_private_temporary_one(tmp_path, monkeypatch, capsys) -> None:
+    """A read-only home (service accounts): a cold start in a fresh 0700 folder, said in one line (it refused to open)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(CACHE_ENV, str(blocker / "cache"))
+    folder = user_cache("ab" * 32)
+    try:
+        assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700 and blocker not in folder.parents
+        err = capsys.readouterr().err
+        assert "cannot use the compile cache" in err and str(folder) in err and CACHE_ENV in err
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

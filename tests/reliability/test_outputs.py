@@ -168,7 +168,7 @@ def test_every_verb_refuses_an_output_overlapping_an_input(tiny, tmp_path, capsy
 def _wait_for_holder(lock_file: Path, pid: int, proc: object = None, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if lock_file.is_file() and lock_file.read_text().strip() == str(pid):
+        if lock_file.is_file() and lock_file.read_text().split(" ")[0] == str(pid):
             return
         if proc is not None and getattr(proc, "poll", lambda: None)() is not None:
             pytest.fail(f"the first run ended early: {proc.communicate()}")  # type: ignore[attr-defined]
@@ -239,7 +239,7 @@ def test_a_lock_is_one_per_folder_and_released_by_a_killed_holder(tmp_path) -> N
         holder.kill()
         holder.wait()
     with OutputLock(folder, "infer"):  # the kernel dropped the dead holder's lock
-        assert (folder / ".fcos-lock").read_text() == str(os.getpid())
+        assert (folder / ".fcos-lock").read_text() == f"{os.getpid()} infer"
     assert not (folder / ".fcos-lock").exists()
 
 
@@ -270,6 +270,15 @@ def test_a_fresh_infer_never_removes_a_perf_file_outside_its_folder(tmp_path) ->
     check_dump_folder(out, engine, resume=False)  # type: ignore[arg-type]
     assert not inside.exists()
 
+    # the benchmark tool's layout: the perf file beside result/dumpOutput_device0, where infer writes it, is the earlier run's
+    default = _dumps(tmp_path / "result" / "dumpOutput_device0")
+    beside = default.parent / "perf_vision_batchsize_4_device_0.txt"
+    beside.write_text("the earlier run's, at another batch\n")
+    (default / STAMP).write_text(json.dumps({"key": "old model"}))
+    (default / "summary.json").write_text(json.dumps({"perf_file": str(beside)}))
+    check_dump_folder(default, engine, resume=False)  # type: ignore[arg-type]
+    assert not beside.exists(), "parse would read the earlier model's numbers"
+
 
 # --------------------------------------------------------------------------- 4. reuse keyed on content
 
@@ -295,14 +304,19 @@ def test_the_eval_set_digest_follows_the_images_bytes_not_their_size_and_time(tm
 
 
 def test_tune_and_run_hold_their_output_and_run_refuses_a_workdir_holding_an_input(tmp_path, capsys) -> None:
-    """A second tune into a --output another tune holds is refused before any work; run's --workdir must not hold its
-    checkpoint (run writes and clears folders in it), and a run into a busy work folder is refused too."""
+    """A second tune into a --output another tune holds is refused before any work, naming the holder's verb (also
+    when it is asked through a link); run's --workdir must not hold its checkpoint (run writes and clears folders in
+    it), nor lie inside a model folder (an artifact verifies every file in it)."""
     out = tmp_path / "tuned"
+    (tmp_path / "link").symlink_to(tmp_path)
     with OutputLock(out, "tune"):
         code, stdout, err = cli(capsys, "tune", "--output", out)
         record("a second tune into one --output", "tune", code, err, "refused in one line")
         assert_clean(code, stdout, err, 1, "in use by another tune")
         _one_line(err)
+        with pytest.raises(Exception, match="in use by another tune"):  # the holder's verb; the same folder through a link
+            with OutputLock(tmp_path / "link" / "tuned", "run"):
+                pass
     assert not (out / "tune.json").exists()
     ckpt = tmp_path / "models" / "m.pth"
     ckpt.parent.mkdir()
@@ -312,3 +326,20 @@ def test_tune_and_run_hold_their_output_and_run_refuses_a_workdir_holding_an_inp
     assert_clean(code, stdout, err, 2, "an output never overlaps an input")
     _one_line(err)
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["m.pth"]
+
+
+def test_no_output_inside_a_model_folder(tiny, tmp_path, capsys) -> None:
+    """An artifact verifies every file in its folder: dumps written inside it would make it unusable, so infer refuses
+    an --output there (it was allowed as 'inside an input')."""
+    from fcos_offline.engine.base import ConvertRequest
+    from fcos_offline.engine.convert import convert
+
+    art = tmp_path / "art"
+    convert(tiny.onnx, "onnxruntime", art, ConvertRequest(batch_size=1))
+    images = _images(tmp_path / "images")
+    before = _snapshot(art)
+    code, stdout, err = cli(capsys, "infer", "--model", art, "--images", images, "--output", art / "dumpOutput_device0")
+    record("infer --output inside its model's artifact folder", "infer", code, err, "refused in one line before anything is written")
+    assert_clean(code, stdout, err, 2, "an output never overlaps an input")
+    _one_line(err)
+    assert _snapshot(art) == before

@@ -230,6 +230,18 @@ def test_corrupt_jpeg_data_is_refused(kind) -> None:
     assert decode_image(jpeg_bytes(seed=1), "good.jpg").shape == (72, 96, 3)
 
 
+def test_bytes_left_before_the_end_marker_name_both_readings() -> None:
+    """libjpeg reports bit rot in the scan and padding after a whole picture alike ('N extraneous bytes before marker
+    0xd9'): refused, with both readings and what to do about the second named."""
+    from fcos_offline.data.preprocess import decode_image
+    from fcos_offline.errors import BadFileError
+
+    good = jpeg_bytes(seed=1)
+    for data in (good[:-2] + b"\x00" * 10 + b"\xff\xd9", _corrupt("flipped bytes in the scan")):
+        with pytest.raises(BadFileError, match=r"extraneous bytes before marker 0xd9\): bit rot in the scan, or padding .* re-save"):
+            decode_image(data, "leftover.jpg")
+
+
 @pytest.mark.parametrize("verb", ["preprocess", "infer (workers)"])
 def test_corrupt_jpegs_are_skipped_by_name(verb, tiny, tmp_path, capsys) -> None:
     images = tmp_path / "images"
@@ -339,3 +351,14 @@ def test_a_named_pipe_named_like_our_stamp_is_not_read(tmp_path) -> None:
     code = f"from fcos_offline.io import read_stamp; assert read_stamp({str(fifo)!r}) == {{}}"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_info_columns_aligned_with_runs_of_spaces_still_name_the_files(tmp_path) -> None:
+    """'0  a.jpg  640 480' or tab-separated columns parse to the file's path (a verbatim path kept the padding)."""
+    from fcos_offline.data.info import read_info
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(jpeg_bytes(seed=1))
+    info = tmp_path / "aligned.info"
+    info.write_text(f"0  {image}  96 72\n1\t{image}\t96\t72\n")
+    assert [e.path for e in read_info(info)] == [str(image), str(image)]

@@ -51,7 +51,7 @@ def _check_report(root: Path, report: dict, n_configs: int) -> None:
         assert (root / png).stat().st_size > 1000 and (root / png).read_bytes()[:4] == b"\x89PNG"
     md = (root / "report.md").read_text()
     assert "| model | online mAP % (PyTorch) | offline mAP % (engine) | Δ mAP (points) |" in md
-    assert "| engine img/s | end-to-end img/s | engine ms/batch p50 | p99 |" in md
+    assert "| engine img/s | end-to-end img/s | engine ms/batch p50 | p90 | p99 |" in md
     assert md.count("\n| onnxruntime") + md.count("\n| openvino") == len([e for e in on_disk["entries"] if e["mode"] == "offline"])
 
 
@@ -123,7 +123,7 @@ def test_workdir_lock_refuses_a_second_run(tmp_path: Path, capsys) -> None:
     # a lock file a killed run left (its pid dead, no process holding the lock) is taken over
     (root / ".fcos-lock").write_text(str(2**22 + 12345))
     with OutputLock(root, "run"):
-        assert (root / ".fcos-lock").read_text() == str(os.getpid())
+        assert (root / ".fcos-lock").read_text() == f"{os.getpid()} run"
 
 
 def test_usage_errors(capsys) -> None:

@@ -81,7 +81,8 @@ def _check_infer_output(args: argparse.Namespace) -> None:
         from fcos_offline.engine.infer import items_from_info
 
         listed = {os.path.dirname(os.path.abspath(i.path)) for i in items_from_info(args.input_info)}
-    check_output_apart([args.output], [args.model, args.checkpoint, args.images, args.input_info, *sorted(listed)], inside_ok=True)
+    check_output_apart([args.output], [args.model, args.checkpoint])  # never inside a model folder: an artifact verifies every file in it
+    check_output_apart([args.output], [args.images, args.input_info, *sorted(listed)], inside_ok=True)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -53,7 +53,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         vis_images=args.vis_images,
         overrides=overrides_from_args(args),
     )
-    check_output_apart([args.workdir], [args.checkpoint, args.model, args.coco, args.images, args.annotations], inside_ok=True)
+    check_output_apart([args.workdir], [args.checkpoint, args.model])  # never inside a model folder: an artifact verifies every file in it
+    check_output_apart([args.workdir], [args.coco, args.images, args.annotations], inside_ok=True)
     report = run(opts)
     title = f"fcos-offline results — {report['num_images']} images, {report['shape'][0]}x{report['shape'][1]}"
     busy = report["machine_load"]["note"]

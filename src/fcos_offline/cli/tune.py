@@ -64,7 +64,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print(
         f"chosen: {chosen['label']}, threads {chosen['threads'] or 'auto'}, batch {chosen['batch_size']}: "
         f"mAP {map_text(chosen['bbox_mAP'], 2)} (drop {chosen['map_drop']:+.2f}{spread} points, budget {opts.max_map_drop:g}), "
-        f"{chosen['ms_per_img']:.1f} ms/img = {chosen['speedup_vs_reference']:.2f}x ONNX Runtime default fp32 ({ref['ms_per_img']:.1f} ms/img)"
+        f"{chosen['ms_per_img']:.1f} ms/img = {chosen['speedup_vs_reference']:.2f}x ONNX Runtime default fp32 "
+        f"({chosen.get('reference_ms') or ref['ms_per_img']:.1f} ms/img, timed in the same phase)"
     )
     check = result.get("accuracy_check") or {}
     agreement = chosen.get("agreement")
@@ -101,7 +102,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _age(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    """How long before the re-timing a row was timed (``after`` for a row timed later)."""
+    span = abs(seconds)
+    text = f"{span / 60:.0f} min" if span >= 90 else f"{span:.0f} s"
+    return text if seconds >= 0 else f"{text} after"
 
 
 def format_table(result: dict[str, Any]) -> Any:
@@ -127,8 +131,8 @@ def format_table(result: dict[str, Any]) -> Any:
     ]
     if retimed_at:
         legend.append(
-            "· = not re-timed in the final interleaved rounds with the reference and the finalists: its timing is the age shown "
-            "older, and its speedup is against the reference's own first timing."
+            "· = not re-timed in the final interleaved rounds with the reference and the finalists: timed the age shown "
+            "before them (or after), and its speedup is against the reference's timing of that phase (reference_ms in tune.json)."
         )
     busy = (result.get("machine_load") or {}).get("note")
     if busy:

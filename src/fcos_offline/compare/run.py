@@ -309,7 +309,8 @@ def compare(opts: CompareOptions) -> CompareResult:
     if opts.max_map_drop is not None and not opts.annotations:
         raise UsageError("--max-map-drop judges B by its mAP: give --annotations (and --images, or --info for dump folders)")
     out = Path(opts.output)
-    check_output_apart([out], [opts.a, opts.b, opts.images, opts.annotations, opts.info_file], inside_ok=True)  # inputs: never listed below
+    check_output_apart([out], [opts.a, opts.b])  # never inside a side: an artifact verifies every file in its folder
+    check_output_apart([out], [opts.images, opts.annotations, opts.info_file], inside_ok=True)  # inputs: never listed below
     with OutputLock(out, "compare"):
         return _compare(opts, out)
 

@@ -132,7 +132,8 @@ def read_info(path: str | os.PathLike) -> list[InfoEntry]:
     """Parse an .info file; a malformed line raises FcosError naming the file and line number.
 
     The index is the first field and the sizes the last two; the path is everything between them,
-    kept verbatim (any number of spaces, as :func:`format_info` wrote it). Blank lines are ignored.
+    kept verbatim (any number of spaces, as :func:`format_info` wrote it) unless only its stripped form
+    names a file (columns aligned with runs of spaces or tabs). Blank lines are ignored.
     """
     text = read_text_bounded(path, 256 << 20, "info file")
     entries: list[InfoEntry] = []
@@ -151,5 +152,8 @@ def read_info(path: str | os.PathLike) -> list[InfoEntry]:
             raise FcosError(f"{where}: index, width and height must be integers, got {_shown(line)}") from None
         if width <= 0 or height <= 0:
             raise FcosError(f"{where}: width and height must be positive, got {_shown(line)}")
-        entries.append(InfoEntry(index, fields[2], width, height))
+        listed = fields[2]
+        if listed != listed.strip() and not os.path.exists(listed):  # columns aligned with runs of spaces or tabs
+            listed = listed.strip()
+        entries.append(InfoEntry(index, listed, width, height))
     return entries

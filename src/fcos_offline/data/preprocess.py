@@ -126,21 +126,31 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 #: what libjpeg prints (and OpenCV passes over) when the data it decodes is damaged
 _LIBJPEG_CORRUPT = ("Corrupt JPEG data", "Premature end of JPEG file")
+#: libjpeg's report of bytes left over when the picture ended before the end marker: bit rot in the scan reads so,
+#: and so does padding a writer left after a whole picture (which cv2.imread uses); the two cannot be told apart
+_LIBJPEG_LEFTOVER = "extraneous bytes before marker 0xd9"
 _STDERR_LOCK = threading.Lock()
+_SINK: list[Any] = []  # this process's one file that libjpeg's warnings are caught in (made on first use)
 
 
-def _imdecode_with_stderr(data: bytes) -> tuple[np.ndarray | None, str]:
-    """``cv2.imdecode`` and what it printed on file descriptor 2 meanwhile (libjpeg warns there, never raising).
+def _imdecode_with_stderr(data: bytes) -> tuple[np.ndarray | None, list[str]]:
+    """``cv2.imdecode`` and libjpeg's lines on file descriptor 2 meanwhile (it warns there, never raising).
 
-    One thread at a time redirects the descriptor; whatever else reached it meanwhile (another
-    thread's progress line) is passed on, so only the decoder's own lines are kept.
+    One thread at a time redirects the descriptor into one scratch file per process; whatever else
+    reached it meanwhile (another thread's progress line) is passed on. Without a descriptor 2 or a
+    scratch file (a full or read-only temporary folder) it decodes without looking.
     """
-    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+    with _STDERR_LOCK:
         sys.stderr.flush()
         try:
+            if not _SINK:
+                _SINK.append(tempfile.TemporaryFile())  # noqa: SIM115 - kept open for the process's life, reused per decode
+            sink = _SINK[0]
+            sink.seek(0)
+            sink.truncate()
             saved = os.dup(2)
-        except OSError:  # no descriptor 2 (a daemon): what libjpeg prints is lost anyway
-            return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR), ""
+        except OSError:
+            return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR), []
         try:
             os.dup2(sink.fileno(), 2)
             img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
@@ -153,13 +163,15 @@ def _imdecode_with_stderr(data: bytes) -> tuple[np.ndarray | None, str]:
     others = "".join(line for line in printed.splitlines(keepends=True) if not line.startswith(_LIBJPEG_CORRUPT))
     if others:
         os.write(2, others.encode())
-    return img, "; ".join(ours)
+    return img, ours
 
 
 def decode_image(data: bytes, name: object) -> np.ndarray:
     """An image file's bytes (``name``: where they came from) decoded as :func:`read_image` does;
     refused first: no bytes, more declared pixels than :func:`max_image_pixels`, a truncated file;
-    refused after: a JPEG libjpeg reports as corrupt while decoding it (the picture would be partly garbage)."""
+    refused after: a JPEG libjpeg reports as corrupt while decoding it (the picture would be partly garbage). Bytes
+    left over before the end marker are refused too, with both readings named: bit rot in the scan reads that way,
+    and so does padding after a whole picture, which the recipe's ``cv2.imread`` would use (re-save such a file)."""
     if not data:
         raise BadFileError(name, "empty file (0 bytes)")
     size = declared_size(data)
@@ -170,9 +182,15 @@ def decode_image(data: bytes, name: object) -> np.ndarray:
     if problem:
         raise BadFileError(name, problem)
     if data[:2] == b"\xff\xd8":
-        img, corrupt = _imdecode_with_stderr(data)
-        if corrupt and img is not None:
-            raise BadFileError(name, f"corrupt JPEG (libjpeg: {corrupt}); its picture would be partly wrong")
+        img, lines = _imdecode_with_stderr(data)
+        if lines and img is not None:
+            if all(_LIBJPEG_LEFTOVER in line for line in lines):
+                raise BadFileError(
+                    name,
+                    f"corrupt JPEG (libjpeg: {'; '.join(lines)}): bit rot in the scan, or padding after a whole picture; "
+                    "if the picture looks right, re-save the file",
+                )
+            raise BadFileError(name, f"corrupt JPEG (libjpeg: {'; '.join(lines)}); its picture would be partly wrong")
     else:
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:

@@ -446,6 +446,7 @@ def run_inference_ray(
         per_actor: dict[str, list[float]] = {}
         load_s: list[float] = []
         done_at: list[float] = []
+        timed: list[tuple[float, float]] = []  # (when it finished, engine seconds per image), for the spread over time
         if todo:
             ray.data.DataContext.get_current().wait_for_min_actors_s = timeout  # a pool that cannot start fails, never hangs
             ds = ray.data.from_items(
@@ -490,6 +491,7 @@ def run_inference_ray(
                                 per_actor.setdefault(str(actor), []).append(float(i_s))
                                 load_s.append(float(l_s))
                                 done_at.append(float(t))
+                                timed.append((float(t), float(i_s)))
                             advance(1)
             except Exception as exc:
                 if not _is_ray_error(exc):  # a Ray error may also be an FcosError: RayTaskError(FcosError), the remote traceback its text
@@ -526,7 +528,7 @@ def run_inference_ray(
             output_dir=str(out),
             warmup=0,
             loop=1,
-            engine_spread_pct=segment_spread_pct(infer_all),
+            engine_spread_pct=segment_spread_pct([s for _, s in sorted(timed)]),  # in the order the images finished
             distributed={
                 "framework": f"ray {ray.__version__}",
                 "address": address,

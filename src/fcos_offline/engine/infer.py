@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -287,8 +288,9 @@ def check_dump_folder(out: Path, engine: Engine, resume: bool) -> None:
                 )
             )
         perf = read_stamp(out / "summary.json").get("perf_file")  # the earlier run's perf file, which parse would read
-        perf_path = Path(perf) if isinstance(perf, str) and Path(perf).name.startswith("perf_") else None
-        inside = perf_path is not None and out.resolve() in perf_path.resolve().parents  # never remove outside the output
+        perf_path = Path(perf) if isinstance(perf, str) and PERF_NAME.fullmatch(Path(perf).name) else None
+        # never outside the output: only where infer itself writes it by default (beside a dumpOutput* folder, else inside)
+        inside = perf_path is not None and perf_path.resolve().parent == default_perf_dir(out).resolve()
         for p in [*dumps, out / "summary.json", *([perf_path] if inside and perf_path else [])]:
             p.unlink(missing_ok=True)  # its summary too: an interrupted run must not inherit it
         left = f"; its perf file {perf_path} is outside {out} and was left as it is" if perf_path and not inside else ""
@@ -413,6 +415,7 @@ def run_inference(
             return kept
     canvas = engine.input_hw
     workers = default_workers(engine, todo) if workers is None else cap_workers(workers)
+    per_image: list[float] = []  # engine seconds per image of each batch, in run order (its spread)
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     infer_total = 0.0
     skipped: list[dict[str, str]] = []
@@ -448,6 +451,7 @@ def run_inference(
         dets, labels, t_infer = run_timed(call, loop)
         infer_total += t_infer
         times["infer"].append(t_infer)
+        per_image.append(t_infer / len(batch))  # a short last batch is not a fast moment
         if writing is not None:
             writing.result()  # the previous batch's dumps are on disk (or its error is raised here)
         writing = writer.submit(write, batch, dets, labels)
@@ -494,14 +498,24 @@ def run_inference(
         output_dir=str(out),
         warmup=warmup,
         loop=loop,
-        engine_spread_pct=segment_spread_pct(times["infer"]),
+        engine_spread_pct=segment_spread_pct(per_image),
     )
     return write_summary(summary, out, device_id, perf_dir)
 
 
+#: the benchmark tool's perf file names (:func:`data.perf.perf_file_name`)
+PERF_NAME = re.compile(r"perf_vision_batchsize_\d+_device_\d+\.txt")
+
+
+def default_perf_dir(out: Path) -> Path:
+    """Where the perf file of dumps in ``out`` goes without ``--perf-dir``: beside a ``dumpOutput*`` folder (the
+    benchmark tool's layout), else in ``out``."""
+    return out.parent if out.name.startswith("dumpOutput") else out
+
+
 def write_summary(summary: InferSummary, out: Path, device_id: int = 0, perf_dir: str | os.PathLike | None = None) -> InferSummary:
-    """The vendor perf file (beside ``dumpOutput_*`` folders, else in ``out``) and ``summary.json``."""
-    perf_target = Path(perf_dir) if perf_dir else (out.parent if out.name.startswith("dumpOutput") else out)
+    """The vendor perf file (:func:`default_perf_dir` unless ``perf_dir``) and ``summary.json``."""
+    perf_target = Path(perf_dir) if perf_dir else default_perf_dir(out)
     summary.perf_file = str(write_perf_file(perf_target / perf_file_name(summary.batch_size, device_id), perf_stats(summary)))
     atomic_write_json(out / "summary.json", summary.to_dict())
     return summary

@@ -41,9 +41,9 @@ SEGMENTS = 5
 
 
 def segment_spread_pct(batch_seconds: list[float], segments: int = SEGMENTS) -> float | None:
-    """How much one pass over many inputs varies in speed: the batches are cut into up to ``segments``
-    consecutive segments of equal count, and this is :func:`spread_pct` of the segments' engine
-    times. A segment averages the batches' content (NMS time follows the detections) and keeps
+    """How much one pass over many inputs varies in speed: the batches' times (per image, so a short last
+    batch is not a fast moment) are cut into up to ``segments`` consecutive segments of equal count, and
+    this is :func:`spread_pct` of the segments' total times. A segment averages the batches' content (NMS time follows the detections) and keeps
     what changes over time (another process taking the cores). None with fewer than
     :data:`MIN_RUNS_FOR_SPREAD` segments of at least :data:`MIN_RUNS_FOR_SPREAD` batches."""
     n = min(segments, len(batch_seconds) // MIN_RUNS_FOR_SPREAD)

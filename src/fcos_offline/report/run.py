@@ -239,7 +239,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
         )
     if opts.batch_sizes is not None and any(b < 1 for b in opts.batch_sizes):  # usage errors first, before any file is looked at
         raise UsageError("batch sizes must be >= 1")
-    device = opts.device or "cpu"
+    source = resolve_model(opts.model) if opts.model else None  # before any data is made or exported
+    recorded = source.artifact.engine_options if source and source.artifact else None
+    device = opts.device or (recorded.device if recorded else None) or "cpu"  # the online side runs where the artifact runs
     if device.lower().split(":")[0] not in DEFAULT_ENGINES:
         raise UsageError(f"run --device takes cpu or cuda (cuda:N), not {device!r}")
     engines = opts.engines or default_engines(device)
@@ -251,7 +253,6 @@ def run(opts: RunOptions) -> dict[str, Any]:
     checkpoint = Path(opts.checkpoint) if opts.checkpoint else DEMO_CHECKPOINT
     if not checkpoint.is_file():
         raise FcosError(f"{checkpoint}: no such checkpoint")
-    source = resolve_model(opts.model) if opts.model else None  # before any data is made or exported
     model_canvas, model_batches = model_defaults(source)
     if opts.shape and model_canvas and tuple(opts.shape) != model_canvas:
         raise UsageError(

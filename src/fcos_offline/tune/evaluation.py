@@ -80,16 +80,3 @@ def drop_spread(data: TuneData, reference: Path, best: Path, budget: float, flag
             f"{budget:g}-point budget: about {needed} images ({flag} {needed}) would judge it to +-{budget / 3:.2f}"
         )
     return out
-
-
-def warn_if_loosely_judged(spread: dict[str, Any] | None, holdout: dict[str, Any] | None, budget: float) -> None:
-    """Warn when the images that judged the chosen drop (held-out ones where checked) leave it uncertain by more than a third of the budget."""
-    se = holdout["map_drop_se"] if holdout else (spread or {}).get("se_points")
-    if se is None or budget <= 0 or se <= budget / 3:
-        return
-    n = (holdout or spread or {})["images"]
-    more = "--holdout-images" if holdout else "--eval-images, or held-out images: --holdout-images"
-    warn(
-        f"the chosen configuration's mAP drop is judged to +-{se:.2f} points (standard error, {n} images), more than a third "
-        f"of the {budget:g}-point budget; more images ({more}) would judge it closer"
-    )

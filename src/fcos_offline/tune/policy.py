@@ -43,7 +43,7 @@ def spread_criterion(se_points: float | None, images: int, budget: float) -> tup
             return AGREEMENT, f"{images} images are too few to measure how much of an mAP drop the image sample decides"
         return AGREEMENT, (
             f"on {images} images the mAP drop is judged only to +-{se_points:.2f} points (standard error), more than a third "
-            f"of the {budget:g}-point budget, and no held-out images are left"
+            f"of the {budget:g}-point budget, with no held-out images left to judge it on (or --holdout-images 0)"
         )
     return MAP, f"mAP drop within {budget:g} points"
 

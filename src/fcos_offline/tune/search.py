@@ -75,7 +75,7 @@ from fcos_offline.progress import info, warn
 from fcos_offline.tune import policy
 from fcos_offline.tune import sensitivity as sens
 from fcos_offline.tune.builds import ModelBuilder, model_size_mb
-from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, output_agreement, warn_if_loosely_judged
+from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, output_agreement
 from fcos_offline.tune.inputs import BEST_DIR, TuneOptions, holdout_data, prepare_data, prepare_model, validate
 from fcos_offline.tune.quantize import vnni_cpu
 from fcos_offline.tune.space import ORT_QDQ_DEFAULT, Candidate, candidate_list, sweep_variants
@@ -266,7 +266,7 @@ class Tuner:
             return None
         ref = st.trials.get(self.ref_key)
         ref_map = bbox_map if ref is None else ref.bbox_mAP
-        ref_ms = speed["ms_per_img"] if ref is None else ref.first_ms  # timed in the same phase as this trial
+        ref_ms = speed["ms_per_img"] if ref is None else ref.ms_per_img  # the reference's timing of this phase
         drop = 100.0 * (ref_map - bbox_map)
         trial = Trial(
             candidate=cand,
@@ -290,6 +290,7 @@ class Tuner:
             agreement=agreement,
             spread_pct=speed.get("spread_pct"),
             timed_at=time.time(),
+            reference_ms=ref_ms,
         )
         trial.within_budget = policy.judged_within(trial, self.criterion, self.opts.max_map_drop)
         st.add(trial, evaluated=evaluate)
@@ -427,7 +428,7 @@ class Tuner:
         finalists the same conditions. Their ``ms_per_img`` become the medians of these runs (the
         first measurement stays in ``ms_per_img_first``) and their speedups are taken against the
         re-timed reference; every other trial keeps its own timing and its speedup against the
-        reference's first timing (``confirmed_runs`` None marks it, ``timed_at`` dates it).
+        reference's timing of its phase (``reference_ms``; ``confirmed_runs`` None marks it, ``timed_at`` dates it).
         """
         from fcos_offline.engine.timing import time_interleaved
 
@@ -458,9 +459,9 @@ class Tuner:
                 t.ms_per_img_first = t.ms_per_img
             t.ms_per_img, t.img_per_s, t.confirmed_runs = timing.ms_per_img, timing.img_per_s, len(timing.seconds)
             t.spread_pct, t.timed_at = timing.spread_pct, now
-        ref = trials[self.ref_key]
-        for t in trials.values():
-            ref_ms = ref.ms_per_img if t.confirmed_runs else ref.first_ms  # the reference timed alongside it
+        ref_ms = trials[self.ref_key].ms_per_img
+        for t in chosen:  # the others keep the speedup against the reference timing of their own phase
+            t.reference_ms = ref_ms
             t.speedup_vs_reference = ref_ms / t.ms_per_img if t.ms_per_img > 0 else 0.0
         self.state.confirmation = {"keys": keys, "rounds": rounds, "runs_per_round": per_round, "at": now}
         self.save()
@@ -650,8 +651,6 @@ class Tuner:
             if criterion == policy.MAP:
                 break
             self.set_criterion(criterion, why)  # the images cannot resolve the budget: judge by agreement and choose again
-        if self.criterion == policy.MAP:
-            warn_if_loosely_judged(spread, holdout, self.opts.max_map_drop)
         chosen = {
             **best_trial.to_dict(),
             "reason": reason,

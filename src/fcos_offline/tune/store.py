@@ -52,6 +52,7 @@ class Trial:
     agreement: dict[str, Any] | None = None  # its outputs against the reference's on the eval images (compare's figures)
     spread_pct: float | None = None  # how much its timed runs varied (engine.timing.spread_pct)
     timed_at: float = 0.0  # when it was timed (Unix time): a row not re-timed with the others shows its age
+    reference_ms: float | None = None  # the reference's ms/img its speedup was taken against (timed in the same phase)
 
     @property
     def key(self) -> str:

@@ -30,6 +30,7 @@ import io
 import os
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +42,8 @@ from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact
 from fcos_offline.engine.base import Converted, ConvertRequest, Engine, EngineConfig, EngineOptions, ModelSource, check_canvas
 from fcos_offline.engine.torch_runtime import DeviceFeed, device_info, set_fp32_mode, torch_device
 from fcos_offline.errors import FcosError, UsageError, first_line, require
-from fcos_offline.io import atomic_write_bytes, file_digest, translate_os_error
+from fcos_offline.io import atomic_write_bytes, file_digest
+from fcos_offline.progress import warn
 
 if TYPE_CHECKING:
     from fcos_offline.model.checkpoint import ModelOverrides
@@ -99,7 +101,8 @@ def user_cache(key: str) -> Path:
     ``$XDG_CACHE_HOME/fcos-offline``, ``~/.cache/fcos-offline``) ``/inductor/<key>``.
 
     Folders are created with mode 0700; one that another user owns or others may write is refused
-    (its compiled code would be loaded).
+    (its compiled code would be loaded). Where the folder cannot be made (a read-only home, as some
+    service accounts have), a fresh private temporary folder is used instead, and said: a cold start.
     """
     base = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "fcos-offline")
     root = Path(base)
@@ -109,7 +112,9 @@ def user_cache(key: str) -> Path:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = os.stat(d)
         except OSError as exc:
-            raise translate_os_error(d, exc) from None
+            fresh = Path(tempfile.mkdtemp(prefix="fcos-offline-inductor-"))  # mode 0700, ours alone
+            warn(f"cannot use the compile cache {d} ({exc.strerror or exc}); compiling in {fresh} this time (set {CACHE_ENV})")
+            return fresh
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
             raise FcosError(
                 f"{d}: the compile cache must be a folder of yours that others cannot write (its compiled code is loaded); "
