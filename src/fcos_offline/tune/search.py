@@ -216,7 +216,7 @@ class Tuner:
                 "eval_images": len(self.data.eval_set.items),
             },
             "units": {**JSON_UNITS, "speedup_vs_reference": "times the reference's speed"},
-            "machine_load": busy_note(self.load, {t.label + f" bs{t.candidate.batch_size}": t.spread_pct for t in self.state.trials.values()}),
+            "machine_load": busy_note(self.load, {t.key: t.spread_pct for t in self.state.trials.values()}),  # one entry per trial
         }
         save_state(self.out / TUNE_FILE, header, self.state, {"chosen": self.chosen, "elapsed_s": _now() - self.start})
 
