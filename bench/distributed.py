@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fcos_offline.engine.cpu import cpu_count
+from fcos_offline.cpu import cpu_count
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
 
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from fcos_offline.cpu import cpu_description
     from fcos_offline.demo import DEMO_CHECKPOINT
     from fcos_offline.demo.synthetic import DEMO_CANVAS, make_demo_data
     from fcos_offline.engine.backends import EngineOptions, open_engine
-    from fcos_offline.engine.cpu import cpu_description
     from fcos_offline.engine.distributed import run_inference_ray
     from fcos_offline.engine.infer import items_from_images, run_inference
     from fcos_offline.export.onnx_export import export_checkpoint

@@ -8,7 +8,7 @@ configuration (size x batch x engine) is opened through ``fcos_offline.engine.ba
 exactly as ``fcos-offline infer`` opens it, warmed up, then timed ``--repeats`` times on the same
 preprocessed-looking batch. Engines:
 
-* ``torch``   -- PyTorch eager from the checkpoint (``FCOSDetector``), the "online" baseline;
+* ``torch``   -- PyTorch eager from the checkpoint (``DetectorWithPost``), the "online" baseline;
 * ``ort``     -- ONNX Runtime, CPU execution provider, all graph optimisations (the default);
 * ``ov``      -- OpenVINO CPU with no precision hint (``--precision auto``): the plugin's default,
   bf16 on CPUs that have it (AVX512-BF16 / AMX), else f32;
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
 
-from fcos_offline.engine.cpu import cpu_count
+from fcos_offline.cpu import cpu_count
 from fcos_offline.errors import first_line
 
 ENGINES = {
@@ -143,7 +143,7 @@ def time_engine(name: str, files: dict[str, str], hw: tuple[int, int], batch: np
 def machine() -> dict:
     import onnxruntime
 
-    from fcos_offline.engine.cpu import cpu_description
+    from fcos_offline.cpu import cpu_description
 
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": cpu_count(), "onnxruntime": onnxruntime.__version__}
     info.update(cpu_description())

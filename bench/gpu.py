@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from r50 import build_r50, set_candidates  # bench/r50.py: the shared random-weight FCOS-R50
 
-from fcos_offline.engine.cpu import cpu_count
+from fcos_offline.cpu import cpu_count
 from fcos_offline.errors import first_line
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
 
-from fcos_offline.engine.cpu import cpu_count
+from fcos_offline.cpu import cpu_count
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from fcos_offline.cpu import cpu_description, describe_cpu
     from fcos_offline.data.preprocess import list_images
     from fcos_offline.engine.backends import EngineOptions, open_engine
-    from fcos_offline.engine.cpu import cpu_description, describe_cpu
     from fcos_offline.engine.timing import time_engine
     from fcos_offline.export.onnx_export import export_onnx
     from fcos_offline.tune import quantize as q

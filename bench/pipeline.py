@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
+    from fcos_offline.cpu import cpu_description, describe_cpu
     from fcos_offline.data.preprocess import list_images, preprocess_image, read_image
     from fcos_offline.engine.backends import EngineOptions, open_engine
-    from fcos_offline.engine.cpu import cpu_description, describe_cpu
     from fcos_offline.engine.infer import items_from_images, run_inference
     from fcos_offline.engine.timing import warm_up
 

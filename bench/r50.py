@@ -29,14 +29,15 @@ def build_r50(
 
     import torch
 
-    from fcos_offline.model.config import FCOSConfig
-    from fcos_offline.model.fcos import FCOS, FrozenBatchNorm2d
+    from fcos_offline.model.backbone import FrozenBatchNorm2d
+    from fcos_offline.model.config import DetectorConfig
+    from fcos_offline.model.detector import Detector
 
     torch.manual_seed(seed)
-    cfg = FCOSConfig()
+    cfg = DetectorConfig()
     if head_norm == "gn":
         cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, norm="gn", conv_bias=False))
-    model = FCOS(cfg).eval()
+    model = Detector(cfg).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     if he_init:  # keeps activations in range through 50 layers
         for m in model.modules():

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from fcos_offline.engine.cpu import cpu_count
+from fcos_offline.cpu import cpu_count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import openvino as ov
 
-    from fcos_offline.engine.cpu import cpu_description, describe_cpu
+    from fcos_offline.cpu import cpu_description, describe_cpu
 
     print(describe_cpu(cpu_description()), flush=True)
     h, w = (int(v) for v in args.shape.split("x"))

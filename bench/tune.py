@@ -5,7 +5,7 @@
     python bench/tune.py --demo-tune tuned/ --sizes 800x1333 --runs 5
     python bench/tune.py --demo-tune tuned/ --sizes 800x1333 --search     # + tune's own search on the R50
 
-The model is ``FCOS(FCOSConfig())`` — mmdet's FCOS-R50-caffe, no-GN head, 80 classes — with
+The model is ``Detector(DetectorConfig())`` — mmdet's FCOS-R50-caffe, no-GN head, 80 classes — with
 random weights whose frozen-BN statistics are set from a real forward pass and then perturbed
 (non-trivial BN), and a head rescaled so that a realistic number of boxes reaches NMS (cls logits
 ~ N(-5.5, 0.8): about a thousand (point, class) pairs above 0.05 at 800x1333; distances of a few
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from r50 import build_r50  # bench/r50.py: the shared random-weight FCOS-R50
 
-from fcos_offline.engine.cpu import cpu_count
+from fcos_offline.cpu import cpu_count
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "coco-val2017-sample" / "val2017"
@@ -91,10 +91,10 @@ def main(argv=None) -> int:
 
     import torch
 
+    from fcos_offline.cpu import cpu_description, describe_cpu
     from fcos_offline.data.preprocess import list_images
     from fcos_offline.engine.backends import EngineOptions, open_engine
     from fcos_offline.engine.backends.openvino import onnx_to_ir
-    from fcos_offline.engine.cpu import cpu_description, describe_cpu
     from fcos_offline.export.onnx_export import export_onnx
     from fcos_offline.tune import quantize as q
 

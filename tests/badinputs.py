@@ -466,7 +466,7 @@ def resnet_checkpoint(folder: Path, name: str = "resnet.pth") -> Path:
     import torch
     from conftest import fcos_config
 
-    from fcos_offline.model.fcos import ResNet
+    from fcos_offline.model.backbone import ResNet
 
     sd = dict(ResNet(fcos_config(stem=4, planes=(4, 8, 16, 32)).backbone).state_dict())
     sd["fc.weight"], sd["fc.bias"] = torch.zeros(10, 128), torch.zeros(10)

@@ -131,13 +131,19 @@ def fcos_config(
     bn_impl: str = "mmdet",
     input_adapter: str = "none",
     layout: str = "mmdet",
+    family: str = "fcos",
+    extra_on: str = "output",
 ):
-    """A small :class:`FCOSConfig`. ``layout='torchvision'`` sets every torchvision-fixed setting."""
-    from fcos_offline.model.config import BackboneConfig, FCOSConfig, HeadConfig, NeckConfig, default_post_config
+    """A small :class:`DetectorConfig`. ``layout='torchvision'`` sets every torchvision-fixed setting;
+    ``family`` picks the head (RetinaNet, ATSS: mmdet's published anchor and coder settings)."""
+    from fcos_offline.model.checkpoint import ANCHOR_DEFAULTS
+    from fcos_offline.model.config import BackboneConfig, DetectorConfig, HeadConfig, NeckConfig, default_post_config
 
     if layout == "torchvision":
-        style, bn_impl, norm, norm_on_bbox, centerness_on_reg, use_scale = "pytorch", "torchvision", "gn", True, True, False
+        style, bn_impl, norm, norm_on_bbox, centerness_on_reg, use_scale = "pytorch", "torchvision", "gn" if family == "fcos" else norm, True, True, False
         rule, input_adapter = "torchvision", "torchvision"
+    if family == "atss":
+        use_scale = True
     expansion = 4 if block == "bottleneck" else 1
     outs = tuple(p * expansion for p in planes)
     feat = feat or fpn
@@ -148,12 +154,14 @@ def fcos_config(
         stacked_convs=stacked_convs,
         norm=norm,
         gn_groups=32 if feat % 32 == 0 else feat,
-        conv_bias=(norm == "none" or layout == "torchvision"),
+        conv_bias=(norm == "none" or (layout == "torchvision" and family == "fcos")),
         use_scale=use_scale,
         norm_on_bbox=norm_on_bbox,
         centerness_on_reg=centerness_on_reg,
+        family=family,  # type: ignore[arg-type]
+        **ANCHOR_DEFAULTS.get(family, {}),
     )
-    return FCOSConfig(
+    return DetectorConfig(
         backbone=BackboneConfig(
             stage_blocks=tuple(stage_blocks),
             stage_planes=tuple(planes),
@@ -163,9 +171,9 @@ def fcos_config(
             style=style,
             bn_impl=bn_impl,
         ),
-        neck=NeckConfig(in_channels=outs[1:], out_channels=fpn),
+        neck=NeckConfig(in_channels=outs[1:], out_channels=fpn, extra_on=extra_on, relu_before_extra=family == "fcos" or layout == "torchvision"),
         head=head,
-        post=default_post_config(rule),
+        post=default_post_config(rule, family),
         input_adapter=input_adapter,
     )
 
@@ -180,7 +188,7 @@ def randomize_bn(model, seed: int = 0, calibrate_with=None) -> None:
     """
     import torch
 
-    from fcos_offline.model.fcos import FrozenBatchNorm2d
+    from fcos_offline.model.backbone import FrozenBatchNorm2d
 
     gen = torch.Generator().manual_seed(seed)
 
@@ -222,17 +230,17 @@ def calibrate_head(model, x, seed: int = 0, cls_std: float = 2.0, cls_mean: floa
     """
     import torch
 
+    from fcos_offline.model.heads.spec import head_spec
+
     head = model.bbox_head
+    spec = head_spec(head.cfg.family)
+    convs = {kind: getattr(head, name) for kind, name in spec.convs.items()}
     gen = torch.Generator().manual_seed(seed + 1)
-    if head.scales is not None:
+    if getattr(head, "scales", None) is not None:
         for s in head.scales:
             s.scale.data.fill_(float(0.8 + 0.5 * torch.rand((), generator=gen)))
-    captured: dict[str, list] = {"cls": [], "ctr": [], "reg": []}
-    hooks = [
-        head.conv_cls.register_forward_hook(lambda m, i, o: captured["cls"].append(o.detach())),
-        head.conv_centerness.register_forward_hook(lambda m, i, o: captured["ctr"].append(o.detach())),
-        head.conv_reg.register_forward_hook(lambda m, i, o: captured["reg"].append(o.detach())),
-    ]
+    captured: dict[str, list] = {kind: [] for kind in convs}
+    hooks = [conv.register_forward_hook(lambda m, i, o, kind=kind: captured[kind].append(o.detach())) for kind, conv in convs.items()]
     try:
         with torch.no_grad():
             model(x)
@@ -251,25 +259,30 @@ def calibrate_head(model, x, seed: int = 0, cls_std: float = 2.0, cls_mean: floa
         conv.bias.data.copy_(mean - m * k)
 
     with torch.no_grad():
-        n_cls = head.conv_cls.out_channels
-        set_affine(head.conv_cls, "cls", cls_std, cls_mean + 0.5 * torch.randn(n_cls, generator=gen))
-        set_affine(head.conv_centerness, "ctr", 1.5, torch.zeros(1))
-        if head.cfg.norm_on_bbox:
+        n_cls = convs["cls"].out_channels
+        set_affine(convs["cls"], "cls", cls_std, cls_mean + 0.5 * torch.randn(n_cls, generator=gen))
+        if "ctr" in convs:
+            set_affine(convs["ctr"], "ctr", 1.5, torch.zeros(convs["ctr"].out_channels))
+        n_reg = convs["reg"].out_channels
+        if spec.coder == "delta_xywh":  # deltas: centres within about half an anchor, sizes within e^±0.6
+            set_affine(convs["reg"], "reg", 0.3 / torch.tensor(head.cfg.target_stds).repeat(n_reg // 4), torch.zeros(n_reg))
+        elif head.cfg.norm_on_bbox:
             # distance = ReLU(scale * x) * stride: about 1.5..5 strides
-            set_affine(head.conv_reg, "reg", 0.5, torch.full((4,), 3.0))
+            set_affine(convs["reg"], "reg", 0.5, torch.full((4,), 3.0))
         else:
             # distance = exp(scale * x): mostly 10..100 px
-            set_affine(head.conv_reg, "reg", 0.35, torch.full((4,), 3.2))
+            set_affine(convs["reg"], "reg", 0.35, torch.full((4,), 3.2))
 
 
-def make_fcos(seed: int = 0, calib_shape: tuple[int, int] = (256, 384), **config_kw):
-    """Random-weight, eval-mode FCOS built from :func:`fcos_config` keywords (see module doc)."""
+def make_fcos(seed: int = 0, calib_shape: tuple[int, int] = (256, 384), cls_std: float = 2.0, **config_kw):
+    """Random-weight, eval-mode detector built from :func:`fcos_config` keywords (see module doc); ``cls_std``:
+    the spread of its class logits (anchor heads, with no centerness to break ties, want less: no saturated scores)."""
     import torch
 
-    from fcos_offline.model.fcos import FCOS
+    from fcos_offline.model.detector import Detector
 
     torch.manual_seed(seed)
-    model = FCOS(fcos_config(**config_kw)).eval()
+    model = Detector(fcos_config(**config_kw)).eval()
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed + 7)
         for name, p in model.named_parameters():
@@ -277,7 +290,7 @@ def make_fcos(seed: int = 0, calib_shape: tuple[int, int] = (256, 384), **config
                 p.copy_((0.5 + torch.rand(p.shape, generator=gen)) if name.endswith("weight") else 0.2 * torch.randn(p.shape, generator=gen))
     x = random_canvas(2, *calib_shape, seed=seed + 100)
     randomize_bn(model, seed=seed, calibrate_with=x)
-    calibrate_head(model, x, seed=seed)
+    calibrate_head(model, x, seed=seed, cls_std=cls_std)
     return model
 
 

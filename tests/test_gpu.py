@@ -123,7 +123,7 @@ def test_torchvision_layout_reproduces_torchvision_fcos(tmp_path) -> None:
 
     from fcos_offline.data.preprocess import preprocess_image
     from fcos_offline.model.checkpoint import load_model
-    from fcos_offline.model.postprocess import FCOSDetector
+    from fcos_offline.model.postprocess import DetectorWithPost
 
     torch.manual_seed(0)
     tv = tv_models.fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=320, max_size=500).eval()
@@ -140,7 +140,7 @@ def test_torchvision_layout_reproduces_torchvision_fcos(tmp_path) -> None:
         ref = tv([torch.from_numpy(bgr[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255.0])[0]
         network, _ = load_model(tmp_path / "tv.pth")
         x, _ = preprocess_image(bgr, 320, 500)
-        dets, labels = FCOSDetector(network.eval()).eval()(torch.from_numpy(x)[None])
+        dets, labels = DetectorWithPost(network.eval()).eval()(torch.from_numpy(x)[None])
     keep = labels[0] >= 0
     assert int(keep.sum()) == len(ref["boxes"]) > 10
     ours, theirs = dets[0, keep][dets[0, keep, 4].argsort(descending=True)], ref["scores"].argsort(descending=True)

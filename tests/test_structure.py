@@ -89,6 +89,55 @@ def test_engine_layer_does_not_import_evaluation_and_export_does_not_either() ->
             assert not bad, (path, bad)
 
 
+#: the layers, lowest first: a package imports its own layer or below, never above. demo (synthetic data, the demo
+#: model's trainer, which scores with evaluate) sits with engine/evaluate/export: only report, tune and the CLI use it.
+LAYERS = (
+    ("__init__", "errors", "io", "units", "progress", "cpu"),
+    ("data", "model"),
+    ("engine", "evaluate", "export", "demo"),
+    ("report", "tune", "compare"),
+    ("cli", "__main__"),
+)
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+#: packages of one layer that import each other (known; the layer rule allows it, a cycle should not be):
+#: tune scores with compare.outputs' agreement, compare reuses tune's conv groups and quantization sensitivity
+KNOWN_CYCLES = {frozenset({"compare", "tune"})}
+
+
+def _package_imports() -> dict[tuple[str, str], list[str]]:
+    """(importer's top-level package or module, imported one) -> where, for every fcos_offline import (lazy ones too)."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        mine = rel.parts[0].removesuffix(".py")
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] != "fcos_offline":
+                continue
+            theirs = parts[1] if len(parts) > 1 and parts[1] in LAYER_OF else "__init__"  # ``from fcos_offline import __version__``
+            if theirs != mine:
+                found.setdefault((mine, theirs), []).append(f"{rel}: {name}")
+    return found
+
+
+def test_every_package_has_a_layer() -> None:
+    tops = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    assert tops == set(LAYER_OF), tops ^ set(LAYER_OF)
+
+
+def test_nothing_imports_upward() -> None:
+    """``cli -> report/tune/compare -> engine/evaluate/export/demo -> data/model -> io/errors/units/progress/cpu``
+    (docs/architecture.md), lazy imports inside functions included."""
+    upward = {f"{a} -> {b}": where for (a, b), where in _package_imports().items() if LAYER_OF[b] > LAYER_OF[a]}
+    assert not upward, upward
+
+
+def test_no_import_cycles_between_packages() -> None:
+    pairs = _package_imports()
+    cycles = {frozenset({a, b}) for a, b in pairs if (b, a) in pairs}
+    assert cycles <= KNOWN_CYCLES, cycles - KNOWN_CYCLES
+
+
 def test_every_verb_has_help_with_an_example(capsys) -> None:
     """--help teaches: every verb prints its usage and at least one example, and exits 0."""
     from fcos_offline.cli import _build_parser, main
@@ -110,7 +159,8 @@ def test_one_mapping_drives_dispatch_and_cli_choices() -> None:
 
     for name, module in BACKENDS.items():
         assert module.NAME == name
-        for attr in ("EXTRA", "PRECISIONS", "CONVERT_PRECISIONS", "CONVERT_FROM", "MODEL_KINDS", "available", "version", "convert", "load"):
+        constants = ("EXTRA", "PRECISIONS", "CONVERT_PRECISIONS", "CONVERT_FROM", "MODEL_KINDS", "MODEL_SUFFIXES")
+        for attr in (*constants, "available", "version", "convert", "load"):
             assert hasattr(module, attr), (name, attr)
     infer = _build_parser()._subparsers._group_actions[0].choices["infer"]  # type: ignore[union-attr]
     engine_action = next(a for a in infer._actions if "--engine" in a.option_strings)

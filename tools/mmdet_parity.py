@@ -191,10 +191,10 @@ def evaluation_parity(work: Path) -> None:
 
     from mmdet.datasets import CocoDataset
 
+    from fcos_offline.data.annotations import COCO80_CATEGORY_IDS, COCO80_NAMES
     from fcos_offline.data.dumps import write_dumps
     from fcos_offline.data.info import make_info
     from fcos_offline.data.letterbox import boxes_to_canvas, letterbox_for
-    from fcos_offline.evaluate.coco import COCO80_CATEGORY_IDS, COCO80_NAMES
     from fcos_offline.evaluate.postprocess import postprocess
 
     data = json.loads(next((PHOTOS.parent / "annotations").glob("*.json")).read_text())
@@ -259,7 +259,7 @@ def main() -> int:
     from fcos_offline.engine.backends import EngineOptions, open_engine
     from fcos_offline.export.onnx_export import export_checkpoint
     from fcos_offline.model.checkpoint import load_model, mmdet_state_dict
-    from fcos_offline.model.postprocess import FCOSDetector
+    from fcos_offline.model.postprocess import DetectorWithPost
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -279,7 +279,7 @@ def main() -> int:
     theirs = mmdet_detections(model, x)
     with torch.no_grad():
         network, loaded = load_model(ckpt)
-        dets, labels = FCOSDetector(network.eval()).eval()(torch.from_numpy(x)[None])
+        dets, labels = DetectorWithPost(network.eval()).eval()(torch.from_numpy(x)[None])
     keep = labels[0] >= 0
     eager = [(float(d[4]), int(k), d[:4].numpy()) for d, k in zip(dets[0, keep], labels[0, keep])]
     export_checkpoint(ckpt, work / "fcos.onnx", (800, 1333), dynamic_batch=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fcos_offline.data.dataset import demo_split, prepare_eval_set
-from fcos_offline.demo.synthetic import make_demo_data
+from fcos_offline.data.dataset import prepare_eval_set
+from fcos_offline.demo.synthetic import demo_split, make_demo_data
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,9 @@ from fcos_offline.demo.train import (
     to_frozen,
     train_steps,
 )
+from fcos_offline.model.backbone import FrozenBatchNorm2d
 from fcos_offline.model.checkpoint import load_model
-from fcos_offline.model.fcos import FCOS, FrozenBatchNorm2d
+from fcos_offline.model.detector import Detector
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "src" / "fcos_offline" / "assets" / "fcos_demo.pth"
@@ -124,7 +125,7 @@ def test_giou_and_centerness_values() -> None:
 
 def test_bn_swap_and_back_keeps_the_function() -> None:
     torch.manual_seed(0)
-    model = make_trainable(FCOS(demo_config(TINY)))
+    model = make_trainable(Detector(demo_config(TINY)))
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0
     assert float(model.bbox_head.conv_cls.bias[0].detach()) == pytest.approx(-math.log(99), rel=1e-6)  # prior 0.01
@@ -139,7 +140,7 @@ def test_bn_swap_and_back_keeps_the_function() -> None:
 
 
 def test_trainable_model_caps_distances_so_exp_cannot_overflow() -> None:
-    model = make_trainable(FCOS(demo_config(TINY)))
+    model = make_trainable(Detector(demo_config(TINY)))
     with torch.no_grad():
         model.bbox_head.conv_reg.bias.fill_(1000.0)
         images = _batch(5, 2)[0]
@@ -160,7 +161,7 @@ def one_thread():
 
 def test_tiny_training_reduces_the_loss(one_thread: None) -> None:
     torch.manual_seed(0)
-    model = make_trainable(FCOS(demo_config(TINY)))
+    model = make_trainable(Detector(demo_config(TINY)))
     samples = [render_sample(11, i) for i in range(8)]
     losses = train_steps(model, epoch_batches(samples, 8, 20, TINY_CANVAS, seed=0), 20, lr=3e-3, warmup=5)
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
@@ -192,7 +193,7 @@ def test_epoch_batches_cover_every_sample_once_per_epoch() -> None:
 
 def test_saved_checkpoint_reloads_identically(tmp_path: Path) -> None:
     torch.manual_seed(1)
-    model = make_trainable(FCOS(demo_config(TINY)))
+    model = make_trainable(Detector(demo_config(TINY)))
     recalibrate_bn(model, [_batch(5, 2)])
     frozen = to_frozen(model)
     path = save_demo_checkpoint(frozen, tmp_path / "m.pth", TINY_CANVAS)

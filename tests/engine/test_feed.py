@@ -208,7 +208,7 @@ def test_torch_engine_letterboxed_path_equals_the_float_path(tmp_path) -> None:
     ],
 )
 def test_default_workers_leave_a_cpu_engine_its_cores(monkeypatch, cores, device_input, threads, inter_op, expected) -> None:
-    import fcos_offline.engine.cpu as cpu
+    import fcos_offline.cpu as cpu
 
     monkeypatch.setattr(cpu, "cpu_count", lambda: cores)
     engine = SimpleNamespace(device_input=device_input, config=EngineConfig(threads=threads, inter_op_threads=inter_op))

@@ -32,7 +32,7 @@ from fcos_offline.engine.artifact import read_artifact
 from fcos_offline.engine.backends.inductor import CACHE_ENV, MODEL_FILE, user_cache
 from fcos_offline.io import file_digest
 from fcos_offline.model.checkpoint import load_checkpoint
-from fcos_offline.model.config import FCOSConfig
+from fcos_offline.model.config import DetectorConfig
 
 torch = pytest.importorskip("torch")
 if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -64,7 +64,7 @@ def test_convert_writes_a_self_contained_checked_artifact(built) -> None:
     assert art.engine_options is not None and art.engine_options.device == "cpu" and art.engine_options.precision == "fp32"
     assert art.engine_options.threads == torch.get_num_threads()  # what the compiled CPU code is specialised for
     # the post-processing config and layout the program cannot tell, as the checkpoint has them
-    assert FCOSConfig.from_dict(art.settings["model"]) == load_checkpoint(DEMO_CHECKPOINT).config
+    assert DetectorConfig.from_dict(art.settings["model"]) == load_checkpoint(DEMO_CHECKPOINT).config
     assert art.settings["channels_last"] is False and art.settings["cuda_graphs"] is False  # the CPU defaults
     assert art.settings["compiled_vs_eager_max_rel_error"] < 1e-4
     # the compile cache is this user's (0700), keyed by the weights' digest, not in the artifact

@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, needs_sample
 
+from fcos_offline.data.annotations import COCO80_CATEGORY_IDS, COCO80_NAMES, find_annotation_file, label_to_category
 from fcos_offline.errors import FcosError
-from fcos_offline.evaluate.coco import (
-    COCO80_CATEGORY_IDS,
-    COCO80_NAMES,
-    detections_to_coco,
-    evaluate_bbox,
-    find_annotation_file,
-    label_to_category,
-)
+from fcos_offline.evaluate.coco import detections_to_coco, evaluate_bbox
 
 ANN_FILE = SAMPLE / "annotations" / "instances_val2017_sample.json" if SAMPLE else None
 

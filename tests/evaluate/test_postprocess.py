@@ -9,11 +9,11 @@ import pytest
 from conftest import SAMPLE, needs_sample
 
 from fcos_offline.cli import main
+from fcos_offline.data.annotations import COCO80_CATEGORY_IDS, COCO80_NAMES
 from fcos_offline.data.dumps import write_dumps
 from fcos_offline.data.info import make_info
 from fcos_offline.data.letterbox import boxes_to_canvas, letterbox_for
 from fcos_offline.errors import FcosError
-from fcos_offline.evaluate.coco import COCO80_CATEGORY_IDS, COCO80_NAMES
 from fcos_offline.evaluate.postprocess import postprocess
 
 pytestmark = needs_sample

@@ -17,7 +17,7 @@ from fcos_offline.export.metadata import read_metadata
 from fcos_offline.export.onnx_export import run_onnx_detector
 from fcos_offline.model.config import default_post_config
 from fcos_offline.model.match import match_batches
-from fcos_offline.model.postprocess import FCOSDetector
+from fcos_offline.model.postprocess import DetectorWithPost
 
 SHAPE = (320, 512)
 VERIFY_RE = re.compile(r"verified against PyTorch with ONNX Runtime: (\d+)/(\d+) detections matched \(([\d.]+)%\)")
@@ -83,7 +83,7 @@ def test_export_dynamic_batch(caffe_model, caffe_ckpt, tmp_path, capsys):
         assert got[0].shape == (batch, 100, 5) and got[0].dtype == np.float32
         assert got[1].shape == (batch, 100) and got[1].dtype == np.int64
         with torch.no_grad():
-            want = FCOSDetector(caffe_model, default_post_config("mmdet2"))(x)
+            want = DetectorWithPost(caffe_model, default_post_config("mmdet2"))(x)
         assert_match((want[0].numpy(), want[1].numpy()), got, min_total=100 * batch)
 
 
@@ -117,7 +117,7 @@ def test_export_no_nms(caffe_model, caffe_ckpt, tmp_path, capsys):
     x = random_canvas(2, *SHAPE, seed=70)
     got = run_onnx_detector(out_path, x.numpy(), post)
     with torch.no_grad():
-        want = FCOSDetector(caffe_model, default_post_config("mmdet2"))(x)
+        want = DetectorWithPost(caffe_model, default_post_config("mmdet2"))(x)
     assert_match((want[0].numpy(), want[1].numpy()), got, min_total=200)
 
 
@@ -151,7 +151,7 @@ def test_export_with_override_flags(tmp_path, capsys):
     assert (cfg["backbone"]["style"], cfg["head"]["norm_on_bbox"], cfg["head"]["centerness_on_reg"]) == ("pytorch", True, True)
     x = random_canvas(2, *SHAPE, seed=80)
     with torch.no_grad():
-        want = FCOSDetector(src, default_post_config("mmdet2"))(x)
+        want = DetectorWithPost(src, default_post_config("mmdet2"))(x)
     assert_match((want[0].numpy(), want[1].numpy()), run_onnx_detector(out_path, x.numpy()), min_total=200)
 
 

@@ -15,9 +15,9 @@ from conftest import V2_GN_CONFIG, assert_padding_contract, make_fcos, nms_case,
 from fcos_offline.export.metadata import raw_output_names, read_metadata
 from fcos_offline.export.onnx_export import export_onnx, run_onnx_detector
 from fcos_offline.model.checkpoint import load_model
-from fcos_offline.model.config import FCOSConfig, PostConfig
+from fcos_offline.model.config import DetectorConfig, PostConfig
 from fcos_offline.model.match import match_batches
-from fcos_offline.model.postprocess import FCOSDetector, nms_topk
+from fcos_offline.model.postprocess import DetectorWithPost, nms_topk
 
 CANVAS = (256, 384)  # P3 32x48 = 1536 points > 1000
 
@@ -27,7 +27,7 @@ class Exported:
     name: str
     source: torch.nn.Module  # the model the checkpoint was written from
     post: PostConfig  # the post-processing the loaded checkpoint chose
-    config: FCOSConfig
+    config: DetectorConfig
     path: Path
     class_names: list | None
 
@@ -81,7 +81,7 @@ def inputs():
 
 def eager(model, post, x):
     with torch.no_grad():
-        dets, labels = FCOSDetector(model, post)(x)
+        dets, labels = DetectorWithPost(model, post)(x)
     return dets.numpy(), labels.numpy()
 
 
@@ -189,7 +189,7 @@ def test_metadata(exports):
     for variant in ("a-caffe-r50", "d-3class", "c-torchvision"):
         ex = exports[variant]
         meta = read_metadata(ex.path)
-        assert FCOSConfig.from_dict(meta["config"]) == ex.config
+        assert DetectorConfig.from_dict(meta["config"]) == ex.config
         assert meta["input_shape"] == list(CANVAS) and meta["batch"] == "dynamic" and meta["nms_in_graph"] is True
         assert meta["class_names"] == ex.class_names
     assert read_metadata(exports["d-3class"].path)["class_names"] == ["x", "y", "z"]

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from conftest import fcos_config, make_fcos, param_count, random_canvas
 
+from fcos_offline.model.backbone import BasicBlock, Bottleneck, FrozenBatchNorm2d
 from fcos_offline.model.checkpoint import describe_depth, mmdet_state_dict
-from fcos_offline.model.config import BackboneConfig, FCOSConfig, HeadConfig, default_post_config
-from fcos_offline.model.fcos import FCOS, BasicBlock, Bottleneck, FrozenBatchNorm2d
-from fcos_offline.model.postprocess import decode, level_points
+from fcos_offline.model.coders import decode_distance as decode
+from fcos_offline.model.config import BackboneConfig, DetectorConfig, HeadConfig, default_post_config
+from fcos_offline.model.detector import Detector
+from fcos_offline.model.priors import level_points
 
 SIZES_800x1333 = [(100, 167), (50, 84), (25, 42), (13, 21), (7, 11)]
 
@@ -33,7 +35,7 @@ def big_input():
 @pytest.mark.parametrize("style", ["caffe", "pytorch"])
 def test_bottleneck_stride_placement(style):
     """caffe: stage stride on conv1 (1x1), conv2 stride 1; pytorch: on conv2 (3x3) (spec §2)."""
-    model = FCOS(fcos_config(style=style, stage_blocks=(2, 2, 2, 2)))
+    model = Detector(fcos_config(style=style, stage_blocks=(2, 2, 2, 2)))
     for stage in range(1, 5):
         layer = getattr(model.backbone, f"layer{stage}")
         for b, block in enumerate(layer):
@@ -57,7 +59,7 @@ def test_bottleneck_stride_placement(style):
 def test_caffe_and_pytorch_styles_compute_different_features():
     """Same weights, different stride placement: same shapes, different numbers."""
     caffe = make_fcos(style="caffe")
-    pytorch = FCOS(fcos_config(style="pytorch")).eval()
+    pytorch = Detector(fcos_config(style="pytorch")).eval()
     pytorch.load_state_dict(caffe.state_dict())
     x = random_canvas(1, 128, 192)
     with torch.no_grad():
@@ -116,7 +118,7 @@ def test_random_bn_statistics_matter(caffe_model):
     x = random_canvas(1, 128, 192)
     with torch.no_grad():
         before = caffe_model(x)[0][0]
-    plain = FCOS(caffe_model.cfg).eval()
+    plain = Detector(caffe_model.cfg).eval()
     sd = {k: v for k, v in caffe_model.state_dict().items()}
     for k in sd:
         if k.endswith("running_var"):
@@ -182,7 +184,7 @@ def test_fpn_extra_on_input_uses_c5():
     cfg = model.cfg
     cfg_in = fcos_config()
     cfg_in.neck.extra_on = "input"
-    m_in = FCOS(cfg_in).eval()
+    m_in = Detector(cfg_in).eval()
     assert m_in.neck.fpn_convs[3].conv.in_channels == cfg.backbone.stage_out_channels[-1]
     x = random_canvas(1, 128, 128)
     with torch.no_grad():
@@ -249,7 +251,7 @@ def test_gn_head_modules():
 
 def test_torchvision_input_adapter():
     """BGR caffe-mean input -> RGB ImageNet-normalised input (spec §8.1 vs §10 transform)."""
-    model = FCOS(fcos_config(layout="torchvision", num_classes=91))
+    model = Detector(fcos_config(layout="torchvision", num_classes=91))
     bgr_minus_mean = torch.randn(1, 3, 4, 5) * 50
     caffe_mean_bgr = torch.tensor([102.9801, 115.9465, 122.7717]).reshape(1, 3, 1, 1)
     rgb01 = (bgr_minus_mean + caffe_mean_bgr).flip(1) / 255.0
@@ -326,7 +328,7 @@ def test_decode_and_clip():
 def test_full_size_mmdet_r50_layout_counts():
     """Spec §1: 308 entries without num_batches_tracked, 361 with; 32,293,274 elements excl. running stats."""
     with torch.device("meta"):
-        model = FCOS(FCOSConfig())
+        model = Detector(DetectorConfig())
     with_nbt = mmdet_state_dict(model, head_names="fcos", with_num_batches_tracked=True)
     without = mmdet_state_dict(model, head_names="fcos", with_num_batches_tracked=False)
     assert len(with_nbt) == 361 and len(without) == 308
@@ -340,14 +342,14 @@ def test_full_size_mmdet_r50_layout_counts():
 
 def test_full_size_torchvision_param_count():
     """Spec §10: fcos_resnet50_fpn has 32,269,600 parameters (frozen-BN affine are buffers there)."""
-    cfg = FCOSConfig(
+    cfg = DetectorConfig(
         backbone=BackboneConfig(style="pytorch", bn_impl="torchvision"),
         head=HeadConfig(num_classes=91, norm="gn", conv_bias=True, use_scale=False, norm_on_bbox=True, centerness_on_reg=True),
         post=default_post_config("torchvision"),
         input_adapter="torchvision",
     )
     with torch.device("meta"):
-        model = FCOS(cfg)
+        model = Detector(cfg)
     assert sum(p.numel() for p in model.parameters()) == 32_269_600
     bn_affine = sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
     assert param_count(model) == 32_269_600 + bn_affine

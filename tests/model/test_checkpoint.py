@@ -156,7 +156,7 @@ def test_without_meta_defaults_then_override_flags(tmp_path, gn_model, x):
     plain, ckpt = load_model(path)
     assert ckpt.config.backbone.style == "caffe"
     assert not ckpt.config.head.norm_on_bbox and not ckpt.config.head.centerness_on_reg
-    assert ckpt.sources["style"] == "default (mmdet)"
+    assert ckpt.sources["style"] == "default (mmdet FCOS)"
     assert not outputs_close(plain, gn_model, x)
     flagged, ckpt2 = load_model(path, ModelOverrides(style="pytorch", norm_on_bbox=True, centerness_on_reg=True))
     assert ckpt2.sources["style"] == ckpt2.sources["norm_on_bbox"] == ckpt2.sources["centerness_on_reg"] == "flag"
@@ -205,12 +205,12 @@ def test_basic_block_resnet18_style(tmp_path, x):
 
 
 def test_extra_convs_on_input_inferred_from_shapes(tmp_path, x):
-    from fcos_offline.model.fcos import FCOS
+    from fcos_offline.model.detector import Detector
 
     src = make_fcos(seed=2)
     cfg = src.cfg
     cfg.neck.extra_on = "input"
-    model = FCOS(cfg).eval()
+    model = Detector(cfg).eval()
     sd = src.state_dict()
     sd["neck.fpn_convs.3.conv.weight"] = torch.randn(32, 256, 3, 3) * 0.02
     model.load_state_dict(sd)
@@ -346,20 +346,20 @@ def test_missing_file(tmp_path, capsys):
 
 
 def test_plain_resnet_checkpoint(tmp_path, capsys):
-    """A classification ResNet (no FPN, no head) is not an FCOS checkpoint."""
+    """A classification ResNet (no FPN, no head) is not a dense-detector checkpoint."""
     from conftest import fcos_config
 
-    from fcos_offline.model.fcos import ResNet
+    from fcos_offline.model.backbone import ResNet
 
     resnet = ResNet(fcos_config().backbone)
     sd = dict(resnet.state_dict())
     sd["fc.weight"], sd["fc.bias"] = torch.zeros(10, 256), torch.zeros(10)
     path = tmp_path / "resnet.pth"
     torch.save(sd, path)
-    _assert_one_line_error(*run_cli(capsys, "inspect", path), "not an FCOS checkpoint")
+    _assert_one_line_error(*run_cli(capsys, "inspect", path), "not a dense-detector checkpoint")
     # the same backbone under mmdet's 'backbone.' prefix, still without neck/head
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in sd.items()}}, path)
-    _assert_one_line_error(*run_cli(capsys, "inspect", path), "not an FCOS checkpoint")
+    _assert_one_line_error(*run_cli(capsys, "inspect", path), "not a dense-detector checkpoint")
 
 
 # --------------------------------------------------------------------------- unsafe / foreign pickles
@@ -458,12 +458,12 @@ def test_gn_groups_from_meta(tmp_path, x):
     """Shapes cannot tell GroupNorm's group count; the meta's num_groups can."""
     from conftest import fcos_config
 
-    from fcos_offline.model.fcos import FCOS
+    from fcos_offline.model.detector import Detector
 
     donor = make_fcos(norm="gn", seed=13)
     cfg = fcos_config(norm="gn")
     cfg.head.gn_groups = 8
-    model = FCOS(cfg).eval()
+    model = Detector(cfg).eval()
     model.load_state_dict(donor.state_dict())
     text = "bbox_head=dict(type='FCOSHead', norm_cfg=dict(type='GN', num_groups=8, requires_grad=True))"
     loaded, ckpt = load_model(save_mmdet_ckpt(model, tmp_path / "gn8.pth", meta={"config": text}))

@@ -1,4 +1,4 @@
-"""Eager post-processing (FCOSDetector) against the independent numpy references (spec §5–§7, §10)."""
+"""Eager post-processing (DetectorWithPost) against the independent numpy references (spec §5–§7, §10)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import reference_postprocess as ref
 import torch
 from conftest import assert_padding_contract, make_fcos, nms_case, random_canvas, sparse_fcos
 
-from fcos_offline.model.config import PostConfig, default_post_config
+from fcos_offline.model.config import DetectorConfig, PostConfig, default_post_config
 from fcos_offline.model.match import match_batches
-from fcos_offline.model.postprocess import FCOSDetector, FCOSPostProcess, nms_topk
+from fcos_offline.model.postprocess import DensePostProcess, DetectorWithPost, nms_topk
 
 CANVAS = (256, 384)  # P3 is 32x48 = 1536 points > 1000: the per-level top-k rule is exercised
 
@@ -48,7 +48,7 @@ def reference(rule, model, x, post: PostConfig):
 
 def eager(model, x, post: PostConfig):
     with torch.no_grad():
-        dets, labels = FCOSDetector(model, post)(x)
+        dets, labels = DetectorWithPost(model, post)(x)
     return dets.numpy(), labels.numpy()
 
 
@@ -147,8 +147,8 @@ def test_mmdet2_threshold_on_raw_sigmoid():
     ctr[0][0, 0, 2, 3] = 0.0
     cls[0][0, 0, 5, 5] = _logit(0.04)  # S 0.04: dropped although c = 1
     ctr[0][0, 0, 5, 5] = 30.0
-    post = FCOSPostProcess(default_post_config("mmdet2"), (8, 16, 32, 64, 128))
-    dets, labels = post(cls, dist, ctr, (64, 64))
+    post = DensePostProcess(DetectorConfig(post=default_post_config("mmdet2")))
+    dets, labels = post((cls, dist, ctr), (64, 64))
     assert labels[0, :2].tolist() == [1, -1]
     px, py = 3 * 8 + 4, 2 * 8 + 4
     np.testing.assert_allclose(dets[0, 0].numpy(), [px - 10, py - 10, px + 10, py + 10, 0.03], rtol=1e-5)
@@ -162,7 +162,7 @@ def test_size_filter_only_in_mmdet3():
     cls[0][0, 0, 6, 6] = 4.0
     results = {}
     for rule in ("mmdet2", "mmdet218", "mmdet3"):
-        dets, labels = FCOSPostProcess(default_post_config(rule), (8, 16, 32, 64, 128))(cls, dist, ctr, (64, 64))
+        dets, labels = DensePostProcess(DetectorConfig(post=default_post_config(rule)))((cls, dist, ctr), (64, 64))
         results[rule] = int((labels >= 0).sum())
     assert results == {"mmdet2": 2, "mmdet218": 2, "mmdet3": 1}
 
@@ -174,7 +174,7 @@ def test_torchvision_rule_points_and_score():
     cls[4][0, 17, 2, 3] = _logit(0.09)  # √(0.09·0.5) = 0.212 > 0.2 although S·c = 0.045
     dist[4][0, :, 2, 3] = torch.tensor([10.0, 20.0, 30.0, 40.0])
     cls[3][0, 5, 1, 1] = _logit(0.07)  # √(0.07·0.5) = 0.187: dropped
-    dets, labels = FCOSPostProcess(default_post_config("torchvision"), (8, 16, 32, 64, 128))(cls, dist, ctr, (320, 512))
+    dets, labels = DensePostProcess(DetectorConfig(post=default_post_config("torchvision")))((cls, dist, ctr), (320, 512))
     assert labels[0, :2].tolist() == [17, -1]
     cx, cy = 3 * (512 // 4), 2 * (320 // 3)
     assert (cx, cy) == (384, 212)

@@ -20,11 +20,12 @@ from badinputs import record, reliability_log  # noqa: F401 - session fixture wr
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from fcos_offline.data.annotations import load_annotations
 from fcos_offline.data.dumps import read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
 from fcos_offline.data.perf import describe, parse_file
 from fcos_offline.errors import FcosError
-from fcos_offline.evaluate.coco import evaluate_bbox, load_annotations
+from fcos_offline.evaluate.coco import evaluate_bbox
 
 #: examples per parser; FCOS_FUZZ_EXAMPLES=5000 for a long hunt
 FUZZ = settings(max_examples=int(os.environ.get("FCOS_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])

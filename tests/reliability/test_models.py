@@ -39,7 +39,7 @@ from badinputs import (
 H, W = CANVAS
 CKPT_CASES = ["plain ResNet checkpoint", "pickle that runs code when loaded", "0-byte checkpoint"]
 CKPT_PROBLEM = {
-    "plain ResNet checkpoint": "not an FCOS checkpoint",
+    "plain ResNet checkpoint": "not a dense-detector checkpoint",
     "pickle that runs code when loaded": "refused",
     "0-byte checkpoint": "empty file (0 bytes)",
 }

@@ -173,9 +173,9 @@ def test_postprocess_without_a_recorded_canvas_needs_it(photos, tmp_path, capsys
 
 @pytest.mark.parametrize("verb", ["get-info", "preprocess", "infer"])
 def test_more_workers_than_cores_are_capped_and_said(verb, tiny, photos, tmp_path, capsys, monkeypatch) -> None:
-    import fcos_offline.engine.cpu
+    import fcos_offline.cpu
 
-    monkeypatch.setattr(fcos_offline.engine.cpu, "cpu_count", lambda: 1)
+    monkeypatch.setattr(fcos_offline.cpu, "cpu_count", lambda: 1)
     args = {
         "get-info": ["get-info", "jpg", photos.images, tmp_path / "x.info"],
         "preprocess": ["preprocess", "--image_src_path", photos.images, "--bin_file_path", tmp_path / "bins"],

@@ -68,15 +68,22 @@ BATCH = number(int, 1, 1024)
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Overrides for what tensor shapes cannot tell (default: the checkpoint's meta, else per format)."""
-    g = parser.add_argument_group("model settings shapes cannot tell (default: checkpoint meta, else format default)")
-    add_flag(g, "--style", choices=["caffe", "pytorch"], help="ResNet style: stride on the 1x1 (caffe, mmdet default here) or the 3x3 (pytorch)")
-    add_flag(g, "--norm-on-bbox", action=argparse.BooleanOptionalAction, default=None, help="box distances as ReLU(x)*stride instead of exp(x)")
+    g = parser.add_argument_group("model settings shapes cannot tell (default: checkpoint meta, else the family's default)")
+    add_flag(
+        g,
+        "--style",
+        choices=["caffe", "pytorch"],
+        help="ResNet style: stride on the 1x1 (caffe: mmdet FCOS's default) or the 3x3 (pytorch: RetinaNet's, ATSS's)",
+    )
+    add_flag(
+        g, "--norm-on-bbox", action=argparse.BooleanOptionalAction, default=None, help="FCOS only: box distances as ReLU(x)*stride instead of exp(x)"
+    )
     add_flag(
         g,
         "--centerness-on-reg",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="centerness from the regression branch instead of the classification branch",
+        help="FCOS only: centerness from the regression branch instead of the classification branch",
     )
     add_flag(g, "--extra-on", choices=["output", "input"], help="FPN P6 from the P5 output (FCOS) or from C5")
     add_flag(

@@ -125,7 +125,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _postprocess(args: argparse.Namespace) -> int:
-    from fcos_offline.evaluate.coco import read_class_names
+    from fcos_offline.data.annotations import read_class_names
     from fcos_offline.evaluate.postprocess import postprocess
 
     inputs = [args.bin_data_path, args.test_annotation, args.annotations_path, args.class_names]

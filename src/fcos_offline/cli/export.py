@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="checkpoint -> ONNX with NMS in the graph (verified with ONNX Runtime)",
-        description="Export an FCOS checkpoint to ONNX with standard ops only (TopK, NonMaxSuppression, Gather…) "
+        description="Export an FCOS, RetinaNet or ATSS checkpoint to ONNX with standard ops only (TopK, NonMaxSuppression, Gather…) "
         "so ONNX Runtime and OpenVINO run it as is. Input 'input' float32 [B,3,H,W] (BGR, caffe mean, centred "
         "zero pad); outputs 'dets' float32 [B,100,5] (x1,y1,x2,y2,score in canvas pixels) and 'labels' int64 "
         "[B,100] (-1 padding). The export runs the ONNX model on a sample input against PyTorch and fails "

@@ -21,7 +21,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     cfg = info["config"]
     b, n, h, p = cfg["backbone"], cfg["neck"], cfg["head"], cfg["post"]
     table = Table(title=f"{info['path']}", show_header=False)
+    if h["family"] == "fcos":
+        head_boxes = f"{'ReLU*stride' if h['norm_on_bbox'] else 'exp'} boxes, centerness on {'reg' if h['centerness_on_reg'] else 'cls'}"
+    else:
+        scales = ", ".join(f"{h['octave_base_scale'] * 2 ** (i / h['scales_per_octave']):.3g}" for i in range(h["scales_per_octave"]))
+        head_boxes = f"anchors: scales {scales} x stride, ratios {list(h['anchor_ratios'])}; deltas, stds {list(h['target_stds'])}"
     rows = [
+        ("detector", info["title"]),
         ("format", f"{info['format']}" + (f" (mmdet {info['mmdet_version']})" if info["mmdet_version"] else "")),
         (
             "backbone",
@@ -30,8 +36,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         ("neck", f"FPN in {n['in_channels']} -> {n['out_channels']} x {n['num_outs']} levels, extras on {n['extra_on']}"),
         (
             "head",
-            f"{h['stacked_convs']} convs x {h['feat_channels']} ch, norm {h['norm']}, scale {h['use_scale']}, "
-            f"{'ReLU*stride' if h['norm_on_bbox'] else 'exp'} boxes, centerness on {'reg' if h['centerness_on_reg'] else 'cls'}",
+            f"{h['stacked_convs']} convs x {h['feat_channels']} ch, norm {h['norm']}, scale {h['use_scale']}, {head_boxes}",
         ),
         ("classes", str(info["num_classes"])),
         ("strides", str(h["strides"])),
@@ -51,10 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``inspect``."""
     p = sub.add_parser(
         "inspect",
-        help="show what a checkpoint holds (format, depth, widths, classes, head options)",
-        description="Load an mmdet (v1/v2/v3) or torchvision FCOS checkpoint safely (weights_only) and print the "
-        "architecture inferred from its tensor shapes, the settings taken from its meta config or defaults, and "
-        "its parameter count. Fails with one line if a key is missing or unexpected.",
+        help="show what a checkpoint holds (detector family, format, depth, widths, classes, head options)",
+        description="Load an mmdet (v1/v2/v3) FCOS, RetinaNet or ATSS checkpoint, or a torchvision FCOS or RetinaNet "
+        "(v1/v2) state dict, safely (weights_only) and print the detector family (from its head's key names), the "
+        "architecture inferred from its tensor shapes, the settings taken from its meta config or the family's "
+        "defaults, and its parameter count. Fails with one line if a key is missing or unexpected.",
         epilog="examples:\n"
         "  fcos-offline inspect fcos_r50_caffe_fpn_1x_4gpu_20190516-a7cac5ff.pth\n"
         "  fcos-offline inspect fcos.pth --json > fcos.json\n"

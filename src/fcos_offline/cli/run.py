@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  fcos-offline run --checkpoint fcos.pth --coco coco --device cuda --precision fp16",
         formatter_class=DefaultsFormatter,
     )
-    add_flag(p, "--checkpoint", help="FCOS checkpoint (mmdet or torchvision); default: the embedded demo model")
+    add_flag(p, "--checkpoint", help="FCOS, RetinaNet or ATSS checkpoint (mmdet or torchvision); default: the embedded demo model")
     add_flag(
         p,
         "--model",

@@ -316,10 +316,10 @@ def compare(opts: CompareOptions) -> CompareResult:
 
 
 def _compare(opts: CompareOptions, out: Path) -> CompareResult:
+    from fcos_offline.data.annotations import find_annotation_file
     from fcos_offline.data.dataset import prepare_eval_set
     from fcos_offline.data.dumps import read_dumps
     from fcos_offline.engine.infer import gather_items
-    from fcos_offline.evaluate.coco import find_annotation_file
     from fcos_offline.evaluate.postprocess import postprocess
 
     a, b = _side("a", opts.a), _side("b", opts.b)

@@ -1,7 +1,7 @@
 """The evaluation set every workflow (``run``, ``tune``) shares: where images and annotations come from.
 
 Sources: a COCO folder (``val2017/`` + ``annotations/``), an image folder plus an annotation
-file, or the synthetic demo split generated on the fly. The set is the annotated images in
+file, or the synthetic demo split generated on the fly (:func:`fcos_offline.demo.synthetic.demo_split`). The set is the annotated images in
 file-name order (the first ``num_images`` when limited).
 
 One policy for annotated images that cannot be inferred (the file is missing, or it does not
@@ -21,9 +21,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from fcos_offline.data.annotations import coco91_names, find_annotation_file, label_to_category, load_annotations
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.io import atomic_write_bytes, file_digest, json_digest
-from fcos_offline.progress import info, warn
+from fcos_offline.progress import warn
 
 
 @dataclass(frozen=True)
@@ -60,23 +61,8 @@ class EvalSet:
         return json_digest({"items": files, "ann": [str(self.ann_file), file_digest(self.ann_file)]})
 
 
-def demo_split(root: Path, split: str, num_images: int, seed: int, first: int = 0) -> Path:
-    """Images ``first .. first + num_images - 1`` of the synthetic demo ``split`` under ``root`` (generated once per range and seed)."""
-    from fcos_offline.demo.synthetic import make_demo_data
-
-    marker = root / (f".done_{split}_{num_images}_{seed}" + (f"_from{first}" if first else ""))
-    if not marker.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        info(f"generating {num_images} demo {split} images (seed {seed}" + (f", from image {first}" if first else "") + f") in {root}")
-        make_demo_data(root, split=split, num_images=num_images, seed=seed, first=first)
-        marker.touch()
-    return root
-
-
 def resolve_source(coco: str | None = None, images: str | None = None, annotations: str | None = None) -> tuple[Path, Path]:
     """(image folder, annotation file) of ``--coco DIR`` or ``--images DIR --annotations FILE``."""
-    from fcos_offline.evaluate.coco import find_annotation_file
-
     if coco:
         root = Path(coco)
         found = next((root / d for d in ("val2017", "images/val2017", "images") if (root / d).is_dir()), None)
@@ -108,7 +94,6 @@ def prepare_eval_set(
     ``exclude``: image paths (``str(images_dir / file_name)``) left out before the first ``num_images`` are taken.
     """
     from fcos_offline.data.info import make_info
-    from fcos_offline.evaluate.coco import load_annotations
 
     data = load_annotations(ann_file)
     annotated = sorted((i for i in data["images"] if str(images_dir / i["file_name"]) not in exclude), key=lambda i: i["file_name"])
@@ -165,8 +150,6 @@ def class_names_for(metadata: dict[str, Any], ann_file: Path | dict) -> list[str
     A label count other than COCO's must be the annotations' category count: refused here, before any
     inference, rather than when the dumps are evaluated.
     """
-    from fcos_offline.evaluate.coco import coco91_names, label_to_category, load_annotations
-
     names = list(metadata.get("class_names") or [])
     num = len(names) or (metadata.get("config") or {}).get("head", {}).get("num_classes", 80)
     if num == 80:

@@ -261,7 +261,7 @@ def cap_workers(workers: int) -> int:
     Decoding is CPU-bound: more processes than cores only take turns on them, each with its own
     memory (``--workers 64`` on 2 cores: 66 processes, 4.3 GB, 2.5x slower than 2).
     """
-    from fcos_offline.engine.cpu import cpu_count
+    from fcos_offline.cpu import cpu_count
 
     cores = cpu_count()
     if workers > cores:
@@ -275,7 +275,7 @@ def parallel_map(func: Callable[[T], R], items: Iterable[T], total: int, workers
 
     ``workers`` None means one per core; more than the cores are capped to them (:func:`cap_workers`).
     """
-    from fcos_offline.engine.cpu import cpu_count
+    from fcos_offline.cpu import cpu_count
 
     workers = max(1, min(cap_workers(workers) if workers else cpu_count(), total or 1))
     if workers == 1:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import cv2
 import numpy as np
 
 from fcos_offline.errors import FcosError
+from fcos_offline.progress import info
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
 MIN_SIDE, MAX_SIDE = 200, 640
@@ -245,3 +247,14 @@ def make_demo_data(out_dir: str | Path, split: str = "val", num_images: int = 50
         "classes": list(CLASSES),
         "seconds": time.perf_counter() - start,
     }
+
+
+def demo_split(root: Path, split: str, num_images: int, seed: int, first: int = 0) -> Path:
+    """Images ``first .. first + num_images - 1`` of the synthetic demo ``split`` under ``root`` (generated once per range and seed)."""
+    marker = root / (f".done_{split}_{num_images}_{seed}" + (f"_from{first}" if first else ""))
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        info(f"generating {num_images} demo {split} images (seed {seed}" + (f", from image {first}" if first else "") + f") in {root}")
+        make_demo_data(root, split=split, num_images=num_images, seed=seed, first=first)
+        marker.touch()
+    return root

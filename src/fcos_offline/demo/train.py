@@ -1,12 +1,12 @@
 """A minimal FCOS trainer for the demo model (CPU, synthetic shapes), its evaluation and saving.
 
-The network is this project's :class:`~fcos_offline.model.fcos.FCOS` at reduced width/depth
+The network is this project's :class:`~fcos_offline.model.detector.Detector` at reduced width/depth
 (GroupNorm in the head's stacked convs: without it the regression branch diverged); it is trained with BatchNorm on batch statistics (each ``FrozenBatchNorm2d`` swapped for an
 ``nn.BatchNorm2d`` with the same state-dict names), the running statistics are re-estimated at
 the end ("precise BN"), and the weights are copied back into a plain frozen-BN ``FCOS`` that is
 evaluated and saved in mmdet checkpoint layout — the same file shape a real checkpoint has.
 
-Training recipe (FCOS, Tian et al. 2019, with the common "improvements"):
+Training recipe (Detector, Tian et al. 2019, with the common "improvements"):
 
 * inputs: spec §8.2 letterbox onto the demo canvas (``data.preprocess.preprocess_image``),
   horizontal flip with p = 0.5; a fixed synthetic train split, reshuffled every epoch;
@@ -44,15 +44,19 @@ from fcos_offline.demo.synthetic import (
     decode_sample,
     render_sample,
 )
+from fcos_offline.model.backbone import FrozenBatchNorm2d
 from fcos_offline.model.config import (
     BackboneConfig,
-    FCOSConfig,
+    DetectorConfig,
     HeadConfig,
     NeckConfig,
     PostConfig,
 )
-from fcos_offline.model.fcos import FCOS, FrozenBatchNorm2d, Scale
-from fcos_offline.model.postprocess import FCOSDetector, level_points
+from fcos_offline.model.detector import Detector
+from fcos_offline.model.heads.base import Scale
+from fcos_offline.model.heads.fcos import FCOSHead
+from fcos_offline.model.postprocess import DetectorWithPost
+from fcos_offline.model.priors import level_points
 from fcos_offline.progress import info
 
 REGRESS_RANGES: tuple[tuple[float, float], ...] = (
@@ -84,11 +88,11 @@ class DemoArch:
     head_norm: Literal["none", "gn"] = "gn"  # GroupNorm(32) in the stacked head convs: without it training diverges
 
 
-def demo_config(arch: DemoArch | None = None, num_classes: int = len(CLASSES)) -> FCOSConfig:
+def demo_config(arch: DemoArch | None = None, num_classes: int = len(CLASSES)) -> DetectorConfig:
     """FCOS config of the demo network: caffe bottlenecks, FPN P6-on-P5 + ReLU, FCOS head."""
     arch = arch or DemoArch()
     outs = tuple(4 * p for p in arch.stage_planes)
-    return FCOSConfig(
+    return DetectorConfig(
         backbone=BackboneConfig(
             stage_blocks=arch.stage_blocks,
             stage_planes=arch.stage_planes,
@@ -120,7 +124,7 @@ class _CappedScale(Scale):
         return super().forward(x).clamp(max=MAX_LOG_DIST)
 
 
-def make_trainable(model: FCOS) -> FCOS:
+def make_trainable(model: Detector) -> Detector:
     """Swap every FrozenBatchNorm2d for a trainable BatchNorm2d, cap the head's log-distances and
     initialise the head (in place)."""
     for module in list(model.modules()):
@@ -128,7 +132,7 @@ def make_trainable(model: FCOS) -> FCOS:
             if isinstance(child, FrozenBatchNorm2d):
                 bn = nn.BatchNorm2d(child.weight.numel(), eps=child.eps)
                 setattr(module, child_name, bn)
-    head = model.bbox_head
+    head = cast(FCOSHead, model.bbox_head)  # the demo detector is an FCOS
     scales = cast(nn.ModuleList, head.scales)  # the demo head uses scales (HeadConfig.use_scale)
     for i in range(len(scales)):
         scales[i] = _CappedScale()
@@ -141,9 +145,9 @@ def make_trainable(model: FCOS) -> FCOS:
     return model
 
 
-def to_frozen(model: FCOS) -> FCOS:
+def to_frozen(model: Detector) -> Detector:
     """A fresh eval-mode ``FCOS`` (FrozenBatchNorm2d) holding ``model``'s trained values."""
-    frozen = FCOS(model.cfg)
+    frozen = Detector(model.cfg)
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     frozen.load_state_dict(state, strict=True)
     return frozen.eval()
@@ -298,7 +302,7 @@ def _lr_factor(it: int, iters: int, warmup: int) -> float:
 
 
 def train_steps(
-    model: FCOS, batches: Iterable[Batch], iters: int, lr: float = 2e-3, weight_decay: float = 0.05, warmup: int = 100, log_every: int = 0
+    model: Detector, batches: Iterable[Batch], iters: int, lr: float = 2e-3, weight_decay: float = 0.05, warmup: int = 100, log_every: int = 0
 ) -> list[float]:
     """One AdamW step per batch of ``batches`` (``iters`` of them, for the schedule); returns each step's loss.
 
@@ -344,7 +348,7 @@ def train_steps(
 
 
 @torch.no_grad()
-def recalibrate_bn(model: FCOS, batches: list[Batch]) -> None:
+def recalibrate_bn(model: Detector, batches: list[Batch]) -> None:
     """Replace BN running statistics by their exact average over ``batches`` (precise BN)."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
@@ -361,7 +365,7 @@ def recalibrate_bn(model: FCOS, batches: list[Batch]) -> None:
 
 @torch.no_grad()
 def evaluate_demo_model(
-    model: FCOS, image_dir: str | Path, ann_file: str | Path, canvas_hw: tuple[int, int] = DEMO_CANVAS, batch_size: int = 8
+    model: Detector, image_dir: str | Path, ann_file: str | Path, canvas_hw: tuple[int, int] = DEMO_CANVAS, batch_size: int = 8
 ) -> dict:
     """COCO bbox eval of ``model`` + its own post-processing (mmdet2 rule) on a COCO folder.
 
@@ -376,7 +380,7 @@ def evaluate_demo_model(
     start = time.perf_counter()
     data = json.loads(Path(ann_file).read_text())
     cat_ids = sorted(c["id"] for c in data["categories"])
-    detector = FCOSDetector(model.eval())
+    detector = DetectorWithPost(model.eval())
     results = []
     images = data["images"]
     for i in range(0, len(images), batch_size):
@@ -396,7 +400,7 @@ def evaluate_demo_model(
 # --------------------------------------------------------------------------- saving
 
 
-def mmdet_config_text(cfg: FCOSConfig, canvas_hw: tuple[int, int] = DEMO_CANVAS) -> str:
+def mmdet_config_text(cfg: DetectorConfig, canvas_hw: tuple[int, int] = DEMO_CANVAS) -> str:
     """mmdet-2.x-style config text describing the demo model (read back by ``load_checkpoint``)."""
     b, n, h, p = cfg.backbone, cfg.neck, cfg.head, cfg.post
     ranges = ", ".join(f"({lo}, {'INF' if math.isinf(hi) else hi})" for lo, hi in REGRESS_RANGES)
@@ -452,7 +456,7 @@ classes = {tuple(CLASSES)}
 """
 
 
-def save_demo_checkpoint(model: FCOS, path: str | Path, canvas_hw: tuple[int, int] = DEMO_CANVAS) -> Path:
+def save_demo_checkpoint(model: Detector, path: str | Path, canvas_hw: tuple[int, int] = DEMO_CANVAS) -> Path:
     """Write ``{'state_dict', 'meta'}`` in mmdet layout (frozen-BN ``model``)."""
     from fcos_offline.model.checkpoint import mmdet_state_dict
 
@@ -506,7 +510,7 @@ def train_demo(
     torch.set_flush_denormal(True)  # tiny focal-loss gradients would hit slow denormal arithmetic
     torch.manual_seed(seed)
     start = time.perf_counter()
-    model = make_trainable(FCOS(demo_config(arch)))
+    model = make_trainable(Detector(demo_config(arch)))
     info(
         f"train-demo: {sum(p.numel() for p in model.parameters()):,} parameters, canvas {canvas_hw[0]}x{canvas_hw[1]}, "
         f"{iters} iters x {batch_size} images over {train_images} train images (seed {seed})"

@@ -68,7 +68,7 @@ class EngineConfig:
 
 def cap_threads(config: EngineConfig) -> EngineConfig:
     """Threads beyond this machine's cores only add contention: cap them (and say so)."""
-    from fcos_offline.engine.cpu import cpu_count
+    from fcos_offline.cpu import cpu_count
     from fcos_offline.progress import warn
 
     cores = cpu_count()
@@ -297,6 +297,7 @@ class Backend(Protocol):
     CONVERT_PRECISIONS: tuple[str, ...]  # stored precisions ``convert`` writes (empty: no convert)
     CONVERT_FROM: str  # what ``convert`` reads: "onnx" (a batch-fixed ONNX file) or "checkpoint"
     MODEL_KINDS: tuple[str, ...]  # ModelSource kinds it opens
+    MODEL_SUFFIXES: tuple[str, ...]  # the files one model of its own format is stored in, model file first ("model<suffix>" each from convert)
 
     def available(self) -> bool: ...
 

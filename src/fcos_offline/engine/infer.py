@@ -309,7 +309,7 @@ def default_workers(engine: Engine, todo: list[InputItem]) -> int:
       worker at niceness 10, 82% with one at SCHED_IDLE.
     * None for a few inputs, for ``.bin`` inputs (nothing to decode) or on one core.
     """
-    from fcos_offline.engine.cpu import cpu_count
+    from fcos_offline.cpu import cpu_count
 
     cores = cpu_count()
     if cores < 2 or len(todo) <= 2 or not any(i.kind == "image" for i in todo):

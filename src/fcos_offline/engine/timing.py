@@ -58,7 +58,7 @@ NOISY_SPREAD_PCT = 10.0
 
 
 def busy_note(load: dict[str, Any], spreads: dict[str, float | None]) -> dict[str, Any]:
-    """``load`` (:func:`engine.cpu.machine_load`, read before the work) with the measurements whose spread is above
+    """``load`` (:func:`fcos_offline.cpu.machine_load`, read before the work) with the measurements whose spread is above
     :data:`NOISY_SPREAD_PCT` (``noisy``) and one line saying the machine was busy (``note``; None when quiet)."""
     noisy = [f"{name} ({s:.0f}%)" for name, s in spreads.items() if s is not None and s > NOISY_SPREAD_PCT]
     notes = []

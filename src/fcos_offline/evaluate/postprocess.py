@@ -28,20 +28,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fcos_offline.data.annotations import COCO80_NAMES, find_annotation_file, label_to_category, load_annotations
 from fcos_offline.data.dataset import class_names_for
 from fcos_offline.data.dumps import read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
 from fcos_offline.data.letterbox import DEFAULT_CANVAS, RULES, boxes_to_original, letterbox_for
 from fcos_offline.data.preprocess import read_image
 from fcos_offline.errors import BadFileError, FcosError, UsageError
-from fcos_offline.evaluate.coco import (
-    COCO80_NAMES,
-    detections_to_coco,
-    evaluate_bbox,
-    find_annotation_file,
-    label_to_category,
-    load_annotations,
-)
+from fcos_offline.evaluate.coco import detections_to_coco, evaluate_bbox
 from fcos_offline.io import atomic_write_bytes, atomic_write_json, read_json_bounded, read_stamp
 from fcos_offline.progress import progress_bar, warn
 

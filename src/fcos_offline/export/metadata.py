@@ -9,11 +9,6 @@ from typing import Any
 META_PREFIX = "fcos_offline."
 
 
-def raw_output_names(num_levels: int) -> list[str]:
-    """``cls_0, reg_0, ctr_0, cls_1, …``: the raw-head outputs of a ``--no-nms`` export."""
-    return [f"{kind}_{lvl}" for lvl in range(num_levels) for kind in ("cls", "reg", "ctr")]
-
-
 def post_graph_path(model: Path) -> Path:
     """``<name>.post.onnx`` beside a ``--no-nms`` export ``<name>.onnx``: its post-processing graph."""
     return model.with_name(model.name.removesuffix(model.suffix) + ".post.onnx")

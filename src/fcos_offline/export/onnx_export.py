@@ -1,10 +1,11 @@
 """Checkpoint -> ONNX with NMS in the graph (standard ops only), verified against PyTorch.
 
 Contract (the recipe's): input ``input`` float32 ``[B,3,H,W]`` (BGR, caffe mean, centred zero
-pad), outputs ``dets`` float32 ``[B,100,5]`` and ``labels`` int64 ``[B,100]``. With
-``nms=False`` the raw head is exported instead (``cls_{l}``, ``reg_{l}`` distances in pixels,
-``ctr_{l}`` per level) plus a small post-processing graph ``<name>.post.onnx`` that turns those
-outputs into the same ``dets``/``labels`` with ONNX Runtime — no torch needed offline.
+pad), outputs ``dets`` float32 ``[B,100,5]`` and ``labels`` int64 ``[B,100]``, whatever the head
+family. With ``nms=False`` the raw head is exported instead (per level the head's
+``HeadSpec.outputs``: ``cls_{l}``, ``reg_{l}`` and, with a score factor, ``ctr_{l}``) plus a
+small post-processing graph ``<name>.post.onnx`` that turns those outputs into the same
+``dets``/``labels`` with ONNX Runtime — no torch needed offline.
 
 The model's settings travel in the ONNX ``metadata_props`` (``fcos_offline.*`` keys) so later
 stages know the canvas, classes and post-processing rule.
@@ -23,11 +24,12 @@ import torch
 from fcos_offline.data.letterbox import DEFAULT_CANVAS, check_canvas
 from fcos_offline.data.preprocess import MEAN_BGR, STD_BGR
 from fcos_offline.errors import FcosError, UsageError
-from fcos_offline.export.metadata import encode_metadata, post_graph_path, raw_output_names
+from fcos_offline.export.metadata import encode_metadata, post_graph_path
 from fcos_offline.model.checkpoint import ModelOverrides, load_model
-from fcos_offline.model.fcos import FCOS
+from fcos_offline.model.detector import Detector
+from fcos_offline.model.heads.spec import head_spec
 from fcos_offline.model.match import MatchStats, match_batches
-from fcos_offline.model.postprocess import FCOSDetector, FCOSPostProcess
+from fcos_offline.model.postprocess import DensePostProcess, DetectorWithPost
 
 
 @dataclass
@@ -102,28 +104,33 @@ def _torch_export(module, args: tuple, path: Path, input_names, output_names, dy
         )
 
 
+def flatten_raw(raw: tuple[list[torch.Tensor], ...]) -> tuple[torch.Tensor, ...]:
+    """Per-output lists of levels -> level-major flat tuple (cls_0, reg_0[, ctr_0], cls_1, …)."""
+    return tuple(t for level in zip(*raw) for t in level)
+
+
 class RawHead(torch.nn.Module):
-    """The network with its per-level outputs flattened (cls_0, reg_0, ctr_0, cls_1, …)."""
+    """The network with its per-level outputs flattened (``HeadSpec.raw_names``)."""
 
     def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
         self.network = network
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cls_l, dist_l, ctr_l = self.network(images)
-        return tuple(t for level in zip(cls_l, dist_l, ctr_l) for t in level)
+        return flatten_raw(self.network(images))
 
 
 class PostOnly(torch.nn.Module):
     """Post-processing alone: flat raw outputs -> (dets, labels) on a fixed canvas."""
 
-    def __init__(self, network: FCOS, canvas_hw: tuple[int, int]) -> None:
+    def __init__(self, network: Detector, canvas_hw: tuple[int, int]) -> None:
         super().__init__()
-        self.post = FCOSPostProcess(network.cfg.post, network.cfg.head.strides)
+        self.post = DensePostProcess(network.cfg)
+        self.kinds = len(head_spec(network.cfg.head.family).outputs)
         self.canvas_hw = canvas_hw
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.post(list(flat[0::3]), list(flat[1::3]), list(flat[2::3]), self.canvas_hw)
+        return self.post([list(flat[i :: self.kinds]) for i in range(self.kinds)], self.canvas_hw)
 
 
 def export_onnx(
@@ -162,17 +169,16 @@ def export_onnx(
     network = network.eval()
     with torch.no_grad():
         if nms:
-            module = FCOSDetector(network).eval()
+            module = DetectorWithPost(network).eval()
             names = ["dets", "labels"]
             axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else {}
             _torch_export(module, (example,), output, ["input"], names, axes, opset)
         else:
-            names = raw_output_names(num_levels)
+            names = head_spec(network.cfg.head.family).raw_names(num_levels)
             axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else {}
             _torch_export(RawHead(network), (example,), output, ["input"], names, axes, opset)
             post_path = post_graph_path(output)
-            raw = network(example)
-            flat = tuple(t for level in zip(*raw) for t in level)
+            flat = flatten_raw(network(example))
             post_axes = {n: {0: "batch"} for n in [*names, "dets", "labels"]}
             _torch_export(PostOnly(network, (height, width)), flat, post_path, names, ["dets", "labels"], post_axes, opset)
             _attach_metadata(post_path, encode_metadata({"config": network.cfg.to_dict(), **extra}), max_per_img)
@@ -217,7 +223,7 @@ RAW_RTOL = 1e-3
 _HEAD_CONVS = ("conv_cls", "conv_reg", "conv_centerness")
 
 
-def verify_raw_head(network: FCOS, model_path: Path, example: torch.Tensor) -> dict[str, Any]:
+def verify_raw_head(network: Detector, model_path: Path, example: torch.Tensor) -> dict[str, Any]:
     """The head's raw maps (cls, reg, centerness convolutions per level), PyTorch vs ONNX Runtime, compared numerically.
 
     Detection matching alone passes vacuously when neither side detects anything (e.g. NaN
@@ -228,10 +234,12 @@ def verify_raw_head(network: FCOS, model_path: Path, example: torch.Tensor) -> d
     import onnxruntime as ort
 
     levels = len(network.cfg.head.strides)
-    captured: dict[str, list[np.ndarray]] = {name: [] for name in _HEAD_CONVS}
+    spec = head_spec(network.cfg.head.family)
+    convs = [spec.convs[kind] for kind in spec.outputs]
+    captured: dict[str, list[np.ndarray]] = {name: [] for name in convs}
     hooks = [
         getattr(network.bbox_head, name).register_forward_hook(lambda _m, _i, out, name=name: captured[name].append(out.detach().numpy()))
-        for name in _HEAD_CONVS
+        for name in convs
     ]
     try:
         with torch.no_grad():
@@ -239,20 +247,20 @@ def verify_raw_head(network: FCOS, model_path: Path, example: torch.Tensor) -> d
     finally:
         for h in hooks:
             h.remove()
-    names = [f"{name.removeprefix('conv_').replace('centerness', 'ctr')}_{lvl}" for lvl in range(levels) for name in _HEAD_CONVS]
-    ref = [captured[name][lvl] for lvl in range(levels) for name in _HEAD_CONVS]
+    names = spec.raw_names(levels)
+    ref = [captured[name][lvl] for lvl in range(levels) for name in convs]
     bad = [n for n, r in zip(names, ref) if not np.isfinite(r).all()]
     if bad:
         raise FcosError(f"the network's raw outputs hold NaN/inf ({', '.join(bad[:6])}): its weights cannot produce detections")
     model = onnx.load(str(model_path))
-    tensors: dict[str, list[str]] = {name: [] for name in _HEAD_CONVS}
+    tensors: dict[str, list[str]] = {name: [] for name in convs}
     for node in model.graph.node:
-        for name in _HEAD_CONVS:
+        for name in convs:
             if node.op_type == "Conv" and node.input[1] == f"network.bbox_head.{name}.weight":
                 tensors[name].append(node.output[0])
     if any(len(v) != levels for v in tensors.values()):
         raise FcosError(f"{model_path}: the head's convolutions are not where export put them; cannot verify the raw outputs")
-    wanted = [tensors[name][lvl] for lvl in range(levels) for name in _HEAD_CONVS]
+    wanted = [tensors[name][lvl] for lvl in range(levels) for name in convs]
     for t in wanted:
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -270,7 +278,7 @@ def verify_raw_head(network: FCOS, model_path: Path, example: torch.Tensor) -> d
 def verify_export(network, model_path: Path, post_path: Path | None, images: np.ndarray) -> MatchStats:
     """PyTorch eager vs ONNX Runtime on ``images``: detection match statistics."""
     with torch.no_grad():
-        ref_dets, ref_labels = FCOSDetector(network).eval()(torch.from_numpy(images))
+        ref_dets, ref_labels = DetectorWithPost(network).eval()(torch.from_numpy(images))
     dets, labels = run_onnx_detector(model_path, images, post_path)
     return match_batches(ref_dets.numpy(), ref_labels.numpy(), dets, labels)
 

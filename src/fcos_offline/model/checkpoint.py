@@ -1,17 +1,23 @@
-"""Load mmdetection (v1/v2/v3) and torchvision FCOS checkpoints without mmcv, mmdet or torchvision.
+"""Load mmdetection (v1/v2/v3) and torchvision dense-detector checkpoints without mmcv, mmdet or torchvision.
 
-Every architecture number is read from tensor shapes. What shapes cannot tell (ResNet style,
-``norm_on_bbox``, the centerness branch, FPN extra-conv source when ambiguous, test settings)
-comes, in order of precedence, from explicit overrides, the checkpoint's ``meta`` config text,
-then these documented per-format defaults:
+Families: FCOS (mmdet, torchvision), RetinaNet (mmdet, torchvision v1/v2), ATSS (mmdet),
+recognised by their head's key names (``model.heads.spec``). Every architecture number is read
+from tensor shapes (anchors per location included). What shapes cannot tell (ResNet style,
+``norm_on_bbox``, the centerness branch, ReLU before P7, anchor scales and ratios, box-coder
+stds, test settings) comes, in order of precedence, from explicit overrides, the checkpoint's
+``meta`` config text, then these documented per-format defaults:
 
 =============  ======================================  ==========================
 setting        mmdet default                           torchvision (fixed)
 =============  ======================================  ==========================
-style          caffe (the model-zoo FCOS files)        pytorch
+style          FCOS caffe (the model-zoo files);       pytorch
+               RetinaNet, ATSS pytorch
 norm_on_bbox   False (exp)                             True (ReLU · anchor size)
-centerness     cls branch                              reg branch
-FPN extras     on P5 output, ReLU before P7            on P5 output, ReLU before P7
+centerness     cls branch (FCOS)                       reg branch
+FPN extras     source from shapes (P5 output or C5);   source from shapes; ReLU
+               ReLU before P7: FCOS yes, others no     before P7
+anchors        RetinaNet 4·2^(i/3), ratios .5/1/2;     RetinaNet sizes 32,40,50 ·
+               ATSS 8, ratio 1; stds 1 / .1,.1,.2,.2   2^l, ratios .5/1/2
 post rule      by meta mmdet_version: none/1.x/<2.18 ->   torchvision (spec §10)
                mmdet2 (§7.2), 2.18+ -> mmdet218, 3.x ->
                mmdet3 (§7.3)
@@ -37,7 +43,7 @@ from fcos_offline.model.config import (
     POST_RANGES,
     POST_RULES,
     BackboneConfig,
-    FCOSConfig,
+    DetectorConfig,
     HeadConfig,
     InputAdapter,
     NeckConfig,
@@ -45,6 +51,15 @@ from fcos_offline.model.config import (
     PostRule,
     default_post_config,
 )
+from fcos_offline.model.heads.spec import SPECS, HeadSpec, head_spec
+
+#: mmdet detector types whose heads share a served family's key names but not its maths
+_LOOKALIKES = {"FSAF": "retinanet", "FreeAnchor": "retinanet", "PAA": "atss", "AutoAssign": "fcos", "NASFCOS": "fcos"}
+#: what an anchor head is built with when its meta config does not say (mmdet's published configs)
+ANCHOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "retinanet": {"octave_base_scale": 4, "scales_per_octave": 3, "anchor_ratios": (0.5, 1.0, 2.0), "target_stds": (1.0, 1.0, 1.0, 1.0)},
+    "atss": {"octave_base_scale": 8, "scales_per_octave": 1, "anchor_ratios": (1.0,), "target_stds": (0.1, 0.1, 0.2, 0.2)},
+}
 
 _DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty")
 _DANGEROUS_BUILTINS = ("eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "globals", "input")
@@ -67,11 +82,11 @@ class ModelOverrides:
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint mapped onto :class:`~fcos_offline.model.fcos.FCOS` names, with its config."""
+    """A checkpoint mapped onto :class:`~fcos_offline.model.detector.Detector` names, with its config."""
 
     path: str
     format: str
-    config: FCOSConfig
+    config: DetectorConfig
     state_dict: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
@@ -83,10 +98,11 @@ class LoadedCheckpoint:
         """Parameters as the source framework counts them: BN running stats never; frozen-BN
         weight/bias not for torchvision files (buffers there), but for mmdet files (parameters)."""
         frozen_bn = re.compile(r"^backbone\..*(\.bn\d+|bn1|\.downsample\.1)\.(weight|bias)$")
+        buffers = self.format == "torchvision" and self.config.backbone.bn_impl == "torchvision"
         return sum(
             int(t.numel())
             for k, t in self.state_dict.items()
-            if not k.endswith(("running_mean", "running_var")) and not (self.format == "torchvision" and frozen_bn.match(k))
+            if not k.endswith(("running_mean", "running_var")) and not (buffers and frozen_bn.match(k))
         )
 
 
@@ -187,9 +203,10 @@ def _strip_prefix(sd: dict[str, Any]) -> dict[str, Any]:
     return sd
 
 
-def _map_torchvision(sd: dict[str, Any]) -> dict[str, Any]:
-    """torchvision FCOS keys -> our (mmdet-style) module names."""
+def _map_torchvision(sd: dict[str, Any], family: str) -> dict[str, Any]:
+    """torchvision FCOS / RetinaNet keys -> our (mmdet-style) module names."""
     out: dict[str, Any] = {}
+    convs = head_spec(family).convs
     n_lat = len({k.split(".")[3] for k in sd if k.startswith("backbone.fpn.inner_blocks.")})
     for key, value in sd.items():
         if key.endswith("num_batches_tracked"):  # BN training counters: torchvision's FrozenBatchNorm2d drops them too
@@ -203,42 +220,57 @@ def _map_torchvision(sd: dict[str, Any]) -> dict[str, Any]:
             new = f"neck.fpn_convs.{m[1]}.conv.{m[2]}"
         elif m := re.match(r"backbone\.fpn\.extra_blocks\.p(\d+)\.(weight|bias)$", key):
             new = f"neck.fpn_convs.{n_lat + int(m[1]) - 6}.conv.{m[2]}"
-        elif m := re.match(r"head\.(classification|regression)_head\.conv\.(\d+)\.(weight|bias)$", key):
+        elif m := re.match(r"head\.(classification|regression)_head\.conv\.(\d+)\.(\d+)\.(weight|bias)$", key):
+            # RetinaNet (torchvision >= 0.13): Conv2dNormActivation blocks, .0 conv, .1 GroupNorm (v2)
             branch = "cls_convs" if m[1] == "classification" else "reg_convs"
-            idx = int(m[2])
-            part = "conv" if idx % 3 == 0 else "gn"
-            new = f"bbox_head.{branch}.{idx // 3}.{part}.{m[3]}"
+            new = f"bbox_head.{branch}.{m[2]}.{'conv' if m[3] == '0' else 'gn'}.{m[4]}"
+        elif m := re.match(r"head\.(classification|regression)_head\.conv\.(\d+)\.(weight|bias)$", key):
+            # flat Sequentials: FCOS (conv, GN, ReLU) x 4; RetinaNet before 0.13 (conv, ReLU) x 4
+            branch = "cls_convs" if m[1] == "classification" else "reg_convs"
+            idx, per_block = int(m[2]), 3 if family == "fcos" else 2
+            new = f"bbox_head.{branch}.{idx // per_block}.{'conv' if idx % per_block == 0 else 'gn'}.{m[3]}"
         elif m := re.match(r"head\.classification_head\.cls_logits\.(weight|bias)$", key):
-            new = f"bbox_head.conv_cls.{m[1]}"
+            new = f"bbox_head.{convs['cls']}.{m[1]}"
         elif m := re.match(r"head\.regression_head\.bbox_reg\.(weight|bias)$", key):
-            new = f"bbox_head.conv_reg.{m[1]}"
+            new = f"bbox_head.{convs['reg']}.{m[1]}"
         elif m := re.match(r"head\.regression_head\.bbox_ctrness\.(weight|bias)$", key):
-            new = f"bbox_head.conv_centerness.{m[1]}"
+            new = f"bbox_head.{convs['ctr']}.{m[1]}"
         out[new] = value
     return out
 
 
-def _map_mmdet(sd: dict[str, Any]) -> dict[str, Any]:
-    """mmdet v1 ``fcos_*`` head names -> v2/v3 ``conv_*``; drop BN ``num_batches_tracked``."""
+def _map_mmdet(sd: dict[str, Any], spec: HeadSpec) -> dict[str, Any]:
+    """mmdet's older head names (v1 ``fcos_*``) -> today's; drop BN ``num_batches_tracked``."""
     out: dict[str, Any] = {}
     for key, value in sd.items():
         if key.endswith("num_batches_tracked"):
             continue
-        key = re.sub(r"^bbox_head\.fcos_(cls|reg|centerness)\.", r"bbox_head.conv_\1.", key)
+        for old, new in spec.mmdet_renames.items():
+            if key.startswith(f"bbox_head.{old}."):
+                key = f"bbox_head.{new}." + key[len(f"bbox_head.{old}.") :]
         out[key] = value
     return out
 
 
-def detect_format(sd: dict[str, Any]) -> str:
-    """``'mmdet'`` or ``'torchvision'`` from key names; a clear error otherwise."""
+def detect_format(sd: dict[str, Any]) -> tuple[str, str]:
+    """(``'mmdet'`` or ``'torchvision'``, head family) from key names; a clear error otherwise."""
     keys = list(sd)
     if any(k.startswith("backbone.body.") for k in keys) and any(k.startswith("head.") for k in keys):
-        return "torchvision"
+        if any(k.startswith("head.regression_head.bbox_ctrness.") for k in keys):
+            return "torchvision", "fcos"
+        if any(k.startswith("head.classification_head.cls_logits.") for k in keys):
+            return "torchvision", "retinanet"
+        raise FcosError("a torchvision detector whose head is neither FCOS nor RetinaNet (no bbox_ctrness or cls_logits keys)")
     if any(k.startswith("bbox_head.") for k in keys) and any(k.startswith("backbone.") for k in keys):
-        return "mmdet"
+        for spec in SPECS.values():
+            names = {*spec.convs.values(), *spec.mmdet_renames}
+            if any(k.split(".")[1] in names for k in keys if k.startswith("bbox_head.")):
+                return "mmdet", spec.family
+        head = sorted({k.split(".")[1] for k in keys if k.startswith("bbox_head.")})
+        raise FcosError(f"an mmdet detector whose head ({', '.join(head[:6])}) is not one served here ({', '.join(SPECS)})")
     sample = ", ".join(keys[:5]) or "(no tensors)"
     raise FcosError(
-        f"not an FCOS checkpoint: expected mmdet 'backbone./neck./bbox_head.' or torchvision 'backbone.body./head.' keys, found: {sample}"
+        f"not a dense-detector checkpoint: expected mmdet 'backbone./neck./bbox_head.' or torchvision 'backbone.body./head.' keys, found: {sample}"
     )
 
 
@@ -247,7 +279,7 @@ def detect_format(sd: dict[str, Any]) -> str:
 
 def _shape(sd: dict[str, Any], key: str) -> tuple[int, ...]:
     if key not in sd:
-        raise FcosError(f"checkpoint lacks '{key}', which an FCOS model needs")
+        raise FcosError(f"checkpoint lacks '{key}', which this detector needs")
     return tuple(sd[key].shape)
 
 
@@ -256,8 +288,8 @@ def _count(sd: dict[str, Any], pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def infer_architecture(sd: dict[str, Any]) -> tuple[BackboneConfig, NeckConfig, HeadConfig]:
-    """Every number the tensors' shapes tell (mapped key names)."""
+def infer_architecture(sd: dict[str, Any], family: str = "fcos") -> tuple[BackboneConfig, NeckConfig, HeadConfig]:
+    """Every number the tensors' shapes tell (mapped key names) for a head of ``family``."""
     stem = _shape(sd, "backbone.conv1.weight")[0]
     n_stages = _count(sd, r"backbone\.layer(\d+)\.")
     if n_stages == 0:
@@ -288,13 +320,23 @@ def infer_architecture(sd: dict[str, Any]) -> tuple[BackboneConfig, NeckConfig, 
     if num_outs > n_lat and _shape(sd, f"neck.fpn_convs.{n_lat}.conv.weight")[1] != fpn_out:
         extra_on = "input"
     neck = NeckConfig(in_channels=lat_in, out_channels=fpn_out, start_level=start, num_outs=num_outs, extra_on=extra_on)
+    spec = head_spec(family)
     stacked = _count(sd, r"bbox_head\.cls_convs\.(\d+)\.")
     gn = "bbox_head.cls_convs.0.gn.weight" in sd
-    feat = _shape(sd, "bbox_head.conv_cls.weight")[1]
+    cls_shape = _shape(sd, f"bbox_head.{spec.convs['cls']}.weight")
+    reg_out = _shape(sd, f"bbox_head.{spec.convs['reg']}.weight")[0]
+    anchors = 1 if spec.priors == "points" else reg_out // 4
+    if reg_out != 4 * anchors or cls_shape[0] % anchors:
+        raise FcosError(
+            f"the {spec.title} head's box conv has {reg_out} outputs and its class conv {cls_shape[0]}: "
+            "not 4 and C per prior (anchors per location do not divide them)"
+        )
+    feat = cls_shape[1]
     head_in = _shape(sd, "bbox_head.cls_convs.0.conv.weight")[1] if stacked else feat
     n_scales = _count(sd, r"bbox_head\.scales\.(\d+)\.")
     head = HeadConfig(
-        num_classes=_shape(sd, "bbox_head.conv_cls.weight")[0],
+        family=family,  # type: ignore[arg-type]
+        num_classes=cls_shape[0] // anchors,
         in_channels=head_in,
         feat_channels=feat,
         stacked_convs=stacked,
@@ -302,10 +344,23 @@ def infer_architecture(sd: dict[str, Any]) -> tuple[BackboneConfig, NeckConfig, 
         conv_bias=(not stacked) or "bbox_head.cls_convs.0.conv.bias" in sd,
         strides=tuple(8 * 2**i for i in range(num_outs)),
         use_scale=n_scales > 0,
+        pred_kernel=cls_shape[2],
     )
+    if anchors > 1 or spec.priors == "anchors":
+        for name, value in ANCHOR_DEFAULTS[family].items():
+            setattr(head, name, value)
+        if head.num_anchors != anchors:  # shapes say how many; the meta config (read later) may say which
+            head.anchor_ratios, head.scales_per_octave = _anchor_layout(anchors, head)
     if gn:
         head.gn_groups = 32 if feat % 32 == 0 else max(g for g in range(1, feat + 1) if feat % g == 0 and g <= 32)
     return backbone, neck, head
+
+
+def _anchor_layout(anchors: int, head: HeadConfig) -> tuple[tuple[float, ...], int]:
+    """Ratios and scales per octave giving ``anchors`` per location, keeping the defaults' ratios when they divide it."""
+    if anchors % len(head.anchor_ratios) == 0:
+        return head.anchor_ratios, anchors // len(head.anchor_ratios)
+    return (1.0,), anchors
 
 
 # --------------------------------------------------------------------------- meta config text
@@ -348,6 +403,14 @@ def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     ):
         if (v := _find(text, name, pat)) is not None:
             found[key] = float(v) if "." in v or "e" in v.lower() else int(v)
+    for name in ("octave_base_scale", "scales_per_octave"):
+        if (v := _find(text, name, r"(\d+)")) is not None:
+            found[name] = int(v)
+    for name, key in (("ratios", "anchor_ratios"), ("target_stds", "target_stds"), ("target_means", "target_means")):
+        if (v := _find(text, name, r"[\[(]([0-9.eE+\-,\s]+)[\])]")) is not None:
+            found[key] = tuple(float(x) for x in v.split(",") if x.strip())
+    if (v := _find(text, "model", r"dict\(\s*type\s*=\s*['\"](\w+)['\"]")) is not None:
+        found["detector_type"] = v
     return found
 
 
@@ -385,11 +448,31 @@ def _check_post(path: str | Path, post: PostConfig, sources: dict[str, str]) -> 
         raise BadFileError(path, f"its meta config's {name} {why} (give {flag} to override it)")
 
 
+def _check_overrides(overrides: ModelOverrides, spec: HeadSpec) -> None:
+    """Head flags that do not apply to this family are a usage error, not silently ignored."""
+    for name in ("norm_on_bbox", "centerness_on_reg"):
+        if getattr(overrides, name) is not None and name not in spec.overrides:
+            raise UsageError(f"--{name.replace('_', '-')} applies to FCOS heads; this checkpoint's head is {spec.title}")
+
+
+def _check_anchors(path: str | Path, head: HeadConfig, sd: dict[str, Any], spec: HeadSpec) -> None:
+    """The anchor settings must give as many anchors per location as the head's convs predict for."""
+    predicted = _shape(sd, f"bbox_head.{spec.convs['reg']}.weight")[0] // 4
+    if head.num_anchors != predicted:
+        raise BadFileError(
+            path,
+            f"its head predicts {predicted} anchors per location, but its anchor settings give {head.num_anchors} "
+            f"({len(head.anchor_ratios)} ratios x {head.scales_per_octave} scales per octave)",
+        )
+    if len(head.target_stds) != 4 or len(head.target_means) != 4:
+        raise BadFileError(path, f"its box coder's target_means/target_stds must have 4 values, got {head.target_means} / {head.target_stds}")
+
+
 # --------------------------------------------------------------------------- public API
 
 
 def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -> LoadedCheckpoint:
-    """Read a checkpoint file, map its keys and infer the full :class:`FCOSConfig`.
+    """Read a checkpoint file, map its keys and infer the full :class:`DetectorConfig`.
 
     Whatever is wrong with the file is one error naming it (never a bare KeyError/IndexError).
     """
@@ -398,7 +481,7 @@ def load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -
     except FcosError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise BadFileError(path, f"not an FCOS checkpoint this tool understands ({type(exc).__name__}: {first_line(exc)})") from None
+        raise BadFileError(path, f"not a detector checkpoint this tool understands ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) -> LoadedCheckpoint:
@@ -414,47 +497,67 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
 
     sd = {k: v for k, v in _strip_prefix(sd).items() if isinstance(v, torch.Tensor)}
     try:
-        fmt = detect_format(sd)
-        sd = _map_torchvision(sd) if fmt == "torchvision" else _map_mmdet(sd)
-        backbone, neck, head = infer_architecture(sd)
+        fmt, family = detect_format(sd)
+        spec = head_spec(family)
+        sd = _map_torchvision(sd, family) if fmt == "torchvision" else _map_mmdet(sd, spec)
+        backbone, neck, head = infer_architecture(sd, family)
     except BadFileError:
         raise
-    except FcosError as exc:  # name the file: "X.pth: not an FCOS checkpoint: ..."
+    except FcosError as exc:  # name the file: "X.pth: not a dense-detector checkpoint: ..."
         raise BadFileError(path, str(exc)) from None
-    sources = {"architecture": "tensor shapes"}
+    sources = {"architecture": "tensor shapes", "family": f"{'torchvision' if fmt == 'torchvision' else 'mmdet'} {spec.title} head keys"}
+    _check_overrides(overrides, spec)
     if fmt == "torchvision":
         backbone.style, backbone.bn_impl = "pytorch", "torchvision"
+        if family == "retinanet" and head.norm == "gn":  # retinanet_resnet50_fpn_v2: a plain (eval) BatchNorm2d backbone
+            backbone.bn_impl = "mmdet"
+        elif family == "retinanet":  # v1: its builder sets the frozen BN's eps to 0 for the COCO weights
+            backbone.bn_eps = 0.0
+        sources["bn"] = f"torchvision {'v2' if head.norm == 'gn' else 'v1'} layout" if family == "retinanet" else "torchvision layout"
         head.norm_on_bbox, head.centerness_on_reg = True, True
-        post = default_post_config("torchvision")
+        neck.relu_before_extra = True  # LastLevelP6P7: P7 from ReLU(P6)
+        post = default_post_config("torchvision", family)
         settings: dict[str, Any] = {}
-        for k in ("style", "norm_on_bbox", "centerness_on_reg", "extra_on", "rule"):
+        for k in ("style", *spec.overrides, "extra_on", "rule"):
             sources[k] = "torchvision layout"
         adapter: InputAdapter = "torchvision"
     else:
         settings = settings_from_meta(meta)
-        backbone.style = settings.get("style", "caffe")
+        kind = settings.get("detector_type")
+        if kind in _LOOKALIKES and _LOOKALIKES[kind] == family:
+            raise BadFileError(path, f"an mmdet {kind} checkpoint: its head's keys look like {spec.title}'s but its maths differ; not served")
+        defaults = spec.mmdet_defaults
+        backbone.style = settings.get("style", defaults["style"])
         head.norm_on_bbox = settings.get("norm_on_bbox", False)
         head.centerness_on_reg = settings.get("centerness_on_reg", False)
-        neck.relu_before_extra = settings.get("relu_before_extra_convs", True)
+        neck.relu_before_extra = settings.get("relu_before_extra_convs", defaults["relu_before_extra_convs"])
         if "extra_on" in settings and neck.in_channels[-1] == neck.out_channels:  # shapes can't tell
             neck.extra_on = settings["extra_on"]
         rule, why = rule_for_version(_mmdet_version(meta))
         post = default_post_config(rule)
-        for k in ("style", "norm_on_bbox", "centerness_on_reg", "extra_on"):
-            sources[k] = "meta config" if k in settings else "default (mmdet)"
+        post.iou_thr = defaults.get("iou_thr", post.iou_thr)
+        for k in ("style", *spec.overrides, "extra_on"):
+            sources[k] = "meta config" if k in settings else f"default (mmdet {spec.title})"
         sources["rule"] = why
         if head.norm == "gn" and "num_groups" in settings:
             head.gn_groups = settings["num_groups"]
             sources["gn_groups"] = "meta config"
+        if spec.priors == "anchors":
+            for k in ("octave_base_scale", "scales_per_octave", "anchor_ratios", "target_stds", "target_means"):
+                if k in settings:
+                    setattr(head, k, settings[k])
+                sources[k] = "meta config" if k in settings else f"default (mmdet {spec.title})"
         for k in ("nms_pre", "score_thr", "iou_thr", "max_per_img"):
             if k in settings:
                 setattr(post, k, settings[k])
                 sources[k] = "meta config"
         adapter = "none"
+    if spec.priors == "anchors":
+        _check_anchors(path, head, sd, spec)
     if overrides.rule is not None:
         if overrides.rule not in POST_RULES:
             raise FcosError(f"unknown post-processing rule '{overrides.rule}' (choose from {', '.join(POST_RULES)})")
-        base = default_post_config(overrides.rule)  # type: ignore[arg-type]
+        base = default_post_config(overrides.rule, family)  # type: ignore[arg-type]
         if fmt == "mmdet" and overrides.rule.startswith("mmdet"):  # keep the file's test_cfg numbers
             base = dataclasses.replace(base, nms_pre=post.nms_pre, max_per_img=post.max_per_img, score_thr=post.score_thr, iou_thr=post.iou_thr)
         post = base
@@ -473,7 +576,7 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
         if value is not None:
             setattr(target, name, value)
             sources[name] = "flag"
-    config = FCOSConfig(backbone=backbone, neck=neck, head=head, post=post, input_adapter=adapter)
+    config = DetectorConfig(backbone=backbone, neck=neck, head=head, post=post, input_adapter=adapter)
     _check_post(path, post, sources)
     classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
     names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
@@ -485,10 +588,10 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
 
 
 def build_model(ckpt: LoadedCheckpoint):
-    """Instantiate :class:`FCOS` and load every tensor; missing/unexpected keys are an error."""
-    from fcos_offline.model.fcos import FCOS
+    """Instantiate :class:`~fcos_offline.model.detector.Detector` and load every tensor; missing/unexpected keys are an error."""
+    from fcos_offline.model.detector import Detector
 
-    model = FCOS(ckpt.config)
+    model = Detector(ckpt.config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ckpt.state_dict))
     unexpected = sorted(set(ckpt.state_dict) - set(expected))
@@ -498,7 +601,7 @@ def build_model(ckpt: LoadedCheckpoint):
             parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
-        raise FcosError(f"{ckpt.path}: checkpoint does not match the inferred FCOS architecture: " + "; ".join(parts))
+        raise FcosError(f"{ckpt.path}: checkpoint does not match the inferred {ckpt.config.head.family} architecture: " + "; ".join(parts))
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in ckpt.state_dict.items() if v.shape != expected[k].shape]
     if wrong:
         raise FcosError(f"{ckpt.path}: tensor shapes do not fit: {'; '.join(wrong[:5])}")
@@ -527,14 +630,14 @@ def build_model(ckpt: LoadedCheckpoint):
 
 
 def load_model(path: str | Path, overrides: ModelOverrides | None = None):
-    """Checkpoint file -> (eval-mode :class:`FCOS`, :class:`LoadedCheckpoint`)."""
+    """Checkpoint file -> (eval-mode :class:`~fcos_offline.model.detector.Detector`, :class:`LoadedCheckpoint`)."""
     ckpt = load_checkpoint(path, overrides)
     try:
         return build_model(ckpt), ckpt
     except FcosError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-        raise BadFileError(path, f"cannot build an FCOS from it ({type(exc).__name__}: {first_line(exc)})") from None
+        raise BadFileError(path, f"cannot build a detector from it ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def mmdet_state_dict(model, head_names: str = "conv", with_num_batches_tracked: bool = True) -> dict[str, Any]:
@@ -551,7 +654,7 @@ def mmdet_state_dict(model, head_names: str = "conv", with_num_batches_tracked: 
     return out
 
 
-def describe_depth(cfg: FCOSConfig) -> str:
+def describe_depth(cfg: DetectorConfig) -> str:
     """'ResNet-50'-style name from the block counts."""
     per_block = 3 if cfg.backbone.block == "bottleneck" else 2
     return f"ResNet-{per_block * sum(cfg.backbone.stage_blocks) + 2}"
@@ -565,6 +668,8 @@ def inspect_checkpoint(path: str | Path, overrides: ModelOverrides | None = None
     return {
         "path": ckpt.path,
         "format": ckpt.format,
+        "family": cfg.head.family,
+        "title": head_spec(cfg.head.family).title,
         "mmdet_version": ckpt.sources.get("mmdet_version"),
         "depth": describe_depth(cfg),
         "num_classes": cfg.head.num_classes,

@@ -1,9 +1,10 @@
-"""FCOS architecture and test-time settings as plain dataclasses.
+"""Dense-detector architecture and test-time settings as plain dataclasses.
 
-Every number that a checkpoint's tensor shapes can tell is filled in by
-``fcos_offline.model.checkpoint``; the rest (style, bbox encoding, centerness branch, the
-post-processing rule) comes from the checkpoint's ``meta`` config text, documented per-format
-defaults, or explicit overrides.
+One detector is a ResNet backbone, an FPN neck and a dense head of one family (FCOS, RetinaNet,
+ATSS: ``fcos_offline.model.heads``). Every number that a checkpoint's tensor shapes can tell is
+filled in by ``fcos_offline.model.checkpoint``; the rest (style, bbox encoding, centerness
+branch, anchor settings, the post-processing rule) comes from the checkpoint's ``meta`` config
+text, the head family's documented defaults, or explicit overrides.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ PostRule = Literal["mmdet2", "mmdet218", "mmdet3", "torchvision"]
 PointRule = Literal["mmdet2", "mmdet3", "torchvision"]
 BNImpl = Literal["mmdet", "torchvision"]
 InputAdapter = Literal["none", "torchvision"]
+Family = Literal["fcos", "retinanet", "atss"]
 
+FAMILIES: tuple[str, ...] = ("fcos", "retinanet", "atss")
 POST_RULES: tuple[str, ...] = ("mmdet2", "mmdet218", "mmdet3", "torchvision")
 """``mmdet2``: spec §7.2 (mmdet 2.x < 2.18, the recipe's online reference);
 ``mmdet218``: spec §7.3 as mmdet 2.18–2.x does it; ``mmdet3``: §7.3 with v3's drop of boxes
-with w <= 0 or h <= 0; ``torchvision``: spec §10."""
+with w <= 0 or h <= 0; ``torchvision``: spec §10. The same rules serve every head family
+(without a score factor, S·c reads S)."""
 
 
 @dataclass
@@ -53,8 +57,14 @@ class NeckConfig:
 
 @dataclass
 class HeadConfig:
-    """FCOS head: stacked convs per branch, then cls / reg / centerness convs."""
+    """A dense head: stacked convs per branch, then its prediction convs (see ``model.heads``).
 
+    ``norm_on_bbox`` and ``centerness_on_reg`` are FCOS's; the anchor and box-coder settings
+    are RetinaNet's and ATSS's (mmdet ``AnchorGenerator`` / ``DeltaXYWHBBoxCoder``: anchors of
+    ``octave_base_scale · 2^(i / scales_per_octave) · stride`` for every ratio).
+    """
+
+    family: Family = "fcos"
     num_classes: int = 80
     in_channels: int = 256
     feat_channels: int = 256
@@ -66,6 +76,17 @@ class HeadConfig:
     use_scale: bool = True
     norm_on_bbox: bool = False
     centerness_on_reg: bool = False
+    pred_kernel: int = 3
+    octave_base_scale: int = 4
+    scales_per_octave: int = 3
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    target_means: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    target_stds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+
+    @property
+    def num_anchors(self) -> int:
+        """Priors per feature-map location (1 for point heads)."""
+        return 1 if self.family == "fcos" else len(self.anchor_ratios) * self.scales_per_octave
 
 
 @dataclass
@@ -81,8 +102,8 @@ class PostConfig:
 
 
 @dataclass
-class FCOSConfig:
-    """A whole FCOS detector."""
+class DetectorConfig:
+    """A whole dense detector."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     neck: NeckConfig = field(default_factory=NeckConfig)
@@ -95,7 +116,7 @@ class FCOSConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> FCOSConfig:
+    def from_dict(cls, data: dict) -> DetectorConfig:
         """Inverse of :meth:`to_dict` (lists become tuples)."""
 
         def _tuples(d: dict) -> dict:
@@ -148,7 +169,7 @@ POST_RANGES: dict[str, Range] = {
 STRIDE_RANGE = Range(int, 1, 4096)
 
 
-def check_config(config: FCOSConfig) -> None:
+def check_config(config: DetectorConfig) -> None:
     """Raise ValueError naming the first out-of-range setting (``post.iou_thr must be > 0 and <= 1, got -3``)."""
     for name, allowed in POST_RANGES.items():
         if (why := allowed.problem(getattr(config.post, name))) is not None:
@@ -161,12 +182,16 @@ def check_config(config: FCOSConfig) -> None:
             raise ValueError(f"head.strides {why}")
     if list(strides) != sorted(set(strides)):
         raise ValueError(f"head.strides must increase level by level, got {list(strides)}")
+    if config.head.family not in FAMILIES:
+        raise ValueError(f"head.family must be one of {', '.join(FAMILIES)}, got {config.head.family!r}")
     if config.post.rule not in POST_RULES:
         raise ValueError(f"post.rule must be one of {', '.join(POST_RULES)}, got {config.post.rule!r}")
 
 
-def default_post_config(rule: PostRule) -> PostConfig:
-    """The published test-time defaults of each rule."""
+def default_post_config(rule: PostRule, family: str = "fcos") -> PostConfig:
+    """The published test-time defaults of each rule (torchvision's differ by model)."""
+    if rule == "torchvision" and family == "retinanet":
+        return PostConfig(rule="torchvision", points="torchvision", nms_pre=1000, score_thr=0.05, iou_thr=0.5, max_per_img=300)
     if rule == "torchvision":
         return PostConfig(rule="torchvision", points="torchvision", nms_pre=1000, score_thr=0.2, iou_thr=0.6)
     if rule in ("mmdet218", "mmdet3"):

@@ -1,19 +1,21 @@
-"""Test-time FCOS post-processing in PyTorch, exportable to standard ONNX ops.
+"""Test-time dense-head post-processing in PyTorch, exportable to standard ONNX ops.
 
 One module serves the eager "online" baseline and the ONNX export: in eager mode non-maximum
 suppression runs a greedy PyTorch loop; under ``torch.onnx.export`` it becomes the standard
 ``NonMaxSuppression`` op, so ONNX Runtime and OpenVINO run the graph with no custom op.
 
-Rules (``PostConfig.rule``), spec §7.2 / §7.3 / §10:
+Rules (``PostConfig.rule``), spec §7.2 / §7.3 / §10, for every head family: S is the class
+probability, c the head's score factor (FCOS and ATSS centerness; 1 for RetinaNet), a prior is a
+point (FCOS) or an anchor (RetinaNet, ATSS) decoded by the head's box coder.
 
-* ``mmdet2``: per level keep the ``nms_pre`` points with the largest max_k(S·c) (only when a
-  level has more points), decode, clip; candidates are (point, class) pairs with raw S > thr
+* ``mmdet2``: per level keep the ``nms_pre`` priors with the largest max_k(S·c) (only when a
+  level has more priors), decode, clip; candidates are (prior, class) pairs with raw S > thr
   (strict), scored S·c; class-wise NMS (IoU > iou_thr suppressed); top ``max_per_img``.
-* ``mmdet218`` (2.18 <= mmdet < 3): per level the ``nms_pre`` (point, class) pairs with the
+* ``mmdet218`` (2.18 <= mmdet < 3): per level the ``nms_pre`` (prior, class) pairs with the
   largest S > thr; score S·c; class-wise NMS; top ``max_per_img``.
 * ``mmdet3``: as ``mmdet218``, and boxes with w <= 0 or h <= 0 are dropped before NMS.
-* ``torchvision``: like ``mmdet218`` with score √(S·c) > thr for both ranking and output and no
-  size filter.
+* ``torchvision``: like ``mmdet218`` with no size filter; FCOS ranks and scores by √(S·c) > thr,
+  RetinaNet by S.
 
 Outputs follow the recipe's contract: ``dets [B,K,5]`` float32 (x1,y1,x2,y2,score, canvas
 pixels, zero rows after the last detection) and ``labels [B,K]`` int64 (−1 after the last).
@@ -21,43 +23,16 @@ pixels, zero rows after the last detection) and ``labels [B,K]`` int64 (−1 aft
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from fcos_offline.model.config import FCOSConfig, PostConfig
-
-
-def padded_to_32(n: int) -> int:
-    """``n`` rounded up to a multiple of 32: torchvision's padded batch size along one axis (spec §10)."""
-    return -(-n // 32) * 32
-
-
-def level_points(h: int, w: int, stride: int, rule: str, canvas_hw: tuple[int, int]) -> Tensor:
-    """Point locations ``[h*w, 2]`` (x, y), row-major like the (H, W) flattening of the maps."""
-    ys = torch.arange(h, dtype=torch.float32)
-    xs = torch.arange(w, dtype=torch.float32)
-    if rule == "torchvision":  # strides from the batch tensor torchvision pads to multiples of 32
-        xs = xs * (padded_to_32(canvas_hw[1]) // w)
-        ys = ys * (padded_to_32(canvas_hw[0]) // h)
-    elif rule == "mmdet3":
-        xs = (xs + 0.5) * stride
-        ys = (ys + 0.5) * stride
-    else:  # mmdet 1.x / 2.x < 2.18
-        xs = xs * stride + stride // 2
-        ys = ys * stride + stride // 2
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((xx.reshape(-1), yy.reshape(-1)), dim=-1)
-
-
-def decode(points: Tensor, dist: Tensor, canvas_hw: tuple[int, int]) -> Tensor:
-    """Distances (l,t,r,b) ``[...,4]`` at ``points [...,2]`` -> boxes clipped to [0,W]x[0,H]."""
-    x1 = (points[..., 0] - dist[..., 0]).clamp(0, canvas_hw[1])
-    y1 = (points[..., 1] - dist[..., 1]).clamp(0, canvas_hw[0])
-    x2 = (points[..., 0] + dist[..., 2]).clamp(0, canvas_hw[1])
-    y2 = (points[..., 1] + dist[..., 3]).clamp(0, canvas_hw[0])
-    return torch.stack((x1, y1, x2, y2), dim=-1)
+from fcos_offline.model.coders import decode_delta_mmdet, decode_delta_torchvision, decode_distance
+from fcos_offline.model.config import DetectorConfig, PostConfig
+from fcos_offline.model.heads.spec import head_spec
+from fcos_offline.model.priors import level_priors
 
 
 def _box_iou_one(box: Tensor, boxes: Tensor) -> Tensor:
@@ -189,59 +164,84 @@ def nms_topk(boxes: Tensor, scores: Tensor, iou_thr: float, max_per_img: int) ->
     return dets, labels
 
 
-class FCOSPostProcess(nn.Module):
-    """Raw per-level head outputs -> (dets ``[B,K,5]``, labels ``[B,K]``) in canvas pixels."""
+class DensePostProcess(nn.Module):
+    """Raw per-level head outputs -> (dets ``[B,K,5]``, labels ``[B,K]``) in canvas pixels, for any head family.
 
-    def __init__(self, post: PostConfig, strides: tuple[int, ...]) -> None:
+    In the manner of mmdet's ``BaseDenseHead.predict_by_feat``: per level, class probabilities
+    ``S [B,N,C]`` (N = locations × priors), the optional score factor ``c [B,N]`` (1 without one),
+    box regressions and the level's priors; then the rule's top-k, the head's box coder, and
+    class-wise NMS with the global top ``max_per_img``.
+    """
+
+    def __init__(self, config: DetectorConfig, post: PostConfig | None = None) -> None:
         super().__init__()
-        self.post = post
-        self.strides = strides
+        self.spec = head_spec(config.head.family)
+        self.head = config.head
+        self.post = post or config.post
 
-    def forward(self, cls_logits: list[Tensor], dists: list[Tensor], ctr_logits: list[Tensor], canvas_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def forward(self, raw: Sequence[list[Tensor]], canvas_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``raw``: one list per ``HeadSpec.outputs`` entry (per level); ``canvas_hw``: the input's (H, W)."""
+        named = dict(zip(self.spec.outputs, raw))
+        factor = named.get(self.spec.score_factor) if self.spec.score_factor else None
+        levels = [
+            self._level_tensors(named["cls"][lvl], named["reg"][lvl], None if factor is None else factor[lvl], lvl, canvas_hw)
+            for lvl in range(len(named["cls"]))
+        ]
         if self.post.rule == "mmdet2":
-            boxes, scores = self._point_candidates(cls_logits, dists, ctr_logits, canvas_hw)
+            boxes, scores = self._point_candidates(levels, canvas_hw)
         else:
-            boxes, scores = self._pair_candidates(cls_logits, dists, ctr_logits, canvas_hw)
+            boxes, scores = self._pair_candidates(levels, canvas_hw)
         return nms_topk(boxes, scores, self.post.iou_thr, self.post.max_per_img)
 
-    def _level_tensors(self, cls: Tensor, dist: Tensor, ctr: Tensor, level: int, canvas_hw: tuple[int, int]):
+    def _level_tensors(self, cls: Tensor, reg: Tensor, ctr: Tensor | None, level: int, canvas_hw: tuple[int, int]):
         h, w = cls.shape[2], cls.shape[3]
-        probs = cls.permute(0, 2, 3, 1).flatten(1, 2).sigmoid()  # [B,N,C]
-        centerness = ctr.permute(0, 2, 3, 1).flatten(1, 2).sigmoid()  # [B,N,1]
-        dist = dist.permute(0, 2, 3, 1).flatten(1, 2)  # [B,N,4]
-        points = level_points(h, w, self.strides[level], self.post.points, canvas_hw).to(dist.device)
-        return probs, centerness, dist, points
+        num_classes = cls.shape[1] // (reg.shape[1] // 4)  # channels per prior
+        probs = cls.permute(0, 2, 3, 1).reshape(cls.shape[0], -1, num_classes).sigmoid()  # [B,N,C]
+        factor = None if ctr is None else ctr.permute(0, 2, 3, 1).reshape(ctr.shape[0], -1, 1).sigmoid()  # [B,N,1]
+        reg = reg.permute(0, 2, 3, 1).reshape(reg.shape[0], -1, 4)  # [B,N,4]
+        priors = level_priors(self.head, self.spec.priors, level, h, w, self.post.points, canvas_hw).to(reg.device)
+        return probs, factor, reg, priors
 
-    def _point_candidates(self, cls_logits, dists, ctr_logits, canvas_hw):
-        """spec §7.2: per-level top points by max_k(S·c); candidates S > thr, score S·c."""
+    def _decode(self, priors: Tensor, reg: Tensor, canvas_hw: tuple[int, int]) -> Tensor:
+        if self.spec.coder == "distance":
+            return decode_distance(priors, reg, canvas_hw)
+        if self.post.rule == "torchvision":
+            return decode_delta_torchvision(priors, reg, canvas_hw)
+        return decode_delta_mmdet(priors, reg, self.head.target_means, self.head.target_stds, canvas_hw)
+
+    def _point_candidates(self, levels, canvas_hw):
+        """spec §7.2: per-level top priors by max_k(S·c); candidates S > thr, score S·c."""
         all_boxes, all_scores = [], []
-        for level, (cls, dist, ctr) in enumerate(zip(cls_logits, dists, ctr_logits)):
-            probs, centerness, dist, points = self._level_tensors(cls, dist, ctr, level, canvas_hw)
+        for probs, factor, reg, priors in levels:
             if probs.shape[1] > self.post.nms_pre > 0:
-                _, idx = (probs * centerness).max(dim=2).values.topk(self.post.nms_pre, dim=1)
+                ranked = probs if factor is None else probs * factor
+                _, idx = ranked.max(dim=2).values.topk(self.post.nms_pre, dim=1)
                 probs = torch.gather(probs, 1, idx.unsqueeze(-1).expand(-1, -1, probs.shape[2]))
-                centerness = torch.gather(centerness, 1, idx.unsqueeze(-1))
-                dist = torch.gather(dist, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
-                points = points[idx]
-            all_boxes.append(decode(points, dist, canvas_hw))
-            all_scores.append(torch.where(probs > self.post.score_thr, probs * centerness, torch.full_like(probs, -1.0)))
+                factor = None if factor is None else torch.gather(factor, 1, idx.unsqueeze(-1))
+                reg = torch.gather(reg, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
+                priors = priors[idx]
+            all_boxes.append(self._decode(priors, reg, canvas_hw))
+            scored = probs if factor is None else probs * factor
+            all_scores.append(torch.where(probs > self.post.score_thr, scored, torch.full_like(probs, -1.0)))
         return torch.cat(all_boxes, dim=1), torch.cat(all_scores, dim=1).transpose(1, 2)
 
-    def _pair_candidates(self, cls_logits, dists, ctr_logits, canvas_hw):
-        """spec §7.3 / §10: per-level top (point, class) pairs above the threshold."""
+    def _pair_candidates(self, levels, canvas_hw):
+        """spec §7.3 / §10: per-level top (prior, class) pairs above the threshold."""
         all_boxes, all_scores, all_labels = [], [], []
-        for level, (cls, dist, ctr) in enumerate(zip(cls_logits, dists, ctr_logits)):
-            probs, centerness, dist, points = self._level_tensors(cls, dist, ctr, level, canvas_hw)
+        torchvision = self.post.rule == "torchvision"
+        for probs, factor, reg, priors in levels:
             num_classes = probs.shape[2]
-            rank = torch.sqrt(probs * centerness) if self.post.rule == "torchvision" else probs
-            rank = rank.flatten(1)  # [B, N*C], point-major
+            rank = torch.sqrt(probs * factor) if torchvision and factor is not None else probs
+            rank = rank.flatten(1)  # [B, N*C], prior-major
             masked = torch.where(rank > self.post.score_thr, rank, torch.full_like(rank, -1.0))
             k = min(self.post.nms_pre, masked.shape[1])
             top, idx = masked.topk(k, dim=1)
-            point_idx, labels = idx // num_classes, idx % num_classes
-            ctr_top = torch.gather(centerness.squeeze(-1), 1, point_idx)
-            score = top if self.post.rule == "torchvision" else top * ctr_top
-            boxes = decode(points[point_idx], torch.gather(dist, 1, point_idx.unsqueeze(-1).expand(-1, -1, 4)), canvas_hw)
+            prior_idx, labels = idx // num_classes, idx % num_classes
+            if factor is None or torchvision:
+                score = top
+            else:
+                score = top * torch.gather(factor.squeeze(-1), 1, prior_idx)
+            boxes = self._decode(priors[prior_idx], torch.gather(reg, 1, prior_idx.unsqueeze(-1).expand(-1, -1, 4)), canvas_hw)
             valid = top >= 0
             if self.post.rule == "mmdet3":
                 valid = valid & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
@@ -249,20 +249,19 @@ class FCOSPostProcess(nn.Module):
             all_scores.append(torch.where(valid, score, torch.full_like(score, -1.0)))
             all_labels.append(labels)
         boxes, scores, labels = (torch.cat(t, dim=1) for t in (all_boxes, all_scores, all_labels))
-        num_classes = cls_logits[0].shape[1]
+        num_classes = levels[0][0].shape[2]
         dense = torch.full((scores.shape[0], num_classes, scores.shape[1]), -1.0, dtype=scores.dtype, device=scores.device)
         dense = dense.scatter(1, labels.unsqueeze(1), scores.unsqueeze(1))
         return boxes, dense
 
 
-class FCOSDetector(nn.Module):
+class DetectorWithPost(nn.Module):
     """Network + post-processing: ``images [B,3,H,W]`` -> ``(dets, labels)`` (the ONNX contract)."""
 
     def __init__(self, network: nn.Module, post: PostConfig | None = None) -> None:
         super().__init__()
         self.network = network
-        self.postprocess = FCOSPostProcess(post or cast(FCOSConfig, network.cfg).post, cast(FCOSConfig, network.cfg).head.strides)
+        self.postprocess = DensePostProcess(cast(DetectorConfig, network.cfg), post)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        cls_logits, dists, ctr_logits = self.network(images)
-        return self.postprocess(cls_logits, dists, ctr_logits, (int(images.shape[2]), int(images.shape[3])))
+        return self.postprocess(self.network(images), (int(images.shape[2]), int(images.shape[3])))

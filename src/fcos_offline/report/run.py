@@ -19,18 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fcos_offline.cpu import cpu_description
 from fcos_offline.data.dataset import (
     EvalSet,
     InputItem,
     class_names_for,
-    demo_split,
     prepare_eval_set,
     resolve_source,
 )
 from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.demo import DEMO_CHECKPOINT
 from fcos_offline.engine.base import ModelSource
-from fcos_offline.engine.cpu import cpu_description
 from fcos_offline.engine.infer import InferSummary
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.io import OutputLock, atomic_write_json, file_digest, json_digest, read_stamp
@@ -217,9 +216,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
     flag is given, and the checkpoint (for the online baseline and the export check) is exported
     at the model's canvas.
     """
+    from fcos_offline.cpu import machine_load
     from fcos_offline.engine.backends import backend, resolve_model
     from fcos_offline.engine.base import EngineOptions, settings_flags
-    from fcos_offline.engine.cpu import machine_load
     from fcos_offline.engine.infer import cap_batch
     from fcos_offline.engine.job import InferRequest, RayPlan, infer
     from fcos_offline.engine.timing import busy_note
@@ -264,6 +263,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
             DEMO_CANVAS,
             DEMO_VAL_IMAGES,
             DEMO_VAL_SEED,
+            demo_split,
         )
 
         shape: tuple[int, int] = opts.shape or model_canvas or DEMO_CANVAS

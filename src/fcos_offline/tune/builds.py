@@ -14,7 +14,8 @@ from typing import Any
 
 from fcos_offline import __version__
 from fcos_offline.engine.artifact import ARTIFACT_FILE, Artifact, write_artifact
-from fcos_offline.engine.backends import backend
+from fcos_offline.engine.backends import backend, model_files
+from fcos_offline.engine.base import ConvertRequest
 from fcos_offline.io import atomic_folder, atomic_write_json, file_digest, json_digest, read_stamp
 from fcos_offline.progress import info
 from fcos_offline.tune import quantize as q
@@ -23,9 +24,8 @@ from fcos_offline.tune.store import Trial
 
 
 def model_size_mb(path: Path) -> float:
-    """Size of a model file (an OpenVINO IR with its weights)."""
-    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
-    return sum(p.stat().st_size for p in files if p.is_file()) / 2**20
+    """Size of a model (every file it is stored in: an OpenVINO IR with its weights)."""
+    return sum(p.stat().st_size for p in model_files(path) if p.is_file()) / 2**20
 
 
 def installed_version(dist: str) -> str:
@@ -61,7 +61,7 @@ class ModelBuilder:
         """``dst`` as built by ``build()``, reused only when its stamp holds this source's key and ``settings``; stale files are removed first."""
         stamp = dst.with_suffix(".key.json")
         key = json_digest({**self.source_key(), **settings})
-        files = [dst, dst.with_suffix(".bin")] if dst.suffix == ".xml" else [dst]
+        files = model_files(dst)
         if all(f.is_file() for f in files) and read_stamp(stamp).get("key") == key:
             return dst
         for f in (stamp, *files):
@@ -93,17 +93,19 @@ class ModelBuilder:
 
     def model_file(self, cand: Candidate) -> Path:
         """Build (or reuse) the model file of ``cand``."""
-        from fcos_offline.engine.backends.openvino import onnx_to_ir
-
         models = self.out / "models"
         models.mkdir(parents=True, exist_ok=True)
         kind, tag = parse_build(cand.build)
-        engine_version = backend(cand.engine).version()
-        if kind == "fp32":
-            if cand.engine == "onnxruntime":
+        engine = backend(cand.engine)
+        engine_version = engine.version()
+        if kind == "fp32":  # the source itself where the engine stores ONNX, else the engine's own conversion of it
+            if engine.MODEL_SUFFIXES[0] == self.source.suffix.lower():
                 return self.source
-            ir = models / "openvino-fp32" / "model.xml"
-            return self._cached(ir, {"build": cand.build, "openvino": engine_version}, lambda: onnx_to_ir(self.source, ir))
+            folder = models / f"{cand.engine}-fp32"
+            dst = folder / f"model{engine.MODEL_SUFFIXES[0]}"
+            return self._cached(
+                dst, {"build": cand.build, cand.engine: engine_version}, lambda: engine.convert(self.source, folder, ConvertRequest())
+            )
         folder = models / cand.model_id
         nodes = self.float_nodes(cand.float_groups)
         float_note = f", {len(nodes)} conv nodes float" if nodes else ""
@@ -136,18 +138,9 @@ class ModelBuilder:
         cand = trial.candidate
         model = self.model_file(cand)  # rebuilt if its files were removed
         with atomic_folder(best, ARTIFACT_FILE) as tmp:
-            if model.suffix == ".xml":
-                shutil.copy(model, tmp / "model.xml")
-                shutil.copy(model.with_suffix(".bin"), tmp / "model.bin")
-                meta = model.with_suffix(".meta.json")
-                if meta.is_file():
-                    shutil.copy(meta, tmp / "model.meta.json")
-                else:
-                    atomic_write_json(tmp / "model.meta.json", read_metadata(self.source))
-                model_file = "model.xml"
-            else:
-                shutil.copy(model, tmp / "model.onnx")
-                model_file = "model.onnx"
+            for f in model_files(model):  # each as model<its suffix>
+                shutil.copy(f, tmp / f"model{f.name.removeprefix(model.stem).lower()}")
+            model_file = f"model{model.suffix.lower()}"
             post_file = None
             if read_metadata(self.source).get("nms_in_graph") is False:
                 shutil.copy(post_graph_path(self.source), tmp / "model.post.onnx")

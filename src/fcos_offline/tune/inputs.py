@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcos_offline.data.dataset import EvalSet, class_names_for, demo_split, prepare_eval_set, resolve_source
+from fcos_offline.data.annotations import load_annotations
+from fcos_offline.data.dataset import EvalSet, class_names_for, prepare_eval_set, resolve_source
 from fcos_offline.data.letterbox import DEFAULT_CANVAS
+from fcos_offline.demo.synthetic import demo_split
 from fcos_offline.engine.artifact import ARTIFACT_FILE
 from fcos_offline.engine.backends import CHECKPOINT_SUFFIXES
 from fcos_offline.errors import FcosError, UsageError
@@ -175,8 +177,6 @@ def prepare_data(o: TuneOptions, out: Path, demo: bool, metadata: dict[str, Any]
 def holdout_data(o: TuneOptions, out: Path, data: TuneData, num_images: int) -> TuneData | None:
     """Up to ``num_images`` annotated images the search never saw (neither evaluated nor calibrated on), in
     file-name order after those; the demo's are the validation split's next images. None when there are none."""
-    from fcos_offline.evaluate.coco import load_annotations
-
     listing = out / "work" / "holdout"
     if data.eval_set.demo:
         from fcos_offline.demo.synthetic import DEMO_VAL_SEED

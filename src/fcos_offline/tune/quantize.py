@@ -42,17 +42,20 @@ import numpy as np
 from fcos_offline.data.preprocess import preprocess_image, read_image
 from fcos_offline.errors import FcosError, require
 from fcos_offline.export.metadata import copy_metadata
+from fcos_offline.model.heads.spec import SPECS
 
-HEAD_FINAL = ("conv_cls", "conv_reg", "conv_centerness")
-"""The head's last convolutions (logits, box distances, centerness): first to go back to float."""
+HEAD_FINAL = tuple(sorted({conv for spec in SPECS.values() for conv in spec.convs.values()}))
+"""Every head family's prediction convolutions (logits, boxes, centerness): first to go back to float.
+Their names differ by family (``conv_cls``, ``retina_cls``, ``atss_cls``…), so one list serves any model."""
 
 ORT_OP_TYPES = ("Conv", "Relu", "Add", "MaxPool", "Resize")
 """Op types ONNX Runtime quantizes (QDQ around every conv boundary so its int8 kernels fuse)."""
 
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 
-# The head's per-level Scale (Mul), the Cast and exp of the box branch: float by design.
-_HEAD_FLOAT_RE = re.compile(r"^/network/bbox_head/(scales\.\d+/|Cast|Exp)")
+# What the head families keep in float by design (FCOS's per-level Scale, its Cast and exp; ATSS's Scale).
+_HEAD_FLOAT_PATTERN = r"^/network/bbox_head/(" + "|".join(sorted({p for spec in SPECS.values() for p in spec.float_nodes})) + ")"
+_HEAD_FLOAT_RE = re.compile(_HEAD_FLOAT_PATTERN)
 
 
 # --------------------------------------------------------------------------- graph structure
@@ -70,7 +73,7 @@ class ConvGroup:
 
     @property
     def head_final(self) -> bool:
-        """One of the head's last convolutions (conv_cls / conv_reg / conv_centerness)?"""
+        """One of the head's prediction convolutions (``HeadSpec.convs`` of any family)?"""
         return any(self.name.endswith("." + h) or self.name == h for h in HEAD_FINAL)
 
 
@@ -442,7 +445,7 @@ def nncf_quantize(
     model = ov.convert_model(str(src_onnx))
     float_nodes = list(float_nodes)
     ignored = nncf.IgnoredScope(
-        patterns=[r"^/postprocess/.*", r"^/network/bbox_head/(scales\.\d+/|Cast|Exp).*"],
+        patterns=[r"^/postprocess/.*", _HEAD_FLOAT_PATTERN + ".*"],
         names=_ov_ignored_names(model, float_nodes) + (_ov_groupnorm_names(model) if config.norm_float else []),
         validate=False,
     )

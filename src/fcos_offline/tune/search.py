@@ -63,10 +63,10 @@ from typing import Any
 import numpy as np
 
 from fcos_offline.compare.outputs import Tolerance
+from fcos_offline.cpu import cpu_count, cpu_description, describe_cpu, machine_load
 from fcos_offline.engine.artifact import read_artifact, write_artifact
 from fcos_offline.engine.backends import EngineOptions, open_engine
 from fcos_offline.engine.base import Engine
-from fcos_offline.engine.cpu import cpu_count, cpu_description, describe_cpu, machine_load
 from fcos_offline.engine.infer import cap_batch
 from fcos_offline.engine.timing import busy_note
 from fcos_offline.errors import FcosError, first_line

@@ -3,9 +3,10 @@
 For each conv group alone, its convolutions get the quantization an int8 model gives them — the
 input activation through that model's QuantizeLinear -> DequantizeLinear (its scale and zero point),
 the weights dequantized from its int8 values — while the rest of the network stays fp32. The score
-is the error that causes at the head's last convolutions (class and centerness scores after their
-sigmoid, box distances as they are), as a normalised mean squared error against fp32:
-``sum((q - f)^2) / sum(f^2)`` over all FPN levels and probe images, summed over the three outputs.
+is the error that causes at the head's prediction convolutions (``HeadSpec.convs``: class and
+centerness scores after their sigmoid, box regressions as they are), as a normalised mean squared
+error against fp32: ``sum((q - f)^2) / sum(f^2)`` over all FPN levels and probe images, summed over
+the head's outputs.
 
 Why at the outputs: a conv's own relative error says nothing of what the layers after it make of
 it. The measure is still a proxy for mAP: on the demo model single groups moved the mAP by little,
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fcos_offline.errors import FcosError
+from fcos_offline.model.heads.spec import SPECS
 from fcos_offline.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -35,8 +37,8 @@ if TYPE_CHECKING:
 #: names the measurement in tune.json (a stored order from another method is measured again)
 METHOD = "normalised squared error at the head's outputs when each conv group alone is int8"
 
-#: the head's last convs, and whether their output is a logit (compared after its sigmoid)
-HEAD_OUTPUTS = {"conv_cls": True, "conv_centerness": True, "conv_reg": False}
+#: every head family's prediction convs, and whether their output is a logit (compared after its sigmoid)
+HEAD_OUTPUTS = {conv: kind in spec.scores for spec in SPECS.values() for kind, conv in spec.convs.items()}
 
 #: probe images at the demo canvas (320x512); larger canvases get fewer (at least one), see :func:`probe_images`
 PROBE_PIXELS = 4 * 320 * 512
@@ -58,7 +60,7 @@ def _targets(model: onnx.ModelProto, groups: list[ConvGroup]) -> dict[str, tuple
         return heads
     floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT]
     if not floats:
-        raise FcosError("no float output to measure quantization error at (and no FCOS head convs found)")
+        raise FcosError("no float output to measure quantization error at (and no head prediction convs found)")
     return {o: ([o], False) for o in floats}
 
 

@@ -25,6 +25,8 @@ from fcos_offline.tune.quantize import CALIB_METHODS, NncfConfig, OrtQuantConfig
 
 #: the engines tune searches over (the offline ones)
 TUNE_ENGINES = ONNX_ENGINES
+#: the engines whose runs take a graph optimisation level (``EngineOptions.ort_opt_level``)
+OPT_LEVEL_ENGINES = ("onnxruntime",)
 #: the ORT int8 build whose convs ONNX Runtime fuses into QLinearConv on x86
 ORT_QDQ_DEFAULT = "u8s8-minmax-pc-gn"
 BUILD_KINDS = ("fp32", "ort-qdq", "nncf")
@@ -112,6 +114,11 @@ class Candidate:
         return parse_build(self.build)[0]
 
     @property
+    def has_opt_level(self) -> bool:
+        """Does its engine take a graph optimisation level (``opt_level``)?"""
+        return self.engine in OPT_LEVEL_ENGINES
+
+    @property
     def engine_precision(self) -> str:
         """The precision option the engine is opened with (ONNX Runtime runs its graph as built)."""
         return "fp32" if self.engine == "onnxruntime" else self.exec_precision
@@ -123,7 +130,7 @@ class Candidate:
     @property
     def accuracy_id(self) -> str:
         """Configurations with the same accuracy id compute the same numbers (threads/batch aside)."""
-        opt = f"|{self.opt_level}" if self.engine == "onnxruntime" and self.quantized else ""
+        opt = f"|{self.opt_level}" if self.has_opt_level and self.quantized else ""
         return f"{self.engine}|{self.model_id}|{self.exec_precision}{opt}"
 
     @property
@@ -131,7 +138,7 @@ class Candidate:
         """The trial's cache key in tune.json."""
         t = "auto" if self.threads is None else str(self.threads)
         inter = f"+{self.inter_op_threads}" if self.inter_op_threads else ""
-        opt = f"|opt-{self.opt_level}" if self.engine == "onnxruntime" else ""
+        opt = f"|opt-{self.opt_level}" if self.has_opt_level else ""
         return f"{self.engine}|{self.model_id}|{self.exec_precision}|t{t}{inter}|bs{self.batch_size}{opt}"
 
     def main_form(self, base_batch: int) -> Candidate:
@@ -226,7 +233,7 @@ def _without_default_suffixes(name: str) -> str:
 def sweep_variants(base: Candidate, threads: list[int], batch_sizes: tuple[int, ...], nproc: int, has_bf16: bool) -> list[Candidate]:
     """Threads x batch sizes for ``base`` (in its main form), plus ORT opt levels / inter-op or OpenVINO bf16 rest."""
     variants = [dataclasses.replace(base, threads=th, batch_size=bs) for th in threads for bs in batch_sizes]
-    if base.engine == "onnxruntime":
+    if base.has_opt_level:
         variants += [dataclasses.replace(base, threads=threads[0], opt_level=lvl) for lvl in ("extended", "basic")]
         if nproc >= 2:
             variants.append(dataclasses.replace(base, threads=max(1, nproc // 2), inter_op_threads=2))

@@ -81,7 +81,7 @@ class Trial:
             threads=c.threads,
             inter_op_threads=c.inter_op_threads,
             batch_size=c.batch_size,
-            ort_opt_level=c.opt_level if c.engine == "onnxruntime" else None,
+            ort_opt_level=c.opt_level if c.has_opt_level else None,
             float_groups=list(c.float_groups),
             accuracy_id=c.accuracy_id,
             candidate=dataclasses.asdict(c),

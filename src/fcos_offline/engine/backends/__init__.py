@@ -55,6 +55,7 @@ __all__ = [
     "EngineConfig",
     "EngineOptions",
     "backend",
+    "model_files",
     "open_engine",
     "resolve_model",
 ]
@@ -65,6 +66,15 @@ def backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise UsageError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
     return BACKENDS[name]
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files the model ``path`` is stored in: those its backend declares for its suffix (``MODEL_SUFFIXES``:
+    an OpenVINO IR's ``.bin`` and ``.meta.json`` beside its ``.xml``), else the file alone."""
+    for b in BACKENDS.values():
+        if b.MODEL_SUFFIXES[:1] == (path.suffix,):
+            return [path.with_suffix(s) for s in b.MODEL_SUFFIXES]
+    return [path]
 
 
 def resolve_model(path: str | os.PathLike) -> ModelSource:

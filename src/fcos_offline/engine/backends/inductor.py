@@ -10,9 +10,9 @@
   read), the batch, canvas, device, precision, layout and engine options, and the sha256 of
   ``model.weights`` (verified before it is read, :mod:`engine.artifact`).
 
-Opening rebuilds the FCOS network from that config, loads the weights and compiles it with
+Opening rebuilds the detector network from that config, loads the weights and compiles it with
 ``torch.compile`` (inductor: C++/OpenMP kernels on CPU, Triton on CUDA; CUDA graphs replay the
-static batch on CUDA), then runs FCOS post-processing on the same device (exact class-wise NMS
+static batch on CUDA), then runs the head's post-processing on the same device (exact class-wise NMS
 without a host loop on GPUs). ``tf32`` is the fp32 network with TF32 matmuls/convolutions, a CUDA
 runtime switch. Inductor's compile cache holds Python modules and shared libraries that are
 loaded, so it is never part of an artifact: it lives in a per-user folder (:func:`user_cache`,
@@ -47,7 +47,7 @@ from fcos_offline.progress import warn
 
 if TYPE_CHECKING:
     from fcos_offline.model.checkpoint import ModelOverrides
-    from fcos_offline.model.config import FCOSConfig
+    from fcos_offline.model.config import DetectorConfig
 
 NAME: str = "inductor"
 EXTRA: str = "torch"
@@ -55,6 +55,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16", "auto")
 CONVERT_PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16")
 CONVERT_FROM: str = "checkpoint"
 MODEL_KINDS: tuple[str, ...] = ("torch-weights",)
+MODEL_SUFFIXES: tuple[str, ...] = (".weights",)
 MODEL_FILE = "model.weights"
 #: the environment variable that moves the per-user compile cache
 CACHE_ENV = "FCOS_OFFLINE_CACHE"
@@ -169,8 +170,8 @@ def _first_call(cache: Path, call: Callable[[], T]) -> T:
 
 
 def _flatten(outputs: Any) -> list[Any]:
-    cls, reg, ctr = outputs
-    return [*cls, *reg, *ctr]
+    """The head's raw outputs (one list of levels per kind) as one list."""
+    return [t for kind in outputs for t in kind]
 
 
 def _save_weights(network: Any, path: Path) -> None:
@@ -182,17 +183,17 @@ def _save_weights(network: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getbuffer())
 
 
-def _load_network(path: Path, config: FCOSConfig, device: str, dtype: Any, memory_format: Any) -> Any:
+def _load_network(path: Path, config: DetectorConfig, device: str, dtype: Any, memory_format: Any) -> Any:
     """Rebuild the network from ``config`` and the weights file (``weights_only``: nothing in it runs)."""
     import torch
 
-    from fcos_offline.model.fcos import FCOS
+    from fcos_offline.model.detector import Detector
 
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise TypeError(f"holds a {type(state).__name__}, not a dict of tensors")
-        network: Any = FCOS(config)
+        network: Any = Detector(config)
         network.load_state_dict(state, strict=True)
     except Exception as exc:
         raise FcosError(f"{path}: not loadable as this artifact's network weights ({first_line(exc)})") from None
@@ -244,21 +245,21 @@ def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
     )
 
 
-def _read_settings(folder: Path, artifact: Artifact) -> tuple[FCOSConfig, bool, bool]:
+def _read_settings(folder: Path, artifact: Artifact) -> tuple[DetectorConfig, bool, bool]:
     """The model config, channels-last and CUDA-graphs flags ``artifact.json`` records, checked (one line naming it)."""
-    from fcos_offline.model.config import FCOSConfig, check_config
+    from fcos_offline.model.config import DetectorConfig, check_config
 
     where = folder / ARTIFACT_FILE
     if artifact.precision not in CONVERT_PRECISIONS:
         raise FcosError(f"{where}: precision {artifact.precision!r} is not one an inductor artifact is stored in ({', '.join(CONVERT_PRECISIONS)})")
     settings = artifact.settings
     try:
-        config = FCOSConfig.from_dict(settings["model"])
+        config = DetectorConfig.from_dict(settings["model"])
         check_config(config)
     except KeyError as exc:
         raise FcosError(f"{where}: settings.model lacks {exc}; convert again") from None
     except (TypeError, ValueError, AttributeError) as exc:
-        raise FcosError(f"{where}: settings.model is not a valid FCOS config: {first_line(exc)}") from None
+        raise FcosError(f"{where}: settings.model is not a valid detector config: {first_line(exc)}") from None
     flags = [settings.get(k, False) for k in ("channels_last", "cuda_graphs")]
     if not all(isinstance(v, bool) for v in flags):
         raise FcosError(f"{where}: settings.channels_last and settings.cuda_graphs must be true or false")
@@ -266,14 +267,14 @@ def _read_settings(folder: Path, artifact: Artifact) -> tuple[FCOSConfig, bool, 
 
 
 class InductorEngine(Engine):
-    """The FCOS network rebuilt from an artifact's config and weights, compiled by inductor, plus post-processing on the same device."""
+    """The detector network rebuilt from an artifact's config and weights, compiled by inductor, plus post-processing on the same device."""
 
     name = NAME
 
     def __init__(self, source: ModelSource, config: EngineConfig) -> None:
         super().__init__(source, config)
         self.torch = torch = require("torch", EXTRA)
-        from fcos_offline.model.postprocess import FCOSPostProcess
+        from fcos_offline.model.postprocess import DensePostProcess
 
         artifact = source.artifact
         if artifact is None:
@@ -296,7 +297,7 @@ class InductorEngine(Engine):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         network = _load_network(source.path, self.model_config, self.device, self.dtype, memory_format)
         self.network = _compile(network, self.device, cuda_graphs)
-        self.post = FCOSPostProcess(self.model_config.post, self.model_config.head.strides)
+        self.post = DensePostProcess(self.model_config)
         self.feed = DeviceFeed(self.device, self.input_hw)
         # compile now (not in the first timed batch), in this user's cache for these weights: warm after convert
         self.cache = user_cache(artifact.files.get(source.path.name) or file_digest(source.path))
@@ -318,9 +319,8 @@ class InductorEngine(Engine):
         set_fp32_mode(self.device, self.precision == "tf32")
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         with torch.inference_mode():
-            cls, reg, ctr = self.network(x.to(self.dtype).contiguous(memory_format=memory_format))
-            f32 = [[t.float() for t in level] for level in (cls, reg, ctr)]
-            return self.post(*f32, self.input_hw)
+            raw = self.network(x.to(self.dtype).contiguous(memory_format=memory_format))
+            return self.post([[t.float() for t in kind] for kind in raw], self.input_hw)
 
     def _run_tensor(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
         n = x.shape[0]

@@ -30,6 +30,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "auto")
 CONVERT_PRECISIONS: tuple[str, ...] = ("fp32",)
 CONVERT_FROM: str = "onnx"
 MODEL_KINDS: tuple[str, ...] = ("onnx",)
+MODEL_SUFFIXES: tuple[str, ...] = (".onnx",)
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
 #: device -> execution providers, most wanted first (and the extra that provides the first)
 DEVICES: dict[str, tuple[list[str], str]] = {

@@ -30,6 +30,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
 CONVERT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 CONVERT_FROM: str = "onnx"
 MODEL_KINDS: tuple[str, ...] = ("onnx", "openvino-ir")
+MODEL_SUFFIXES: tuple[str, ...] = (".xml", ".bin", ".meta.json")  # the IR, its weights, the ONNX metadata (save_ir)
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
@@ -120,10 +121,11 @@ class OpenVINOEngine(Engine):
                 for o, n in zip(self.compiled.outputs, names)
             ]
             return detector_outputs(source.path, outputs)
-        from fcos_offline.export.metadata import raw_output_names
+        import onnx
 
         order: list[int] = []
-        for w in raw_output_names(len(names) // 3):
+        wanted = [i.name for i in onnx.load(str(source.post_path), load_external_data=False).graph.input]  # cls_0, reg_0[, ctr_0], …
+        for w in wanted:
             hits = [i for i, n in enumerate(names) if w in n]
             order.append(hits[0] if hits else len(order))
         return order

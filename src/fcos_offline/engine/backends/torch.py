@@ -21,6 +21,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "auto")
 CONVERT_PRECISIONS: tuple[str, ...] = ()  # runs the checkpoint; nothing to convert
 CONVERT_FROM: str = "onnx"
 MODEL_KINDS: tuple[str, ...] = ("checkpoint",)
+MODEL_SUFFIXES: tuple[str, ...] = ()  # runs the checkpoint; stores no model of its own
 
 
 def available() -> bool:
@@ -39,7 +40,7 @@ def convert(source: Path, out: Path, request: ConvertRequest) -> Converted:
 
 
 class TorchEngine(Engine):
-    """``FCOSDetector`` (network + post-processing) in eager mode."""
+    """``DetectorWithPost`` (network + post-processing) in eager mode."""
 
     name = NAME
 
@@ -47,7 +48,7 @@ class TorchEngine(Engine):
         super().__init__(source, config)
         self._torch: Any = require("torch", EXTRA)
         from fcos_offline.model.checkpoint import load_model
-        from fcos_offline.model.postprocess import FCOSDetector
+        from fcos_offline.model.postprocess import DetectorWithPost
 
         if config.threads:
             self._torch.set_num_threads(config.threads)
@@ -55,7 +56,7 @@ class TorchEngine(Engine):
             raise UsageError("the torch engine runs fp32 (the online reference)")
         network, self.checkpoint = load_model(source.path, overrides)
         self.device = torch_device(config.device)
-        self.detector: Any = FCOSDetector(network).eval().to(self.device)
+        self.detector: Any = DetectorWithPost(network).eval().to(self.device)
         self.input_hw = check_canvas(source.path, *shape)
         self.feed = DeviceFeed(self.device, self.input_hw)
 

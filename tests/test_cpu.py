@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fcos_offline.engine.cpu import cpu_description, describe_cpu
+from fcos_offline.cpu import cpu_description, describe_cpu
 
 XEON_AMX = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -37,7 +37,7 @@ def test_cores_are_the_ones_this_process_may_use(monkeypatch) -> None:
     """A container pinned to 2 of a host's 64 cores has 2: thread sweeps, decode pools and reports use that."""
     import os
 
-    from fcos_offline.engine.cpu import cpu_count
+    from fcos_offline.cpu import cpu_count
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
