@@ -140,7 +140,14 @@ def fcos_config(
     from fcos_offline.model.config import BackboneConfig, DetectorConfig, HeadConfig, NeckConfig, default_post_config
 
     if layout == "torchvision":
-        style, bn_impl, norm, norm_on_bbox, centerness_on_reg, use_scale = "pytorch", "torchvision", "gn" if family == "fcos" else norm, True, True, False
+        style, bn_impl, norm, norm_on_bbox, centerness_on_reg, use_scale = (
+            "pytorch",
+            "torchvision",
+            "gn" if family == "fcos" else norm,
+            True,
+            True,
+            False,
+        )
         rule, input_adapter = "torchvision", "torchvision"
     if family == "atss":
         use_scale = True
@@ -274,9 +281,10 @@ def calibrate_head(model, x, seed: int = 0, cls_std: float = 2.0, cls_mean: floa
             set_affine(convs["reg"], "reg", 0.35, torch.full((4,), 3.2))
 
 
-def make_fcos(seed: int = 0, calib_shape: tuple[int, int] = (256, 384), cls_std: float = 2.0, **config_kw):
+def make_fcos(seed: int = 0, calib_shape: tuple[int, int] = (256, 384), cls_std: float = 2.0, calib_input=None, **config_kw):
     """Random-weight, eval-mode detector built from :func:`fcos_config` keywords (see module doc); ``cls_std``:
-    the spread of its class logits (anchor heads, with no centerness to break ties, want less: no saturated scores)."""
+    the spread of its class logits (anchor heads, with no centerness to break ties, want less: no saturated scores);
+    ``calib_input``: the batch its BN statistics and head are calibrated on (default: random canvases)."""
     import torch
 
     from fcos_offline.model.detector import Detector
@@ -288,7 +296,7 @@ def make_fcos(seed: int = 0, calib_shape: tuple[int, int] = (256, 384), cls_std:
         for name, p in model.named_parameters():
             if ".gn." in name:  # GroupNorm affine: non-trivial too
                 p.copy_((0.5 + torch.rand(p.shape, generator=gen)) if name.endswith("weight") else 0.2 * torch.randn(p.shape, generator=gen))
-    x = random_canvas(2, *calib_shape, seed=seed + 100)
+    x = random_canvas(2, *calib_shape, seed=seed + 100) if calib_input is None else calib_input
     randomize_bn(model, seed=seed, calibrate_with=x)
     calibrate_head(model, x, seed=seed, cls_std=cls_std)
     return model
@@ -520,3 +528,29 @@ def assert_same_detections(ref: dict, other: dict, what: str) -> None:
         total += max(s.num_ref, s.num_other)
         matched += s.matched
     assert matched / total >= 0.999, f"{what}: {matched}/{total} detections matched"
+
+
+def torchvision_retinanet_state_dict(model, *, old_layout: bool = False) -> dict:
+    """Our RetinaNet's weights under torchvision's ``retinanet_resnet50_fpn`` names (v1 / v2 by its config)."""
+    n_lat = len(model.cfg.neck.in_channels)
+    out = {}
+    for key, value in model.state_dict().items():
+        new = key
+        if key.startswith("backbone."):
+            new = "backbone.body." + key[len("backbone.") :]
+        elif key.startswith("neck.lateral_convs."):
+            i, _, p = key.split(".")[2:5]
+            new = f"backbone.fpn.inner_blocks.{i}.0.{p}"
+        elif key.startswith("neck.fpn_convs."):
+            i, p = int(key.split(".")[2]), key.split(".")[-1]
+            new = f"backbone.fpn.layer_blocks.{i}.0.{p}" if i < n_lat else f"backbone.fpn.extra_blocks.p{i - n_lat + 6}.{p}"
+        elif key.startswith("bbox_head.") and "_convs." in key:
+            branch, i, part, p = key.split(".")[1:5]
+            head = "classification_head" if branch == "cls_convs" else "regression_head"
+            new = f"head.{head}.conv.{2 * int(i)}.{p}" if old_layout else f"head.{head}.conv.{i}.{0 if part == 'conv' else 1}.{p}"
+        elif key.startswith("bbox_head.retina_cls."):
+            new = "head.classification_head.cls_logits." + key.split(".")[-1]
+        elif key.startswith("bbox_head.retina_reg."):
+            new = "head.regression_head.bbox_reg." + key.split(".")[-1]
+        out[new] = value.clone()
+    return out

@@ -12,10 +12,11 @@ import reference_postprocess as ref
 import torch
 from conftest import V2_GN_CONFIG, assert_padding_contract, make_fcos, nms_case, random_canvas, save_mmdet_ckpt, save_torchvision_ckpt, sparse_fcos
 
-from fcos_offline.export.metadata import raw_output_names, read_metadata
+from fcos_offline.export.metadata import read_metadata
 from fcos_offline.export.onnx_export import export_onnx, run_onnx_detector
 from fcos_offline.model.checkpoint import load_model
 from fcos_offline.model.config import DetectorConfig, PostConfig
+from fcos_offline.model.heads.spec import SPECS
 from fcos_offline.model.match import match_batches
 from fcos_offline.model.postprocess import DetectorWithPost, nms_topk
 
@@ -225,7 +226,7 @@ def test_no_nms_raw_head_outputs(no_nms_export, inputs):
     ex, result = no_nms_export
     model = onnx.load(result.path)
     names = [o.name for o in model.graph.output]
-    assert names == raw_output_names(5) and names[:3] == ["cls_0", "reg_0", "ctr_0"]
+    assert names == SPECS["fcos"].raw_names(5) and names[:3] == ["cls_0", "reg_0", "ctr_0"]
     assert "NonMaxSuppression" not in {n.op_type for n in model.graph.node}
     post_model = onnx.load(result.post_path)
     assert [i.name for i in post_model.graph.input] == names

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import reference_anchors as ref
 import torch
-from conftest import make_fcos, random_canvas, save_mmdet_ckpt
+from conftest import make_fcos, random_canvas, save_mmdet_ckpt, torchvision_retinanet_state_dict
 
 from fcos_offline.errors import BadFileError, UsageError
 from fcos_offline.model.checkpoint import ANCHOR_DEFAULTS, ModelOverrides, build_model, load_checkpoint
@@ -78,13 +78,17 @@ def test_mmdet_delta_decode_matches_reference() -> None:
     anchors, deltas = _random_boxes(500)
     stds = (0.1, 0.1, 0.2, 0.2)
     got = decode_delta_mmdet(torch.from_numpy(anchors), torch.from_numpy(deltas), (0.0,) * 4, stds, CANVAS).numpy()
-    np.testing.assert_allclose(got, ref.decode_mmdet(anchors, deltas, stds, CANVAS), rtol=2e-6, atol=1e-4)  # float32 exp differs by an ulp between numpy and torch
+    np.testing.assert_allclose(
+        got, ref.decode_mmdet(anchors, deltas, stds, CANVAS), rtol=2e-6, atol=1e-4
+    )  # float32 exp differs by an ulp between numpy and torch
 
 
 def test_torchvision_delta_decode_matches_reference() -> None:
     anchors, deltas = _random_boxes(500, seed=1)
     got = decode_delta_torchvision(torch.from_numpy(anchors), torch.from_numpy(deltas), CANVAS).numpy()
-    np.testing.assert_allclose(got, ref.decode_torchvision(anchors, deltas, CANVAS), rtol=2e-6, atol=1e-4)  # float32 exp differs by an ulp between numpy and torch
+    np.testing.assert_allclose(
+        got, ref.decode_torchvision(anchors, deltas, CANVAS), rtol=2e-6, atol=1e-4
+    )  # float32 exp differs by an ulp between numpy and torch
 
 
 def test_the_two_coders_clamp_differently() -> None:
@@ -224,39 +228,15 @@ def test_lookalike_detectors_and_foreign_flags_are_refused(tmp_path) -> None:
         load_checkpoint(plain, ModelOverrides(norm_on_bbox=True))
 
 
-def _torchvision_retinanet_sd(model, *, old_layout: bool = False) -> dict:
-    """Our RetinaNet's weights under torchvision's ``retinanet_resnet50_fpn`` names (v1 / v2 by its config)."""
-    n_lat = len(model.cfg.neck.in_channels)
-    out = {}
-    for key, value in model.state_dict().items():
-        new = key
-        if key.startswith("backbone."):
-            new = "backbone.body." + key[len("backbone.") :]
-        elif key.startswith("neck.lateral_convs."):
-            i, _, p = key.split(".")[2:5]
-            new = f"backbone.fpn.inner_blocks.{i}.0.{p}"
-        elif key.startswith("neck.fpn_convs."):
-            i, p = int(key.split(".")[2]), key.split(".")[-1]
-            new = f"backbone.fpn.layer_blocks.{i}.0.{p}" if i < n_lat else f"backbone.fpn.extra_blocks.p{i - n_lat + 6}.{p}"
-        elif key.startswith("bbox_head.") and "_convs." in key:
-            branch, i, part, p = key.split(".")[1:5]
-            head = "classification_head" if branch == "cls_convs" else "regression_head"
-            new = f"head.{head}.conv.{2 * int(i)}.{p}" if old_layout else f"head.{head}.conv.{i}.{0 if part == 'conv' else 1}.{p}"
-        elif key.startswith("bbox_head.retina_cls."):
-            new = "head.classification_head.cls_logits." + key.split(".")[-1]
-        elif key.startswith("bbox_head.retina_reg."):
-            new = "head.regression_head.bbox_reg." + key.split(".")[-1]
-        out[new] = value.clone()
-    return out
-
-
 @pytest.mark.parametrize(("version", "old_layout"), [("v1", False), ("v1", True), ("v2", False)])
 def test_torchvision_retinanet_state_dicts(tmp_path, version: str, old_layout: bool) -> None:
     """v1: P6 from P5, plain head, frozen BN with eps 0; v2: P6 from C5, GN head, BatchNorm; both ReLU before P7."""
     v2 = version == "v2"
-    model = make_fcos(seed=5, family="retinanet", layout="torchvision", num_classes=91, norm="gn" if v2 else "none", extra_on="input" if v2 else "output")
+    model = make_fcos(
+        seed=5, family="retinanet", layout="torchvision", num_classes=91, norm="gn" if v2 else "none", extra_on="input" if v2 else "output"
+    )
     path = tmp_path / "tv.pth"
-    torch.save(_torchvision_retinanet_sd(model, old_layout=old_layout), path)
+    torch.save(torchvision_retinanet_state_dict(model, old_layout=old_layout), path)
     ckpt = load_checkpoint(path)
     cfg = ckpt.config
     assert (ckpt.format, cfg.head.family, cfg.head.num_classes, cfg.head.num_anchors) == ("torchvision", "retinanet", 91, 9)
@@ -264,3 +244,18 @@ def test_torchvision_retinanet_state_dicts(tmp_path, version: str, old_layout: b
     assert (cfg.backbone.bn_impl, cfg.backbone.bn_eps) == (("mmdet", 1e-5) if v2 else ("torchvision", 0.0))
     assert (cfg.post.rule, cfg.post.score_thr, cfg.post.iou_thr, cfg.post.max_per_img) == ("torchvision", 0.05, 0.5, 300)
     build_model(ckpt)  # every tensor used, every shape fits
+
+
+def test_boxes_clipped_to_a_line_match_by_their_corners() -> None:
+    """Anchor heads keep boxes clipped to zero width at the canvas edge: float noise of 1e-5 px between two
+    engines must not make them different detections (their IoU is 0/0), while a real difference still does."""
+    from fcos_offline.model.match import match_detections
+
+    a = np.array([[0.0, 50.70168, 0.0, 71.28046, 0.9], [10, 10, 50, 60, 0.8]], np.float32)
+    b = a.copy()
+    b[0, 1] += 1e-5
+    b[0, 2] = 1e-5  # zero width vs 1e-5 px: area 0 vs a sliver
+    labels = np.array([3, 4])
+    assert match_detections(a, labels, b, labels).matched == 2
+    b[0, 3] += 0.5  # the line ends half a pixel lower: not the same box
+    assert match_detections(a, labels, b, labels).matched == 1

@@ -220,11 +220,8 @@ def run_onnx_detector(model_path: str | Path, images: np.ndarray, post_path: str
 RAW_RTOL = 1e-3
 
 
-_HEAD_CONVS = ("conv_cls", "conv_reg", "conv_centerness")
-
-
 def verify_raw_head(network: Detector, model_path: Path, example: torch.Tensor) -> dict[str, Any]:
-    """The head's raw maps (cls, reg, centerness convolutions per level), PyTorch vs ONNX Runtime, compared numerically.
+    """The head's raw maps (its prediction convolutions per level), PyTorch vs ONNX Runtime, compared numerically.
 
     Detection matching alone passes vacuously when neither side detects anything (e.g. NaN
     weights); this check does not. The exported graph's own head convolutions are read out (one

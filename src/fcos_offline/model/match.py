@@ -27,8 +27,17 @@ class MatchStats:
         return {**asdict(self), "match_rate": self.match_rate}
 
 
+#: a box thinner than this (px) in either direction has no meaningful IoU: it matches by its corners instead
+DEGENERATE_PX = 0.01
+
+
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a [N,4+]`` with every box of ``b [M,4+]`` (identical zero-area boxes: 1)."""
+    """IoU of every box of ``a [N,4+]`` with every box of ``b [M,4+]``.
+
+    Where either box of a pair is degenerate (thinner than :data:`DEGENERATE_PX`: a box clipped at
+    the canvas edge, which anchor heads keep), IoU is 0/0 or ruled by float noise, so the pair
+    counts 1 when every corner agrees within :data:`DEGENERATE_PX`, else 0.
+    """
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
     inter = np.clip(rb - lt, 0, None).prod(-1)
@@ -36,7 +45,13 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), (np.abs(a[:, None, :4] - b[None, :, :4]).max(-1) == 0).astype(float))
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    thin_a = np.minimum(a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]) < DEGENERATE_PX
+    thin_b = np.minimum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) < DEGENERATE_PX
+    thin = thin_a[:, None] | thin_b[None, :]
+    if thin.any():
+        close = np.abs(a[:, None, :4] - b[None, :, :4]).max(-1) <= DEGENERATE_PX
+        iou = np.where(thin, close.astype(float), iou)
     return iou
 
 
