@@ -1,9 +1,11 @@
-"""The benchmarks' model: FCOS-R50 (mmdet R50-caffe layout, no-GN head, 80 classes), random weights.
+"""The benchmarks' model: FCOS-R50 (mmdet R50-caffe layout, no-GN head, 80 classes), random weights;
+``family="retinanet"`` / ``"atss"`` give mmdet's RetinaNet-R50 / ATSS-R50 (pytorch style, their FPN and head).
 
 BN statistics come from the real activations on a calibration batch (perturbed, so BN matters) and
-the head's last convs are rescaled so their outputs have chosen statistics: box distances
-exp(N(3.2, 0.35)) ~ 10-100 px, centerness N(0, 1.5), cls logits N(cls_mean, cls_std) — which sets
-how many (point, class) pairs pass the 0.05 score threshold and reach NMS.
+the head's prediction convs are rescaled so their outputs have chosen statistics: FCOS box distances
+exp(N(3.2, 0.35)) ~ 10-100 px, anchor deltas N(0, 0.3) after the coder's stds, centerness N(0, 1.5),
+cls logits N(cls_mean, cls_std) — which sets how many (prior, class) pairs pass the 0.05 score
+threshold and reach NMS.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def build_r50(
     cls_jitter: float = 0.3,
     he_init: bool = True,
     head_norm: str = "none",
+    family: str = "fcos",
 ):
     """Eval-mode FCOS-R50 calibrated on ``calib`` (``[B,3,H,W]`` preprocessed float32).
 
@@ -30,11 +33,19 @@ def build_r50(
     import torch
 
     from fcos_offline.model.backbone import FrozenBatchNorm2d
+    from fcos_offline.model.checkpoint import ANCHOR_DEFAULTS
     from fcos_offline.model.config import DetectorConfig
     from fcos_offline.model.detector import Detector
+    from fcos_offline.model.heads.spec import head_spec
 
     torch.manual_seed(seed)
     cfg = DetectorConfig()
+    if family != "fcos":  # mmdet's RetinaNet / ATSS R50: pytorch style, P6 from C5 (RetinaNet) or P5, no ReLU before P7
+        head_norm = "gn" if family == "atss" else head_norm
+        cfg.backbone.style = "pytorch"
+        cfg.neck = dataclasses.replace(cfg.neck, extra_on="input" if family == "retinanet" else "output", relu_before_extra=False)
+        cfg.head = dataclasses.replace(cfg.head, family=family, use_scale=family == "atss", **ANCHOR_DEFAULTS[family])
+        cfg.post.iou_thr = 0.6 if family == "atss" else 0.5
     if head_norm == "gn":
         cfg = dataclasses.replace(cfg, head=dataclasses.replace(cfg.head, norm="gn", conv_bias=False))
     model = Detector(cfg).eval()
@@ -68,22 +79,23 @@ def build_r50(
     for h in handles:
         h.remove()
     head = model.bbox_head
-    captured: dict[str, list] = {"cls": [], "ctr": [], "reg": []}
-    hooks = [
-        head.conv_cls.register_forward_hook(lambda m, i, o: captured["cls"].append(o)),
-        head.conv_centerness.register_forward_hook(lambda m, i, o: captured["ctr"].append(o)),
-        head.conv_reg.register_forward_hook(lambda m, i, o: captured["reg"].append(o)),
-    ]
+    spec = head_spec(family)
+    convs = {kind: getattr(head, name) for kind, name in spec.convs.items()}
+    captured: dict[str, list] = {kind: [] for kind in convs}
+    hooks = [conv.register_forward_hook(lambda m, i, o, kind=kind: captured[kind].append(o)) for kind, conv in convs.items()]
     with torch.no_grad():
         model(x)
     for h in hooks:
         h.remove()
-    num_classes = head.conv_cls.out_channels
-    targets = (
-        (head.conv_cls, "cls", cls_std, cls_mean + cls_jitter * torch.randn(num_classes, generator=gen)),
-        (head.conv_centerness, "ctr", 1.5, torch.zeros(1)),
-        (head.conv_reg, "reg", 0.35, torch.full((4,), 3.2)),
-    )
+    num_classes = convs["cls"].out_channels
+    n_reg = convs["reg"].out_channels
+    if spec.coder == "distance":
+        reg_std, reg_mean = torch.tensor(0.35), torch.full((4,), 3.2)
+    else:  # deltas of about 0.3 after the coder's stds: boxes near their anchors
+        reg_std, reg_mean = 0.3 / torch.tensor(cfg.head.target_stds).repeat(n_reg // 4), torch.zeros(n_reg)
+    targets = [(convs["cls"], "cls", torch.tensor(cls_std), cls_mean + cls_jitter * torch.randn(num_classes, generator=gen)), (convs["reg"], "reg", reg_std, reg_mean)]
+    if "ctr" in convs:
+        targets.append((convs["ctr"], "ctr", torch.tensor(1.5), torch.zeros(convs["ctr"].out_channels)))
     with torch.no_grad():
         for conv, name, std, mean in targets:
             flat = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in captured[name]], dim=1)
@@ -101,11 +113,14 @@ def set_candidates(model, calib: np.ndarray, per_image: float) -> float:
     """
     import torch
 
+    from fcos_offline.model.heads.spec import head_spec
+
+    conv_cls = getattr(model.bbox_head, head_spec(model.cfg.head.family).convs["cls"])
     with torch.no_grad():
-        cls, _, _ = model(torch.from_numpy(calib))
+        cls = model(torch.from_numpy(calib))[0]
         logits = torch.cat([c.flatten() for c in cls]).sort(descending=True).values
         k = int(min(len(logits) - 1, max(1, per_image * calib.shape[0])))
         threshold = float(np.log(0.05 / 0.95))  # sigmoid(x) > 0.05
-        model.bbox_head.conv_cls.bias.add_(threshold - float(logits[k]) + 1e-4)  # the k-th largest logit lands just above it
-        cls, _, _ = model(torch.from_numpy(calib))
+        conv_cls.bias.add_(threshold - float(logits[k]) + 1e-4)  # the k-th largest logit lands just above it
+        cls = model(torch.from_numpy(calib))[0]
     return float(sum((c.sigmoid() > 0.05).sum().item() for c in cls)) / calib.shape[0]

@@ -147,3 +147,65 @@ def test_torchvision_layout_reproduces_torchvision_fcos(tmp_path) -> None:
     assert torch.equal(labels[0, keep][dets[0, keep, 4].argsort(descending=True)], ref["labels"][theirs])
     torch.testing.assert_close(ours[:, 4], ref["scores"][theirs], rtol=0, atol=1e-5)
     torch.testing.assert_close(ours[:, :4], ref["boxes"][theirs], rtol=0, atol=1e-2)
+
+
+def _frozen_bn(module, eps: float):
+    """``module`` with every BatchNorm2d swapped for torchvision's FrozenBatchNorm2d (same statistics, ``eps``)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _frozen_bn(child, eps)
+    return module
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_torchvision_layout_reproduces_torchvision_retinanet(tmp_path, version: str) -> None:
+    """torchvision's own RetinaNet and ours from its state dict, same random weights, on an unresized 320x500 image:
+    the same detections. v1 as its COCO weights build it (frozen BN, eps 0, P6 from P5); v2 with BatchNorm2d, a GN
+    head and P6 from C5. Runs where torchvision is installed (or through tools/torchvision_shim.py)."""
+    tv_models = pytest.importorskip("torchvision.models.detection", reason="torchvision is not installed here")
+
+    from fcos_offline.data.preprocess import preprocess_image
+    from fcos_offline.export.onnx_export import export_onnx, run_onnx_detector
+    from fcos_offline.model.checkpoint import load_model
+    from fcos_offline.model.match import match_detections
+    from fcos_offline.model.postprocess import DetectorWithPost
+
+    torch.manual_seed(0)
+    build = tv_models.retinanet_resnet50_fpn if version == "v1" else tv_models.retinanet_resnet50_fpn_v2
+    tv = build(weights=None, weights_backbone=None, num_classes=91, min_size=320, max_size=500).eval()
+    with torch.no_grad():
+        tv.head.classification_head.cls_logits.bias.fill_(-2.5)  # detections above the 0.05 threshold
+        for m in tv.backbone.body.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    if version == "v1":
+        _frozen_bn(tv.backbone.body, eps=0.0)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    rng = np.random.default_rng(0)
+    bgr = np.clip(rng.random((320, 500, 3)) * 77 + 90, 0, 255).astype(np.uint8)
+    with torch.no_grad():
+        ref = tv([torch.from_numpy(bgr[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255.0])[0]
+        network, ckpt = load_model(tmp_path / "tv.pth")
+        x, _ = preprocess_image(bgr, 320, 500)
+        dets, labels = DetectorWithPost(network.eval()).eval()(torch.from_numpy(x)[None])
+    assert (ckpt.config.head.family, ckpt.config.post.max_per_img) == ("retinanet", 300)
+    keep = labels[0] >= 0
+    assert int(keep.sum()) == len(ref["boxes"]) > 50
+    theirs = np.concatenate([ref["boxes"].numpy(), ref["scores"].numpy()[:, None]], axis=1)
+    stats = match_detections(theirs, ref["labels"].numpy(), dets[0, keep].numpy(), labels[0, keep].numpy(), iou_thr=0.999, score_tol=1e-5)
+    assert stats.matched == len(theirs) and stats.max_box_err < 1e-2, stats  # order aside (tied scores), every detection
+    export_onnx(network, tmp_path / "tv.onnx", (320, 500), verify=False)
+    onnx_dets, onnx_labels = run_onnx_detector(tmp_path / "tv.onnx", x[None])
+    keep = onnx_labels[0] >= 0
+    stats = match_detections(theirs, ref["labels"].numpy(), onnx_dets[0, keep], onnx_labels[0, keep], iou_thr=0.999, score_tol=1e-4)
+    assert stats.matched == len(theirs) and stats.max_box_err < 1e-2, stats  # ONNX Runtime: within 1e-4 score, 0.01 px

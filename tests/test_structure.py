@@ -386,3 +386,30 @@ def test_trial_records_round_trip() -> None:
     t = _trial("openvino", "nncf:performance-bc-mm", 20.0, 0.2, groups=("bbox_head.conv_cls",))
     data = json.loads(json.dumps(t.to_dict()))
     assert Trial.from_dict(data) == t and data["key"] == t.key and data["float_groups"] == ["bbox_head.conv_cls"]
+
+
+def test_only_the_heads_name_a_heads_tensors() -> None:
+    """Export, engines, tune, compare and the CLI ask a family's HeadSpec; none names a head conv itself
+    (``conv_cls``, ``retina_cls``, ``atss_centerness``…). The heads, their descriptions and the checkpoint
+    loader (which maps foreign key names onto them) may; so may the demo trainer, which trains an FCOS.
+    Docstrings and comments may give examples."""
+    import re
+
+    from fcos_offline.model.heads.spec import SPECS
+
+    names = {conv for spec in SPECS.values() for conv in (*spec.convs.values(), *spec.mmdet_renames)}
+    word = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b")
+    allowed = ("model/heads/", "model/checkpoint.py", "demo/train.py")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = str(path.relative_to(PACKAGE))
+        if rel.startswith(allowed):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in names:
+                offenders.append(f"{rel}:{node.lineno} .{node.attr}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings and word.search(node.value):
+                offenders.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert not offenders, offenders

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Our FCOS against mmdetection's own, on the same weights and input tensor (eager and ONNX Runtime).
+"""Our FCOS, RetinaNet and ATSS against mmdetection's own, on the same weights and input tensor (eager and ONNX Runtime).
 
 mmdet 2.x needs mmcv-full's compiled ops, which do not build for this torch. mmdet's FCOS uses one of
 them (NMS) at test time, so this check loads mmcv lite (pure Python) and gives it a Python NMS
@@ -16,9 +16,10 @@ imports) through ``tools/torchvision_shim.py``. The wheels, fetched without depe
 mmdet 3.x runs the same way on mmdet 3.3.0 + mmengine + mmcv-lite 2.1.0 (+ termcolor, tqdm, shapely
 wheels); its evaluation goes through CocoMetric and is not compared here.
 
-The model is FCOS-R50-caffe (the recipe's architecture; ``--gn`` for the GN=Y head) with
-``bench/r50.py``'s calibrated random weights (about 2000 (point, class) pairs above 0.05 at
-800x1333), loaded into mmdet's model with ``strict`` key matching, saved as an mmdet checkpoint
+The model is FCOS-R50-caffe (the recipe's architecture; ``--gn`` for the GN=Y head), or with
+``--family retinanet`` / ``atss`` mmdet's RetinaNet-R50-FPN / ATSS-R50-FPN 1x (their published model
+configs), with ``bench/r50.py``'s calibrated random weights (about 2000 (prior, class) pairs above
+0.05 at 800x1333), loaded into mmdet's model with ``strict`` key matching, saved as an mmdet checkpoint
 whose meta names the mmdet version (so our loader picks spec §7.2 for < 2.18, §7.3 otherwise),
 and run on one real photo letterboxed to 800x1333. mmdet 2.17 ran with mmcv 1.7.2 claiming 1.4.0.
 Prints how many of mmdet's 100 detections ours match (same label, box and score), after checking our
@@ -70,8 +71,10 @@ def install(claim_mmcv: str | None) -> None:
         mmcv.__version__ = claim_mmcv
 
 
-def model_dict(gn: bool) -> dict:
-    """mmdet's FCOS-R50-caffe model config (the same keys in mmdet 2.x and 3.x)."""
+def model_dict(gn: bool, family: str = "fcos") -> dict:
+    """mmdet's FCOS-R50-caffe, RetinaNet-R50 or ATSS-R50 model config (the same keys in mmdet 2.x and 3.x)."""
+    if family != "fcos":
+        return anchor_model_dict(family)
     return dict(
         type="FCOS",
         backbone=dict(
@@ -109,7 +112,57 @@ def model_dict(gn: bool) -> dict:
     )
 
 
-def build_mmdet(gn: bool):
+def anchor_model_dict(family: str) -> dict:
+    """mmdet's RetinaNet-R50-FPN 1x or ATSS-R50-FPN 1x model config (configs/retinanet, configs/atss)."""
+    anchors = dict(type="AnchorGenerator", octave_base_scale=4, scales_per_octave=3, ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128])
+    stds = [1.0, 1.0, 1.0, 1.0]
+    head = dict(type="RetinaHead", loss_bbox=dict(type="L1Loss", loss_weight=1.0))
+    if family == "atss":
+        anchors = dict(type="AnchorGenerator", octave_base_scale=8, scales_per_octave=1, ratios=[1.0], strides=[8, 16, 32, 64, 128])
+        stds = [0.1, 0.1, 0.2, 0.2]
+        head = dict(
+            type="ATSSHead",
+            norm_cfg=dict(type="GN", num_groups=32, requires_grad=True),
+            loss_bbox=dict(type="GIoULoss", loss_weight=2.0),
+            loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+        )
+    return dict(
+        type="RetinaNet" if family == "retinanet" else "ATSS",
+        backbone=dict(
+            type="ResNet",
+            depth=50,
+            num_stages=4,
+            out_indices=(0, 1, 2, 3),
+            frozen_stages=1,
+            norm_cfg=dict(type="BN", requires_grad=True),
+            norm_eval=True,
+            style="pytorch",
+        ),
+        neck=dict(
+            type="FPN",
+            in_channels=[256, 512, 1024, 2048],
+            out_channels=256,
+            start_level=1,
+            add_extra_convs="on_input" if family == "retinanet" else "on_output",
+            num_outs=5,
+        ),
+        bbox_head=dict(
+            num_classes=80,
+            in_channels=256,
+            stacked_convs=4,
+            feat_channels=256,
+            anchor_generator=anchors,
+            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0, 0.0, 0.0, 0.0], target_stds=stds),
+            loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+            **head,
+        ),
+        test_cfg=dict(
+            nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.6 if family == "atss" else 0.5), max_per_img=100
+        ),
+    )
+
+
+def build_mmdet(gn: bool, family: str = "fcos"):
     """mmdet's own model (2.x: build_detector; 3.x: the MODELS registry) and the meta its checkpoints carry."""
     import mmdet
 
@@ -117,14 +170,17 @@ def build_mmdet(gn: bool):
         import mmengine
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
+        from mmengine.config import Config as Config3
         from mmengine.config import ConfigDict
 
         register_all_modules()
-        return MODELS.build(ConfigDict(model_dict(gn))), {"mmdet_version": mmdet.__version__, "mmengine_version": mmengine.__version__}
+        text = Config3(dict(model=model_dict(gn, family))).pretty_text
+        meta = {"mmdet_version": mmdet.__version__, "mmengine_version": mmengine.__version__, "cfg": text}
+        return MODELS.build(ConfigDict(model_dict(gn, family))), meta
     from mmcv import Config
     from mmdet.models import build_detector
 
-    cfg = Config(dict(model=model_dict(gn)))
+    cfg = Config(dict(model=model_dict(gn, family)))
     return build_detector(cfg.model), {"mmdet_version": mmdet.__version__, "config": cfg.pretty_text}
 
 
@@ -244,7 +300,8 @@ def evaluation_parity(work: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gn", action="store_true", help="the GN=Y head (GroupNorm in the tower convs)")
+    p.add_argument("--gn", action="store_true", help="FCOS: the GN=Y head (GroupNorm in the tower convs)")
+    p.add_argument("--family", choices=["fcos", "retinanet", "atss"], default="fcos", help="the detector (default: the recipe's FCOS)")
     p.add_argument("--claim-mmcv", help="mmcv version to report to mmdet (1.4.0 for mmdet 2.17)")
     p.add_argument("--workdir", default="/tmp/mmdet_parity")
     args = p.parse_args()
@@ -263,16 +320,16 @@ def main() -> int:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    if int(mmdet.__version__.split(".")[0]) < 3:  # 3.x evaluates through CocoMetric: not compared here
+    if int(mmdet.__version__.split(".")[0]) < 3 and args.family == "fcos":  # 3.x evaluates through CocoMetric: not compared here
         evaluation_parity(work / "eval")
     photos = sorted(PHOTOS.glob("*.jpg"))
     calib = np.stack([preprocess_image(read_image(p), 800, 1333)[0] for p in photos[:2]])
-    source = build_r50(0, calib, head_norm="gn" if args.gn else "none")
+    source = build_r50(0, calib, head_norm="gn" if args.gn else "none", family=args.family)
     set_candidates(source, calib, 2000.0)
-    model, meta = build_mmdet(args.gn)
+    model, meta = build_mmdet(args.gn, args.family)
     model.load_state_dict(mmdet_state_dict(source), strict=True)
     model.eval()
-    ckpt = work / "fcos.pth"
+    ckpt = work / f"{args.family}.pth"
     torch.save({"state_dict": model.state_dict(), "meta": meta}, ckpt)
 
     x, _ = preprocess_image(read_image(photos[2]), 800, 1333)
@@ -282,13 +339,14 @@ def main() -> int:
         dets, labels = DetectorWithPost(network.eval()).eval()(torch.from_numpy(x)[None])
     keep = labels[0] >= 0
     eager = [(float(d[4]), int(k), d[:4].numpy()) for d, k in zip(dets[0, keep], labels[0, keep])]
-    export_checkpoint(ckpt, work / "fcos.onnx", (800, 1333), dynamic_batch=True)
-    with open_engine(work / "fcos.onnx", EngineOptions("onnxruntime")) as engine:
+    export_checkpoint(ckpt, work / f"{args.family}.onnx", (800, 1333), dynamic_batch=True)
+    with open_engine(work / f"{args.family}.onnx", EngineOptions("onnxruntime")) as engine:
         out_d, out_l = engine.run(x[None])
     keep_o = out_l[0] >= 0
     onnx = [(float(d[4]), int(k), d[:4]) for d, k in zip(out_d[0][keep_o], out_l[0][keep_o])]
 
-    print(f"mmdet {mmdet.__version__}, FCOS-R50-caffe {'GN' if args.gn else 'no-GN'} head; our rule: {loaded.config.post.rule}")
+    name = {"fcos": f"FCOS-R50-caffe {'GN' if args.gn else 'no-GN'} head", "retinanet": "RetinaNet-R50-FPN", "atss": "ATSS-R50-FPN"}[args.family]
+    print(f"mmdet {mmdet.__version__}, {name}; ours read it as {loaded.config.head.family}, rule {loaded.config.post.rule}")
     print(f"mmdet: {len(theirs)} detections (scores {max(t[0] for t in theirs):.4f} to {min(t[0] for t in theirs):.4f})")
     for name, ours, box_tol, score_tol in (("eager PyTorch", eager, 0.01, 1e-5), ("ONNX Runtime", onnx, 0.05, 1e-4)):
         hits, ds, db = matched(theirs, ours, box_tol, score_tol)

@@ -18,6 +18,10 @@ FPN extras     source from shapes (P5 output or C5);   source from shapes; ReLU
                ReLU before P7: FCOS yes, others no     before P7
 anchors        RetinaNet 4·2^(i/3), ratios .5/1/2;     RetinaNet sizes 32,40,50 ·
                ATSS 8, ratio 1; stds 1 / .1,.1,.2,.2   2^l, ratios .5/1/2
+backbone BN    BatchNorm (textbook order)              frozen BN (FCOS; RetinaNet v1
+                                                       weights: eps 0); RetinaNet
+                                                       files with num_batches_tracked
+                                                       (v2): BatchNorm2d
 post rule      by meta mmdet_version: none/1.x/<2.18 ->   torchvision (spec §10)
                mmdet2 (§7.2), 2.18+ -> mmdet218, 3.x ->
                mmdet3 (§7.3)
@@ -496,6 +500,7 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
     import torch
 
     sd = {k: v for k, v in _strip_prefix(sd).items() if isinstance(v, torch.Tensor)}
+    trained_bn = any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in sd)  # torchvision: which BN saved it
     try:
         fmt, family = detect_format(sd)
         spec = head_spec(family)
@@ -509,11 +514,12 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
     _check_overrides(overrides, spec)
     if fmt == "torchvision":
         backbone.style, backbone.bn_impl = "pytorch", "torchvision"
-        if family == "retinanet" and head.norm == "gn":  # retinanet_resnet50_fpn_v2: a plain (eval) BatchNorm2d backbone
+        if family == "retinanet" and trained_bn:  # nn.BatchNorm2d (v2, or a model built without weights): textbook arithmetic
             backbone.bn_impl = "mmdet"
-        elif family == "retinanet":  # v1: its builder sets the frozen BN's eps to 0 for the COCO weights
+            sources["bn"] = "BatchNorm2d (the file has num_batches_tracked)"
+        elif family == "retinanet" and head.norm == "none":  # v1 COCO weights: frozen BN, eps set to 0 by the builder
             backbone.bn_eps = 0.0
-        sources["bn"] = f"torchvision {'v2' if head.norm == 'gn' else 'v1'} layout" if family == "retinanet" else "torchvision layout"
+            sources["bn"] = "FrozenBatchNorm2d with eps 0 (retinanet_resnet50_fpn's COCO weights)"
         head.norm_on_bbox, head.centerness_on_reg = True, True
         neck.relu_before_extra = True  # LastLevelP6P7: P7 from ReLU(P6)
         post = default_post_config("torchvision", family)
