@@ -93,7 +93,10 @@ def build_r50(
         reg_std, reg_mean = torch.tensor(0.35), torch.full((4,), 3.2)
     else:  # deltas of about 0.3 after the coder's stds: boxes near their anchors
         reg_std, reg_mean = 0.3 / torch.tensor(cfg.head.target_stds).repeat(n_reg // 4), torch.zeros(n_reg)
-    targets = [(convs["cls"], "cls", torch.tensor(cls_std), cls_mean + cls_jitter * torch.randn(num_classes, generator=gen)), (convs["reg"], "reg", reg_std, reg_mean)]
+    targets = [
+        (convs["cls"], "cls", torch.tensor(cls_std), cls_mean + cls_jitter * torch.randn(num_classes, generator=gen)),
+        (convs["reg"], "reg", reg_std, reg_mean),
+    ]
     if "ctr" in convs:
         targets.append((convs["ctr"], "ctr", torch.tensor(1.5), torch.zeros(convs["ctr"].out_channels)))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""fcos-offline: FCOS from a PyTorch checkpoint to verified offline inference."""
+"""fcos-offline: dense detectors (FCOS, RetinaNet, ATSS) from a PyTorch checkpoint to verified offline inference."""
 
 import os
 

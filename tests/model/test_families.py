@@ -262,3 +262,16 @@ def test_boxes_clipped_to_a_line_match_by_their_corners() -> None:
     assert match_detections(a, labels, b, labels).matched == 2
     b[0, 3] += 0.5  # the line ends half a pixel lower: not the same box
     assert match_detections(a, labels, b, labels).matched == 1
+
+
+def test_a_sliver_box_with_float_noise_is_the_same_detection() -> None:
+    """Anchor heads give boxes a third of a pixel wide; 0.002 px of float noise drops their IoU to 0.993. Export's
+    check (IoU > 0.999) called these different detections and refused a correct RetinaNet export."""
+    from fcos_offline.model.match import match_detections
+
+    a = np.array([[155.0143, 761.2705, 155.3764, 761.9946, 0.9], [10, 10, 50, 60, 0.8]], np.float32)
+    b = a + np.array([[0.0005, 0.0017, 0.0004, 0.0017, 0.0], [0, 0, 0, 0, 0]], np.float32)
+    labels = np.array([14, 3])
+    assert match_detections(a, labels, b, labels).matched == 2
+    b[0, 2] += 0.2  # a fifth of a pixel wider: a different box
+    assert match_detections(a, labels, b, labels).matched == 1

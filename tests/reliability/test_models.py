@@ -204,7 +204,7 @@ def test_foreign_onnx_is_refused_naming_its_outputs(engine, files, tmp_path, cap
         "refused in one line naming the file and its outputs",
         "error:",
     )
-    assert "not an FCOS detector" in line
+    assert "not a dense detector" in line
     assert not list((tmp_path / "d").glob("*.bin")) if (tmp_path / "d").exists() else True
 
 
@@ -248,7 +248,7 @@ def test_foreign_onnx_through_the_console_script_and_tune(files, tmp_path, capsy
         code,
         err,
         "the reference configuration fails: exit 1, the warning names the file and its outputs",
-        "not an FCOS detector",
+        "not a dense detector",
     )
     assert files.foreign.name in line
 

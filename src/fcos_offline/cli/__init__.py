@@ -32,9 +32,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fcos-offline",
         description=(
-            "FCOS from a PyTorch checkpoint to fast, verified offline inference.\n\n"
+            "Dense detectors (FCOS, RetinaNet, ATSS) from a PyTorch checkpoint to fast, verified offline inference.\n\n"
             "The recipe, one verb per stage:\n"
-            "  inspect CKPT          what a checkpoint holds (format, depth, classes, head options)\n"
+            "  inspect CKPT          what a checkpoint holds (family, format, depth, classes, head options)\n"
             "  export                checkpoint -> ONNX with NMS in the graph (self-verified)\n"
             "  preprocess            images -> 800x1333 float32 .bin tensors (the recipe's step)\n"
             "  get-info              .info lists of .bin files or images\n"

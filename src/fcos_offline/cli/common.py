@@ -60,7 +60,7 @@ POSITIVE_INT = number(int, 1)
 COUNT = number(int, 0)
 #: threads: at least one, and no more than any machine this runs on could use
 THREADS = number(int, 1, 1024)
-#: canvas sides (a model input larger than this is not an FCOS deployment)
+#: canvas sides (a model input larger than this is not a detector deployment)
 SIDE = number(int, 1, 16384)
 #: batch sizes
 BATCH = number(int, 1, 1024)
@@ -85,7 +85,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="FCOS only: centerness from the regression branch instead of the classification branch",
     )
-    add_flag(g, "--extra-on", choices=["output", "input"], help="FPN P6 from the P5 output (FCOS) or from C5")
+    add_flag(
+        g,
+        "--extra-on",
+        choices=["output", "input"],
+        help="FPN P6 from the P5 output (FCOS, ATSS) or from C5 (RetinaNet); shapes tell unless C5 has the FPN width",
+    )
     add_flag(
         g,
         "--rule",

@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  fcos-offline export --checkpoint fcos.pth --output fcos_raw.onnx --no-nms   # + fcos_raw.post.onnx",
         formatter_class=DefaultsFormatter,
     )
-    add_flag(p, "--checkpoint", required=True, help="mmdet or torchvision FCOS .pth")
+    add_flag(p, "--checkpoint", required=True, help="mmdet (FCOS, RetinaNet, ATSS) or torchvision (FCOS, RetinaNet) .pth")
     add_flag(p, "--output", "--output-file", dest="output", required=True, help="ONNX file to write")
     add_flag(p, "--shape", nargs=2, type=SIDE, default=list(DEFAULT_CANVAS), metavar=("H", "W"), help="input canvas height width")
     add_flag(p, "--batch-size", type=number(int, 1, 1024), default=1, help="fixed batch size (ignored with --dynamic-export)")

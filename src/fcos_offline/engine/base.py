@@ -315,10 +315,10 @@ def check_input(path: Path, inputs: list[tuple[str, bool, list[Any] | None]]) ->
     """One float input of rank 4 (``[B,3,H,W]``), whatever its name; a clear error otherwise."""
     desc = ", ".join(f"{n} {'float' if f else 'non-float'} {s}" for n, f, s in inputs)
     if len(inputs) != 1:
-        raise FcosError(f"{path}: the model takes {len(inputs)} inputs ({desc}); an FCOS detector takes one image batch [B,3,H,W]")
+        raise FcosError(f"{path}: the model takes {len(inputs)} inputs ({desc}); a dense detector takes one image batch [B,3,H,W]")
     _, is_float, shape = inputs[0]
     if not is_float or shape is None or len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
-        raise FcosError(f"{path}: the model input is {desc}; an FCOS detector takes float [B,3,H,W]")
+        raise FcosError(f"{path}: the model input is {desc}; a dense detector takes float [B,3,H,W]")
 
 
 def detector_outputs(path: Path, outputs: list[tuple[str, bool, list[Any] | None]]) -> list[int]:
@@ -341,7 +341,7 @@ def detector_outputs(path: Path, outputs: list[tuple[str, bool, list[Any] | None
         return [dets[0], labels[0]]
     desc = ", ".join(f"{n} {'float' if f else 'int'} {s}" for n, f, s in outputs)
     raise FcosError(
-        f"{path}: the model's outputs ({desc}) are not an FCOS detector's: expected 'dets' float [B,K,5] and "
+        f"{path}: the model's outputs ({desc}) are not a dense detector's: expected 'dets' float [B,K,5] and "
         "'labels' int [B,K] (by these names, or any two outputs of those types)"
     )
 

@@ -121,7 +121,7 @@ def _convert_onnx(src: Path, chosen: Backend, output: str | Path, request: Conve
     except Exception as exc:
         raise FcosError(f"{src}: not a readable ONNX file ({first_line(exc, 160)})") from None
     if len(proto.graph.input) != 1 or len(proto.graph.input[0].type.tensor_type.shape.dim) != 4:
-        raise FcosError(f"{src}: not an FCOS model: it has {len(proto.graph.input)} inputs, expected one image batch [B,3,H,W]")
+        raise FcosError(f"{src}: not a detector model: it has {len(proto.graph.input)} inputs, expected one image batch [B,3,H,W]")
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     if request.shape is not None and tuple(request.shape) != (dims[2].dim_value, dims[3].dim_value):
         raise UsageError(

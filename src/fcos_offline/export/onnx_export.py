@@ -145,7 +145,7 @@ def export_onnx(
     class_names: list[str] | None = None,
     source: str | None = None,
 ) -> ExportResult:
-    """Export ``network`` (an eval-mode :class:`FCOS`) and check it with ONNX Runtime."""
+    """Export ``network`` (an eval-mode :class:`~fcos_offline.model.detector.Detector`) and check it with ONNX Runtime."""
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     check_canvas("export", *shape)

@@ -1,4 +1,4 @@
-"""Post-training int8 quantization of an exported FCOS with the engines' own tools.
+"""Post-training int8 quantization of an exported detector with the engines' own tools.
 
 * ONNX Runtime: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel weights, MinMax /
   Percentile / Entropy calibration), after ``quant_pre_process``.
