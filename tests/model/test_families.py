@@ -275,3 +275,18 @@ def test_a_sliver_box_with_float_noise_is_the_same_detection() -> None:
     assert match_detections(a, labels, b, labels).matched == 2
     b[0, 2] += 0.2  # a fifth of a pixel wider: a different box
     assert match_detections(a, labels, b, labels).matched == 1
+
+
+def test_inspect_names_the_family(tmp_path, capsys) -> None:
+    import json
+
+    from fcos_offline.cli import main
+
+    model = make_fcos(seed=1, family="atss", style="pytorch", norm="gn")
+    path = save_mmdet_ckpt(model, tmp_path / "atss.pth", meta={"mmdet_version": "2.28.2"})
+    assert main(["inspect", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "ATSS" in table and "anchors:" in table  # the detector row and the anchor settings (rich wraps long cells)
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["title"], info["config"]["head"]["target_stds"]) == ("atss", "ATSS", [0.1, 0.1, 0.2, 0.2])

@@ -52,6 +52,20 @@ class ImageComparison:
         return {**out, "only_a": self.only_a, "only_b": self.only_b, "match_rate": self.match_rate}
 
 
+def differing(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], tol: Tolerance) -> tuple[np.ndarray, np.ndarray]:
+    """Per detection of each side (padding rows left out): True where it has no partner on the other side, or its
+    partner's score or box is beyond ``tol`` — what a side-by-side picture marks."""
+    la, da = a[0][a[0] >= 0], a[1][a[0] >= 0]
+    lb, db = b[0][b[0] >= 0], b[1][b[0] >= 0]
+    flags_a, flags_b = np.ones(len(la), bool), np.ones(len(lb), bool)
+    if len(la) and len(lb):
+        iou = iou_matrix(da, db)
+        for i, j in greedy_pairs(da[:, 4], iou, (la[:, None] == lb[None, :]) & (iou >= tol.iou_thr)):
+            same = abs(da[i, 4] - db[j, 4]) <= tol.score_tol and float(np.abs(da[i, :4] - db[j, :4]).max()) <= tol.box_tol
+            flags_a[i] = flags_b[j] = not same
+    return flags_a, flags_b
+
+
 def compare_image(stem: str, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], iou_thr: float) -> ImageComparison:
     """Match one image's detections (padding rows, label < 0, are ignored)."""
     la, da = a[0][a[0] >= 0], a[1][a[0] >= 0]
