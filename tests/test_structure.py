@@ -94,7 +94,7 @@ def test_engine_layer_does_not_import_evaluation_and_export_does_not_either() ->
 LAYERS = (
     ("__init__", "errors", "io", "units", "progress", "cpu"),
     ("data", "model"),
-    ("engine", "evaluate", "export", "demo"),
+    ("engine", "evaluate", "export", "demo", "render"),
     ("report", "tune", "compare"),
     ("cli", "__main__"),
 )

@@ -117,6 +117,24 @@ def test_a_perturbed_head_conv_at_p4_is_named_as_the_first_divergence(demo, tmp_
     assert "first divergence: bbox_head.cls_convs.1.conv @P4" in out and "NOT within tolerance" in out
 
 
+def test_report_html_puts_the_differing_images_side_by_side(demo, tmp_path) -> None:
+    """Boxes of one FPN level (P3's box branch scaled) move while the other levels' stay: the page's side-by-side
+    pictures flag exactly the detections without a partner within tolerance, and keep the others."""
+    perturbed = tmp_path / "perturbed.onnx"
+    _perturbed_copy(demo.onnx, perturbed, "/network/bbox_head/conv_reg/Conv", factor=1.3)
+    code, c = _compare(tmp_path, demo.onnx, perturbed, "--images", demo.images, "--num-images", 6)
+    assert code == 1 and c["overall"]["only_a"] > 0
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    marker = "<script type='application/json' id='data'>"
+    start = page.index(marker) + len(marker)
+    data = json.loads(page[start : page.index("</script>", start)])
+    pairs = data["pairs"]["images"]
+    assert pairs and all(im["src"].startswith("data:image/jpeg;base64,") for im in pairs)
+    flagged = sum(d["differs"] for im in pairs for side in ("a", "b") for d in im[side])
+    kept = sum(not d["differs"] for im in pairs for side in ("a", "b") for d in im[side])
+    assert flagged > 0 and kept > 0  # some detections moved, the other levels' did not
+
+
 def test_int8_against_fp32_reports_tunes_sensitivity_signal(demo, tmp_path, capsys) -> None:
     """An int8 model against its fp32 source: compare's per-group signal is tune's own, on the same images, and its
     order is the order tune's fallback returns groups to float in."""

@@ -96,6 +96,8 @@ def tuned(tiny, tmp_path_factory) -> dict:
 
 def test_chosen_within_budget_and_documented_fields(tuned) -> None:
     result = json.loads((tuned["out"] / TUNE_FILE).read_text())
+    page = (tuned["out"] / "report.html").read_text()  # the trials and the speed/drop plot, beside tune.json
+    assert "chosen: " + result["chosen"]["label"] in page and page.count("<circle") == len([t for t in result["trials"] if t["status"] == "ok"])
     assert result == tuned["result"]
     ref = result["reference"]
     assert ref["bbox_mAP"] >= 0.9  # pseudo labels: fp32 reproduces them

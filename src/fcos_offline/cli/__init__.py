@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from fcos_offline.cli import compare, data, demo, engine, evaluate, export, model, run, tune
+    from fcos_offline.cli import compare, data, demo, engine, evaluate, export, model, predict, run, tune
 
     parser = _Parser(
         prog="fcos-offline",
@@ -40,6 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "  get-info              .info lists of .bin files or images\n"
             "  convert               ONNX -> engine artifact (ORT optimised, OpenVINO IR)\n"
             "  infer                 offline inference: dumps <stem>_1.bin/_2.bin + perf file\n"
+            "  predict               see what the detector sees: drawn images + every detection as COCO JSON\n"
             "  postprocess           dumps -> COCO bbox mAP (class-wise) + summary.json\n"
             "  parse                 fps from a perf file or summary.json\n"
             "  run                   all of the above in one command (default: embedded demo)\n"
@@ -52,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fcos-offline {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
-    for module in (model, export, data, engine, evaluate, run, tune, compare, demo):
+    for module in (model, export, data, engine, predict, evaluate, run, tune, compare, demo):
         module.register(sub)
     return parser
 

@@ -15,6 +15,7 @@ from fcos_offline.cli.common import (
     add_flag,
     add_model_flags,
     add_ray_flags,
+    number,
     overrides_from_args,
 )
 from fcos_offline.engine.backends import OFFLINE_ENGINES
@@ -51,6 +52,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ray_gpus_per_actor=args.ray_gpus_per_actor,
         threads=args.threads,
         vis_images=args.vis_images,
+        html_images=args.html_images,
+        score_thr=args.report_score_thr,
         overrides=overrides_from_args(args),
     )
     check_output_apart([args.workdir], [args.checkpoint, args.model])  # never inside a model folder: an artifact verifies every file in it
@@ -136,6 +139,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_flag(p, "--write-bins", action="store_true", help="write the recipe's .bin tensors and .info files instead of streaming")
     add_flag(p, "--vis-images", type=COUNT, default=4, help="images with drawn detections in the report (default 4)")
+    add_flag(
+        p,
+        "--html-images",
+        type=COUNT,
+        default=60,
+        help="pictures in report.html's image browser, the worst by per-image AP first (default 60; the page embeds them)",
+    )
+    add_flag(
+        p,
+        "--report-score-thr",
+        type=number(float, 0.0, 1.0),
+        default=0.3,
+        help="report.html's operating point: boxes drawn, per-class precision/recall and the confusion matrix count "
+        "detections scoring at least this (default 0.3; mAP always uses every detection)",
+    )
     add_ray_flags(p)
     add_model_flags(p)
     p.set_defaults(func=_cmd_run)

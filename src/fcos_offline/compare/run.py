@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from fcos_offline.compare.layers import TensorStat, compare_layers, first_divergence, group_errors
-from fcos_offline.compare.outputs import OutputComparison, Tolerance, compare_dumps, outputs_within
+from fcos_offline.compare.outputs import OutputComparison, Tolerance, compare_dumps, differing, outputs_within
 from fcos_offline.data.dataset import InputItem
 from fcos_offline.data.letterbox import DEFAULT_CANVAS
 from fcos_offline.errors import BadFileError, FcosError, UsageError
 from fcos_offline.io import OutputLock, atomic_write_json, check_output_apart
 from fcos_offline.progress import info
+from fcos_offline.render.html import thumbnail, write_compare_html
 
 COMPARE_FILE = "compare.json"
 
@@ -381,8 +382,34 @@ def _compare(opts: CompareOptions, out: Path) -> CompareResult:
             target = out / "worst" / f"{im.stem}.jpg"
             _draw_pair(paths[im.stem], dumps_a[im.stem], dumps_b[im.stem], canvas, target, ("A: " + a.path.name, "B: " + b.path.name))
             result.pictures.append(str(target))
-    atomic_write_json(out / COMPARE_FILE, result.to_dict())
+    document = result.to_dict()
+    atomic_write_json(out / COMPARE_FILE, document)
+    tol = Tolerance(opts.iou_thr, opts.score_tol, opts.box_tol)
+    pairs = [_pair(paths[im.stem], dumps_a[im.stem], dumps_b[im.stem], canvas, tol) for im in outputs.worst(opts.draw) if im.stem in paths]
+    write_compare_html(out, document, [p for p in pairs if p is not None], (str(a.path), str(b.path)))
     return result
+
+
+def _pair(
+    image_path: str, a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], canvas: tuple[int, int], tol: Tolerance
+) -> dict[str, Any] | None:
+    """One image of the HTML side by side: its picture and both sides' detections in its pixels, those that differ flagged."""
+    from fcos_offline.data.letterbox import boxes_to_original, letterbox_for
+
+    pic = thumbnail(image_path)
+    if pic is None:
+        return None
+    lb = letterbox_for(pic["width"], pic["height"], *canvas)
+    flags = differing(a, b, tol)
+    sides = {}
+    for side, (labels, dets), differs in zip(("a", "b"), (a, b), flags):
+        keep = labels >= 0
+        boxes = boxes_to_original(dets[keep], lb)
+        sides[side] = [
+            {"bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "name": f"label {int(k)}", "score": float(sc), "differs": bool(d)}
+            for (x1, y1, x2, y2), k, sc, d in zip(boxes[:, :4], labels[keep], dets[keep, 4], differs)
+        ]
+    return {**pic, "file_name": Path(image_path).name, **sides}
 
 
 def compare_dump_folders(a: Path, b: Path, output: Path, iou_thr: float = 0.5) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from fcos_offline.data.annotations import COCO80_NAMES, find_annotation_file, label_to_category, load_annotations
 from fcos_offline.data.dataset import class_names_for
+from fcos_offline.data.draw import draw_detections
 from fcos_offline.data.dumps import read_dumps
 from fcos_offline.data.info import InfoEntry, read_info
 from fcos_offline.data.letterbox import DEFAULT_CANVAS, RULES, boxes_to_original, letterbox_for
@@ -52,19 +53,6 @@ def _detection_lines(labels: np.ndarray, boxes: np.ndarray, names: list[str]) ->
         name = names[label].replace(" ", "_") if label < len(names) else str(label)
         lines.append(f"{name} {score:.6f} {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f}\n")
     return "".join(lines)
-
-
-def _draw(image: np.ndarray, labels: np.ndarray, boxes: np.ndarray, names: list[str], thr: float) -> np.ndarray:
-    for label, (x1, y1, x2, y2, score) in zip(labels.tolist(), boxes.tolist()):
-        if label < 0 or score < thr:
-            continue
-        color = tuple(int(c) for c in np.random.default_rng(label).integers(64, 256, 3))
-        p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
-        cv2.rectangle(image, p1, p2, color, 2)
-        text = f"{names[label] if label < len(names) else label} {score:.2f}"
-        origin = (p1[0], max(p1[1] - 4, 12))
-        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, color, 1, cv2.LINE_AA)
-    return image
 
 
 def recorded_engine(dump_dir: str | os.PathLike) -> dict[str, Any]:
@@ -220,7 +208,7 @@ def postprocess(
             texts.append(f"{stem}.txt")
             if show:
                 try:
-                    picture = _draw(read_image(entry.path), labels, boxes, names, show_score_thr)
+                    picture = draw_detections(read_image(entry.path), labels, boxes, names, show_score_thr)
                 except BadFileError as exc:
                     skipped.append(exc)
                     continue

@@ -13,6 +13,7 @@ Steps, in a work folder (each reused when already finished):
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import platform
 import shutil
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from fcos_offline.engine.infer import InferSummary
 from fcos_offline.errors import FcosError, UsageError
 from fcos_offline.io import OutputLock, atomic_write_json, file_digest, json_digest, read_stamp
 from fcos_offline.progress import info, warn
+from fcos_offline.render.html import write_run_html
 from fcos_offline.units import JSON_UNITS
 
 #: the engine of the recipe's "online" baseline: PyTorch eager on the checkpoint
@@ -69,6 +71,8 @@ class RunOptions:
     write_bins: bool = False
     threads: int | None = None
     vis_images: int = 4
+    html_images: int = 60  # pictures in report.html's image browser (the worst first)
+    score_thr: float = 0.3  # report.html's operating point: per-class precision/recall, confusion matrix, what is drawn
     compare: bool = False  # compare the first offline configuration's dumps with the online baseline's
     ray: str | None = None  # run every configuration on Ray ("auto": a local cluster; else a cluster address)
     ray_actors: int = 1
@@ -392,7 +396,25 @@ def run(opts: RunOptions) -> dict[str, Any]:
             },
             opts.vis_images,
         )
+        write_run_html(root, report, _analysis(root, entries, ann_file, opts.score_thr), images, opts.html_images)
     return report
+
+
+def _analysis(root: Path, entries: list[dict[str, Any]], ann_file: Path, score_thr: float) -> dict[str, Any]:
+    """What report.html explains, for the first offline configuration: per class, confusion, error kinds, per image
+    (``analysis.json`` beside report.json: the same figures as JSON)."""
+    from fcos_offline.data.annotations import load_annotations
+    from fcos_offline.evaluate.errors import analyse
+    from fcos_offline.evaluate.postprocess import RESULTS_FILE
+
+    reference = next((e for e in entries if e["mode"] == "offline"), entries[0])
+    results = json.loads((Path(reference["eval"]) / RESULTS_FILE).read_text())
+    analysis = {
+        "configuration": f"{reference['mode']} {reference['engine']} bs{reference['batch_size']}",
+        **analyse(load_annotations(ann_file), results, score_thr=score_thr),
+    }
+    atomic_write_json(root / "analysis.json", analysis)
+    return analysis
 
 
 def speed_figures(s: InferSummary) -> dict[str, Any]:

@@ -72,6 +72,7 @@ from fcos_offline.engine.timing import busy_note
 from fcos_offline.errors import FcosError, first_line
 from fcos_offline.io import OutputLock, file_digest, json_digest
 from fcos_offline.progress import info, warn
+from fcos_offline.render.html import write_tune_html
 from fcos_offline.tune import policy
 from fcos_offline.tune.builds import ModelBuilder, model_size_mb
 from fcos_offline.tune.evaluation import drop_spread, evaluate_engine, output_agreement
@@ -589,4 +590,6 @@ def tune(opts: TuneOptions) -> dict[str, Any]:
     """Run the search (see the module docstring); returns the ``tune.json`` content. One writer per ``--output``."""
     validate(opts)  # usage errors before the output folder is made or locked
     with OutputLock(opts.output, "tune"):
-        return Tuner(opts).run()
+        result = Tuner(opts).run()
+        write_tune_html(Path(opts.output), result)  # report.html beside tune.json: the trials and the speed/drop plot
+        return result

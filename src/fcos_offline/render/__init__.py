@@ -1,0 +1,1 @@
+"""Pages and pictures: self-contained HTML reports (``html.py``), used by run, compare and tune."""
