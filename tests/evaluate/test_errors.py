@@ -212,3 +212,12 @@ def test_images_are_sorted_worst_first():
 def test_results_of_unknown_images_are_refused():
     with pytest.raises(FcosError, match="image id 99"):
         analyse(make_gt(), [{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}])
+
+
+def test_results_of_categories_the_ground_truth_does_not_list_are_left_out_and_counted():
+    """An 80-class model on an annotation file listing some of COCO's categories: COCO evaluates only those (the run on
+    the 10-photo sample failed here); the page says how many results that leaves out."""
+    base = analyse(make_gt(), [])
+    out = analyse(make_gt(), [{"image_id": 1, "category_id": 999, "bbox": [0, 0, 10, 10], "score": 0.9}])
+    assert out["results_of_unlisted_categories"] == 1 and base["results_of_unlisted_categories"] == 0
+    assert out["tide"] == base["tide"] and out["classes"] == base["classes"]

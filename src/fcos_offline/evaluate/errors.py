@@ -195,12 +195,13 @@ def _gt_arrays(anns: list[dict], image_index: dict[int, int], cat_index: dict[in
 
 def _det_arrays(results: list[dict], image_index: dict[int, int], cat_index: dict[int, int]) -> tuple[np.ndarray, ...]:
     """Image index, class index, box and score of the results COCO evaluates: sorted by image, then by
-    descending score (ties in file order), at most MAX_DETS per image and class."""
+    descending score (ties in file order), at most MAX_DETS per image and class. Results of a category the
+    ground truth does not list are left out, as COCO evaluates only its categories (an 80-class model on an
+    annotation file listing some of them); a result of an unknown image is an error, as in COCO."""
     for r in results:
         if r["image_id"] not in image_index:
             raise FcosError(f"a result names image id {r['image_id']}, which the ground truth does not list")
-        if r["category_id"] not in cat_index:
-            raise FcosError(f"a result names category id {r['category_id']}, which the ground truth does not list")
+    results = [r for r in results if r["category_id"] in cat_index]
     img = np.array([image_index[r["image_id"]] for r in results], dtype=np.int64)
     cls = np.array([cat_index[r["category_id"]] for r in results], dtype=np.int64)
     score = np.array([r["score"] for r in results], dtype=np.float64)
@@ -338,6 +339,7 @@ def analyse(gt: dict, results: list[dict], names: dict[int, str] | None = None, 
         "method": _method(score_thr, iou_thr),
         "score_thr": score_thr,
         "iou_thr": iou_thr,
+        "results_of_unlisted_categories": sum(r["category_id"] not in cat_index for r in results),
         "classes": classes,
         "confusion": {
             "labels": [cat_names[cat_ids[k]] for k in np.flatnonzero(present)] + ["background"],

@@ -137,15 +137,16 @@ def _text(v: Any) -> str:
     return "—" if v is None else str(v)
 
 
-def bars(values: dict[str, float], labels: dict[str, str], unit: str = "points") -> str:
-    """Horizontal bars, largest first (ΔAP in points)."""
-    top = max([abs(v) for v in values.values()] + [1e-9])
+def bars(values: dict[str, float | None], labels: dict[str, str], unit: str = "points") -> str:
+    """Horizontal bars, largest first (ΔAP in points); None reads "—" (undefined) and has no bar."""
+    top = max([abs(v) for v in values.values() if v is not None] + [1e-9])
     rows = []
-    for key, v in sorted(values.items(), key=lambda kv: -kv[1]):
+    for key, v in sorted(values.items(), key=lambda kv: -(kv[1] if kv[1] is not None else -1e9)):
         colour = KINDS.get(key, ("#4c78a8", ""))[0]
-        width = int(round(300 * abs(v) / top))
+        width = 0 if v is None else int(round(300 * abs(v) / top))
+        figure = "—" if v is None else f"{v:+.2f} {unit}"
         rows.append(
-            f"<tr><td>{html.escape(labels.get(key, key))}</td><td data-v='{v}'>{v:+.2f} {unit}</td>"
+            f"<tr><td>{html.escape(labels.get(key, key))}</td><td data-v='{'' if v is None else v}'>{figure}</td>"
             f"<td style='text-align:left'><span class='bar' style='width:{width}px;background:{colour}'></span></td></tr>"
         )
     return f"<table class='sortable'><thead><tr><th>error kind</th><th>ΔAP if fixed</th><th></th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -280,15 +281,17 @@ def class_section(analysis: dict[str, Any]) -> str:
         f"COCO AP (IoU .5:.95), AP50, AP75 and AR with at most 100 detections per image; precision, recall and the counts at "
         f"the operating point: score >= {analysis['score_thr']:g}, IoU >= {analysis['iou_thr']:g}. Click a header to sort."
     )
+    if unlisted := analysis.get("results_of_unlisted_categories"):
+        note += f" {unlisted} detections of categories the annotation file does not list are left out, as COCO's evaluation does."
     return section("Per class", table(columns, analysis["classes"]), note, "classes")
 
 
 def errors_section(analysis: dict[str, Any]) -> str:
     """The TIDE-style breakdown: what fixing each error kind would add to the AP."""
     tide = analysis["tide"]
-    delta = {k: 100.0 * v for k, v in tide["delta_ap"].items()}
+    delta = {k: None if v is None else 100.0 * v for k, v in tide["delta_ap"].items()}
     labels = {k: f"{k} — {KINDS[k][1]} ({tide['counts'].get(k, 0)})" for k in delta}
-    note = f"AP at IoU {analysis['iou_thr']:g}: {percent(tide['ap'])}%. " + analysis["method"]
+    note = f"AP at IoU {analysis['iou_thr']:g}: {_pct(tide['ap'])}%. " + analysis["method"]
     return section("What costs mAP", bars(delta, labels), note, "errors")
 
 
