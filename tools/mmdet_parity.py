@@ -71,31 +71,25 @@ def install(claim_mmcv: str | None) -> None:
         mmcv.__version__ = claim_mmcv
 
 
+def _resnet50(style: str) -> dict:
+    """mmdet's ResNet-50 backbone config (BN frozen in eval; the caffe-style FCOS files do not train its affine)."""
+    bn = dict(type="BN", requires_grad=style == "pytorch")
+    return dict(type="ResNet", depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1, norm_cfg=bn, norm_eval=True, style=style)
+
+
+def _fpn(extra: str) -> dict:
+    """mmdet's FPN config over C3..C5 with two extra levels (``on_output``: from P5; ``on_input``: from C5)."""
+    return dict(type="FPN", in_channels=[256, 512, 1024, 2048], out_channels=256, start_level=1, add_extra_convs=extra, num_outs=5)
+
+
 def model_dict(gn: bool, family: str = "fcos") -> dict:
     """mmdet's FCOS-R50-caffe, RetinaNet-R50 or ATSS-R50 model config (the same keys in mmdet 2.x and 3.x)."""
     if family != "fcos":
         return anchor_model_dict(family)
     return dict(
         type="FCOS",
-        backbone=dict(
-            type="ResNet",
-            depth=50,
-            num_stages=4,
-            out_indices=(0, 1, 2, 3),
-            frozen_stages=1,
-            norm_cfg=dict(type="BN", requires_grad=False),
-            norm_eval=True,
-            style="caffe",
-        ),
-        neck=dict(
-            type="FPN",
-            in_channels=[256, 512, 1024, 2048],
-            out_channels=256,
-            start_level=1,
-            add_extra_convs="on_output",
-            num_outs=5,
-            relu_before_extra_convs=True,
-        ),
+        backbone=_resnet50("caffe"),
+        neck=dict(_fpn("on_output"), relu_before_extra_convs=True),
         bbox_head=dict(
             type="FCOSHead",
             num_classes=80,
@@ -128,24 +122,8 @@ def anchor_model_dict(family: str) -> dict:
         )
     return dict(
         type="RetinaNet" if family == "retinanet" else "ATSS",
-        backbone=dict(
-            type="ResNet",
-            depth=50,
-            num_stages=4,
-            out_indices=(0, 1, 2, 3),
-            frozen_stages=1,
-            norm_cfg=dict(type="BN", requires_grad=True),
-            norm_eval=True,
-            style="pytorch",
-        ),
-        neck=dict(
-            type="FPN",
-            in_channels=[256, 512, 1024, 2048],
-            out_channels=256,
-            start_level=1,
-            add_extra_convs="on_input" if family == "retinanet" else "on_output",
-            num_outs=5,
-        ),
+        backbone=_resnet50("pytorch"),
+        neck=_fpn("on_input" if family == "retinanet" else "on_output"),
         bbox_head=dict(
             num_classes=80,
             in_channels=256,

@@ -168,3 +168,29 @@ def test_styles_and_kinds_draw() -> None:
         assert gt.any()
     with pytest.raises(ValueError):
         draw_detections(np.zeros((10, 10, 3), np.uint8), labels, boxes, [], style="dotted")
+
+
+def test_coco_photos_predictions_are_what_infer_and_postprocess_evaluate(tmp_path: Path) -> None:
+    """An 80-class model (a random RetinaNet) on the 10 COCO photos: predictions.json holds exactly the results
+    postprocess evaluates from infer's dumps (same boxes, scores and COCO categories), so both score the same mAP."""
+    from conftest import make_fcos, save_mmdet_ckpt
+
+    from fcos_offline.data.info import make_info
+    from fcos_offline.engine.job import InferRequest, infer
+    from fcos_offline.evaluate.postprocess import RESULTS_FILE, postprocess
+
+    sample = shared_data_dir()
+    ckpt = save_mmdet_ckpt(make_fcos(seed=21, family="retinanet", style="pytorch", cls_std=1.0), tmp_path / "retinanet.pth")
+    out = tmp_path / "seen"
+    summary = predict(PredictRequest(model=ckpt, images=[sample / "val2017"], output=out, shape=(256, 384), workers=0))
+    infer(InferRequest(model=summary["exported_model"], images=str(sample / "val2017"), output=str(tmp_path / "dumps"), workers=0))
+    make_info("jpg", sample / "val2017", tmp_path / "jpg.info", workers=1)
+    reference = postprocess(tmp_path / "dumps", tmp_path / "jpg.info", tmp_path / "eval", sample / "annotations")
+    theirs = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
+    ours = json.loads((out / "predictions.json").read_text())
+
+    def key(r: dict) -> tuple:
+        return (r["image_id"], r["category_id"], round(r["score"], 6), *(round(v, 3) for v in r["bbox"]))
+
+    assert len(ours) == len(theirs) == reference["num_detections"] > 100
+    assert sorted(map(key, ours)) == sorted(map(key, theirs))
