@@ -30,7 +30,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "both": ("#9467bd", "wrong class and box off"),
     "dupe": ("#17becf", "duplicate of a detected object"),
     "bkg": ("#d62728", "on background (IoU < 0.1 with everything)"),
-    "missed": ("#e377c2", "object nobody detected"),
+    "missed": ("#e377c2", "object nobody detected (TIDE's missed: no detection of any score or class covers it)"),
+    "undetected": ("#f7b6d2", "object not detected at the operating score (a weaker or wrong detection covers it)"),
 }
 
 _CSS = """
@@ -67,8 +68,8 @@ function picture(img,boxes,filter){var svg=el('svg',{viewBox:'0 0 '+img.width+' 
 function browser(){var root=document.getElementById('browser');if(!root||!DATA.browser)return;var B=DATA.browser;
  var cls=document.getElementById('f-class'),kind=document.getElementById('f-kind'),grid=root.querySelector('.grid');
  function draw(){grid.innerHTML='';var c=cls.value,k=kind.value,shown=0;
-  B.images.forEach(function(im){var boxes=[];im.gt.forEach(function(g){boxes.push({bbox:g.bbox,colour:g.detected?'#ffffff':B.kinds.missed,
-    dashed:true,kind:g.detected?'gt':'missed',name:g.name,text:g.detected?'':'missed '+g.name})});
+  B.images.forEach(function(im){var boxes=[];im.gt.forEach(function(g){var k=g.detected?'gt':(g.error==='missed'?'missed':'undetected');
+    boxes.push({bbox:g.bbox,colour:k==='gt'?'#ffffff':B.kinds[k],dashed:true,kind:k,name:g.name,text:k==='gt'?'':k+' '+g.name})});
    im.dets.forEach(function(d){boxes.push({bbox:d.bbox,colour:B.kinds[d.kind],kind:d.kind,name:d.name,text:d.name+' '+d.score.toFixed(2)})});
    var f=function(b){return (c==='all'||b.name===c)&&(k==='all'||b.kind===k||b.kind==='gt')};
    var hits=boxes.filter(function(b){return f(b)&&b.kind!=='gt'});if((c!=='all'||k!=='all')&&hits.length===0)return;
