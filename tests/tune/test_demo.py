@@ -28,7 +28,7 @@ def test_demo_model_tune_within_budget(tmp_path) -> None:
         pytest.skip("the demo model is not shipped yet")
     budget = 0.5
     opts = TuneOptions(
-        output=str(tmp_path / "demo"), eval_images=100, max_map_drop=budget, bench_runs=4, bench_seconds=2, threads=(2,), confirm_top=2
+        output=str(tmp_path / "demo"), eval_images=100, max_map_drop=budget, bench_runs=3, bench_seconds=1, threads=(2,), confirm_top=1
     )
     result = tune(opts)
     chosen = result["chosen"]
