@@ -366,7 +366,7 @@ def test_run_on_a_full_tmpfs_at_several_points_then_rerun(tiny, data, reference,
         "run",
         1,
         line,
-        f"stops with one line naming the file (seen: {', '.join(where)}); "
+        f"stops with one line naming the file (seen: {', '.join(dict.fromkeys(where))}); "
         "no partial file; the same --workdir on a bigger disk completes with the uninterrupted results",
         "disk full",
     )
