@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import reference_anchors as ref
 import torch
-from conftest import make_fcos, random_canvas, save_mmdet_ckpt, torchvision_retinanet_state_dict
+from conftest import fcos_config, make_fcos, random_canvas, save_mmdet_ckpt, torchvision_retinanet_state_dict
 
 from fcos_offline.errors import BadFileError, UsageError
 from fcos_offline.model.checkpoint import ANCHOR_DEFAULTS, ModelOverrides, build_model, load_checkpoint
@@ -218,6 +218,48 @@ def test_anchor_settings_that_contradict_the_head_are_refused(tmp_path) -> None:
         load_checkpoint(save_mmdet_ckpt(model, tmp_path / "r.pth", meta={"config": meta}))
 
 
+def test_anchor_layouts_are_never_guessed(tmp_path) -> None:
+    """A head with other anchors per location than the family's defaults needs a meta config saying which (an FSAF
+    file without one has RetinaNet's keys and 1 anchor); it was guessed (ratios 1.0, 1 scale) and loaded."""
+    from fcos_offline.model.detector import Detector
+
+    cfg = fcos_config(family="retinanet", style="pytorch")
+    cfg.head.anchor_ratios, cfg.head.scales_per_octave = (1.0,), 1
+    path = save_mmdet_ckpt(Detector(cfg).eval(), tmp_path / "one_anchor.pth")
+    with pytest.raises(BadFileError, match=r"predicts 1 anchors per location.*give 9.*no meta config saying which anchors"):
+        load_checkpoint(path)
+    meta = "model = dict(type='RetinaNet', bbox_head=dict(anchor_generator=dict(octave_base_scale=4, scales_per_octave=1, ratios=[1.0])))"
+    ckpt = load_checkpoint(save_mmdet_ckpt(Detector(cfg).eval(), tmp_path / "said.pth", meta={"config": meta}))
+    assert (ckpt.config.head.num_anchors, ckpt.sources["anchor_ratios"]) == (1, "meta config")
+
+
+def test_mmdet_1x_anchors_are_refused(tmp_path) -> None:
+    """mmdet 1.x (and 2.x's Legacy* emulation) centred anchors at (stride-1)/2 and decoded with +1 widths: such
+    files loaded with 2.x maths. The version alone decides nothing (v2.0's model zoo files say 1.x)."""
+    model = make_fcos(seed=1, family="retinanet", style="pytorch")
+    v1 = "model = dict(type='RetinaNet', bbox_head=dict(type='RetinaHead', octave_base_scale=4, scales_per_octave=3, "
+    v1 += "anchor_ratios=[0.5, 1.0, 2.0], anchor_strides=[8, 16, 32, 64, 128]))"
+    legacy = "model = dict(type='RetinaNet', bbox_head=dict(anchor_generator=dict(type='LegacyAnchorGenerator', center_offset=0.5)))"
+    for name, config in (("v1", v1), ("legacy", legacy)):
+        path = save_mmdet_ckpt(model, tmp_path / f"{name}.pth", meta={"mmdet_version": "1.0rc0+d3ca926", "config": config})
+        with pytest.raises(BadFileError, match=r"uses mmdet 1.x anchors \((anchor_strides|LegacyAnchorGenerator)"):
+            load_checkpoint(path)
+    v2_zoo = save_mmdet_ckpt(model, tmp_path / "zoo.pth", meta={"mmdet_version": "1.0.0+d3ca926", "config": RETINA_META})
+    assert load_checkpoint(v2_zoo).config.head.num_anchors == 9
+
+
+def test_a_rule_from_the_other_library_is_refused_for_anchor_heads(tmp_path) -> None:
+    """--rule torchvision on an mmdet ATSS decoded with torchvision's coder (no 0.1/0.2 stds) and rounded anchors."""
+    atss = save_mmdet_ckpt(make_fcos(seed=2, family="atss", style="pytorch", norm="gn"), tmp_path / "atss.pth")
+    with pytest.raises(UsageError, match=r"--rule torchvision decodes with torchvision's anchors and box coder.*mmdet ATSS"):
+        load_checkpoint(atss, ModelOverrides(rule="torchvision"))
+    assert load_checkpoint(atss, ModelOverrides(rule="mmdet3")).config.post.rule == "mmdet3"
+    tv = tmp_path / "tv.pth"
+    torch.save(torchvision_retinanet_state_dict(make_fcos(seed=5, family="retinanet", layout="torchvision", num_classes=91)), tv)
+    with pytest.raises(UsageError, match=r"--rule mmdet3 decodes with mmdet's anchors.*torchvision RetinaNet: choose torchvision"):
+        load_checkpoint(tv, ModelOverrides(rule="mmdet3"))
+
+
 def test_lookalike_detectors_and_foreign_flags_are_refused(tmp_path) -> None:
     model = make_fcos(seed=1, family="retinanet", style="pytorch")
     fsaf = save_mmdet_ckpt(model, tmp_path / "fsaf.pth", meta={"config": "model = dict(type='FSAF', bbox_head=dict(type='FSAFHead'))"})
@@ -290,3 +332,5 @@ def test_inspect_names_the_family(tmp_path, capsys) -> None:
     assert main(["inspect", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["family"], info["title"], info["config"]["head"]["target_stds"]) == ("atss", "ATSS", [0.1, 0.1, 0.2, 0.2])
+    assert (info["priors"], info["coder"], info["score_factor"], info["head_flags"]) == ("anchors", "delta_xywh", "ctr", {})
+    assert set(info["raw_outputs"]) == {"cls", "reg", "ctr"} and "per anchor" in info["raw_outputs"]["reg"]

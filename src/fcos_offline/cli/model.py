@@ -21,11 +21,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     cfg = info["config"]
     b, n, h, p = cfg["backbone"], cfg["neck"], cfg["head"], cfg["post"]
     table = Table(title=f"{info['path']}", show_header=False)
-    if h["family"] == "fcos":
-        head_boxes = f"{'ReLU*stride' if h['norm_on_bbox'] else 'exp'} boxes, centerness on {'reg' if h['centerness_on_reg'] else 'cls'}"
-    else:
+    if info["priors"] == "anchors":
         scales = ", ".join(f"{h['octave_base_scale'] * 2 ** (i / h['scales_per_octave']):.3g}" for i in range(h["scales_per_octave"]))
-        head_boxes = f"anchors: scales {scales} x stride, ratios {list(h['anchor_ratios'])}; deltas, stds {list(h['target_stds'])}"
+        priors = f"anchors: scales {scales} x stride, ratios {list(h['anchor_ratios'])}"
+    else:
+        priors = "one point per location"
+    coder = f"deltas (dx,dy,dw,dh), stds {list(h['target_stds'])}" if info["coder"] == "delta_xywh" else "l,t,r,b distances"
+    flags = "".join(f", {k.replace('_', '-')} {v}" for k, v in info["head_flags"].items())
+    head_boxes = f"{priors}; {coder}; score factor {info['score_factor'] or 'none'}{flags}"
     rows = [
         ("detector", info["title"]),
         ("format", f"{info['format']}" + (f" (mmdet {info['mmdet_version']})" if info["mmdet_version"] else "")),
@@ -38,6 +41,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             "head",
             f"{h['stacked_convs']} convs x {h['feat_channels']} ch, norm {h['norm']}, scale {h['use_scale']}, {head_boxes}",
         ),
+        ("raw outputs", "; ".join(f"{k} {v}" for k, v in info["raw_outputs"].items())),
         ("classes", str(info["num_classes"])),
         ("strides", str(h["strides"])),
         ("post-processing", f"{p['rule']}: nms_pre {p['nms_pre']}, score_thr {p['score_thr']}, iou {p['iou_thr']}, max {p['max_per_img']}"),

@@ -350,21 +350,12 @@ def infer_architecture(sd: dict[str, Any], family: str = "fcos") -> tuple[Backbo
         use_scale=n_scales > 0,
         pred_kernel=cls_shape[2],
     )
-    if anchors > 1 or spec.priors == "anchors":
+    if spec.priors == "anchors":  # shapes say how many per location; the meta config (read later) says which
         for name, value in ANCHOR_DEFAULTS[family].items():
             setattr(head, name, value)
-        if head.num_anchors != anchors:  # shapes say how many; the meta config (read later) may say which
-            head.anchor_ratios, head.scales_per_octave = _anchor_layout(anchors, head)
     if gn:
         head.gn_groups = 32 if feat % 32 == 0 else max(g for g in range(1, feat + 1) if feat % g == 0 and g <= 32)
     return backbone, neck, head
-
-
-def _anchor_layout(anchors: int, head: HeadConfig) -> tuple[tuple[float, ...], int]:
-    """Ratios and scales per octave giving ``anchors`` per location, keeping the defaults' ratios when they divide it."""
-    if anchors % len(head.anchor_ratios) == 0:
-        return head.anchor_ratios, anchors // len(head.anchor_ratios)
-    return (1.0,), anchors
 
 
 # --------------------------------------------------------------------------- meta config text
@@ -413,6 +404,8 @@ def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
     for name, key in (("ratios", "anchor_ratios"), ("target_stds", "target_stds"), ("target_means", "target_means")):
         if (v := _find(text, name, r"[\[(]([0-9.eE+\-,\s]+)[\])]")) is not None:
             found[key] = tuple(float(x) for x in v.split(",") if x.strip())
+    if legacy := re.search(r"Legacy(?:AnchorGenerator|DeltaXYWHBBoxCoder)|\banchor_strides\b", text):
+        found["legacy_anchors"] = legacy[0]
     if (v := _find(text, "model", r"dict\(\s*type\s*=\s*['\"](\w+)['\"]")) is not None:
         found["detector_type"] = v
     return found
@@ -459,14 +452,19 @@ def _check_overrides(overrides: ModelOverrides, spec: HeadSpec) -> None:
             raise UsageError(f"--{name.replace('_', '-')} applies to FCOS heads; this checkpoint's head is {spec.title}")
 
 
-def _check_anchors(path: str | Path, head: HeadConfig, sd: dict[str, Any], spec: HeadSpec) -> None:
-    """The anchor settings must give as many anchors per location as the head's convs predict for."""
+def _check_anchors(path: str | Path, head: HeadConfig, sd: dict[str, Any], spec: HeadSpec, sources: dict[str, str]) -> None:
+    """The anchor settings must give as many anchors per location as the head's convs predict for (never guessed)."""
     predicted = _shape(sd, f"bbox_head.{spec.convs['reg']}.weight")[0] // 4
     if head.num_anchors != predicted:
+        origin = (
+            "the file's meta config"
+            if "meta" in sources.get("anchor_ratios", "") + sources.get("scales_per_octave", "")
+            else (f"mmdet {spec.title}'s defaults; the file has no meta config saying which anchors it was trained with")
+        )
         raise BadFileError(
             path,
             f"its head predicts {predicted} anchors per location, but its anchor settings give {head.num_anchors} "
-            f"({len(head.anchor_ratios)} ratios x {head.scales_per_octave} scales per octave)",
+            f"({len(head.anchor_ratios)} ratios x {head.scales_per_octave} scales per octave, from {origin})",
         )
     if len(head.target_stds) != 4 or len(head.target_means) != 4:
         raise BadFileError(path, f"its box coder's target_means/target_stds must have 4 values, got {head.target_means} / {head.target_stds}")
@@ -540,6 +538,12 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
         if "extra_on" in settings and neck.in_channels[-1] == neck.out_channels:  # shapes can't tell
             neck.extra_on = settings["extra_on"]
         rule, why = rule_for_version(_mmdet_version(meta))
+        if spec.priors == "anchors" and settings.get("legacy_anchors"):
+            raise BadFileError(
+                path,
+                f"its meta config uses mmdet 1.x anchors ({settings['legacy_anchors']}: centred at (stride-1)/2, +1 box widths), "
+                "which are not served; mmdet 2.x/3.x's AnchorGenerator and DeltaXYWHBBoxCoder are",
+            )
         post = default_post_config(rule)
         post.iou_thr = defaults.get("iou_thr", post.iou_thr)
         for k in ("style", *spec.overrides, "extra_on"):
@@ -559,10 +563,16 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
                 sources[k] = "meta config"
         adapter = "none"
     if spec.priors == "anchors":
-        _check_anchors(path, head, sd, spec)
+        _check_anchors(path, head, sd, spec, sources)
     if overrides.rule is not None:
         if overrides.rule not in POST_RULES:
             raise FcosError(f"unknown post-processing rule '{overrides.rule}' (choose from {', '.join(POST_RULES)})")
+        rule_library = "torchvision" if overrides.rule == "torchvision" else "mmdet"
+        if spec.priors == "anchors" and rule_library != fmt:
+            raise UsageError(
+                f"--rule {overrides.rule} decodes with {rule_library}'s anchors and box coder, but {path} is a {fmt} {spec.title}: "
+                f"choose {'torchvision' if fmt == 'torchvision' else 'mmdet2, mmdet218 or mmdet3'}"
+            )
         base = default_post_config(overrides.rule, family)  # type: ignore[arg-type]
         if fmt == "mmdet" and overrides.rule.startswith("mmdet"):  # keep the file's test_cfg numbers
             base = dataclasses.replace(base, nms_pre=post.nms_pre, max_per_img=post.max_per_img, score_thr=post.score_thr, iou_thr=post.iou_thr)
@@ -671,11 +681,17 @@ def inspect_checkpoint(path: str | Path, overrides: ModelOverrides | None = None
     ckpt = load_checkpoint(path, overrides)
     build_model(ckpt)  # proves every tensor is used and every shape fits
     cfg = ckpt.config
+    spec = head_spec(cfg.head.family)
     return {
         "path": ckpt.path,
         "format": ckpt.format,
         "family": cfg.head.family,
-        "title": head_spec(cfg.head.family).title,
+        "title": spec.title,
+        "priors": spec.priors,
+        "coder": spec.coder,
+        "score_factor": spec.score_factor,
+        "raw_outputs": dict(spec.layout),
+        "head_flags": {name: getattr(cfg.head, name) for name in spec.overrides},
         "mmdet_version": ckpt.sources.get("mmdet_version"),
         "depth": describe_depth(cfg),
         "num_classes": cfg.head.num_classes,

@@ -86,7 +86,9 @@ class HeadConfig:
     @property
     def num_anchors(self) -> int:
         """Priors per feature-map location (1 for point heads)."""
-        return 1 if self.family == "fcos" else len(self.anchor_ratios) * self.scales_per_octave
+        from fcos_offline.model.heads.spec import head_spec
+
+        return 1 if head_spec(self.family).priors == "points" else len(self.anchor_ratios) * self.scales_per_octave
 
 
 @dataclass
