@@ -14,7 +14,7 @@ import pytest
 from conftest import shared_data_dir
 
 from fcos_offline.cli import main
-from fcos_offline.data.draw import KIND_COLOURS, class_colour, draw_detections, hex_colour, label_origin, line_width
+from fcos_offline.data.draw import class_colour, draw_detections, label_origin, line_width
 from fcos_offline.demo import DEMO_CHECKPOINT
 from fcos_offline.demo.synthetic import DEMO_CANVAS, make_demo_data
 from fcos_offline.engine.predict import PredictRequest, category_id, image_ids, predict
@@ -144,7 +144,6 @@ def test_palette_is_deterministic_and_distinct() -> None:
     assert colours == [class_colour(i) for i in range(80)] and len(set(colours)) == 80
     for a, b in itertools.pairwise(colours):  # neighbours differ clearly
         assert sum(abs(x - y) for x, y in zip(a, b)) > 60
-    assert hex_colour((0, 128, 255)) == "#ff8000" and set(KIND_COLOURS) == {"tp", "fp", "missed"}
 
 
 def test_labels_stay_inside_the_image() -> None:
@@ -155,19 +154,14 @@ def test_labels_stay_inside_the_image() -> None:
     assert line_width(200, 200) == 1 and line_width(480, 640) == 2 and line_width(800, 1333) == 3
 
 
-def test_styles_and_kinds_draw() -> None:
+def test_detections_draw_in_their_class_colour_above_the_threshold() -> None:
     boxes = np.array([[10, 10, 60, 50, 0.9], [20, 20, 90, 80, 0.1], [0, 0, 0, 0, 0.0]], np.float32)
     labels = np.array([0, 1, -1])
     solid = draw_detections(np.zeros((100, 120, 3), np.uint8), labels, boxes, ["a", "b"], 0.3)
     assert tuple(int(v) for v in solid[30, 10]) == class_colour(0)  # the box's left edge, in its class colour
     assert not solid[70:79, 89:91].any()  # the 0.1 detection is below the threshold
-    kinds = draw_detections(np.zeros((100, 120, 3), np.uint8), labels, boxes, ["a", "b"], kinds=["fp", "tp", None])
-    assert tuple(int(v) for v in kinds[30, 10]) == KIND_COLOURS["fp"]
-    for style in ("dashed", "outlined"):
-        gt = draw_detections(np.zeros((100, 120, 3), np.uint8), labels[:2], boxes[:2, :4], ["a", "b"], style=style)
-        assert gt.any()
-    with pytest.raises(ValueError):
-        draw_detections(np.zeros((10, 10, 3), np.uint8), labels, boxes, [], style="dotted")
+    gt = draw_detections(np.zeros((100, 120, 3), np.uint8), labels[:2], boxes[:2, :4], ["a", "b"])  # ground truth: no score
+    assert tuple(int(v) for v in gt[70, 20]) == class_colour(1)
 
 
 def test_coco_photos_predictions_are_what_infer_and_postprocess_evaluate(tmp_path: Path) -> None:

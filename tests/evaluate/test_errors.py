@@ -199,14 +199,17 @@ def test_images_are_sorted_worst_first():
         {"image_id": 2, "category_id": 1, "bbox": [0, 0, 50, 50], "score": 0.9},  # image 2: one of two classes found
         {"image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50], "score": 0.8},  # image 1: perfect
         {"image_id": 3, "category_id": 2, "bbox": [60, 60, 30, 30], "score": 0.7},  # image 3: nothing found
-        {"image_id": 4, "category_id": 2, "bbox": [60, 60, 30, 30], "score": 0.7},  # images 4, 5: no GT
+        {"image_id": 4, "category_id": 2, "bbox": [60, 60, 30, 30], "score": 0.7},  # images 4, 5: no GT; two false
+        {"image_id": 4, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.6},  # positives on 4, nothing on 5
     ]
     out = analyse(gt, results, names={1: "Cat"})
-    assert [im["image_id"] for im in out["images"]] == [3, 2, 1, 4, 5]
-    assert [im["ap"] for im in out["images"][3:]] == [None, None]
-    worst = out["images"][0]
+    # no objects but false positives: as bad as AP 0 (more of them first); no objects and nothing found: as good as AP 1
+    assert [im["image_id"] for im in out["images"]] == [4, 3, 2, 1, 5]
+    assert [out["images"][i]["ap"] for i in (0, 4)] == [None, None]
+    worst = out["images"][1]
     assert worst["ap"] == 0 and not worst["gt"][0]["detected"] and worst["dets"][0]["kind"] == "bkg"
-    assert out["images"][2]["gt"][0] == {"bbox": [0, 0, 50, 50], "category_id": 1, "name": "Cat", "crowd": False, "detected": True, "error": None}
+    assert out["units"]["bbox"].startswith("x, y, width, height")
+    assert out["images"][3]["gt"][0] == {"bbox": [0, 0, 50, 50], "category_id": 1, "name": "Cat", "crowd": False, "detected": True, "error": None}
 
 
 def test_results_of_unknown_images_are_refused():

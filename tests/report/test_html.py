@@ -59,6 +59,11 @@ def test_the_run_page_renders_in_a_browser_without_errors(demo_run: Path, tmp_pa
     assert classes.count("<tr>") >= 2, "the class table is empty"
     errors = html[html.index('id="errors"') : html.index("</section>", html.index('id="errors"'))]
     assert all(kind in errors for kind in ("cls", "loc", "both", "dupe", "bkg", "missed")), "the error breakdown lacks a kind"
+    analysis = json.loads((demo_run / "analysis.json").read_text())
+    bars = re.findall(r"class=\"bar\" style=\"width:\s*([0-9.]+)", errors)
+    assert len(bars) == 6 and any(float(w) > 0 for w in bars), "the error breakdown's bars hold no value"
+    assert sum(analysis["tide"]["counts"].values()) > 0 and any(v for v in analysis["tide"]["delta_ap"].values())
+    assert analysis["configuration"] in html, "the page does not say whose detections it analyses"
     shot = tmp_path / "report.png"
     done = _browse(url, f"--screenshot={shot}", "--window-size=1280,4000", "--hide-scrollbars")
     assert done.returncode == 0 and shot.is_file() and shot.stat().st_size > 20_000, done.stderr[-2000:]

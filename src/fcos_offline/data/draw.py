@@ -1,14 +1,12 @@
-"""Drawing detections on an image: one look for ``predict``, ``postprocess --ifShowDetObj`` (``run --vis-images``)
-and the reports.
+"""Drawing detections on an image: one look for ``predict`` and ``postprocess --ifShowDetObj`` (``run --vis-images``).
 
-* One colour per class from a deterministic palette (:func:`class_colour`, BGR; :func:`hex_colour` for HTML),
-  or, with ``kinds``, one per outcome (:data:`KIND_COLOURS`: true positive, false positive, missed).
+(``report.html`` draws its boxes in the page, as SVG, so that its image browser can filter them.)
+
+* One colour per class from a deterministic palette (:func:`class_colour`, BGR).
 * A label ``<class name> <score>`` on a filled tab in the box's colour, placed above the box, else inside
   its top (or below it) when there is no room, and always kept inside the image.
 * Line width and font scale grow with the image (:func:`line_width`), so a 4000-pixel photo and a
   200-pixel thumbnail both read.
-* Ground truth (``style="dashed"`` or ``"outlined"``: a thin box with a white outline) against detections
-  (``"solid"``).
 
 Boxes are ``x1, y1, x2, y2`` in the image's own pixels, with a fifth column for the score when there is one.
 """
@@ -22,16 +20,6 @@ import cv2
 import numpy as np
 
 BGR = tuple[int, int, int]
-
-#: drawing styles: detections solid; ground truth dashed or thin with a white outline
-STYLES = ("solid", "dashed", "outlined")
-#: the outcome of a box against ground truth, and its colour (BGR): the same in images and in the HTML report
-KIND_COLOURS: dict[str, BGR] = {
-    "tp": (60, 190, 40),  # true positive: green
-    "fp": (50, 50, 230),  # false positive: red
-    "missed": (0, 170, 255),  # ground truth no detection matched: orange
-}
-KINDS = tuple(KIND_COLOURS)
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 #: the golden ratio's fraction: hues stepped by it stay far apart for any number of classes
@@ -52,12 +40,6 @@ def class_colour(label: int) -> BGR:
     return int(round(b * 255)), int(round(g * 255)), int(round(r * 255))
 
 
-def hex_colour(bgr: BGR) -> str:
-    """``#rrggbb`` of a BGR colour (for HTML and CSS)."""
-    b, g, r = bgr
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
 def line_width(height: int, width: int) -> int:
     """Box line width for an image of this size: 1 px up to ~330 px per side, 2 at 640x480, 3 at 1333x800."""
     return max(1, int(round((height + width) / 2 * 0.003)))
@@ -67,16 +49,6 @@ def _text_colour(bgr: BGR) -> BGR:
     """Black on light tabs, white on dark ones (perceived luminance)."""
     b, g, r = bgr
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
-
-
-def _dashed_rectangle(image: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], colour: BGR, lw: int) -> None:
-    dash = max(4, 4 * lw)
-    (x1, y1), (x2, y2) = p1, p2
-    for a, b, fixed, horizontal in ((x1, x2, y1, True), (x1, x2, y2, True), (y1, y2, x1, False), (y1, y2, x2, False)):
-        for start in range(a, b + 1, 2 * dash):
-            end = min(start + dash, b)
-            q1, q2 = ((start, fixed), (end, fixed)) if horizontal else ((fixed, start), (fixed, end))
-            cv2.line(image, q1, q2, colour, lw)
 
 
 def label_origin(box: tuple[int, int, int, int], size: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -123,19 +95,14 @@ def draw_detections(
     names: Sequence[str],
     score_thr: float = 0.0,
     *,
-    kinds: Sequence[str | None] | None = None,
-    style: str = "solid",
     show_labels: bool = True,
 ) -> np.ndarray:
     """Draw boxes on ``image`` (BGR uint8, in place; returned).
 
     ``boxes``: ``[N, 4]`` (ground truth) or ``[N, 5]`` with the score; rows with a negative label, a score
-    of 0 (padding) or one below ``score_thr`` are not drawn. ``kinds`` (one of :data:`KINDS` or None per
-    row) colours by outcome instead of by class. ``style``: one of :data:`STYLES`. Higher scores are drawn
-    last, so their labels are on top.
+    of 0 (padding) or one below ``score_thr`` are not drawn. Higher scores are drawn last, so their labels
+    are on top.
     """
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     labels = np.asarray(labels).reshape(-1)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(len(labels), -1) if len(labels) else np.zeros((0, 4))
     scored = boxes.shape[1] >= 5
@@ -146,18 +113,11 @@ def draw_detections(
         rows.sort(key=lambda i: boxes[i, 4])
     for i in rows:
         label = int(labels[i])
-        kind = kinds[i] if kinds is not None else None
-        colour = KIND_COLOURS[kind] if kind is not None else class_colour(label)
+        colour = class_colour(label)
         x1, y1, x2, y2 = (int(round(v)) for v in boxes[i, :4])
         x1, x2 = max(0, min(x1, width - 1)), max(0, min(x2, width - 1))
         y1, y2 = max(0, min(y1, height - 1)), max(0, min(y2, height - 1))
-        if style == "dashed":
-            _dashed_rectangle(image, (x1, y1), (x2, y2), colour, lw)
-        elif style == "outlined":
-            cv2.rectangle(image, (x1, y1), (x2, y2), (255, 255, 255), max(1, lw // 2) + 2)
-            cv2.rectangle(image, (x1, y1), (x2, y2), colour, max(1, lw // 2))
-        else:
-            cv2.rectangle(image, (x1, y1), (x2, y2), colour, lw)
+        cv2.rectangle(image, (x1, y1), (x2, y2), colour, lw)
         if show_labels:
             draw_label(image, label_text(label, names, float(boxes[i, 4]) if scored else None), (x1, y1, x2, y2), colour, lw)
     return image

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -155,6 +155,21 @@ def _coco_columns(gt: dict, results: list[dict]) -> dict[int, tuple[float | None
         p = precision[:, :, k]
         columns[cat_id] = (mean(p), mean(p[i50]), mean(p[i75]), mean(recall[:, k]))
     return columns
+
+
+#: what analysis.json's numbers are (the page shows the same ones as percent and points)
+ANALYSIS_UNITS = {
+    "AP, AP50, AP75, AR100, precision, recall, ap, tide.ap, tide.delta_ap": "fractions (0.357 = 35.7%; a delta_ap of 0.012 = 1.2 points)",
+    "score_thr, iou_thr": "a score and an IoU, 0 to 1",
+    "bbox": "x, y, width, height in the image's own pixels (COCO)",
+    "tp, fp, fn, counts, confusion.matrix, num_gt": "counts of boxes",
+}
+
+
+def _worst_first(row: dict[str, Any]) -> tuple[float, int]:
+    """Sort key of an image: its AP (no objects: 0 when anything is detected on it, else 1), then more false positives first."""
+    ap = row["ap"] if row["ap"] is not None else (0.0 if row["dets"] else 1.0)
+    return ap, -sum(d["kind"] != "tp" for d in row["dets"])
 
 
 def _method(score_thr: float, iou_thr: float) -> str:
@@ -333,9 +348,10 @@ def analyse(gt: dict, results: list[dict], names: dict[int, str] | None = None, 
                 "dets": det_rows[s_bounds[i] : s_bounds[i + 1]],
             }
         )
-    image_rows.sort(key=lambda row: (row["ap"] is None, row["ap"] or 0.0))
+    image_rows.sort(key=_worst_first)
 
     return {
+        "units": ANALYSIS_UNITS,
         "method": _method(score_thr, iou_thr),
         "score_thr": score_thr,
         "iou_thr": iou_thr,

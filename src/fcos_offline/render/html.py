@@ -30,7 +30,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "both": ("#9467bd", "wrong class and box off"),
     "dupe": ("#17becf", "duplicate of a detected object"),
     "bkg": ("#d62728", "on background (IoU < 0.1 with everything)"),
-    "missed": ("#e377c2", "object nobody detected (TIDE's missed: no detection of any score or class covers it)"),
+    "missed": ("#e377c2", "object missed (TIDE's: unmatched and not the target of any Cls or Loc error, at any score)"),
     "undetected": ("#f7b6d2", "object not detected at the operating score (a weaker or wrong detection covers it)"),
 }
 
@@ -75,7 +75,7 @@ function browser(){var root=document.getElementById('browser');if(!root||!DATA.b
    var hits=boxes.filter(function(b){return f(b)&&b.kind!=='gt'});if((c!=='all'||k!=='all')&&hits.length===0)return;
    var card=document.createElement('div');card.className='card';card.appendChild(picture(im,boxes,f));
    var p=document.createElement('p');p.textContent=im.file_name+' \\u00b7 AP50 '+(im.ap===null?'\\u2014 (no objects)':(100*im.ap).toFixed(1)+'%')+
-    ' \\u00b7 '+im.dets.length+' detections, '+im.gt.length+' objects';card.appendChild(p);grid.appendChild(card);shown++});
+    ' \\u00b7 '+im.dets.length+' detections, '+im.gt.filter(function(g){return !g.crowd}).length+' objects';card.appendChild(p);grid.appendChild(card);shown++});
   document.getElementById('shown').textContent=shown+' of '+B.images.length+' images'}
  cls.addEventListener('change',draw);kind.addEventListener('change',draw);draw()}
 function pairs(){var root=document.getElementById('pairs');if(!root||!DATA.pairs)return;var P=DATA.pairs;
@@ -257,8 +257,9 @@ def browser_section(analysis: dict[str, Any], images_dir: Path, max_images: int)
     )
     total = len(analysis["images"])
     note = (
-        f"Ground truth (dashed) and detections scoring at least {analysis['score_thr']:g} on each picture; the worst images "
-        f"first (per-image AP at IoU {analysis['iou_thr']:g}). {len(chosen)} of {total} images shown."
+        f"{_of(analysis)}Ground truth (dashed) and detections scoring at least {analysis['score_thr']:g} on each picture; the worst "
+        f"images first (per-image AP at IoU {analysis['iou_thr']:g}; an image without objects counts as AP 0 when something is "
+        f"detected on it, else 1). {len(chosen)} of {total} images shown."
     )
     return section("Image browser", f"<div id='browser'>{body}</div>", note, "images"), data
 
@@ -278,7 +279,7 @@ def class_section(analysis: dict[str, Any]) -> str:
         ("FP", lambda r: r["fp"], _text),
         ("FN", lambda r: r["fn"], _text),
     ]
-    note = (
+    note = _of(analysis) + (
         f"COCO AP (IoU .5:.95), AP50, AP75 and AR with at most 100 detections per image; precision, recall and the counts at "
         f"the operating point: score >= {analysis['score_thr']:g}, IoU >= {analysis['iou_thr']:g}. Click a header to sort."
     )
@@ -292,18 +293,25 @@ def errors_section(analysis: dict[str, Any]) -> str:
     tide = analysis["tide"]
     delta = {k: None if v is None else 100.0 * v for k, v in tide["delta_ap"].items()}
     labels = {k: f"{k} — {KINDS[k][1]} ({tide['counts'].get(k, 0)})" for k in delta}
-    note = f"AP at IoU {analysis['iou_thr']:g}: {_pct(tide['ap'])}%. " + analysis["method"]
-    return section("What costs mAP", bars(delta, labels), note, "errors")
+    iou = analysis["iou_thr"]
+    name = f"AP{round(100 * iou)}" if round(100 * iou) == 100 * iou else f"AP at IoU {iou:g}"
+    note = f"{_of(analysis)}ΔAP in points of {name} ({name} {_pct(tide['ap'])}%), with the count of each kind. " + analysis["method"]
+    return section(f"What costs {name}: errors by kind (TIDE-style)", bars(delta, labels), note, "errors")
 
 
 def confusion_section(analysis: dict[str, Any]) -> str:
     """The confusion matrix at the operating point."""
     cm = analysis["confusion"]
-    note = (
+    note = _of(analysis) + (
         f"Rows: the true class (last row: detections on no object); columns: the predicted class (last column: objects nobody "
         f"detected). Score >= {analysis['score_thr']:g}, IoU >= {analysis['iou_thr']:g}."
     )
     return section("Confusion matrix", confusion(cm["labels"], cm["matrix"]), note, "confusion")
+
+
+def _of(analysis: dict[str, Any]) -> str:
+    """Which configuration's detections a section explains (``run`` analyses one of its rows)."""
+    return f"Detections of {analysis['configuration']}. " if analysis.get("configuration") else ""
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -348,6 +356,8 @@ def write_run_html(root: Path, report: dict[str, Any], analysis: dict[str, Any] 
             browse, data["browser"] = browser_section(analysis, images_dir, max_images)
             sections.append(browse)
     subtitle = f"{report.get('checkpoint')} on {report.get('num_images')} images of {report.get('images')}, canvas {report.get('shape')}"
+    if analysis is not None and analysis.get("configuration"):
+        subtitle += f"; per class, confusion, errors and images: {analysis['configuration']}"
     path = root / "report.html"
     atomic_write_bytes(path, page("fcos-offline run", subtitle, sections, data).encode())
     return path
