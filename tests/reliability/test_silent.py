@@ -875,8 +875,10 @@ def test_a_file_name_with_a_line_break_is_named(tmp_path, capsys) -> None:
 def test_ctrl_c_during_streaming_infer_prints_one_line(tiny, tmp_path) -> None:
     images = tmp_path / "images"
     images.mkdir()
-    for i in range(400):
-        good_jpeg(images, f"im{i:03d}.jpg", seed=i, h=240, w=320)
+    for i in range(100):
+        good_jpeg(images, f"im{i:04d}.jpg", seed=i, h=240, w=320)
+    for i in range(100, 3000):  # a run of ~40 s here, so that the interrupt always lands mid-stream (hard links: cheap)
+        os.link(images / f"im{i % 100:04d}.jpg", images / f"im{i:04d}.jpg")
     proc = subprocess.Popen(
         [*console_script(), "infer", "--model", str(tiny.onnx), "--images", str(images), "--output", str(tmp_path / "d"), "--workers", "1"],
         stdout=subprocess.PIPE,
@@ -885,8 +887,9 @@ def test_ctrl_c_during_streaming_infer_prints_one_line(tiny, tmp_path) -> None:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     deadline = time.time() + 60
-    while time.time() < deadline and not list((tmp_path / "d").glob("*_2.bin")):
-        time.sleep(0.2)
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "d").glob("*_2.bin")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "infer ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
