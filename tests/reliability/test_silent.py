@@ -885,6 +885,8 @@ def test_ctrl_c_during_streaming_infer_prints_one_line(tiny, tmp_path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # as from a terminal: a runner started in the background (`cmd &` in a script) ignores SIGINT, and its children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None and not list((tmp_path / "d").glob("*_2.bin")):
