@@ -19,8 +19,8 @@ from fcos_offline.model.checkpoint import (
     describe_depth,
     load_checkpoint,
     load_model,
-    settings_from_meta,
 )
+from fcos_offline.model.meta import settings_from_meta
 
 # The v1 model-zoo config (spec S2), abridged.
 V1_CONFIG = textwrap.dedent("""\

@@ -27,16 +27,13 @@ post rule      by meta mmdet_version: none/1.x/<2.18 ->   torchvision (spec §10
                mmdet3 (§7.3)
 =============  ======================================  ==========================
 
-Files load with ``torch.load(weights_only=True)``. Objects of other types that old ``meta``
-dicts hold (mmengine's message hub, numpy scalars…) are replaced by inert placeholders — no
-pickled code ever runs; a pickle that names an executing callable (``os.system``, ``eval``…)
-is refused outright.
+Files are read by ``model.safe_load`` (``weights_only``, no pickled code ever runs) and their
+``meta`` by ``model.meta``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +49,11 @@ from fcos_offline.model.config import (
     InputAdapter,
     NeckConfig,
     PostConfig,
-    PostRule,
     default_post_config,
 )
 from fcos_offline.model.heads.spec import SPECS, HeadSpec, head_spec
+from fcos_offline.model.meta import mmdet_version, rule_for_version, settings_from_meta
+from fcos_offline.model.safe_load import read_checkpoint_file
 
 #: mmdet detector types whose heads share a served family's key names but not its maths
 _LOOKALIKES = {"FSAF": "retinanet", "FreeAnchor": "retinanet", "PAA": "atss", "AutoAssign": "fcos", "NASFCOS": "fcos"}
@@ -64,9 +62,6 @@ ANCHOR_DEFAULTS: dict[str, dict[str, Any]] = {
     "retinanet": {"octave_base_scale": 4, "scales_per_octave": 3, "anchor_ratios": (0.5, 1.0, 2.0), "target_stds": (1.0, 1.0, 1.0, 1.0)},
     "atss": {"octave_base_scale": 8, "scales_per_octave": 1, "anchor_ratios": (1.0,), "target_stds": (0.1, 0.1, 0.2, 0.2)},
 }
-
-_DANGEROUS_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty")
-_DANGEROUS_BUILTINS = ("eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "globals", "input")
 
 
 @dataclass
@@ -108,94 +103,6 @@ class LoadedCheckpoint:
             for k, t in self.state_dict.items()
             if not k.endswith(("running_mean", "running_var")) and not (buffers and frozen_bn.match(k))
         )
-
-
-# --------------------------------------------------------------------------- file reading
-
-
-def _plain_dict(*_: Any) -> dict[Any, Any]:
-    """A ``defaultdict`` in a meta dict loads as a plain dict (its factory is never called)."""
-    return {}
-
-
-def _plain_list(*_: Any) -> list[Any]:
-    """A ``deque`` in a meta dict loads as a list (its items are appended by the unpickler)."""
-    return []
-
-
-#: plain data types torch's weights-only loader refuses by default but that run no code when built:
-#: pickled name -> what torch.serialization.safe_globals gets for it
-_INERT_TYPES: dict[str, Any] = {
-    **{
-        f"{prefix}{t.__name__}": (t, f"builtins.{t.__name__}")
-        for t in (frozenset, range, slice, list, dict, set, tuple, int, float, str, bool, bytes)
-        for prefix in ("", "builtins.")
-    },
-    "collections.defaultdict": (_plain_dict, "collections.defaultdict"),
-    "collections.deque": (_plain_list, "collections.deque"),
-}
-
-
-def _torch_reason(exc: BaseException) -> str:
-    """torch's error in one line, without its advice to load unsafely (never what we do)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if match:
-        return f"its pickle holds {match.group(1)}, which this tool does not load"
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "")
-    line = line.split(". ")[0].rstrip(".")  # its first sentence: the rest is advice, cut mid-word otherwise
-    return line[:200] or type(exc).__name__
-
-
-def _placeholder(name: str) -> type:
-    module, _, qual = name.rpartition(".")
-
-    def _init(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def _setstate(self, state: Any) -> None:
-        self.state = state
-
-    return type(qual, (), {"__module__": module, "__qualname__": qual, "__init__": _init, "__setstate__": _setstate})
-
-
-def read_checkpoint_file(path: str | Path) -> tuple[Any, list[str]]:
-    """``torch.load(weights_only=True)`` with inert placeholders for foreign meta objects."""
-    import torch
-
-    path = Path(path)
-    if path.is_dir():
-        raise FcosError(f"{path}: a folder, not a checkpoint file (.pth)")
-    if not path.is_file():
-        raise FcosError(f"{path}: no such checkpoint file")
-    if path.stat().st_size == 0:
-        raise BadFileError(path, "empty file (0 bytes), not a checkpoint")
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic != b"PK" and magic[:1] != b"\x80":  # torch files are zip archives or (legacy) pickles
-        raise BadFileError(path, "not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-    placeholders: dict[str, type] = {}
-    inert: list[Any] = []  # plain data types a meta dict may hold: loaded as what they are
-    for _ in range(64):
-        try:
-            with torch.serialization.safe_globals([*inert, *placeholders.values()]):
-                return torch.load(path, map_location="cpu", weights_only=True), sorted(placeholders)
-        except pickle.UnpicklingError as exc:
-            match = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            if not match or match.group(1) in placeholders or _INERT_TYPES.get(match.group(1)) in inert:
-                raise BadFileError(path, f"not a loadable checkpoint ({_torch_reason(exc)})") from None
-            name = match.group(1)
-            if name in _INERT_TYPES:
-                inert.append(_INERT_TYPES[name])
-                continue
-            module, _, attr = name.rpartition(".")
-            module = module or "builtins"  # torch reports builtins bare ("GLOBAL eval")
-            if module.split(".")[0] in _DANGEROUS_MODULES or (module == "builtins" and attr in _DANGEROUS_BUILTINS):
-                raise BadFileError(path, f"refused: the pickle would call {name} when loaded (never executed)") from None
-            placeholders[name] = _placeholder(name)
-        except Exception as exc:
-            raise BadFileError(path, f"not a readable PyTorch checkpoint (truncated or wrong file type: {_torch_reason(exc)})") from None
-    raise BadFileError(path, "too many unknown pickled types")
 
 
 # --------------------------------------------------------------------------- key layouts
@@ -358,81 +265,6 @@ def infer_architecture(sd: dict[str, Any], family: str = "fcos") -> tuple[Backbo
     return backbone, neck, head
 
 
-# --------------------------------------------------------------------------- meta config text
-
-
-def _meta_text(meta: dict[str, Any]) -> str:
-    cfg = meta.get("config") or meta.get("cfg") or ""
-    return cfg if isinstance(cfg, str) else str(cfg)
-
-
-def _find(text: str, name: str, pattern: str) -> str | None:
-    m = re.search(rf"\b{name}\s*=\s*{pattern}", text)
-    return m.group(1) if m else None
-
-
-def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """What the ``meta`` config text says about settings shapes cannot tell."""
-    text = _meta_text(meta)
-    found: dict[str, Any] = {}
-    if not text:
-        return found
-    if (v := _find(text, "style", r"['\"](caffe|pytorch)['\"]")) is not None:
-        found["style"] = v
-    for name in ("norm_on_bbox", "centerness_on_reg", "relu_before_extra_convs"):
-        if (v := _find(text, name, r"(True|False)")) is not None:
-            found[name] = v == "True"
-    on_inputs = _find(text, "extra_convs_on_inputs", r"(True|False)")
-    add_extra = _find(text, "add_extra_convs", r"['\"]?(on_input|on_output|True)['\"]?")
-    if on_inputs is not None:
-        found["extra_on"] = "input" if on_inputs == "True" else "output"
-    elif add_extra is not None:
-        found["extra_on"] = "output" if add_extra == "on_output" else "input"
-    for name, pat, key in (
-        ("num_groups", r"(\d+)", "num_groups"),
-        ("nms_pre", r"(\d+)", "nms_pre"),
-        ("score_thr", r"([0-9.eE-]+)", "score_thr"),
-        ("iou_thr", r"([0-9.eE-]+)", "iou_thr"),
-        ("iou_threshold", r"([0-9.eE-]+)", "iou_thr"),
-        ("max_per_img", r"(\d+)", "max_per_img"),
-    ):
-        if (v := _find(text, name, pat)) is not None:
-            found[key] = float(v) if "." in v or "e" in v.lower() else int(v)
-    for name in ("octave_base_scale", "scales_per_octave"):
-        if (v := _find(text, name, r"(\d+)")) is not None:
-            found[name] = int(v)
-    for name, key in (("ratios", "anchor_ratios"), ("target_stds", "target_stds"), ("target_means", "target_means")):
-        if (v := _find(text, name, r"[\[(]([0-9.eE+\-,\s]+)[\])]")) is not None:
-            found[key] = tuple(float(x) for x in v.split(",") if x.strip())
-    if legacy := re.search(r"Legacy(?:AnchorGenerator|DeltaXYWHBBoxCoder)|\banchor_strides\b", text):
-        found["legacy_anchors"] = legacy[0]
-    if (v := _find(text, "model", r"dict\(\s*type\s*=\s*['\"](\w+)['\"]")) is not None:
-        found["detector_type"] = v
-    return found
-
-
-def rule_for_version(version: str | None) -> tuple[PostRule, str]:
-    """The post-processing rule the mmdet version that wrote a file uses, and why."""
-    m = re.match(r"\s*(\d+)\.(\d+)", (version or "").replace(".x", ".0", 1))  # "3.x (mmengine …)" too
-    if not m:
-        return "mmdet2", "default (mmdet2, spec §7.2: no mmdet version in meta)"
-    major, minor = int(m[1]), int(m[2])
-    if major >= 3:
-        return "mmdet3", f"meta mmdet_version {version} (spec §7.3, v3)"
-    if major == 2 and minor >= 18:
-        return "mmdet218", f"meta mmdet_version {version} (spec §7.3, 2.18+)"
-    return "mmdet2", f"meta mmdet_version {version} (spec §7.2)"
-
-
-def _mmdet_version(meta: dict[str, Any]) -> str | None:
-    for key in ("mmdet_version", "mmdet"):
-        if isinstance(meta.get(key), str):
-            return meta[key]
-    if isinstance(meta.get("mmengine_version"), str):  # mmdet 3.x files are written by mmengine
-        return f"3.x (mmengine {meta['mmengine_version']})"
-    return None
-
-
 def _check_post(path: str | Path, post: PostConfig, sources: dict[str, str]) -> None:
     """Post-processing values in :data:`POST_RANGES`: a bad meta value is one line naming the file and the key."""
     for name, allowed in POST_RANGES.items():
@@ -452,15 +284,10 @@ def _check_overrides(overrides: ModelOverrides, spec: HeadSpec) -> None:
             raise UsageError(f"--{name.replace('_', '-')} applies to FCOS heads; this checkpoint's head is {spec.title}")
 
 
-def _check_anchors(path: str | Path, head: HeadConfig, sd: dict[str, Any], spec: HeadSpec, sources: dict[str, str]) -> None:
-    """The anchor settings must give as many anchors per location as the head's convs predict for (never guessed)."""
+def _check_anchors(path: str | Path, head: HeadConfig, sd: dict[str, Any], spec: HeadSpec, origin: str) -> None:
+    """The anchor settings (from ``origin``) must give as many anchors per location as the head's convs predict for."""
     predicted = _shape(sd, f"bbox_head.{spec.convs['reg']}.weight")[0] // 4
     if head.num_anchors != predicted:
-        origin = (
-            "the file's meta config"
-            if "meta" in sources.get("anchor_ratios", "") + sources.get("scales_per_octave", "")
-            else (f"mmdet {spec.title}'s defaults; the file has no meta config saying which anchors it was trained with")
-        )
         raise BadFileError(
             path,
             f"its head predicts {predicted} anchors per location, but its anchor settings give {head.num_anchors} "
@@ -537,7 +364,7 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
         neck.relu_before_extra = settings.get("relu_before_extra_convs", defaults["relu_before_extra_convs"])
         if "extra_on" in settings and neck.in_channels[-1] == neck.out_channels:  # shapes can't tell
             neck.extra_on = settings["extra_on"]
-        rule, why = rule_for_version(_mmdet_version(meta))
+        rule, why = rule_for_version(mmdet_version(meta))
         if spec.priors == "anchors" and settings.get("legacy_anchors"):
             raise BadFileError(
                 path,
@@ -563,7 +390,13 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
                 sources[k] = "meta config"
         adapter = "none"
     if spec.priors == "anchors":
-        _check_anchors(path, head, sd, spec, sources)
+        if fmt == "torchvision":
+            origin = f"torchvision's {spec.title} anchors"
+        elif {"anchor_ratios", "scales_per_octave"} & set(settings):
+            origin = "the file's meta config"
+        else:
+            origin = f"mmdet {spec.title}'s defaults; the file has no meta config saying which anchors it was trained with"
+        _check_anchors(path, head, sd, spec, origin)
     if overrides.rule is not None:
         if overrides.rule not in POST_RULES:
             raise FcosError(f"unknown post-processing rule '{overrides.rule}' (choose from {', '.join(POST_RULES)})")
@@ -598,7 +431,7 @@ def _load_checkpoint(path: str | Path, overrides: ModelOverrides | None = None) 
     names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
     if names is not None and len(names) != head.num_classes:
         names = None
-    if version := _mmdet_version(meta):
+    if version := mmdet_version(meta):
         sources["mmdet_version"] = version
     return LoadedCheckpoint(str(path), fmt, config, sd, meta, sources, names, ignored)
 

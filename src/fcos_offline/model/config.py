@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from fcos_offline.model.heads.spec import head_spec
+
 Style = Literal["caffe", "pytorch"]
 BlockType = Literal["bottleneck", "basic"]
 PostRule = Literal["mmdet2", "mmdet218", "mmdet3", "torchvision"]
@@ -86,8 +88,6 @@ class HeadConfig:
     @property
     def num_anchors(self) -> int:
         """Priors per feature-map location (1 for point heads)."""
-        from fcos_offline.model.heads.spec import head_spec
-
         return 1 if head_spec(self.family).priors == "points" else len(self.anchor_ratios) * self.scales_per_octave
 
 
